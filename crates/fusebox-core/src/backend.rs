@@ -1,0 +1,65 @@
+//! The op set.
+//!
+//! Every architecture is written once against this trait; every backend
+//! implements all of it. Ops write into caller-provided output tensors
+//! (destination passing), so a decode step that reuses one workspace
+//! allocates nothing, and a device backend can capture the step as a graph.
+//!
+//! Conventions shared by all ops:
+//! * activations are f32 on the CPU backend (a device backend may use bf16);
+//! * "rows" means the tensor viewed as `[numel / last_dim, last_dim]`;
+//! * positions and token ids are `I32` tensors on the backend's device, so
+//!   the per-step values live in device memory and are never baked into a
+//!   captured graph;
+//! * a linear weight `w` is `[out_features, in_features]` and `matmul`
+//!   computes `x @ w^T`.
+
+use anyhow::Result;
+
+use crate::dtype::DType;
+use crate::kv::LayerKv;
+use crate::rope::RopeStyle;
+use crate::tensor::Tensor;
+
+pub trait Backend: Send + Sync {
+    /// Human-readable name, e.g. `cpu (2 threads)`.
+    fn name(&self) -> String;
+
+    /// Allocate a zero-filled tensor on this backend's device.
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor>;
+    /// Move a host tensor (typically a memory-mapped weight) onto the device.
+    fn upload(&self, t: Tensor) -> Result<Tensor>;
+    /// Copy a float tensor to host f32 values, reusing `out`'s allocation.
+    fn read_f32(&self, t: &Tensor, out: &mut Vec<f32>) -> Result<()>;
+    /// Overwrite an `I32` tensor (token ids, positions) from host values.
+    fn write_i32(&self, t: &mut Tensor, data: &[i32]) -> Result<()>;
+
+    /// `out[i, :] = table[ids[i], :]` (table any float dtype).
+    fn embedding(&self, table: &Tensor, ids: &Tensor, out: &mut Tensor) -> Result<()>;
+    /// RMSNorm over the last dimension: `out = x / sqrt(mean(x^2) + eps) * w`.
+    /// `w` has the length of `x`'s last dimension, so a `[m, heads, head_dim]`
+    /// tensor with a `[head_dim]` weight is a per-head (QK) norm.
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()>;
+    /// `out[m, n] = x[m, k] @ w[n, k]^T`, with `x` read as `[numel / k, k]`
+    /// (so `[m, heads, head_dim]` attention output feeds `o_proj` directly);
+    /// a GEMV when m == 1.
+    fn matmul(&self, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()>;
+    /// Rotary embedding in place on `x[m, heads, head_dim]`, row i at
+    /// position `positions[i]`, with `inv_freq[head_dim / 2]`.
+    fn rope(&self, x: &mut Tensor, positions: &Tensor, inv_freq: &Tensor, style: RopeStyle) -> Result<()>;
+    /// Store `k`, `v` (`[m, kv_heads, head_dim]`) at rows `positions[i]` of the cache.
+    fn kv_write(&self, k: &Tensor, v: &Tensor, positions: &Tensor, cache: &mut LayerKv) -> Result<()>;
+    /// Causal attention with grouped-query heads: query row i (`q[m, heads,
+    /// head_dim]`) attends to cache positions `0..=positions[i]`.
+    fn attention(&self, q: &Tensor, cache: &LayerKv, positions: &Tensor, scale: f32, out: &mut Tensor) -> Result<()>;
+    /// `out = silu(gate) * up`.
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()>;
+    /// `x += y` (the residual add).
+    fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()>;
+    /// Softmax over the last dimension, computed in f32.
+    fn softmax(&self, x: &Tensor, out: &mut Tensor) -> Result<()>;
+    /// Index of the largest value of each row (the first one on ties), as `I32`.
+    fn argmax(&self, x: &Tensor, out: &mut Tensor) -> Result<()>;
+    /// Copy `n` rows of `src` starting at `src_row` into `dst` starting at `dst_row`.
+    fn copy_rows(&self, src: &Tensor, src_row: usize, dst: &mut Tensor, dst_row: usize, n: usize) -> Result<()>;
+}

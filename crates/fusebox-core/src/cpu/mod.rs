@@ -1,0 +1,412 @@
+//! The CPU backend: f32 compute on all cores.
+//!
+//! Weights may be f32, f16 or bf16 (converted on the fly inside the dot
+//! products, never copied); activations, the KV cache and all reductions are
+//! f32. Work is spread over a rayon pool owned by the backend.
+
+mod kernels;
+
+use std::cell::RefCell;
+
+use anyhow::{bail, ensure, Result};
+use rayon::prelude::*;
+
+pub use kernels::{axpy, dot_bf16, dot_f16, dot_f32};
+
+use crate::backend::Backend;
+use crate::dtype::{bf16_to_f32, f16_to_f32, DType};
+use crate::kv::LayerKv;
+use crate::rope::RopeStyle;
+use crate::tensor::Tensor;
+
+/// Work smaller than this many elements runs on the calling thread.
+const PAR_MIN: usize = 1 << 15;
+/// The widest head the rotary op supports.
+const MAX_HEAD_DIM: usize = 1024;
+
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+}
+
+impl CpuBackend {
+    /// A backend using `threads` worker threads (0 = one per core).
+    pub fn new(threads: usize) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("fusebox-cpu-{i}"))
+            .build()?;
+        Ok(CpuBackend { pool })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+}
+
+/// A raw pointer that may be shared across threads writing disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// # Safety
+    /// `i` is in bounds and no other thread touches element `i`.
+    #[inline]
+    unsafe fn write(self, i: usize, v: f32) {
+        *self.0.add(i) = v;
+    }
+}
+
+/// Read-only rows of a float weight matrix in its stored dtype.
+enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    F16(&'a [u16]),
+}
+
+impl<'a> Rows<'a> {
+    fn new(w: &'a Tensor) -> Result<Self> {
+        Ok(match w.dtype() {
+            DType::F32 => Rows::F32(w.as_f32()?),
+            DType::BF16 => Rows::Bf16(w.as_u16()?),
+            DType::F16 => Rows::F16(w.as_u16()?),
+            d => bail!("weight of shape {:?} has dtype {d}; the CPU backend needs F32, F16 or BF16", w.shape()),
+        })
+    }
+
+    #[inline]
+    fn dot(&self, j: usize, k: usize, x: &[f32]) -> f32 {
+        let r = j * k..(j + 1) * k;
+        match self {
+            Rows::F32(w) => dot_f32(x, &w[r]),
+            Rows::Bf16(w) => dot_bf16(x, &w[r]),
+            Rows::F16(w) => dot_f16(x, &w[r]),
+        }
+    }
+
+    #[inline]
+    fn row_into(&self, j: usize, k: usize, out: &mut [f32]) {
+        let r = j * k..(j + 1) * k;
+        match self {
+            Rows::F32(w) => out.copy_from_slice(&w[r]),
+            Rows::Bf16(w) => out.iter_mut().zip(&w[r]).for_each(|(o, &b)| *o = bf16_to_f32(b)),
+            Rows::F16(w) => {
+                use half::slice::HalfFloatSliceExt;
+                let h: &[half::f16] = bytemuck::cast_slice(&w[r]);
+                h.convert_to_f32_slice(out)
+            }
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with a thread-local scratch buffer of at least `len` floats.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
+
+fn same_shape(a: &Tensor, b: &Tensor, op: &str) -> Result<()> {
+    ensure!(a.shape() == b.shape(), "{op}: shape {:?} does not match {:?}", a.shape(), b.shape());
+    Ok(())
+}
+
+fn positions_of(positions: &Tensor, m: usize, op: &str) -> Result<Vec<usize>> {
+    let p = positions.as_i32()?;
+    ensure!(p.len() == m, "{op}: {} positions for {m} rows", p.len());
+    p.iter()
+        .map(|&v| {
+            ensure!(v >= 0, "{op}: negative position {v}");
+            Ok(v as usize)
+        })
+        .collect()
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", self.threads())
+    }
+
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Ok(Tensor::zeros(shape, dtype))
+    }
+
+    fn upload(&self, t: Tensor) -> Result<Tensor> {
+        Ok(t)
+    }
+
+    fn read_f32(&self, t: &Tensor, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        match t.dtype() {
+            DType::F32 => out.extend_from_slice(t.as_f32()?),
+            DType::BF16 => out.extend(t.as_u16()?.iter().map(|&b| bf16_to_f32(b))),
+            DType::F16 => out.extend(t.as_u16()?.iter().map(|&b| f16_to_f32(b))),
+            d => bail!("read_f32: cannot read a {d} tensor"),
+        }
+        Ok(())
+    }
+
+    fn write_i32(&self, t: &mut Tensor, data: &[i32]) -> Result<()> {
+        let dst = t.as_i32_mut()?;
+        ensure!(dst.len() == data.len(), "write_i32: {} values into a tensor of {}", data.len(), dst.len());
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn embedding(&self, table: &Tensor, ids: &Tensor, out: &mut Tensor) -> Result<()> {
+        ensure!(table.shape().len() == 2, "embedding: table must be 2-D, got {:?}", table.shape());
+        let (vocab, dim) = (table.shape()[0], table.shape()[1]);
+        let ids = ids.as_i32()?;
+        ensure!(out.numel() == ids.len() * dim, "embedding: output {:?} for {} ids of width {dim}", out.shape(), ids.len());
+        let rows = Rows::new(table)?;
+        let o = out.as_f32_mut()?;
+        for (row, &id) in o.chunks_exact_mut(dim).zip(ids) {
+            ensure!(id >= 0 && (id as usize) < vocab, "embedding: token id {id} out of range for a vocabulary of {vocab}");
+            rows.row_into(id as usize, dim, row);
+        }
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
+        let n = w.numel();
+        ensure!(x.last_dim() == n, "rms_norm: input {:?} vs weight {:?}", x.shape(), w.shape());
+        same_shape(x, out, "rms_norm")?;
+        let (xs, ws, os) = (x.as_f32()?, w.as_f32()?, out.as_f32_mut()?);
+        let f = |(xr, or): (&[f32], &mut [f32])| {
+            let ss = dot_f32(xr, xr);
+            let inv = 1.0 / (ss / n as f32 + eps).sqrt();
+            for ((o, &xv), &wv) in or.iter_mut().zip(xr).zip(ws) {
+                *o = wv * (xv * inv);
+            }
+        };
+        if xs.len() >= PAR_MIN {
+            self.pool.install(|| xs.par_chunks_exact(n).zip(os.par_chunks_exact_mut(n)).for_each(f));
+        } else {
+            xs.chunks_exact(n).zip(os.chunks_exact_mut(n)).for_each(f);
+        }
+        Ok(())
+    }
+
+    fn matmul(&self, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()> {
+        ensure!(w.shape().len() == 2, "matmul: weight must be 2-D, got {:?}", w.shape());
+        let (n, k) = (w.shape()[0], w.shape()[1]);
+        ensure!(
+            k > 0 && x.numel() % k == 0,
+            "matmul: input {:?} does not match weight {:?}",
+            x.shape(),
+            w.shape()
+        );
+        let m = x.numel() / k;
+        ensure!(out.numel() == m * n, "matmul: output {:?} for a [{m}, {n}] product", out.shape());
+        let rows = Rows::new(w)?;
+        let xs = x.as_f32()?;
+        let os = out.as_f32_mut()?;
+        if m == 1 {
+            let chunk = (n / (self.threads() * 8)).clamp(1, 256);
+            self.pool.install(|| {
+                os.par_chunks_mut(chunk).enumerate().for_each(|(ci, oc)| {
+                    for (jj, o) in oc.iter_mut().enumerate() {
+                        *o = rows.dot(ci * chunk + jj, k, xs);
+                    }
+                })
+            });
+            return Ok(());
+        }
+        // Prefill: convert a block of weight rows to f32 once, use it for every input row.
+        const BN: usize = 16;
+        let optr = SharedMut(os.as_mut_ptr());
+        self.pool.install(|| {
+            (0..n.div_ceil(BN)).into_par_iter().for_each(|b| {
+                let j0 = b * BN;
+                let nb = BN.min(n - j0);
+                with_scratch(nb * k, |buf| {
+                    for jj in 0..nb {
+                        rows.row_into(j0 + jj, k, &mut buf[jj * k..(jj + 1) * k]);
+                    }
+                    for r in 0..m {
+                        let xr = &xs[r * k..(r + 1) * k];
+                        for jj in 0..nb {
+                            let v = dot_f32(xr, &buf[jj * k..(jj + 1) * k]);
+                            // SAFETY: each (r, j0+jj) is written by exactly one task, inside `os`.
+                            unsafe { optr.write(r * n + j0 + jj, v) };
+                        }
+                    }
+                })
+            })
+        });
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Tensor, positions: &Tensor, inv_freq: &Tensor, style: RopeStyle) -> Result<()> {
+        ensure!(x.shape().len() == 3, "rope: expected [rows, heads, head_dim], got {:?}", x.shape());
+        let (m, heads, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let half = d / 2;
+        ensure!(d % 2 == 0 && d <= MAX_HEAD_DIM, "rope: unsupported head_dim {d}");
+        let freqs = inv_freq.as_f32()?;
+        ensure!(freqs.len() == half, "rope: {} frequencies for head_dim {d}", freqs.len());
+        let pos = positions_of(positions, m, "rope")?;
+        let xs = x.as_f32_mut()?;
+        let f = |(row, &p): (&mut [f32], &usize)| {
+            let mut cos = [0f32; MAX_HEAD_DIM / 2];
+            let mut sin = [0f32; MAX_HEAD_DIM / 2];
+            for i in 0..half {
+                let a = p as f32 * freqs[i];
+                cos[i] = a.cos();
+                sin[i] = a.sin();
+            }
+            for h in row.chunks_exact_mut(d) {
+                for i in 0..half {
+                    let (a, b) = match style {
+                        RopeStyle::Half => (i, i + half),
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    };
+                    let (x0, x1) = (h[a], h[b]);
+                    h[a] = x0 * cos[i] - x1 * sin[i];
+                    h[b] = x1 * cos[i] + x0 * sin[i];
+                }
+            }
+        };
+        if m * heads * d >= PAR_MIN {
+            self.pool.install(|| xs.par_chunks_exact_mut(heads * d).zip(pos.par_iter()).for_each(f));
+        } else {
+            xs.chunks_exact_mut(heads * d).zip(pos.iter()).for_each(f);
+        }
+        Ok(())
+    }
+
+    fn kv_write(&self, k: &Tensor, v: &Tensor, positions: &Tensor, cache: &mut LayerKv) -> Result<()> {
+        same_shape(k, v, "kv_write")?;
+        let cap = cache.capacity();
+        let row = cache.k.numel() / cap.max(1);
+        ensure!(k.numel() % row == 0, "kv_write: keys {:?} vs cache {:?}", k.shape(), cache.k.shape());
+        let m = k.numel() / row;
+        let pos = positions_of(positions, m, "kv_write")?;
+        let (ks, vs) = (k.as_f32()?, v.as_f32()?);
+        for (which, src) in [(0, ks), (1, vs)] {
+            let dst = if which == 0 { cache.k.as_f32_mut()? } else { cache.v.as_f32_mut()? };
+            for (i, &p) in pos.iter().enumerate() {
+                ensure!(p < cap, "kv_write: position {p} is past the cache capacity {cap}");
+                dst[p * row..(p + 1) * row].copy_from_slice(&src[i * row..(i + 1) * row]);
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(&self, q: &Tensor, cache: &LayerKv, positions: &Tensor, scale: f32, out: &mut Tensor) -> Result<()> {
+        ensure!(q.shape().len() == 3, "attention: expected q [rows, heads, head_dim], got {:?}", q.shape());
+        let (m, heads, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        let cs = cache.k.shape();
+        ensure!(cs.len() == 3 && cs[2] == d, "attention: cache {:?} vs q {:?}", cs, q.shape());
+        let (cap, kv_heads) = (cs[0], cs[1]);
+        ensure!(kv_heads > 0 && heads % kv_heads == 0, "attention: {heads} heads over {kv_heads} kv heads");
+        same_shape(q, out, "attention")?;
+        let group = heads / kv_heads;
+        let pos = positions_of(positions, m, "attention")?;
+        if let Some(&p) = pos.iter().find(|&&p| p >= cap) {
+            bail!("attention: position {p} is past the cache capacity {cap}");
+        }
+        let (qs, ks, vs) = (q.as_f32()?, cache.k.as_f32()?, cache.v.as_f32()?);
+        let os = out.as_f32_mut()?;
+        let kv_row = kv_heads * d;
+        let f = |(idx, o): (usize, &mut [f32])| {
+            let (i, h) = (idx / heads, idx % heads);
+            let kvh = h / group;
+            let qv = &qs[idx * d..(idx + 1) * d];
+            let len = pos[i] + 1;
+            with_scratch(len, |s| {
+                let mut mx = f32::NEG_INFINITY;
+                for (t, st) in s.iter_mut().enumerate() {
+                    let kt = &ks[t * kv_row + kvh * d..t * kv_row + (kvh + 1) * d];
+                    *st = dot_f32(qv, kt) * scale;
+                    mx = mx.max(*st);
+                }
+                let mut sum = 0f32;
+                for st in s.iter_mut() {
+                    *st = (*st - mx).exp();
+                    sum += *st;
+                }
+                let inv = 1.0 / sum;
+                o.fill(0.0);
+                for (t, &st) in s.iter().enumerate() {
+                    axpy(st * inv, &vs[t * kv_row + kvh * d..t * kv_row + (kvh + 1) * d], o);
+                }
+            })
+        };
+        self.pool.install(|| os.par_chunks_exact_mut(d).enumerate().for_each(f));
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
+        same_shape(gate, up, "silu_mul")?;
+        same_shape(gate, out, "silu_mul")?;
+        let (g, u, o) = (gate.as_f32()?, up.as_f32()?, out.as_f32_mut()?);
+        let f = |((o, &g), &u): ((&mut f32, &f32), &f32)| *o = g / (1.0 + (-g).exp()) * u;
+        if o.len() >= PAR_MIN {
+            self.pool.install(|| o.par_iter_mut().zip(g.par_iter()).zip(u.par_iter()).for_each(f));
+        } else {
+            o.iter_mut().zip(g).zip(u).for_each(f);
+        }
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {
+        same_shape(x, y, "add_assign")?;
+        let (xs, ys) = (x.as_f32_mut()?, y.as_f32()?);
+        xs.iter_mut().zip(ys).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn softmax(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        same_shape(x, out, "softmax")?;
+        let n = x.last_dim();
+        let (xs, os) = (x.as_f32()?, out.as_f32_mut()?);
+        for (xr, or) in xs.chunks_exact(n).zip(os.chunks_exact_mut(n)) {
+            let mx = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &v) in or.iter_mut().zip(xr) {
+                *o = (v - mx).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            or.iter_mut().for_each(|o| *o *= inv);
+        }
+        Ok(())
+    }
+
+    fn argmax(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        let n = x.last_dim();
+        ensure!(out.numel() == x.rows(), "argmax: output {:?} for {} rows", out.shape(), x.rows());
+        let xs = x.as_f32()?;
+        let os = out.as_i32_mut()?;
+        for (xr, o) in xs.chunks_exact(n).zip(os.iter_mut()) {
+            let mut best = 0usize;
+            for (i, &v) in xr.iter().enumerate() {
+                if v > xr[best] || (xr[best].is_nan() && !v.is_nan()) {
+                    best = i;
+                }
+            }
+            *o = best as i32;
+        }
+        Ok(())
+    }
+
+    fn copy_rows(&self, src: &Tensor, src_row: usize, dst: &mut Tensor, dst_row: usize, n: usize) -> Result<()> {
+        ensure!(src.dtype() == dst.dtype(), "copy_rows: {} into {}", src.dtype(), dst.dtype());
+        let w = src.last_dim();
+        ensure!(dst.last_dim() == w, "copy_rows: rows of {w} into rows of {}", dst.last_dim());
+        ensure!(src_row + n <= src.rows() && dst_row + n <= dst.rows(), "copy_rows: rows out of range");
+        let es = src.dtype().size();
+        let s = &src.host_bytes()?[src_row * w * es..(src_row + n) * w * es];
+        dst.host_bytes_mut()?[dst_row * w * es..(dst_row + n) * w * es].copy_from_slice(s);
+        Ok(())
+    }
+}

@@ -1,0 +1,678 @@
+//! Every op of the CPU backend against a naive f64 reference, on seeded random
+//! inputs and awkward shapes: odd sizes, single rows, and tensors big enough to
+//! take the backend's parallel paths.
+
+use anyhow::Result;
+use fusebox_core::cpu::CpuBackend;
+use fusebox_core::rope::{inv_freq, RopeScaling, RopeStyle};
+use fusebox_core::{Backend, DType, LayerKv, Tensor};
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+/// `(rows, n)` for elementwise ops, from one element to past the parallel threshold.
+const ROWS_N: [(usize, usize); 9] = [
+    (1, 1),
+    (1, 3),
+    (1, 17),
+    (2, 33),
+    (3, 129),
+    (1, 1000),
+    (3, 1031),
+    (40, 1000),
+    (7, 17),
+];
+
+// ---------------------------------------------------------------- helpers
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Three threads, so parallel splits are uneven whatever the machine.
+fn backend() -> CpuBackend {
+    CpuBackend::new(3).expect("cpu backend")
+}
+
+fn uniform(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| r.random_range(-scale..scale)).collect()
+}
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// An f32 tensor.
+fn tf(shape: &[usize], data: &[f32]) -> Tensor {
+    Tensor::from_f32(shape, data).unwrap()
+}
+
+/// A 1-D i32 tensor (ids, positions).
+fn ti(data: &[i32]) -> Tensor {
+    Tensor::from_i32(&[data.len()], data).unwrap()
+}
+
+/// A zero f32 tensor.
+fn zf(shape: &[usize]) -> Tensor {
+    Tensor::zeros(shape, DType::F32)
+}
+
+/// `data` stored as `dtype`, and the exact f64 value of every stored element.
+fn float_tensor(shape: &[usize], data: &[f32], dtype: DType) -> (Tensor, Vec<f64>) {
+    let (to_bits, to_f64): (fn(f32) -> u16, fn(u16) -> f64) = match dtype {
+        DType::F32 => return (tf(shape, data), to_f64(data)),
+        DType::BF16 => (
+            |x| bf16::from_f32(x).to_bits(),
+            |b| bf16::from_bits(b).to_f64(),
+        ),
+        DType::F16 => (
+            |x| f16::from_f32(x).to_bits(),
+            |b| f16::from_bits(b).to_f64(),
+        ),
+        d => panic!("not a float dtype: {d}"),
+    };
+    let bits: Vec<u16> = data.iter().map(|&x| to_bits(x)).collect();
+    let t = Tensor::from_bytes(shape, dtype, bytemuck::cast_slice(&bits)).unwrap();
+    (t, bits.into_iter().map(to_f64).collect())
+}
+
+fn read(b: &CpuBackend, t: &Tensor) -> Vec<f32> {
+    let mut v = Vec::new();
+    b.read_f32(t, &mut v).unwrap();
+    v
+}
+
+fn fails(res: Result<()>, what: &str) {
+    assert!(res.is_err(), "{what}: accepted, expected an error");
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Tol {
+    /// Bit-exact (gathers and copies).
+    Exact,
+    /// Elementwise ops: `|got - ref| <= 1e-5 * max(1, max|ref|) + slack`.
+    Elementwise { slack: f64 },
+    /// Reductions: `max|got - ref| / max|ref| < 1e-5`.
+    Reduction,
+}
+const ELEMENTWISE: Tol = Tol::Elementwise { slack: 0.0 };
+
+/// Compare `got` with the f64 reference; on failure name the worst element.
+fn check_close(what: &str, got: &[f32], want: &[f64], tol: Tol) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let max_ref = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let (mut worst, mut at) = (0f64, 0);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let d = (g as f64 - w).abs();
+        let d = if d.is_nan() { f64::INFINITY } else { d };
+        if d > worst {
+            (worst, at) = (d, i);
+        }
+    }
+    let (err, ok) = match tol {
+        Tol::Exact => (worst, worst == 0.0),
+        Tol::Elementwise { slack } => (worst, worst <= 1e-5 * max_ref.max(1.0) + slack),
+        Tol::Reduction => {
+            let rel = worst / max_ref.max(f64::MIN_POSITIVE);
+            (rel, rel < 1e-5)
+        }
+    };
+    assert!(
+        ok,
+        "{what}: {tol:?} failed, error {err:.3e}; worst at index {at}: got {} want {} \
+         (max|ref| {max_ref:.3e})",
+        got[at], want[at]
+    );
+}
+
+// ---------------------------------------------------------------- references
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn ref_rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+    let n = w.len();
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(n) {
+        let inv = 1.0 / (dot(row, row) / n as f64 + eps).sqrt();
+        out.extend(row.iter().zip(w).map(|(v, wv)| v * inv * wv));
+    }
+    out
+}
+
+fn ref_matmul(x: &[f64], w: &[f64], k: usize) -> Vec<f64> {
+    x.chunks_exact(k)
+        .flat_map(|xr| w.chunks_exact(k).map(|wr| dot(xr, wr)))
+        .collect()
+}
+
+fn ref_rope(x: &[f64], d: usize, pos: &[i32], freqs: &[f32], style: RopeStyle) -> Vec<f64> {
+    let mut out = x.to_vec();
+    for (row, &p) in out.chunks_exact_mut(x.len() / pos.len()).zip(pos) {
+        for h in row.chunks_exact_mut(d) {
+            for (i, &f) in freqs.iter().enumerate() {
+                let (a, b) = match style {
+                    RopeStyle::Half => (i, i + d / 2),
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let (sin, cos) = (p as f64 * f as f64).sin_cos();
+                let (x0, x1) = (h[a], h[b]);
+                h[a] = x0 * cos - x1 * sin;
+                h[b] = x1 * cos + x0 * sin;
+            }
+        }
+    }
+    out
+}
+
+fn ref_softmax(row: &[f64]) -> Vec<f64> {
+    let mx = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = row.iter().map(|v| (v - mx).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.iter().map(|v| v / sum).collect()
+}
+
+/// Causal GQA attention over full `[cap, kv_heads, d]` caches `k`, `v`;
+/// `dims` is `[heads, kv_heads, d]`.
+fn ref_attention(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dims: [usize; 3],
+    pos: &[i32],
+    scale: f64,
+) -> Vec<f64> {
+    let [heads, kv_heads, d] = dims;
+    let mut out = vec![0.0; q.len()];
+    for (i, &p) in pos.iter().enumerate() {
+        for h in 0..heads {
+            let kv_at = |t: usize| (t * kv_heads + h / (heads / kv_heads)) * d;
+            let qv = &q[(i * heads + h) * d..][..d];
+            let scores: Vec<f64> = (0..=p as usize)
+                .map(|t| dot(qv, &k[kv_at(t)..][..d]) * scale)
+                .collect();
+            let o = &mut out[(i * heads + h) * d..][..d];
+            for (t, wt) in ref_softmax(&scores).into_iter().enumerate() {
+                o.iter_mut()
+                    .zip(&v[kv_at(t)..][..d])
+                    .for_each(|(oj, vj)| *oj += wt * vj);
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- embedding
+
+#[test]
+fn embedding_gathers_rows_of_every_float_dtype() {
+    let (b, mut r) = (backend(), rng(1));
+    for dtype in FLOAT_DTYPES {
+        for (vocab, dim) in [(1, 1), (3, 17), (33, 129), (50, 1031)] {
+            let data = uniform(&mut r, vocab * dim, 3.0);
+            let (table, exact) = float_tensor(&[vocab, dim], &data, dtype);
+            for n in [1, 5] {
+                let mut ids: Vec<i32> = (0..n).map(|_| r.random_range(0..vocab as i32)).collect();
+                (ids[0], ids[n - 1]) = (vocab as i32 - 1, 0);
+                let mut out = zf(&[n, dim]);
+                b.embedding(&table, &ti(&ids), &mut out).unwrap();
+                let want: Vec<f64> = ids
+                    .iter()
+                    .flat_map(|&id| exact[id as usize * dim..][..dim].to_vec())
+                    .collect();
+                let what = format!("embedding {dtype} [{vocab}, {dim}] ids {ids:?}");
+                check_close(&what, &read(&b, &out), &want, Tol::Exact);
+            }
+        }
+    }
+}
+
+#[test]
+fn embedding_rejects_out_of_range_ids() {
+    let b = backend();
+    for dtype in FLOAT_DTYPES {
+        let (table, _) = float_tensor(&[7, 3], &[0.5; 21], dtype);
+        for ids in [
+            vec![7],
+            vec![0, 7],
+            vec![-1],
+            vec![i32::MAX],
+            vec![i32::MIN],
+        ] {
+            let res = b.embedding(&table, &ti(&ids), &mut zf(&[ids.len(), 3]));
+            fails(res, &format!("embedding {dtype} ids {ids:?}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- rms_norm
+
+#[test]
+fn rms_norm_matches_reference() {
+    let (b, mut r) = (backend(), rng(2));
+    // [rows, n] shapes, then per-head (QK) norms: [m, heads, head_dim] with a [head_dim] weight.
+    let shapes: [&[usize]; 10] = [
+        &[1, 1],
+        &[1, 3],
+        &[2, 17],
+        &[3, 33],
+        &[5, 129],
+        &[2, 1031],
+        &[33, 1000],
+        &[3, 4, 64],
+        &[1, 8, 128],
+        &[2, 3, 17],
+    ];
+    for shape in shapes {
+        let n = *shape.last().unwrap();
+        for eps in [1e-6f32, 1e-5] {
+            let x = uniform(&mut r, shape.iter().product(), 3.0);
+            let w: Vec<f32> = uniform(&mut r, n, 0.5).iter().map(|v| v + 1.0).collect();
+            let mut out = zf(shape);
+            b.rms_norm(&tf(shape, &x), &tf(&[n], &w), eps, &mut out)
+                .unwrap();
+            let want = ref_rms_norm(&to_f64(&x), &to_f64(&w), eps as f64);
+            check_close(
+                &format!("rms_norm {shape:?} eps {eps}"),
+                &read(&b, &out),
+                &want,
+                Tol::Reduction,
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- matmul
+
+#[test]
+fn matmul_matches_reference_for_gemv_and_prefill() {
+    let (b, mut r) = (backend(), rng(3));
+    for dtype in FLOAT_DTYPES {
+        for (k, n) in [(1, 1), (17, 1), (33, 7), (100, 300), (1031, 7), (1031, 300)] {
+            let (w, w_exact) = float_tensor(&[n, k], &uniform(&mut r, n * k, 1.0), dtype);
+            for m in [1, 2, 5, 19] {
+                let x = uniform(&mut r, m * k, 2.0);
+                let mut out = zf(&[m, n]);
+                b.matmul(&tf(&[m, k], &x), &w, &mut out).unwrap();
+                let want = ref_matmul(&to_f64(&x), &w_exact, k);
+                let what = format!("matmul {dtype} m={m} k={k} n={n}");
+                check_close(&what, &read(&b, &out), &want, Tol::Reduction);
+            }
+        }
+    }
+    // A 3-D input is 2 * 3 rows of k.
+    let (x, w) = (uniform(&mut r, 6 * 33, 1.0), uniform(&mut r, 7 * 33, 1.0));
+    let mut out = zf(&[2, 3, 7]);
+    b.matmul(&tf(&[2, 3, 33], &x), &tf(&[7, 33], &w), &mut out)
+        .unwrap();
+    let want = ref_matmul(&to_f64(&x), &to_f64(&w), 33);
+    check_close("matmul 3-D input", &read(&b, &out), &want, Tol::Reduction);
+}
+
+#[test]
+fn matmul_rejects_mismatched_shapes() {
+    let b = backend();
+    let w = tf(&[7, 17], &[0.25; 7 * 17]);
+    let x = tf(&[2, 17], &[1.0; 34]);
+    b.matmul(&x, &w, &mut zf(&[2, 7])).unwrap();
+    fails(
+        b.matmul(&tf(&[2, 18], &[1.0; 36]), &w, &mut zf(&[2, 7])),
+        "k too big",
+    );
+    fails(
+        b.matmul(&tf(&[1, 16], &[1.0; 16]), &w, &mut zf(&[1, 7])),
+        "k too small",
+    );
+    fails(b.matmul(&x, &w, &mut zf(&[2, 8])), "output too big");
+    fails(b.matmul(&x, &w, &mut zf(&[1, 7])), "output too small");
+    fails(
+        b.matmul(&x, &tf(&[7 * 17], &[0.25; 7 * 17]), &mut zf(&[2, 7])),
+        "1-D weight",
+    );
+    fails(
+        b.matmul(&x, &Tensor::zeros(&[7, 17], DType::I32), &mut zf(&[2, 7])),
+        "i32 weight",
+    );
+}
+
+// ---------------------------------------------------------------- rope
+
+#[test]
+fn rope_matches_reference_for_both_styles_and_scalings() {
+    let (b, mut r) = (backend(), rng(4));
+    let llama3 = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192.0,
+    };
+    let tables = [
+        ("default", 10000.0, RopeScaling::None),
+        ("linear", 10000.0, RopeScaling::Linear { factor: 4.0 }),
+        ("llama3", 500000.0, llama3),
+    ];
+    // Single rows (decode), a mixed batch, and 64 consecutive rows (parallel path at d=128).
+    let position_sets: [Vec<i32>; 6] = [
+        vec![0],
+        vec![1],
+        vec![37],
+        vec![1000],
+        vec![0, 1, 37, 1000],
+        (990..1054).collect(),
+    ];
+    for style in [RopeStyle::Half, RopeStyle::Interleaved] {
+        for (name, theta, scaling) in tables {
+            for (d, heads) in [(8, 3), (64, 3), (128, 4)] {
+                let freqs = inv_freq(d, theta, scaling);
+                for pos in &position_sets {
+                    let x = uniform(&mut r, pos.len() * heads * d, 1.0);
+                    let mut t = tf(&[pos.len(), heads, d], &x);
+                    b.rope(&mut t, &ti(pos), &tf(&[d / 2], &freqs), style)
+                        .unwrap();
+                    let want = ref_rope(&to_f64(&x), d, pos, &freqs, style);
+                    // The backend forms `pos * inv_freq` in f32, as HF transformers does; its
+                    // rounding (<= 2^-24 relative) turns each pair by up to that angle.
+                    let max_angle = *pos.iter().max().unwrap() as f64 * freqs[0] as f64;
+                    let slack = max_angle * 2f64.powi(-24) * 2f64.sqrt();
+                    let what =
+                        format!("rope {style:?} {name} d={d} heads={heads} positions {pos:?}");
+                    check_close(&what, &read(&b, &t), &want, Tol::Elementwise { slack });
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- kv_write + attention
+
+fn new_cache(cap: usize, kv_heads: usize, d: usize) -> LayerKv {
+    LayerKv {
+        k: zf(&[cap, kv_heads, d]),
+        v: zf(&[cap, kv_heads, d]),
+    }
+}
+
+/// Fill a `[cap, kv_heads, d]` cache with random rows written in a shuffled
+/// order, then write fresh rows at `new_pos`, and check that the cache holds
+/// exactly what was written. Returns host copies of keys and values.
+fn fill_cache(
+    b: &CpuBackend,
+    r: &mut ChaCha8Rng,
+    cache: &mut LayerKv,
+    new_pos: &[i32],
+) -> [Vec<f32>; 2] {
+    let s = cache.k.shape().to_vec();
+    let (cap, row) = (s[0], s[1] * s[2]);
+    let mut kv = [vec![0f32; cap * row], vec![0f32; cap * row]];
+    let mut order: Vec<i32> = (0..cap as i32).collect();
+    for i in (1..cap).rev() {
+        order.swap(i, r.random_range(0..=i));
+    }
+    for pos in [&order[..], new_pos] {
+        let shape = [pos.len(), s[1], s[2]];
+        let (nk, nv) = (
+            uniform(r, pos.len() * row, 1.0),
+            uniform(r, pos.len() * row, 1.0),
+        );
+        b.kv_write(&tf(&shape, &nk), &tf(&shape, &nv), &ti(pos), cache)
+            .unwrap();
+        for (i, &p) in pos.iter().enumerate() {
+            kv[0][p as usize * row..][..row].copy_from_slice(&nk[i * row..][..row]);
+            kv[1][p as usize * row..][..row].copy_from_slice(&nv[i * row..][..row]);
+        }
+    }
+    assert!(
+        cache.k.as_f32().unwrap() == kv[0],
+        "kv_write: keys differ from what was written"
+    );
+    assert!(
+        cache.v.as_f32().unwrap() == kv[1],
+        "kv_write: values differ from what was written"
+    );
+    kv
+}
+
+#[test]
+fn attention_matches_reference_for_decode_and_prefill() {
+    let (b, mut r) = (backend(), rng(5));
+    for (heads, kv_heads) in [(4, 2), (4, 1), (6, 3), (4, 4)] {
+        for d in [8, 32, 64, 128] {
+            // (cap, p0, m): decode late in the cache, then prefill from 0 and after a prefix.
+            // Cache rows past the last position hold random data that must stay masked.
+            for (cap, p0, m) in [
+                (333, 300, 1),
+                (40, 0, 1),
+                (40, 0, 5),
+                (64, 11, 19),
+                (29, 10, 19),
+            ] {
+                let mut cache = new_cache(cap, kv_heads, d);
+                let pos: Vec<i32> = (p0..p0 + m).collect();
+                let [k, v] = fill_cache(&b, &mut r, &mut cache, &pos);
+                let q = uniform(&mut r, m as usize * heads * d, 2.0);
+                let scale = 1.0 / (d as f32).sqrt();
+                let shape = [m as usize, heads, d];
+                let mut out = zf(&shape);
+                b.attention(&tf(&shape, &q), &cache, &ti(&pos), scale, &mut out)
+                    .unwrap();
+                let (q, k, v) = (to_f64(&q), to_f64(&k), to_f64(&v));
+                let want = ref_attention(&q, &k, &v, [heads, kv_heads, d], &pos, scale as f64);
+                let what =
+                    format!("attention {heads}/{kv_heads} heads d={d} cap={cap} positions {pos:?}");
+                check_close(&what, &read(&b, &out), &want, Tol::Reduction);
+            }
+        }
+    }
+}
+
+#[test]
+fn kv_write_and_attention_reject_positions_past_capacity() {
+    let b = backend();
+    let mut cache = new_cache(8, 2, 16);
+    let kv = tf(&[1, 2, 16], &[1.0; 32]);
+    b.kv_write(&kv, &kv, &ti(&[7]), &mut cache).unwrap();
+    fails(
+        b.kv_write(&kv, &kv, &ti(&[8]), &mut cache),
+        "kv_write at capacity",
+    );
+    fails(
+        b.kv_write(&kv, &kv, &ti(&[-1]), &mut cache),
+        "kv_write at -1",
+    );
+    let q = tf(&[2, 4, 16], &[0.5; 128]);
+    b.attention(&q, &cache, &ti(&[6, 7]), 0.25, &mut zf(&[2, 4, 16]))
+        .unwrap();
+    fails(
+        b.attention(&q, &cache, &ti(&[7, 8]), 0.25, &mut zf(&[2, 4, 16])),
+        "attention at capacity",
+    );
+    fails(
+        b.attention(&q, &cache, &ti(&[7, 100]), 0.25, &mut zf(&[2, 4, 16])),
+        "attention past capacity",
+    );
+}
+
+// ---------------------------------------------------------------- elementwise
+
+#[test]
+fn silu_mul_matches_reference() {
+    let (b, mut r) = (backend(), rng(6));
+    for (rows, n) in ROWS_N {
+        let mut gate = uniform(&mut r, rows * n, 8.0);
+        (gate[0], gate[rows * n / 2]) = (80.0, -80.0);
+        let up = uniform(&mut r, rows * n, 3.0);
+        let mut out = zf(&[rows, n]);
+        b.silu_mul(&tf(&[rows, n], &gate), &tf(&[rows, n], &up), &mut out)
+            .unwrap();
+        let silu = |g: f64| g / (1.0 + (-g).exp());
+        let want: Vec<f64> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| silu(g as f64) * u as f64)
+            .collect();
+        check_close(
+            &format!("silu_mul [{rows}, {n}]"),
+            &read(&b, &out),
+            &want,
+            ELEMENTWISE,
+        );
+    }
+    fails(
+        b.silu_mul(&zf(&[2, 3]), &zf(&[3, 2]), &mut zf(&[2, 3])),
+        "silu_mul shape mismatch",
+    );
+}
+
+#[test]
+fn add_assign_matches_reference() {
+    let (b, mut r) = (backend(), rng(7));
+    for (rows, n) in ROWS_N {
+        let (x, y) = (
+            uniform(&mut r, rows * n, 100.0),
+            uniform(&mut r, rows * n, 1.0),
+        );
+        let mut t = tf(&[rows, n], &x);
+        b.add_assign(&mut t, &tf(&[rows, n], &y)).unwrap();
+        let want: Vec<f64> = x
+            .iter()
+            .zip(&y)
+            .map(|(&a, &c)| a as f64 + c as f64)
+            .collect();
+        check_close(
+            &format!("add_assign [{rows}, {n}]"),
+            &read(&b, &t),
+            &want,
+            ELEMENTWISE,
+        );
+    }
+    fails(
+        b.add_assign(&mut zf(&[3]), &zf(&[4])),
+        "add_assign shape mismatch",
+    );
+}
+
+#[test]
+fn softmax_matches_reference_and_is_stable() {
+    let (b, mut r) = (backend(), rng(8));
+    for (rows, n) in ROWS_N {
+        for scale in [1.0, 10.0, 80.0, 1000.0] {
+            let mut x = uniform(&mut r, rows * n, scale);
+            (x[0], x[rows * n / 2]) = (80.0, -80.0);
+            let mut out = zf(&[rows, n]);
+            b.softmax(&tf(&[rows, n], &x), &mut out).unwrap();
+            let want: Vec<f64> = to_f64(&x).chunks_exact(n).flat_map(ref_softmax).collect();
+            let what = format!("softmax [{rows}, {n}] scale {scale}");
+            check_close(&what, &read(&b, &out), &want, ELEMENTWISE);
+        }
+    }
+    // Rows of huge, equal, and mixed-sign extreme values, as one [2, 3, 6] tensor.
+    let x: Vec<f32> = [
+        [80.0, -80.0, 79.5, -79.5, 0.0, 80.0],
+        [80.0; 6],
+        [-80.0; 6],
+        [-1e4, 1e4, -3e4, 3e4, 0.0, 1.0],
+        [-88.0, -87.0, -104.0, -150.0, -89.0, -88.5],
+        [88.0, 87.0, 104.0, 150.0, 89.0, 88.5],
+    ]
+    .concat();
+    let mut out = zf(&[2, 3, 6]);
+    b.softmax(&tf(&[2, 3, 6], &x), &mut out).unwrap();
+    let want: Vec<f64> = to_f64(&x).chunks_exact(6).flat_map(ref_softmax).collect();
+    check_close(
+        "softmax of extreme rows",
+        &read(&b, &out),
+        &want,
+        ELEMENTWISE,
+    );
+}
+
+#[test]
+fn argmax_matches_reference_and_prefers_first_on_ties() {
+    let (b, mut r) = (backend(), rng(9));
+    let first_max = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .fold(0, |bi, (i, &v)| if v > row[bi] { i } else { bi })
+    };
+    for (rows, n) in ROWS_N {
+        let mut x = uniform(&mut r, rows * n, 5.0);
+        if n > 3 {
+            (x[n - 1], x[n / 2]) = (6.0, 6.0); // tie row 0's maximum at two columns
+        }
+        let mut out = Tensor::zeros(&[rows], DType::I32);
+        b.argmax(&tf(&[rows, n], &x), &mut out).unwrap();
+        let want: Vec<i32> = x.chunks_exact(n).map(|row| first_max(row) as i32).collect();
+        assert_eq!(out.as_i32().unwrap(), want, "argmax [{rows}, {n}]");
+    }
+    let ties: [(&[f32], i32); 5] = [
+        (&[2.0, 7.0, 7.0, 1.0, 7.0], 1),
+        (&[3.0; 17], 0),
+        (&[-5.0, -1.0, -1.0, -3.0], 1),
+        (&[0.0, -0.0, 0.0], 0),
+        (&[-80.0, 80.0, 79.99999, 80.0], 1),
+    ];
+    for (row, want) in ties {
+        let mut out = Tensor::zeros(&[1], DType::I32);
+        b.argmax(&tf(&[1, row.len()], row), &mut out).unwrap();
+        assert_eq!(out.as_i32().unwrap(), [want], "argmax of {row:?}");
+    }
+}
+
+// ---------------------------------------------------------------- copy_rows
+
+#[test]
+fn copy_rows_copies_exactly_the_requested_rows() {
+    let (b, mut r) = (backend(), rng(10));
+    let shape_pairs: [(&[usize], &[usize]); 3] = [
+        (&[7, 33], &[5, 33]),
+        (&[2, 3, 17], &[4, 17]),
+        (&[1, 1031], &[3, 1031]),
+    ];
+    for dtype in FLOAT_DTYPES {
+        for (src_shape, dst_shape) in shape_pairs {
+            let w = *src_shape.last().unwrap();
+            let (sn, dn) = (
+                src_shape.iter().product::<usize>(),
+                dst_shape.iter().product::<usize>(),
+            );
+            let (src_rows, dst_rows) = (sn / w, dn / w);
+            for (sr, dr, n) in [
+                (0, 0, 1),
+                (src_rows - 1, dst_rows - 1, 1),
+                (0, 0, src_rows.min(dst_rows)),
+                (1, 2, 1),
+            ] {
+                if sr + n > src_rows || dr + n > dst_rows {
+                    continue;
+                }
+                let (src, src_v) = float_tensor(src_shape, &uniform(&mut r, sn, 1.0), dtype);
+                let (mut dst, mut want) = float_tensor(dst_shape, &uniform(&mut r, dn, 1.0), dtype);
+                b.copy_rows(&src, sr, &mut dst, dr, n).unwrap();
+                want[dr * w..(dr + n) * w].copy_from_slice(&src_v[sr * w..(sr + n) * w]);
+                let what =
+                    format!("copy_rows {dtype} {src_shape:?}[{sr}..+{n}] -> {dst_shape:?}[{dr}..]");
+                check_close(&what, &read(&b, &dst), &want, Tol::Exact);
+            }
+        }
+    }
+    let src = tf(&[4, 8], &[1.0; 32]);
+    fails(
+        b.copy_rows(&src, 3, &mut zf(&[3, 8]), 0, 2),
+        "copy_rows source past the end",
+    );
+    fails(
+        b.copy_rows(&src, 0, &mut zf(&[3, 8]), 2, 2),
+        "copy_rows destination past the end",
+    );
+    fails(
+        b.copy_rows(&src, 0, &mut zf(&[3, 9]), 0, 1),
+        "copy_rows width mismatch",
+    );
+    let mut dst = Tensor::zeros(&[3, 8], DType::BF16);
+    fails(
+        b.copy_rows(&src, 0, &mut dst, 0, 1),
+        "copy_rows dtype mismatch",
+    );
+}

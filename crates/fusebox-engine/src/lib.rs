@@ -1,0 +1,9 @@
+//! fusebox-engine: the KV cache, sampling, and the generation loop.
+
+pub mod generate;
+pub mod kv_cache;
+pub mod sampling;
+
+pub use generate::{GenerateOptions, GenerateOutput, Session, StopReason};
+pub use kv_cache::KvCache;
+pub use sampling::{Sampler, SamplingParams};
