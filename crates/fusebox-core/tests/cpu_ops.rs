@@ -2,7 +2,6 @@
 //! inputs and awkward shapes: odd sizes, single rows, and tensors big enough to
 //! take the backend's parallel paths.
 
-use anyhow::Result;
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::rope::{inv_freq, RopeScaling, RopeStyle};
 use fusebox_core::{Backend, DType, LayerKv, Tensor};
@@ -11,17 +10,17 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
-/// `(rows, n)` for elementwise ops, from one element to past the parallel threshold.
-const ROWS_N: [(usize, usize); 9] = [
-    (1, 1),
-    (1, 3),
-    (1, 17),
-    (2, 33),
-    (3, 129),
-    (1, 1000),
-    (3, 1031),
-    (40, 1000),
-    (7, 17),
+/// `[rows, n]` shapes, from one element to past the backend's parallel threshold.
+const ROWS_N: [[usize; 2]; 9] = [
+    [1, 1],
+    [1, 3],
+    [1, 17],
+    [2, 33],
+    [3, 129],
+    [1, 1000],
+    [3, 1031],
+    [40, 1000],
+    [7, 17],
 ];
 
 // ---------------------------------------------------------------- helpers
@@ -60,21 +59,18 @@ fn zf(shape: &[usize]) -> Tensor {
 
 /// `data` stored as `dtype`, and the exact f64 value of every stored element.
 fn float_tensor(shape: &[usize], data: &[f32], dtype: DType) -> (Tensor, Vec<f64>) {
-    let (to_bits, to_f64): (fn(f32) -> u16, fn(u16) -> f64) = match dtype {
+    let (to_bits, from_bits): (fn(f32) -> u16, fn(u16) -> f64) = match dtype {
         DType::F32 => return (tf(shape, data), to_f64(data)),
         DType::BF16 => (
             |x| bf16::from_f32(x).to_bits(),
-            |b| bf16::from_bits(b).to_f64(),
+            |b| bf16::from_bits(b).into(),
         ),
-        DType::F16 => (
-            |x| f16::from_f32(x).to_bits(),
-            |b| f16::from_bits(b).to_f64(),
-        ),
+        DType::F16 => (|x| f16::from_f32(x).to_bits(), |b| f16::from_bits(b).into()),
         d => panic!("not a float dtype: {d}"),
     };
     let bits: Vec<u16> = data.iter().map(|&x| to_bits(x)).collect();
     let t = Tensor::from_bytes(shape, dtype, bytemuck::cast_slice(&bits)).unwrap();
-    (t, bits.into_iter().map(to_f64).collect())
+    (t, bits.into_iter().map(from_bits).collect())
 }
 
 fn read(b: &CpuBackend, t: &Tensor) -> Vec<f32> {
@@ -83,8 +79,12 @@ fn read(b: &CpuBackend, t: &Tensor) -> Vec<f32> {
     v
 }
 
-fn fails(res: Result<()>, what: &str) {
-    assert!(res.is_err(), "{what}: accepted, expected an error");
+/// `f(a[i], b[i])` in f64.
+fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> Vec<f64> {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| f(x as f64, y as f64))
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -174,16 +174,9 @@ fn ref_softmax(row: &[f64]) -> Vec<f64> {
     e.iter().map(|v| v / sum).collect()
 }
 
-/// Causal GQA attention over full `[cap, kv_heads, d]` caches `k`, `v`;
-/// `dims` is `[heads, kv_heads, d]`.
-fn ref_attention(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    dims: [usize; 3],
-    pos: &[i32],
-    scale: f64,
-) -> Vec<f64> {
+/// Causal GQA attention of `q` (`dims` = `[heads, kv_heads, d]`) over full
+/// `[cap, kv_heads, d]` caches `k`, `v`.
+fn ref_attn(q: &[f64], k: &[f64], v: &[f64], dims: [usize; 3], pos: &[i32], s: f64) -> Vec<f64> {
     let [heads, kv_heads, d] = dims;
     let mut out = vec![0.0; q.len()];
     for (i, &p) in pos.iter().enumerate() {
@@ -191,7 +184,7 @@ fn ref_attention(
             let kv_at = |t: usize| (t * kv_heads + h / (heads / kv_heads)) * d;
             let qv = &q[(i * heads + h) * d..][..d];
             let scores: Vec<f64> = (0..=p as usize)
-                .map(|t| dot(qv, &k[kv_at(t)..][..d]) * scale)
+                .map(|t| dot(qv, &k[kv_at(t)..][..d]) * s)
                 .collect();
             let o = &mut out[(i * heads + h) * d..][..d];
             for (t, wt) in ref_softmax(&scores).into_iter().enumerate() {
@@ -210,7 +203,7 @@ fn ref_attention(
 fn embedding_gathers_rows_of_every_float_dtype() {
     let (b, mut r) = (backend(), rng(1));
     for dtype in FLOAT_DTYPES {
-        for (vocab, dim) in [(1, 1), (3, 17), (33, 129), (50, 1031)] {
+        for [vocab, dim] in [[1, 1], [3, 17], [33, 129], [50, 1031]] {
             let data = uniform(&mut r, vocab * dim, 3.0);
             let (table, exact) = float_tensor(&[vocab, dim], &data, dtype);
             for n in [1, 5] {
@@ -220,7 +213,7 @@ fn embedding_gathers_rows_of_every_float_dtype() {
                 b.embedding(&table, &ti(&ids), &mut out).unwrap();
                 let want: Vec<f64> = ids
                     .iter()
-                    .flat_map(|&id| exact[id as usize * dim..][..dim].to_vec())
+                    .flat_map(|&id| exact.chunks(dim).nth(id as usize).unwrap().to_vec())
                     .collect();
                 let what = format!("embedding {dtype} [{vocab}, {dim}] ids {ids:?}");
                 check_close(&what, &read(&b, &out), &want, Tol::Exact);
@@ -234,15 +227,9 @@ fn embedding_rejects_out_of_range_ids() {
     let b = backend();
     for dtype in FLOAT_DTYPES {
         let (table, _) = float_tensor(&[7, 3], &[0.5; 21], dtype);
-        for ids in [
-            vec![7],
-            vec![0, 7],
-            vec![-1],
-            vec![i32::MAX],
-            vec![i32::MIN],
-        ] {
-            let res = b.embedding(&table, &ti(&ids), &mut zf(&[ids.len(), 3]));
-            fails(res, &format!("embedding {dtype} ids {ids:?}"));
+        for ids in [&[7][..], &[0, 7], &[-1], &[i32::MAX], &[i32::MIN]] {
+            let res = b.embedding(&table, &ti(ids), &mut zf(&[ids.len(), 3]));
+            assert!(res.is_err(), "embedding {dtype} accepted ids {ids:?}");
         }
     }
 }
@@ -252,34 +239,21 @@ fn embedding_rejects_out_of_range_ids() {
 #[test]
 fn rms_norm_matches_reference() {
     let (b, mut r) = (backend(), rng(2));
-    // [rows, n] shapes, then per-head (QK) norms: [m, heads, head_dim] with a [head_dim] weight.
-    let shapes: [&[usize]; 10] = [
-        &[1, 1],
-        &[1, 3],
-        &[2, 17],
-        &[3, 33],
-        &[5, 129],
-        &[2, 1031],
-        &[33, 1000],
-        &[3, 4, 64],
-        &[1, 8, 128],
-        &[2, 3, 17],
-    ];
+    // [m, heads, n] shapes with an [n] weight: plain rows when heads = 1, per-head (QK) norms else.
+    let shapes = [[3, 4, 64], [1, 8, 128], [2, 3, 17]]
+        .into_iter()
+        .chain(ROWS_N.map(|[m, n]| [m, 1, n]));
     for shape in shapes {
-        let n = *shape.last().unwrap();
+        let n = shape[2];
         for eps in [1e-6f32, 1e-5] {
             let x = uniform(&mut r, shape.iter().product(), 3.0);
             let w: Vec<f32> = uniform(&mut r, n, 0.5).iter().map(|v| v + 1.0).collect();
-            let mut out = zf(shape);
-            b.rms_norm(&tf(shape, &x), &tf(&[n], &w), eps, &mut out)
+            let mut out = zf(&shape);
+            b.rms_norm(&tf(&shape, &x), &tf(&[n], &w), eps, &mut out)
                 .unwrap();
             let want = ref_rms_norm(&to_f64(&x), &to_f64(&w), eps as f64);
-            check_close(
-                &format!("rms_norm {shape:?} eps {eps}"),
-                &read(&b, &out),
-                &want,
-                Tol::Reduction,
-            );
+            let what = format!("rms_norm {shape:?} eps {eps}");
+            check_close(&what, &read(&b, &out), &want, Tol::Reduction);
         }
     }
 }
@@ -290,7 +264,7 @@ fn rms_norm_matches_reference() {
 fn matmul_matches_reference_for_gemv_and_prefill() {
     let (b, mut r) = (backend(), rng(3));
     for dtype in FLOAT_DTYPES {
-        for (k, n) in [(1, 1), (17, 1), (33, 7), (100, 300), (1031, 7), (1031, 300)] {
+        for [k, n] in [[1, 1], [17, 1], [33, 7], [100, 300], [1031, 7], [1031, 300]] {
             let (w, w_exact) = float_tensor(&[n, k], &uniform(&mut r, n * k, 1.0), dtype);
             for m in [1, 2, 5, 19] {
                 let x = uniform(&mut r, m * k, 2.0);
@@ -314,27 +288,16 @@ fn matmul_matches_reference_for_gemv_and_prefill() {
 #[test]
 fn matmul_rejects_mismatched_shapes() {
     let b = backend();
-    let w = tf(&[7, 17], &[0.25; 7 * 17]);
-    let x = tf(&[2, 17], &[1.0; 34]);
+    let (w, w_1d) = (tf(&[7, 17], &[0.25; 119]), tf(&[119], &[0.25; 119]));
+    let w_i32 = Tensor::zeros(&[7, 17], DType::I32);
+    let (x, x_k18, x_k16) = (zf(&[2, 17]), zf(&[2, 18]), zf(&[2, 16]));
     b.matmul(&x, &w, &mut zf(&[2, 7])).unwrap();
-    fails(
-        b.matmul(&tf(&[2, 18], &[1.0; 36]), &w, &mut zf(&[2, 7])),
-        "k too big",
-    );
-    fails(
-        b.matmul(&tf(&[1, 16], &[1.0; 16]), &w, &mut zf(&[1, 7])),
-        "k too small",
-    );
-    fails(b.matmul(&x, &w, &mut zf(&[2, 8])), "output too big");
-    fails(b.matmul(&x, &w, &mut zf(&[1, 7])), "output too small");
-    fails(
-        b.matmul(&x, &tf(&[7 * 17], &[0.25; 7 * 17]), &mut zf(&[2, 7])),
-        "1-D weight",
-    );
-    fails(
-        b.matmul(&x, &Tensor::zeros(&[7, 17], DType::I32), &mut zf(&[2, 7])),
-        "i32 weight",
-    );
+    assert!(b.matmul(&x_k18, &w, &mut zf(&[2, 7])).is_err());
+    assert!(b.matmul(&x_k16, &w, &mut zf(&[2, 7])).is_err());
+    assert!(b.matmul(&x, &w, &mut zf(&[2, 8])).is_err()); // output too big
+    assert!(b.matmul(&x, &w, &mut zf(&[1, 7])).is_err()); // output too small
+    assert!(b.matmul(&x, &w_1d, &mut zf(&[2, 7])).is_err());
+    assert!(b.matmul(&x, &w_i32, &mut zf(&[2, 7])).is_err());
 }
 
 // ---------------------------------------------------------------- rope
@@ -348,23 +311,18 @@ fn rope_matches_reference_for_both_styles_and_scalings() {
         high_freq_factor: 4.0,
         original_max_position_embeddings: 8192.0,
     };
+    let linear = RopeScaling::Linear { factor: 4.0 };
     let tables = [
-        ("default", 10000.0, RopeScaling::None),
-        ("linear", 10000.0, RopeScaling::Linear { factor: 4.0 }),
-        ("llama3", 500000.0, llama3),
+        ("default", 1e4, RopeScaling::None),
+        ("linear", 1e4, linear),
+        ("llama3", 5e5, llama3),
     ];
     // Single rows (decode), a mixed batch, and 64 consecutive rows (parallel path at d=128).
-    let position_sets: [Vec<i32>; 6] = [
-        vec![0],
-        vec![1],
-        vec![37],
-        vec![1000],
-        vec![0, 1, 37, 1000],
-        (990..1054).collect(),
-    ];
+    let mut position_sets: Vec<Vec<i32>> = [0, 1, 37, 1000].map(|p| vec![p]).into();
+    position_sets.extend([vec![0, 1, 37, 1000], (990..1054).collect()]);
     for style in [RopeStyle::Half, RopeStyle::Interleaved] {
         for (name, theta, scaling) in tables {
-            for (d, heads) in [(8, 3), (64, 3), (128, 4)] {
+            for [d, heads] in [[8, 3], [64, 3], [128, 4]] {
                 let freqs = inv_freq(d, theta, scaling);
                 for pos in &position_sets {
                     let x = uniform(&mut r, pos.len() * heads * d, 1.0);
@@ -372,12 +330,11 @@ fn rope_matches_reference_for_both_styles_and_scalings() {
                     b.rope(&mut t, &ti(pos), &tf(&[d / 2], &freqs), style)
                         .unwrap();
                     let want = ref_rope(&to_f64(&x), d, pos, &freqs, style);
-                    // The backend forms `pos * inv_freq` in f32, as HF transformers does; its
-                    // rounding (<= 2^-24 relative) turns each pair by up to that angle.
+                    // The backend forms `pos * inv_freq` in f32 (as HF transformers does); that
+                    // rounding (<= 2^-24 relative) turns each pair (|pair| <= sqrt 2) a little.
                     let max_angle = *pos.iter().max().unwrap() as f64 * freqs[0] as f64;
                     let slack = max_angle * 2f64.powi(-24) * 2f64.sqrt();
-                    let what =
-                        format!("rope {style:?} {name} d={d} heads={heads} positions {pos:?}");
+                    let what = format!("rope {style:?} {name} d={d} heads={heads} pos {pos:?}");
                     check_close(&what, &read(&b, &t), &want, Tol::Elementwise { slack });
                 }
             }
@@ -394,15 +351,11 @@ fn new_cache(cap: usize, kv_heads: usize, d: usize) -> LayerKv {
     }
 }
 
-/// Fill a `[cap, kv_heads, d]` cache with random rows written in a shuffled
-/// order, then write fresh rows at `new_pos`, and check that the cache holds
-/// exactly what was written. Returns host copies of keys and values.
-fn fill_cache(
-    b: &CpuBackend,
-    r: &mut ChaCha8Rng,
-    cache: &mut LayerKv,
-    new_pos: &[i32],
-) -> [Vec<f32>; 2] {
+/// Fill the cache with random rows written in a shuffled order, then write
+/// fresh rows at `new_pos`, and check that the cache holds exactly what was
+/// written. Returns host copies of the keys and values.
+fn fill_cache(b: &CpuBackend, seed: u64, cache: &mut LayerKv, new_pos: &[i32]) -> [Vec<f32>; 2] {
+    let mut r = rng(seed);
     let s = cache.k.shape().to_vec();
     let (cap, row) = (s[0], s[1] * s[2]);
     let mut kv = [vec![0f32; cap * row], vec![0f32; cap * row]];
@@ -412,10 +365,8 @@ fn fill_cache(
     }
     for pos in [&order[..], new_pos] {
         let shape = [pos.len(), s[1], s[2]];
-        let (nk, nv) = (
-            uniform(r, pos.len() * row, 1.0),
-            uniform(r, pos.len() * row, 1.0),
-        );
+        let nk = uniform(&mut r, shape.iter().product(), 1.0);
+        let nv = uniform(&mut r, nk.len(), 1.0);
         b.kv_write(&tf(&shape, &nk), &tf(&shape, &nv), &ti(pos), cache)
             .unwrap();
         for (i, &p) in pos.iter().enumerate() {
@@ -423,44 +374,39 @@ fn fill_cache(
             kv[1][p as usize * row..][..row].copy_from_slice(&nv[i * row..][..row]);
         }
     }
-    assert!(
-        cache.k.as_f32().unwrap() == kv[0],
-        "kv_write: keys differ from what was written"
-    );
-    assert!(
-        cache.v.as_f32().unwrap() == kv[1],
-        "kv_write: values differ from what was written"
-    );
+    assert!(cache.k.as_f32().unwrap() == kv[0], "kv_write: wrong keys");
+    assert!(cache.v.as_f32().unwrap() == kv[1], "kv_write: wrong values");
     kv
 }
 
 #[test]
 fn attention_matches_reference_for_decode_and_prefill() {
-    let (b, mut r) = (backend(), rng(5));
-    for (heads, kv_heads) in [(4, 2), (4, 1), (6, 3), (4, 4)] {
+    let mut r = rng(5);
+    let b = backend();
+    // (cap, p0, m): decode late in the cache, then prefill from 0 and after a prefix.
+    // Cache rows past the last position hold random data that must stay masked.
+    let cases = [
+        (333, 300, 1),
+        (40, 0, 1),
+        (40, 0, 5),
+        (64, 11, 19),
+        (29, 10, 19),
+    ];
+    for [heads, kv_heads] in [[4, 2], [4, 1], [6, 3], [4, 4]] {
         for d in [8, 32, 64, 128] {
-            // (cap, p0, m): decode late in the cache, then prefill from 0 and after a prefix.
-            // Cache rows past the last position hold random data that must stay masked.
-            for (cap, p0, m) in [
-                (333, 300, 1),
-                (40, 0, 1),
-                (40, 0, 5),
-                (64, 11, 19),
-                (29, 10, 19),
-            ] {
+            for (cap, p0, m) in cases {
                 let mut cache = new_cache(cap, kv_heads, d);
-                let pos: Vec<i32> = (p0..p0 + m).collect();
-                let [k, v] = fill_cache(&b, &mut r, &mut cache, &pos);
-                let q = uniform(&mut r, m as usize * heads * d, 2.0);
-                let scale = 1.0 / (d as f32).sqrt();
-                let shape = [m as usize, heads, d];
+                let pos: Vec<i32> = (p0..p0 + m as i32).collect();
+                let [k, v] = fill_cache(&b, r.random(), &mut cache, &pos);
+                let (shape, scale) = ([m, heads, d], 1.0 / (d as f32).sqrt());
+                let q = uniform(&mut r, m * heads * d, 2.0);
                 let mut out = zf(&shape);
                 b.attention(&tf(&shape, &q), &cache, &ti(&pos), scale, &mut out)
                     .unwrap();
                 let (q, k, v) = (to_f64(&q), to_f64(&k), to_f64(&v));
-                let want = ref_attention(&q, &k, &v, [heads, kv_heads, d], &pos, scale as f64);
+                let want = ref_attn(&q, &k, &v, [heads, kv_heads, d], &pos, scale as f64);
                 let what =
-                    format!("attention {heads}/{kv_heads} heads d={d} cap={cap} positions {pos:?}");
+                    format!("attention {heads}/{kv_heads} heads d={d} cap={cap} pos {pos:?}");
                 check_close(&what, &read(&b, &out), &want, Tol::Reduction);
             }
         }
@@ -471,27 +417,14 @@ fn attention_matches_reference_for_decode_and_prefill() {
 fn kv_write_and_attention_reject_positions_past_capacity() {
     let b = backend();
     let mut cache = new_cache(8, 2, 16);
-    let kv = tf(&[1, 2, 16], &[1.0; 32]);
+    let (kv, q) = (tf(&[1, 2, 16], &[1.0; 32]), tf(&[2, 4, 16], &[0.5; 128]));
     b.kv_write(&kv, &kv, &ti(&[7]), &mut cache).unwrap();
-    fails(
-        b.kv_write(&kv, &kv, &ti(&[8]), &mut cache),
-        "kv_write at capacity",
-    );
-    fails(
-        b.kv_write(&kv, &kv, &ti(&[-1]), &mut cache),
-        "kv_write at -1",
-    );
-    let q = tf(&[2, 4, 16], &[0.5; 128]);
-    b.attention(&q, &cache, &ti(&[6, 7]), 0.25, &mut zf(&[2, 4, 16]))
-        .unwrap();
-    fails(
-        b.attention(&q, &cache, &ti(&[7, 8]), 0.25, &mut zf(&[2, 4, 16])),
-        "attention at capacity",
-    );
-    fails(
-        b.attention(&q, &cache, &ti(&[7, 100]), 0.25, &mut zf(&[2, 4, 16])),
-        "attention past capacity",
-    );
+    assert!(b.kv_write(&kv, &kv, &ti(&[8]), &mut cache).is_err());
+    assert!(b.kv_write(&kv, &kv, &ti(&[-1]), &mut cache).is_err());
+    let attend = |pos: &[i32]| b.attention(&q, &cache, &ti(pos), 0.25, &mut zf(&[2, 4, 16]));
+    attend(&[6, 7]).unwrap();
+    assert!(attend(&[7, 8]).is_err());
+    assert!(attend(&[7, 100]).is_err());
 }
 
 // ---------------------------------------------------------------- elementwise
@@ -499,104 +432,77 @@ fn kv_write_and_attention_reject_positions_past_capacity() {
 #[test]
 fn silu_mul_matches_reference() {
     let (b, mut r) = (backend(), rng(6));
-    for (rows, n) in ROWS_N {
-        let mut gate = uniform(&mut r, rows * n, 8.0);
-        (gate[0], gate[rows * n / 2]) = (80.0, -80.0);
-        let up = uniform(&mut r, rows * n, 3.0);
-        let mut out = zf(&[rows, n]);
-        b.silu_mul(&tf(&[rows, n], &gate), &tf(&[rows, n], &up), &mut out)
+    for shape in ROWS_N {
+        let mut gate = uniform(&mut r, shape[0] * shape[1], 8.0);
+        let up = uniform(&mut r, gate.len(), 3.0);
+        let mid = gate.len() / 2;
+        (gate[0], gate[mid]) = (80.0, -80.0);
+        let mut out = zf(&shape);
+        b.silu_mul(&tf(&shape, &gate), &tf(&shape, &up), &mut out)
             .unwrap();
-        let silu = |g: f64| g / (1.0 + (-g).exp());
-        let want: Vec<f64> = gate
-            .iter()
-            .zip(&up)
-            .map(|(&g, &u)| silu(g as f64) * u as f64)
-            .collect();
-        check_close(
-            &format!("silu_mul [{rows}, {n}]"),
-            &read(&b, &out),
-            &want,
-            ELEMENTWISE,
-        );
+        let want = zip_map(&gate, &up, |g, u| g / (1.0 + (-g).exp()) * u);
+        let what = format!("silu_mul {shape:?}");
+        check_close(&what, &read(&b, &out), &want, ELEMENTWISE);
     }
-    fails(
-        b.silu_mul(&zf(&[2, 3]), &zf(&[3, 2]), &mut zf(&[2, 3])),
-        "silu_mul shape mismatch",
-    );
+    assert!(b
+        .silu_mul(&zf(&[2, 3]), &zf(&[3, 2]), &mut zf(&[2, 3]))
+        .is_err());
 }
 
 #[test]
 fn add_assign_matches_reference() {
     let (b, mut r) = (backend(), rng(7));
-    for (rows, n) in ROWS_N {
-        let (x, y) = (
-            uniform(&mut r, rows * n, 100.0),
-            uniform(&mut r, rows * n, 1.0),
-        );
-        let mut t = tf(&[rows, n], &x);
-        b.add_assign(&mut t, &tf(&[rows, n], &y)).unwrap();
-        let want: Vec<f64> = x
-            .iter()
-            .zip(&y)
-            .map(|(&a, &c)| a as f64 + c as f64)
-            .collect();
-        check_close(
-            &format!("add_assign [{rows}, {n}]"),
-            &read(&b, &t),
-            &want,
-            ELEMENTWISE,
-        );
+    for shape in ROWS_N {
+        let x = uniform(&mut r, shape[0] * shape[1], 100.0);
+        let y = uniform(&mut r, x.len(), 1.0);
+        let mut t = tf(&shape, &x);
+        b.add_assign(&mut t, &tf(&shape, &y)).unwrap();
+        let want = zip_map(&x, &y, |a, c| a + c);
+        let what = format!("add_assign {shape:?}");
+        check_close(&what, &read(&b, &t), &want, ELEMENTWISE);
     }
-    fails(
-        b.add_assign(&mut zf(&[3]), &zf(&[4])),
-        "add_assign shape mismatch",
-    );
+    assert!(b.add_assign(&mut zf(&[3]), &zf(&[4])).is_err());
 }
 
 #[test]
 fn softmax_matches_reference_and_is_stable() {
     let (b, mut r) = (backend(), rng(8));
-    for (rows, n) in ROWS_N {
+    // Random rows at several magnitudes, then rows of huge, equal and mixed-sign values.
+    let mut cases: Vec<(Vec<usize>, Vec<f32>)> = Vec::new();
+    for shape in ROWS_N.iter().map(|s| s.to_vec()).chain([vec![2, 3, 17]]) {
         for scale in [1.0, 10.0, 80.0, 1000.0] {
-            let mut x = uniform(&mut r, rows * n, scale);
-            (x[0], x[rows * n / 2]) = (80.0, -80.0);
-            let mut out = zf(&[rows, n]);
-            b.softmax(&tf(&[rows, n], &x), &mut out).unwrap();
-            let want: Vec<f64> = to_f64(&x).chunks_exact(n).flat_map(ref_softmax).collect();
-            let what = format!("softmax [{rows}, {n}] scale {scale}");
-            check_close(&what, &read(&b, &out), &want, ELEMENTWISE);
+            let mut x = uniform(&mut r, shape.iter().product(), scale);
+            let mid = x.len() / 2;
+            (x[0], x[mid]) = (80.0, -80.0);
+            cases.push((shape.clone(), x));
         }
     }
-    // Rows of huge, equal, and mixed-sign extreme values, as one [2, 3, 6] tensor.
-    let x: Vec<f32> = [
+    let extreme: [[f32; 6]; 6] = [
         [80.0, -80.0, 79.5, -79.5, 0.0, 80.0],
         [80.0; 6],
         [-80.0; 6],
         [-1e4, 1e4, -3e4, 3e4, 0.0, 1.0],
         [-88.0, -87.0, -104.0, -150.0, -89.0, -88.5],
         [88.0, 87.0, 104.0, 150.0, 89.0, 88.5],
-    ]
-    .concat();
-    let mut out = zf(&[2, 3, 6]);
-    b.softmax(&tf(&[2, 3, 6], &x), &mut out).unwrap();
-    let want: Vec<f64> = to_f64(&x).chunks_exact(6).flat_map(ref_softmax).collect();
-    check_close(
-        "softmax of extreme rows",
-        &read(&b, &out),
-        &want,
-        ELEMENTWISE,
-    );
+    ];
+    cases.push((vec![2, 3, 6], extreme.concat()));
+    for (shape, x) in cases {
+        let n = *shape.last().unwrap();
+        let mut out = zf(&shape);
+        b.softmax(&tf(&shape, &x), &mut out).unwrap();
+        let want: Vec<f64> = to_f64(&x).chunks_exact(n).flat_map(ref_softmax).collect();
+        let max_abs = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let what = format!("softmax {shape:?} max|x| {max_abs}");
+        check_close(&what, &read(&b, &out), &want, ELEMENTWISE);
+    }
 }
 
 #[test]
 fn argmax_matches_reference_and_prefers_first_on_ties() {
     let (b, mut r) = (backend(), rng(9));
-    let first_max = |row: &[f32]| {
-        row.iter()
-            .enumerate()
-            .fold(0, |bi, (i, &v)| if v > row[bi] { i } else { bi })
-    };
-    for (rows, n) in ROWS_N {
+    let first_max =
+        |row: &[f32]| (0..row.len()).fold(0, |bi, i| if row[i] > row[bi] { i } else { bi });
+    for [rows, n] in ROWS_N {
         let mut x = uniform(&mut r, rows * n, 5.0);
         if n > 3 {
             (x[n - 1], x[n / 2]) = (6.0, 6.0); // tie row 0's maximum at two columns
@@ -625,25 +531,24 @@ fn argmax_matches_reference_and_prefers_first_on_ties() {
 #[test]
 fn copy_rows_copies_exactly_the_requested_rows() {
     let (b, mut r) = (backend(), rng(10));
-    let shape_pairs: [(&[usize], &[usize]); 3] = [
-        (&[7, 33], &[5, 33]),
-        (&[2, 3, 17], &[4, 17]),
-        (&[1, 1031], &[3, 1031]),
+    // (src shape, dst shape, width): rows are [numel / width, width].
+    let pairs: [(&[usize], &[usize], usize); 3] = [
+        (&[7, 33], &[5, 33], 33),
+        (&[2, 3, 17], &[4, 17], 17),
+        (&[1, 1031], &[3, 1031], 1031),
     ];
     for dtype in FLOAT_DTYPES {
-        for (src_shape, dst_shape) in shape_pairs {
-            let w = *src_shape.last().unwrap();
-            let (sn, dn) = (
-                src_shape.iter().product::<usize>(),
-                dst_shape.iter().product::<usize>(),
-            );
+        for (src_shape, dst_shape, w) in pairs {
+            let sn: usize = src_shape.iter().product();
+            let dn: usize = dst_shape.iter().product();
             let (src_rows, dst_rows) = (sn / w, dn / w);
-            for (sr, dr, n) in [
+            let spans = [
                 (0, 0, 1),
                 (src_rows - 1, dst_rows - 1, 1),
                 (0, 0, src_rows.min(dst_rows)),
                 (1, 2, 1),
-            ] {
+            ];
+            for (sr, dr, n) in spans {
                 if sr + n > src_rows || dr + n > dst_rows {
                     continue;
                 }
@@ -657,22 +562,10 @@ fn copy_rows_copies_exactly_the_requested_rows() {
             }
         }
     }
-    let src = tf(&[4, 8], &[1.0; 32]);
-    fails(
-        b.copy_rows(&src, 3, &mut zf(&[3, 8]), 0, 2),
-        "copy_rows source past the end",
-    );
-    fails(
-        b.copy_rows(&src, 0, &mut zf(&[3, 8]), 2, 2),
-        "copy_rows destination past the end",
-    );
-    fails(
-        b.copy_rows(&src, 0, &mut zf(&[3, 9]), 0, 1),
-        "copy_rows width mismatch",
-    );
-    let mut dst = Tensor::zeros(&[3, 8], DType::BF16);
-    fails(
-        b.copy_rows(&src, 0, &mut dst, 0, 1),
-        "copy_rows dtype mismatch",
-    );
+    // source / destination rows past the end, width mismatch, dtype mismatch
+    let (src, mut bf) = (tf(&[4, 8], &[1.0; 32]), Tensor::zeros(&[3, 8], DType::BF16));
+    assert!(b.copy_rows(&src, 3, &mut zf(&[3, 8]), 0, 2).is_err());
+    assert!(b.copy_rows(&src, 0, &mut zf(&[3, 8]), 2, 2).is_err());
+    assert!(b.copy_rows(&src, 0, &mut zf(&[3, 9]), 0, 1).is_err());
+    assert!(b.copy_rows(&src, 0, &mut bf, 0, 1).is_err());
 }

@@ -1,1 +1,55 @@
-fn main() {}
+//! The `fusebox` command-line interface.
+
+mod common;
+mod generate;
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// fusebox: a fast LLM inference runtime for Qwen3 and Llama checkpoints.
+///
+/// Loads Hugging Face safetensors model directories and decodes on the CPU
+/// (all cores). Errors name the file, tensor or field at fault and exit
+/// with status 2.
+#[derive(Parser)]
+#[command(name = "fusebox", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(generate::Args),
+    /// Describe a model: architecture, size, dtype, bytes per token.
+    Inspect(inspect::Args),
+}
+
+fn main() -> ExitCode {
+    // A bug should still end in one readable line, not a backtrace dump.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let loc = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("fusebox: internal error{loc}: {msg} (please report this)");
+    }));
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Inspect(a) => inspect::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

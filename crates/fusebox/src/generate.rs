@@ -1,0 +1,220 @@
+//! `fusebox generate`
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use fusebox_engine::{GenerateOptions, SamplingParams, Session};
+use fusebox_models::{GenerationConfig, Message, Model, StreamDecoder};
+use serde_json::json;
+
+use crate::common::ModelArgs;
+
+/// Generate text from a prompt, streaming it to stdout as it is produced.
+///
+/// By default the prompt is wrapped in the model's chat template (from
+/// tokenizer_config.json) as a user message, and sampling uses the model's
+/// generation_config.json (greedy if it has none); every flag below
+/// overrides the matching setting. Timings go to stderr.
+#[derive(ClapArgs, Debug)]
+#[command(after_help = "Examples:\n  fusebox generate -m tests/fixtures/tiny-qwen3 -p Hello -n 16 --seed 1\n  fusebox generate -m ./Qwen3-0.6B -p 'Why is the sky blue?' --temp 0.7 --top-p 0.9 --no-think")]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt (a user message, unless --no-chat-template).
+    #[arg(short, long, value_name = "TEXT")]
+    pub prompt: String,
+    /// Maximum number of new tokens.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 256, value_name = "N", allow_negative_numbers = true)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 means greedy (always the most likely token).
+    #[arg(long = "temp", value_name = "T", allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to P (1 = off).
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Keep only the K most likely tokens (0 = off; 1 = greedy).
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Drop tokens less likely than M times the most likely one (0 = off).
+    #[arg(long, value_name = "M", allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+    /// Penalise tokens already in the recent context (1 = off; 1.1 is a common choice).
+    #[arg(long, value_name = "R", allow_negative_numbers = true)]
+    pub repeat_penalty: Option<f32>,
+    /// How many recent tokens --repeat-penalty looks at (0 = the whole context).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub repeat_last_n: usize,
+    /// Random seed; the same seed and settings give the same tokens.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Send the prompt as raw text, without the chat template.
+    #[arg(long)]
+    pub no_chat_template: bool,
+    /// A system message placed before the prompt (chat template only).
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    /// Qwen3 templates: let the model think first (`enable_thinking=True`).
+    #[arg(long, conflicts_with = "no_think")]
+    pub think: bool,
+    /// Qwen3 templates: answer without thinking (`enable_thinking=False`).
+    #[arg(long)]
+    pub no_think: bool,
+    /// Context length in tokens, prompt included (default: the model's
+    /// max_position_embeddings, at most 4096).
+    #[arg(short = 'c', long, value_name = "N")]
+    pub ctx_size: Option<usize>,
+    /// Keep going past end-of-sequence tokens (for benchmarking).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object (token ids, text, timings) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sampling settings: generation_config.json first, then the flags.
+fn sampling(a: &Args, g: &GenerationConfig, seed: u64) -> Result<SamplingParams> {
+    let mut p = SamplingParams::greedy();
+    if g.do_sample == Some(true) {
+        p.temperature = g.temperature.unwrap_or(1.0) as f32;
+        p.top_k = g.top_k.unwrap_or(0);
+        p.top_p = g.top_p.unwrap_or(1.0) as f32;
+        p.min_p = g.min_p.unwrap_or(0.0) as f32;
+    }
+    p.repeat_penalty = g.repetition_penalty.unwrap_or(1.0) as f32;
+    if let Some(t) = a.temperature {
+        p.temperature = t;
+    }
+    if let Some(k) = a.top_k {
+        p.top_k = k;
+    }
+    if let Some(v) = a.top_p {
+        p.top_p = v;
+    }
+    if let Some(v) = a.min_p {
+        p.min_p = v;
+    }
+    if let Some(v) = a.repeat_penalty {
+        p.repeat_penalty = v;
+    }
+    p.repeat_last_n = a.repeat_last_n;
+    p.seed = seed;
+    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+        bail!("--temp must be a number >= 0, got {}", p.temperature);
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", p.top_p);
+    }
+    if !(0.0..=1.0).contains(&p.min_p) {
+        bail!("--min-p must be in [0, 1], got {}", p.min_p);
+    }
+    if !(p.repeat_penalty > 0.0 && p.repeat_penalty.is_finite()) {
+        bail!("--repeat-penalty must be > 0, got {}", p.repeat_penalty);
+    }
+    Ok(p)
+}
+
+/// The prompt's token ids (chat-templated unless told otherwise).
+pub fn prompt_ids(model: &Model, a: &Args) -> Result<Vec<u32>> {
+    let enable_thinking = if a.think { Some(true) } else if a.no_think { Some(false) } else { None };
+    match (&model.chat_template, a.no_chat_template) {
+        (Some(t), false) => {
+            let mut msgs = vec![];
+            if let Some(s) = &a.system {
+                msgs.push(Message::new("system", s));
+            }
+            msgs.push(Message::new("user", &a.prompt));
+            let text = t.render(&msgs, true, enable_thinking)?;
+            model.tokenizer.encode(&text, false)
+        }
+        (None, false) if a.system.is_some() => {
+            bail!("--system needs a chat template, and {} has none", model.path.join("tokenizer_config.json").display())
+        }
+        _ => model.tokenizer.encode(&a.prompt, true),
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let be = a.model.backend()?;
+    let model = Model::load(&a.model.model, &be)?;
+    let cfg = model.config();
+    let ctx = a.ctx_size.unwrap_or(cfg.max_position_embeddings.min(4096));
+    if ctx == 0 || ctx > cfg.max_position_embeddings {
+        bail!(
+            "--ctx-size {ctx} is outside 1..={} (max_position_embeddings in {})",
+            cfg.max_position_embeddings,
+            model.path.join("config.json").display()
+        );
+    }
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    });
+    let sampling = sampling(&a, &model.generation, seed)?;
+    let prompt = prompt_ids(&model, &a)?;
+    if prompt.len() >= ctx {
+        bail!(
+            "the prompt is {} tokens but the context holds {ctx} (room is needed for at least one new token); raise --ctx-size (at most {}) or shorten the prompt",
+            prompt.len(),
+            cfg.max_position_embeddings
+        );
+    }
+    let stop_ids = if a.ignore_eos { vec![] } else { model.eos_token_ids() };
+    let opts = GenerateOptions { max_new_tokens: a.max_tokens, stop_ids, sampling: sampling.clone() };
+    let mut session = Session::new(&model.decoder, &be, ctx)?;
+    if !a.json {
+        eprintln!("fusebox: {} on {} | {} prompt tokens | seed {seed}", model.path.display(), be_name(&be), prompt.len());
+    }
+
+    let mut stream = StreamDecoder::new();
+    let mut stdout = std::io::stdout().lock();
+    let json = a.json;
+    let out = session.generate(&prompt, &opts, |tok| {
+        if !json {
+            if let Some(piece) = stream.push(&model.tokenizer, tok)? {
+                stdout.write_all(piece.as_bytes()).context("writing to stdout")?;
+                stdout.flush().context("writing to stdout")?;
+            }
+        }
+        Ok(true)
+    })?;
+    let text = model.tokenizer.decode(&out.tokens, true)?;
+    if json {
+        let v = json!({
+            "model": model.path.display().to_string(),
+            "prompt_tokens": prompt,
+            "tokens": out.tokens,
+            "text": text,
+            "stop": out.stop.as_str(),
+            "seed": seed,
+            "sampling": {
+                "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+                "min_p": sampling.min_p, "repeat_penalty": sampling.repeat_penalty,
+                "repeat_last_n": sampling.repeat_last_n,
+            },
+            "timings": {
+                "prefill_tokens": out.prompt_tokens, "prefill_secs": out.prefill_secs,
+                "prefill_tok_s": out.prefill_tok_s(), "decode_tokens": out.decode_steps,
+                "decode_secs": out.decode_secs, "decode_tok_s": out.decode_tok_s(),
+            },
+        });
+        writeln!(stdout, "{v}")?;
+    } else {
+        if let Some(rest) = stream.flush(&model.tokenizer)? {
+            stdout.write_all(rest.as_bytes())?;
+        }
+        writeln!(stdout)?;
+        eprintln!(
+            "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | stop: {}",
+            out.prompt_tokens,
+            out.prefill_tok_s(),
+            out.tokens.len(),
+            out.decode_tok_s(),
+            out.stop.as_str()
+        );
+    }
+    Ok(())
+}
+
+fn be_name(be: &dyn fusebox_core::Backend) -> String {
+    be.name()
+}

@@ -1,0 +1,120 @@
+//! `fusebox inspect`
+
+use anyhow::Result;
+use clap::Args as ClapArgs;
+use fusebox_core::RopeScaling;
+use fusebox_models::Model;
+use serde_json::json;
+
+use crate::common::ModelArgs;
+
+/// Describe a model: architecture, parameter count, dtypes, the weight bytes
+/// read per decoded token, and the KV-cache bytes per token of context.
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn human(bytes: usize) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.2} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} KB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+fn count(n: usize) -> String {
+    let f = n as f64;
+    if f >= 1e9 {
+        format!("{:.2}B", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.1}M", f / 1e6)
+    } else if f >= 1e3 {
+        format!("{:.1}K", f / 1e3)
+    } else {
+        n.to_string()
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let be = a.model.backend()?;
+    let model = Model::load(&a.model.model, &be)?;
+    let d = &model.decoder;
+    let c = &d.cfg;
+    let params = d.parameter_count();
+    let dtypes = d.weight_dtypes();
+    let per_token = d.bytes_per_token();
+    let kv_f32 = c.kv_bytes_per_token(4);
+    let kv_bf16 = c.kv_bytes_per_token(2);
+    let rope = match c.rope_scaling {
+        RopeScaling::None => "none".to_string(),
+        RopeScaling::Linear { factor } => format!("linear x{factor}"),
+        RopeScaling::Llama3 { factor, original_max_position_embeddings, .. } => {
+            format!("llama3 x{factor} (original context {original_max_position_embeddings})")
+        }
+    };
+    if a.json {
+        let v = json!({
+            "path": model.path.display().to_string(),
+            "architecture": c.arch.name(),
+            "layers": c.num_layers, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
+            "vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings,
+            "rope_theta": c.rope_theta, "rope_scaling": rope, "qk_norm": c.qk_norm,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "parameters": params,
+            "dtypes": dtypes.iter().map(|(t, n)| json!({"dtype": t.name(), "parameters": n})).collect::<Vec<_>>(),
+            "bytes_per_token": per_token,
+            "kv_bytes_per_token": {"f32": kv_f32, "bf16": kv_bf16},
+            "eos_token_ids": model.eos_token_ids(),
+            "chat_template": model.chat_template.is_some(),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    let dtype_str = dtypes
+        .iter()
+        .map(|(t, n)| format!("{t} {:.1}%", 100.0 * *n as f64 / params as f64))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("model          {}", model.path.display());
+    println!(
+        "architecture   {}{}",
+        c.arch.name(),
+        if c.qk_norm { " (per-head QK RMSNorm before RoPE)" } else { "" }
+    );
+    println!(
+        "shape          {} layers, hidden {}, {} heads / {} kv heads of {}, MLP {}, vocab {}",
+        c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size
+    );
+    println!("context        {} (max_position_embeddings)", c.max_position_embeddings);
+    println!("rope           theta {}, scaling {rope}", c.rope_theta);
+    println!("parameters     {} ({params})", count(params));
+    println!("dtype          {dtype_str}");
+    println!(
+        "tied embedding {}",
+        if c.tie_word_embeddings { "yes (lm_head = embed_tokens)" } else { "no" }
+    );
+    println!("bytes/token    {} of weights read per decoded token ({per_token} B)", human(per_token));
+    println!(
+        "KV cache       {} per token of context in f32 (CPU), {} in bf16",
+        human(kv_f32),
+        human(kv_bf16)
+    );
+    println!("eos ids        {:?}", model.eos_token_ids());
+    println!(
+        "tokenizer      {} tokens, chat template {}",
+        model.tokenizer.vocab_size(),
+        if model.chat_template.is_some() { "yes" } else { "no" }
+    );
+    Ok(())
+}

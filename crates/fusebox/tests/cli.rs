@@ -1,0 +1,212 @@
+//! The CLI end to end: generation is reproducible, and bad input gives one
+//! clear line naming the file, tensor or field, exit status 2, no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use fusebox_core::fixtures::fixture;
+use safetensors::tensor::{Dtype, TensorView};
+
+fn fusebox(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fusebox"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run fusebox")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A copy of a fixture model directory to break.
+fn copy_model(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join(name);
+    std::fs::create_dir(&dst).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    (tmp, dst)
+}
+
+/// Rewrite `model.safetensors` in `dir`, letting `edit` change the tensor list.
+fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut list: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    edit(&mut list);
+    let views: Vec<(String, TensorView)> =
+        list.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let out = safetensors::serialize(views, None).unwrap();
+    std::fs::write(&path, out).unwrap();
+}
+
+/// Exit status 2, one line on stderr starting with `error:` that contains
+/// every one of `needles`, and no panic.
+fn assert_clean_error(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "exit status; stderr: {err}");
+    assert!(!err.contains("panicked") && !err.contains("internal error") && !err.contains("backtrace"), "{err}");
+    let lines: Vec<&str> = err.trim_end().lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "missing {n:?} in: {err}");
+    }
+}
+
+fn generate(dir: &Path, extra: &[&str]) -> Output {
+    let d = dir.to_str().unwrap();
+    let mut args = vec!["generate", "-m", d, "-p", "Hello", "-n", "4"];
+    args.extend_from_slice(extra);
+    fusebox(&args)
+}
+
+#[test]
+fn generate_is_reproducible_with_a_seed() {
+    let m = fixture("tiny-qwen3");
+    let m = m.to_str().unwrap();
+    let run = || fusebox(&["generate", "-m", m, "-p", "Hello", "-n", "16", "--seed", "1", "--json"]);
+    let (a, b) = (run(), run());
+    assert!(a.status.success(), "{}", stderr(&a));
+    let ja: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
+    let jb: serde_json::Value = serde_json::from_slice(&b.stdout).unwrap();
+    assert_eq!(ja["tokens"], jb["tokens"]);
+    assert_eq!(ja["tokens"].as_array().unwrap().len(), 16);
+    // streaming mode prints the same text
+    let s = fusebox(&["generate", "-m", m, "-p", "Hello", "-n", "16", "--seed", "1"]);
+    assert!(s.status.success());
+    assert_eq!(String::from_utf8_lossy(&s.stdout).trim_end_matches('\n'), ja["text"].as_str().unwrap());
+    assert!(stderr(&s).contains("tok/s"));
+}
+
+#[test]
+fn inspect_reports_size_and_bytes() {
+    let m = fixture("tiny-llama-linear");
+    let o = fusebox(&["inspect", "-m", m.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["architecture"], "llama");
+    assert!(j["parameters"].as_u64().unwrap() > 50_000);
+    // untied: the lm_head is read, the embedding table is not (one row only)
+    assert!(j["bytes_per_token"].as_u64().unwrap() < j["parameters"].as_u64().unwrap() * 2);
+    assert_eq!(j["kv_bytes_per_token"]["f32"], 2 * 2 * 2 * 8 * 4);
+}
+
+#[test]
+fn missing_config() {
+    let (_t, d) = copy_model("tiny-qwen3");
+    std::fs::remove_file(d.join("config.json")).unwrap();
+    assert_clean_error(&generate(&d, &[]), &["config.json", "not found"]);
+}
+
+#[test]
+fn missing_model_dir() {
+    assert_clean_error(&generate(Path::new("/nonexistent/model"), &[]), &["/nonexistent/model"]);
+}
+
+#[test]
+fn invalid_json() {
+    let (_t, d) = copy_model("tiny-qwen3");
+    std::fs::write(d.join("config.json"), "{\"model_type\": \"qwen3\",").unwrap();
+    assert_clean_error(&generate(&d, &[]), &["config.json", "invalid JSON"]);
+}
+
+#[test]
+fn unknown_model_type() {
+    let (_t, d) = copy_model("tiny-qwen3");
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"qwen3\"", "\"gpt2\"");
+    std::fs::write(d.join("config.json"), cfg).unwrap();
+    assert_clean_error(&generate(&d, &[]), &["config.json", "model_type", "gpt2"]);
+}
+
+#[test]
+fn missing_field() {
+    let (_t, d) = copy_model("tiny-qwen3");
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"hidden_size\"", "\"hidden_sizes\"");
+    std::fs::write(d.join("config.json"), cfg).unwrap();
+    assert_clean_error(&generate(&d, &[]), &["config.json", "hidden_size"]);
+}
+
+#[test]
+fn missing_tensor() {
+    let (_t, d) = copy_model("tiny-qwen3");
+    rewrite_weights(&d, |l| l.retain(|t| t.0 != "model.layers.1.mlp.up_proj.weight"));
+    assert_clean_error(&generate(&d, &[]), &["model.layers.1.mlp.up_proj.weight", "not found"]);
+}
+
+#[test]
+fn wrong_shape() {
+    let (_t, d) = copy_model("tiny-qwen3");
+    rewrite_weights(&d, |l| {
+        let t = l.iter_mut().find(|t| t.0 == "model.layers.0.self_attn.q_proj.weight").unwrap();
+        t.2 = vec![t.2[1], t.2[0]];
+    });
+    assert_clean_error(&generate(&d, &[]), &["model.safetensors", "model.layers.0.self_attn.q_proj.weight", "shape"]);
+}
+
+#[test]
+fn wrong_dtype() {
+    let (_t, d) = copy_model("tiny-qwen3");
+    rewrite_weights(&d, |l| {
+        let t = l.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap();
+        t.1 = Dtype::I32;
+    });
+    assert_clean_error(&generate(&d, &[]), &["model.safetensors", "model.norm.weight", "dtype I32"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let (_t, d) = copy_model("tiny-qwen3");
+    let p = d.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_error(&generate(&d, &[]), &["model.safetensors", "truncated"]);
+    std::fs::write(&p, &bytes[..5]).unwrap();
+    assert_clean_error(&generate(&d, &[]), &["model.safetensors", "truncated"]);
+}
+
+#[test]
+fn prompt_longer_than_context() {
+    let m = fixture("tiny-qwen3");
+    let long = "word ".repeat(200);
+    let o = fusebox(&["generate", "-m", m.to_str().unwrap(), "-p", &long, "-n", "4"]);
+    assert_clean_error(&o, &["prompt", "context", "--ctx-size"]);
+    let o = generate(&m, &["--ctx-size", "4"]);
+    assert_clean_error(&o, &["prompt", "context"]);
+    let o = generate(&m, &["--ctx-size", "100000"]);
+    assert_clean_error(&o, &["--ctx-size", "max_position_embeddings"]);
+}
+
+#[test]
+fn negative_token_count() {
+    let m = fixture("tiny-qwen3");
+    let o = fusebox(&["generate", "-m", m.to_str().unwrap(), "-p", "Hello", "-n", "-5"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("-5") && err.contains("max-tokens"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_sampling_values() {
+    let m = fixture("tiny-qwen3");
+    assert_clean_error(&generate(&m, &["--top-p", "1.5"]), &["--top-p"]);
+    assert_clean_error(&generate(&m, &["--temp", "-1"]), &["--temp"]);
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let o = fusebox(&["generate", "--help"]);
+    let h = String::from_utf8_lossy(&o.stdout);
+    for flag in [
+        "--model", "--prompt", "--max-tokens", "--temp", "--top-p", "--top-k", "--min-p", "--repeat-penalty",
+        "--seed", "--no-chat-template", "--system", "--json", "--ctx-size", "--device",
+    ] {
+        assert!(h.contains(flag), "generate --help lacks {flag}");
+    }
+}
