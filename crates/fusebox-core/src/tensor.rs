@@ -25,13 +25,13 @@ impl AlignedBytes {
     }
     pub fn from_slice(bytes: &[u8]) -> Self {
         let mut a = Self::zeroed(bytes.len());
-        a.as_mut().copy_from_slice(bytes);
+        a.bytes_mut().copy_from_slice(bytes);
         a
     }
-    pub fn as_ref(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         &bytemuck::cast_slice(&self.words)[..self.len]
     }
-    pub fn as_mut(&mut self) -> &mut [u8] {
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
         &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
     }
 }
@@ -150,7 +150,7 @@ impl Tensor {
     /// Host bytes, or an error for device storage.
     pub fn host_bytes(&self) -> Result<&[u8]> {
         match &self.storage {
-            Storage::Host(b) => Ok(b.as_ref()),
+            Storage::Host(b) => Ok(b.bytes()),
             Storage::Mapped { map, offset, len } => Ok(&map[*offset..*offset + *len]),
         }
     }
@@ -158,7 +158,7 @@ impl Tensor {
     /// Mutable host bytes; mapped (read-only) tensors are refused.
     pub fn host_bytes_mut(&mut self) -> Result<&mut [u8]> {
         match &mut self.storage {
-            Storage::Host(b) => Ok(b.as_mut()),
+            Storage::Host(b) => Ok(b.bytes_mut()),
             Storage::Mapped { .. } => bail!("tensor {:?} is a read-only file mapping", self.shape),
         }
     }
@@ -186,11 +186,7 @@ impl Tensor {
     }
     /// Raw 16-bit words of an F16 or BF16 tensor.
     pub fn as_u16(&self) -> Result<&[u16]> {
-        ensure!(
-            matches!(self.dtype, DType::F16 | DType::BF16),
-            "expected a 16-bit float tensor, got {}",
-            self.dtype
-        );
+        ensure!(matches!(self.dtype, DType::F16 | DType::BF16), "expected a 16-bit float tensor, got {}", self.dtype);
         Ok(bytemuck::cast_slice(self.host_bytes()?))
     }
 

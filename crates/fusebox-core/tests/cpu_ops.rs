@@ -11,17 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 /// `[rows, n]` shapes, from one element to past the backend's parallel threshold.
-const ROWS_N: [[usize; 2]; 9] = [
-    [1, 1],
-    [1, 3],
-    [1, 17],
-    [2, 33],
-    [3, 129],
-    [1, 1000],
-    [3, 1031],
-    [40, 1000],
-    [7, 17],
-];
+const ROWS_N: [[usize; 2]; 9] = [[1, 1], [1, 3], [1, 17], [2, 33], [3, 129], [1, 1000], [3, 1031], [40, 1000], [7, 17]];
 
 // ---------------------------------------------------------------- helpers
 
@@ -59,18 +49,14 @@ fn zf(shape: &[usize]) -> Tensor {
 
 /// `data` stored as `dtype`, and the exact f64 value of every stored element.
 fn float_tensor(shape: &[usize], data: &[f32], dtype: DType) -> (Tensor, Vec<f64>) {
-    let (to_bits, from_bits): (fn(f32) -> u16, fn(u16) -> f64) = match dtype {
+    let (bits, exact): (Vec<u16>, Vec<f64>) = match dtype {
         DType::F32 => return (tf(shape, data), to_f64(data)),
-        DType::BF16 => (
-            |x| bf16::from_f32(x).to_bits(),
-            |b| bf16::from_bits(b).into(),
-        ),
-        DType::F16 => (|x| f16::from_f32(x).to_bits(), |b| f16::from_bits(b).into()),
+        DType::BF16 => data.iter().map(|&x| bf16::from_f32(x)).map(|h| (h.to_bits(), h.to_f64())).unzip(),
+        DType::F16 => data.iter().map(|&x| f16::from_f32(x)).map(|h| (h.to_bits(), h.to_f64())).unzip(),
         d => panic!("not a float dtype: {d}"),
     };
-    let bits: Vec<u16> = data.iter().map(|&x| to_bits(x)).collect();
     let t = Tensor::from_bytes(shape, dtype, bytemuck::cast_slice(&bits)).unwrap();
-    (t, bits.into_iter().map(from_bits).collect())
+    (t, exact)
 }
 
 fn read(b: &CpuBackend, t: &Tensor) -> Vec<f32> {
@@ -81,10 +67,7 @@ fn read(b: &CpuBackend, t: &Tensor) -> Vec<f32> {
 
 /// `f(a[i], b[i])` in f64.
 fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> Vec<f64> {
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| f(x as f64, y as f64))
-        .collect()
+    a.iter().zip(b).map(|(&x, &y)| f(x as f64, y as f64)).collect()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -143,9 +126,7 @@ fn ref_rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
 }
 
 fn ref_matmul(x: &[f64], w: &[f64], k: usize) -> Vec<f64> {
-    x.chunks_exact(k)
-        .flat_map(|xr| w.chunks_exact(k).map(|wr| dot(xr, wr)))
-        .collect()
+    x.chunks_exact(k).flat_map(|xr| w.chunks_exact(k).map(|wr| dot(xr, wr))).collect()
 }
 
 fn ref_rope(x: &[f64], d: usize, pos: &[i32], freqs: &[f32], style: RopeStyle) -> Vec<f64> {
@@ -183,14 +164,10 @@ fn ref_attn(q: &[f64], k: &[f64], v: &[f64], dims: [usize; 3], pos: &[i32], s: f
         for h in 0..heads {
             let kv_at = |t: usize| (t * kv_heads + h / (heads / kv_heads)) * d;
             let qv = &q[(i * heads + h) * d..][..d];
-            let scores: Vec<f64> = (0..=p as usize)
-                .map(|t| dot(qv, &k[kv_at(t)..][..d]) * s)
-                .collect();
+            let scores: Vec<f64> = (0..=p as usize).map(|t| dot(qv, &k[kv_at(t)..][..d]) * s).collect();
             let o = &mut out[(i * heads + h) * d..][..d];
             for (t, wt) in ref_softmax(&scores).into_iter().enumerate() {
-                o.iter_mut()
-                    .zip(&v[kv_at(t)..][..d])
-                    .for_each(|(oj, vj)| *oj += wt * vj);
+                o.iter_mut().zip(&v[kv_at(t)..][..d]).for_each(|(oj, vj)| *oj += wt * vj);
             }
         }
     }
@@ -211,10 +188,8 @@ fn embedding_gathers_rows_of_every_float_dtype() {
                 (ids[0], ids[n - 1]) = (vocab as i32 - 1, 0);
                 let mut out = zf(&[n, dim]);
                 b.embedding(&table, &ti(&ids), &mut out).unwrap();
-                let want: Vec<f64> = ids
-                    .iter()
-                    .flat_map(|&id| exact.chunks(dim).nth(id as usize).unwrap().to_vec())
-                    .collect();
+                let want: Vec<f64> =
+                    ids.iter().flat_map(|&id| exact.chunks(dim).nth(id as usize).unwrap().to_vec()).collect();
                 let what = format!("embedding {dtype} [{vocab}, {dim}] ids {ids:?}");
                 check_close(&what, &read(&b, &out), &want, Tol::Exact);
             }
@@ -240,17 +215,14 @@ fn embedding_rejects_out_of_range_ids() {
 fn rms_norm_matches_reference() {
     let (b, mut r) = (backend(), rng(2));
     // [m, heads, n] shapes with an [n] weight: plain rows when heads = 1, per-head (QK) norms else.
-    let shapes = [[3, 4, 64], [1, 8, 128], [2, 3, 17]]
-        .into_iter()
-        .chain(ROWS_N.map(|[m, n]| [m, 1, n]));
+    let shapes = [[3, 4, 64], [1, 8, 128], [2, 3, 17]].into_iter().chain(ROWS_N.map(|[m, n]| [m, 1, n]));
     for shape in shapes {
         let n = shape[2];
         for eps in [1e-6f32, 1e-5] {
             let x = uniform(&mut r, shape.iter().product(), 3.0);
             let w: Vec<f32> = uniform(&mut r, n, 0.5).iter().map(|v| v + 1.0).collect();
             let mut out = zf(&shape);
-            b.rms_norm(&tf(&shape, &x), &tf(&[n], &w), eps, &mut out)
-                .unwrap();
+            b.rms_norm(&tf(&shape, &x), &tf(&[n], &w), eps, &mut out).unwrap();
             let want = ref_rms_norm(&to_f64(&x), &to_f64(&w), eps as f64);
             let what = format!("rms_norm {shape:?} eps {eps}");
             check_close(&what, &read(&b, &out), &want, Tol::Reduction);
@@ -279,8 +251,7 @@ fn matmul_matches_reference_for_gemv_and_prefill() {
     // A 3-D input is 2 * 3 rows of k.
     let (x, w) = (uniform(&mut r, 6 * 33, 1.0), uniform(&mut r, 7 * 33, 1.0));
     let mut out = zf(&[2, 3, 7]);
-    b.matmul(&tf(&[2, 3, 33], &x), &tf(&[7, 33], &w), &mut out)
-        .unwrap();
+    b.matmul(&tf(&[2, 3, 33], &x), &tf(&[7, 33], &w), &mut out).unwrap();
     let want = ref_matmul(&to_f64(&x), &to_f64(&w), 33);
     check_close("matmul 3-D input", &read(&b, &out), &want, Tol::Reduction);
 }
@@ -312,11 +283,7 @@ fn rope_matches_reference_for_both_styles_and_scalings() {
         original_max_position_embeddings: 8192.0,
     };
     let linear = RopeScaling::Linear { factor: 4.0 };
-    let tables = [
-        ("default", 1e4, RopeScaling::None),
-        ("linear", 1e4, linear),
-        ("llama3", 5e5, llama3),
-    ];
+    let tables = [("default", 1e4, RopeScaling::None), ("linear", 1e4, linear), ("llama3", 5e5, llama3)];
     // Single rows (decode), a mixed batch, and 64 consecutive rows (parallel path at d=128).
     let mut position_sets: Vec<Vec<i32>> = [0, 1, 37, 1000].map(|p| vec![p]).into();
     position_sets.extend([vec![0, 1, 37, 1000], (990..1054).collect()]);
@@ -327,8 +294,7 @@ fn rope_matches_reference_for_both_styles_and_scalings() {
                 for pos in &position_sets {
                     let x = uniform(&mut r, pos.len() * heads * d, 1.0);
                     let mut t = tf(&[pos.len(), heads, d], &x);
-                    b.rope(&mut t, &ti(pos), &tf(&[d / 2], &freqs), style)
-                        .unwrap();
+                    b.rope(&mut t, &ti(pos), &tf(&[d / 2], &freqs), style).unwrap();
                     let want = ref_rope(&to_f64(&x), d, pos, &freqs, style);
                     // The backend forms `pos * inv_freq` in f32 (as HF transformers does); that
                     // rounding (<= 2^-24 relative) turns each pair (|pair| <= sqrt 2) a little.
@@ -345,10 +311,7 @@ fn rope_matches_reference_for_both_styles_and_scalings() {
 // ---------------------------------------------------------------- kv_write + attention
 
 fn new_cache(cap: usize, kv_heads: usize, d: usize) -> LayerKv {
-    LayerKv {
-        k: zf(&[cap, kv_heads, d]),
-        v: zf(&[cap, kv_heads, d]),
-    }
+    LayerKv { k: zf(&[cap, kv_heads, d]), v: zf(&[cap, kv_heads, d]) }
 }
 
 /// Fill the cache with random rows written in a shuffled order, then write
@@ -367,8 +330,7 @@ fn fill_cache(b: &CpuBackend, seed: u64, cache: &mut LayerKv, new_pos: &[i32]) -
         let shape = [pos.len(), s[1], s[2]];
         let nk = uniform(&mut r, shape.iter().product(), 1.0);
         let nv = uniform(&mut r, nk.len(), 1.0);
-        b.kv_write(&tf(&shape, &nk), &tf(&shape, &nv), &ti(pos), cache)
-            .unwrap();
+        b.kv_write(&tf(&shape, &nk), &tf(&shape, &nv), &ti(pos), cache).unwrap();
         for (i, &p) in pos.iter().enumerate() {
             kv[0][p as usize * row..][..row].copy_from_slice(&nk[i * row..][..row]);
             kv[1][p as usize * row..][..row].copy_from_slice(&nv[i * row..][..row]);
@@ -385,13 +347,7 @@ fn attention_matches_reference_for_decode_and_prefill() {
     let b = backend();
     // (cap, p0, m): decode late in the cache, then prefill from 0 and after a prefix.
     // Cache rows past the last position hold random data that must stay masked.
-    let cases = [
-        (333, 300, 1),
-        (40, 0, 1),
-        (40, 0, 5),
-        (64, 11, 19),
-        (29, 10, 19),
-    ];
+    let cases = [(333, 300, 1), (40, 0, 1), (40, 0, 5), (64, 11, 19), (29, 10, 19)];
     for [heads, kv_heads] in [[4, 2], [4, 1], [6, 3], [4, 4]] {
         for d in [8, 32, 64, 128] {
             for (cap, p0, m) in cases {
@@ -401,12 +357,10 @@ fn attention_matches_reference_for_decode_and_prefill() {
                 let (shape, scale) = ([m, heads, d], 1.0 / (d as f32).sqrt());
                 let q = uniform(&mut r, m * heads * d, 2.0);
                 let mut out = zf(&shape);
-                b.attention(&tf(&shape, &q), &cache, &ti(&pos), scale, &mut out)
-                    .unwrap();
+                b.attention(&tf(&shape, &q), &cache, &ti(&pos), scale, &mut out).unwrap();
                 let (q, k, v) = (to_f64(&q), to_f64(&k), to_f64(&v));
                 let want = ref_attn(&q, &k, &v, [heads, kv_heads, d], &pos, scale as f64);
-                let what =
-                    format!("attention {heads}/{kv_heads} heads d={d} cap={cap} pos {pos:?}");
+                let what = format!("attention {heads}/{kv_heads} heads d={d} cap={cap} pos {pos:?}");
                 check_close(&what, &read(&b, &out), &want, Tol::Reduction);
             }
         }
@@ -438,15 +392,12 @@ fn silu_mul_matches_reference() {
         let mid = gate.len() / 2;
         (gate[0], gate[mid]) = (80.0, -80.0);
         let mut out = zf(&shape);
-        b.silu_mul(&tf(&shape, &gate), &tf(&shape, &up), &mut out)
-            .unwrap();
+        b.silu_mul(&tf(&shape, &gate), &tf(&shape, &up), &mut out).unwrap();
         let want = zip_map(&gate, &up, |g, u| g / (1.0 + (-g).exp()) * u);
         let what = format!("silu_mul {shape:?}");
         check_close(&what, &read(&b, &out), &want, ELEMENTWISE);
     }
-    assert!(b
-        .silu_mul(&zf(&[2, 3]), &zf(&[3, 2]), &mut zf(&[2, 3]))
-        .is_err());
+    assert!(b.silu_mul(&zf(&[2, 3]), &zf(&[3, 2]), &mut zf(&[2, 3])).is_err());
 }
 
 #[test]
@@ -500,8 +451,7 @@ fn softmax_matches_reference_and_is_stable() {
 #[test]
 fn argmax_matches_reference_and_prefers_first_on_ties() {
     let (b, mut r) = (backend(), rng(9));
-    let first_max =
-        |row: &[f32]| (0..row.len()).fold(0, |bi, i| if row[i] > row[bi] { i } else { bi });
+    let first_max = |row: &[f32]| (0..row.len()).fold(0, |bi, i| if row[i] > row[bi] { i } else { bi });
     for [rows, n] in ROWS_N {
         let mut x = uniform(&mut r, rows * n, 5.0);
         if n > 3 {
@@ -532,22 +482,14 @@ fn argmax_matches_reference_and_prefers_first_on_ties() {
 fn copy_rows_copies_exactly_the_requested_rows() {
     let (b, mut r) = (backend(), rng(10));
     // (src shape, dst shape, width): rows are [numel / width, width].
-    let pairs: [(&[usize], &[usize], usize); 3] = [
-        (&[7, 33], &[5, 33], 33),
-        (&[2, 3, 17], &[4, 17], 17),
-        (&[1, 1031], &[3, 1031], 1031),
-    ];
+    let pairs: [(&[usize], &[usize], usize); 3] =
+        [(&[7, 33], &[5, 33], 33), (&[2, 3, 17], &[4, 17], 17), (&[1, 1031], &[3, 1031], 1031)];
     for dtype in FLOAT_DTYPES {
         for (src_shape, dst_shape, w) in pairs {
             let sn: usize = src_shape.iter().product();
             let dn: usize = dst_shape.iter().product();
             let (src_rows, dst_rows) = (sn / w, dn / w);
-            let spans = [
-                (0, 0, 1),
-                (src_rows - 1, dst_rows - 1, 1),
-                (0, 0, src_rows.min(dst_rows)),
-                (1, 2, 1),
-            ];
+            let spans = [(0, 0, 1), (src_rows - 1, dst_rows - 1, 1), (0, 0, src_rows.min(dst_rows)), (1, 2, 1)];
             for (sr, dr, n) in spans {
                 if sr + n > src_rows || dr + n > dst_rows {
                     continue;
@@ -556,8 +498,7 @@ fn copy_rows_copies_exactly_the_requested_rows() {
                 let (mut dst, mut want) = float_tensor(dst_shape, &uniform(&mut r, dn, 1.0), dtype);
                 b.copy_rows(&src, sr, &mut dst, dr, n).unwrap();
                 want[dr * w..(dr + n) * w].copy_from_slice(&src_v[sr * w..(sr + n) * w]);
-                let what =
-                    format!("copy_rows {dtype} {src_shape:?}[{sr}..+{n}] -> {dst_shape:?}[{dr}..]");
+                let what = format!("copy_rows {dtype} {src_shape:?}[{sr}..+{n}] -> {dst_shape:?}[{dr}..]");
                 check_close(&what, &read(&b, &dst), &want, Tol::Exact);
             }
         }
@@ -568,4 +509,30 @@ fn copy_rows_copies_exactly_the_requested_rows() {
     assert!(b.copy_rows(&src, 0, &mut zf(&[3, 8]), 2, 2).is_err());
     assert!(b.copy_rows(&src, 0, &mut zf(&[3, 9]), 0, 1).is_err());
     assert!(b.copy_rows(&src, 0, &mut bf, 0, 1).is_err());
+}
+
+#[test]
+fn kv_write_failure_leaves_cache_untouched_and_layouts_are_checked() {
+    let b = backend();
+    let mut cache = new_cache(8, 2, 16);
+    let k = tf(&[2, 2, 16], &[1.0; 64]);
+    // the second position is past capacity: nothing may be written
+    assert!(b.kv_write(&k, &k, &ti(&[3, 100]), &mut cache).is_err());
+    assert!(cache.k.as_f32().unwrap().iter().chain(cache.v.as_f32().unwrap()).all(|&x| x == 0.0));
+    // same element count per row, wrong layout
+    let wrong = tf(&[1, 4, 8], &[1.0; 32]);
+    assert!(b.kv_write(&wrong, &wrong, &ti(&[0]), &mut cache).is_err());
+    // keys and values of different shapes are refused, not a panic
+    let mut odd = LayerKv { k: zf(&[8, 2, 16]), v: zf(&[4, 2, 16]) };
+    let one = tf(&[1, 2, 16], &[1.0; 32]);
+    assert!(b.kv_write(&one, &one, &ti(&[7]), &mut odd).is_err());
+    let q = tf(&[1, 4, 16], &[1.0; 64]);
+    assert!(b.attention(&q, &odd, &ti(&[7]), 0.25, &mut zf(&[1, 4, 16])).is_err());
+}
+
+#[test]
+fn zero_width_rows_are_errors_not_panics() {
+    let b = backend();
+    assert!(b.softmax(&zf(&[2, 0]), &mut zf(&[2, 0])).is_err());
+    assert!(b.rms_norm(&zf(&[2, 0]), &zf(&[0]), 1e-6, &mut zf(&[2, 0])).is_err());
 }

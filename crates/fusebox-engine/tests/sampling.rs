@@ -28,7 +28,15 @@ fn sampled(p: &SamplingParams, steps: usize) -> Vec<u32> {
 }
 
 fn warm() -> SamplingParams {
-    SamplingParams { temperature: 0.9, top_k: 50, top_p: 0.95, min_p: 0.02, repeat_penalty: 1.1, repeat_last_n: 64, seed: 7 }
+    SamplingParams {
+        temperature: 0.9,
+        top_k: 50,
+        top_p: 0.95,
+        min_p: 0.02,
+        repeat_penalty: 1.1,
+        repeat_last_n: 64,
+        seed: 7,
+    }
 }
 
 #[test]
@@ -57,7 +65,15 @@ fn filters_keep_only_allowed_tokens() {
     l[2] = 5.0;
     l[7] = 4.9;
     l[4] = 4.8;
-    let p = SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, min_p: 0.0, repeat_penalty: 1.0, repeat_last_n: 0, seed: 1 };
+    let p = SamplingParams {
+        temperature: 1.0,
+        top_k: 3,
+        top_p: 1.0,
+        min_p: 0.0,
+        repeat_penalty: 1.0,
+        repeat_last_n: 0,
+        seed: 1,
+    };
     let mut s = Sampler::new(p);
     for _ in 0..300 {
         let t = s.sample(&mut l.clone(), &[]);
@@ -92,7 +108,8 @@ fn seeded_generation_is_reproducible_on_a_model() {
     let model = Model::load(&fixture("tiny-qwen3"), &be).unwrap();
     let run = |seed| {
         let mut s = Session::new(&model.decoder, &be, 128).unwrap();
-        let opts = GenerateOptions { max_new_tokens: 24, stop_ids: vec![], sampling: SamplingParams { seed, ..warm() } };
+        let opts =
+            GenerateOptions { max_new_tokens: 24, stop_ids: vec![], sampling: SamplingParams { seed, ..warm() } };
         s.generate(&[429, 344, 198], &opts, |_| Ok(true)).unwrap().tokens
     };
     assert_eq!(run(3), run(3));

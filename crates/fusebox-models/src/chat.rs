@@ -141,7 +141,12 @@ impl ChatTemplate {
     /// Render a conversation, ending with the assistant's turn opening
     /// (`add_generation_prompt`). `enable_thinking: None` leaves the variable
     /// undefined, as transformers does when it is not passed.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, enable_thinking: Option<bool>) -> Result<String> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<String> {
         let tmpl = self.env.get_template("chat").map_err(|e| anyhow!("{e:#}"))?;
         let mut ctx = std::collections::BTreeMap::new();
         ctx.insert("messages", Value::from(minijinja::value::Serde(messages)));
@@ -170,7 +175,20 @@ fn strftime_today(fmt: &str) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     let month = MONTHS[(m - 1) as usize];
     fmt.replace("%d", &format!("{d:02}"))
         .replace("%b", &month[..3])

@@ -141,7 +141,9 @@ impl ModelConfig {
         let num_heads = f.usize("num_attention_heads")?;
         let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
         if num_heads % num_kv_heads != 0 {
-            bail!("{file}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})");
+            bail!(
+                "{file}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
+            );
         }
         let head_dim = match f.opt_usize("head_dim")? {
             Some(d) => d,
@@ -170,11 +172,7 @@ impl ModelConfig {
             qk_norm: arch == Arch::Qwen3,
             bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: f.token_ids("eos_token_id")?,
-            declared_dtype: f
-                .get("torch_dtype")
-                .or_else(|| f.get("dtype"))
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            declared_dtype: f.get("torch_dtype").or_else(|| f.get("dtype")).and_then(Value::as_str).map(str::to_string),
         })
     }
 
@@ -192,7 +190,9 @@ fn parse_rope(f: &Fields) -> Result<(f64, RopeScaling)> {
         None => params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).unwrap_or(10000.0),
     };
     let scaling = f.get("rope_scaling").or(params);
-    let Some(s) = scaling else { return Ok((theta, RopeScaling::None)) };
+    let Some(s) = scaling else {
+        return Ok((theta, RopeScaling::None));
+    };
     let field = if f.get("rope_scaling").is_some() { "rope_scaling" } else { "rope_parameters" };
     let sf = Fields { v: s, file: format!("{} ({field})", f.file) };
     let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");

@@ -111,8 +111,7 @@ impl Decoder {
             });
         }
         let embed = dense("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
-        let lm_head =
-            if cfg.tie_word_embeddings { None } else { Some(dense("lm_head.weight", &[cfg.vocab_size, d])?) };
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(dense("lm_head.weight", &[cfg.vocab_size, d])?) };
         let inv = rope::inv_freq(hd, cfg.rope_theta, cfg.rope_scaling);
         Ok(Decoder {
             norm: norm("model.norm.weight", d)?,
@@ -167,7 +166,7 @@ impl Decoder {
                 None => counts.push((t.dtype(), t.numel())),
             }
         }
-        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
         counts
     }
 

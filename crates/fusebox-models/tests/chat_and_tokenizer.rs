@@ -41,7 +41,9 @@ fn template_errors_are_reported_not_panicked() {
 
 #[test]
 fn real_qwen3_tokenizer_ids() {
-    let Some(dir) = asset_or_skip("qwen3-tokenizer", "real_qwen3_tokenizer_ids") else { return };
+    let Some(dir) = asset_or_skip("qwen3-tokenizer", "real_qwen3_tokenizer_ids") else {
+        return;
+    };
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let cases = read(&fixture("qwen3-chat/tokenize_cases.json"));
     for c in cases["cases"].as_array().unwrap() {

@@ -17,7 +17,9 @@ use crate::common::ModelArgs;
 /// generation_config.json (greedy if it has none); every flag below
 /// overrides the matching setting. Timings go to stderr.
 #[derive(ClapArgs, Debug)]
-#[command(after_help = "Examples:\n  fusebox generate -m tests/fixtures/tiny-qwen3 -p Hello -n 16 --seed 1\n  fusebox generate -m ./Qwen3-0.6B -p 'Why is the sky blue?' --temp 0.7 --top-p 0.9 --no-think")]
+#[command(
+    after_help = "Examples:\n  fusebox generate -m tests/fixtures/tiny-qwen3 -p Hello -n 16 --seed 1\n  fusebox generate -m ./Qwen3-0.6B -p 'Why is the sky blue?' --temp 0.7 --top-p 0.9 --no-think"
+)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -116,7 +118,13 @@ fn sampling(a: &Args, g: &GenerationConfig, seed: u64) -> Result<SamplingParams>
 
 /// The prompt's token ids (chat-templated unless told otherwise).
 pub fn prompt_ids(model: &Model, a: &Args) -> Result<Vec<u32>> {
-    let enable_thinking = if a.think { Some(true) } else if a.no_think { Some(false) } else { None };
+    let enable_thinking = if a.think {
+        Some(true)
+    } else if a.no_think {
+        Some(false)
+    } else {
+        None
+    };
     match (&model.chat_template, a.no_chat_template) {
         (Some(t), false) => {
             let mut msgs = vec![];
@@ -162,7 +170,12 @@ pub fn run(a: Args) -> Result<()> {
     let opts = GenerateOptions { max_new_tokens: a.max_tokens, stop_ids, sampling: sampling.clone() };
     let mut session = Session::new(&model.decoder, &be, ctx)?;
     if !a.json {
-        eprintln!("fusebox: {} on {} | {} prompt tokens | seed {seed}", model.path.display(), be_name(&be), prompt.len());
+        eprintln!(
+            "fusebox: {} on {} | {} prompt tokens | seed {seed}",
+            model.path.display(),
+            be_name(&be),
+            prompt.len()
+        );
     }
 
     let mut stream = StreamDecoder::new();

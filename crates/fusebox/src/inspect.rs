@@ -87,11 +87,7 @@ pub fn run(a: Args) -> Result<()> {
         .collect::<Vec<_>>()
         .join(", ");
     println!("model          {}", model.path.display());
-    println!(
-        "architecture   {}{}",
-        c.arch.name(),
-        if c.qk_norm { " (per-head QK RMSNorm before RoPE)" } else { "" }
-    );
+    println!("architecture   {}{}", c.arch.name(), if c.qk_norm { " (per-head QK RMSNorm before RoPE)" } else { "" });
     println!(
         "shape          {} layers, hidden {}, {} heads / {} kv heads of {}, MLP {}, vocab {}",
         c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size
@@ -100,16 +96,9 @@ pub fn run(a: Args) -> Result<()> {
     println!("rope           theta {}, scaling {rope}", c.rope_theta);
     println!("parameters     {} ({params})", count(params));
     println!("dtype          {dtype_str}");
-    println!(
-        "tied embedding {}",
-        if c.tie_word_embeddings { "yes (lm_head = embed_tokens)" } else { "no" }
-    );
+    println!("tied embedding {}", if c.tie_word_embeddings { "yes (lm_head = embed_tokens)" } else { "no" });
     println!("bytes/token    {} of weights read per decoded token ({per_token} B)", human(per_token));
-    println!(
-        "KV cache       {} per token of context in f32 (CPU), {} in bf16",
-        human(kv_f32),
-        human(kv_bf16)
-    );
+    println!("KV cache       {} per token of context in f32 (CPU), {} in bf16", human(kv_f32), human(kv_bf16));
     println!("eos ids        {:?}", model.eos_token_ids());
     println!(
         "tokenizer      {} tokens, chat template {}",

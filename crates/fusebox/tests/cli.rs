@@ -8,11 +8,7 @@ use fusebox_core::fixtures::fixture;
 use safetensors::tensor::{Dtype, TensorView};
 
 fn fusebox(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fusebox"))
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("run fusebox")
+    Command::new(env!("CARGO_BIN_EXE_fusebox")).args(args).env("RUST_BACKTRACE", "1").output().expect("run fusebox")
 }
 
 fn stderr(o: &Output) -> String {
@@ -204,8 +200,20 @@ fn help_explains_every_flag() {
     let o = fusebox(&["generate", "--help"]);
     let h = String::from_utf8_lossy(&o.stdout);
     for flag in [
-        "--model", "--prompt", "--max-tokens", "--temp", "--top-p", "--top-k", "--min-p", "--repeat-penalty",
-        "--seed", "--no-chat-template", "--system", "--json", "--ctx-size", "--device",
+        "--model",
+        "--prompt",
+        "--max-tokens",
+        "--temp",
+        "--top-p",
+        "--top-k",
+        "--min-p",
+        "--repeat-penalty",
+        "--seed",
+        "--no-chat-template",
+        "--system",
+        "--json",
+        "--ctx-size",
+        "--device",
     ] {
         assert!(h.contains(flag), "generate --help lacks {flag}");
     }

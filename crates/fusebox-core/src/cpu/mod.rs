@@ -31,10 +31,8 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A backend using `threads` worker threads (0 = one per core).
     pub fn new(threads: usize) -> Result<Self> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("fusebox-cpu-{i}"))
-            .build()?;
+        let pool =
+            rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("fusebox-cpu-{i}")).build()?;
         Ok(CpuBackend { pool })
     }
 
@@ -120,6 +118,12 @@ fn same_shape(a: &Tensor, b: &Tensor, op: &str) -> Result<()> {
     Ok(())
 }
 
+/// Keys and values must be `[capacity, kv_heads, head_dim]` with the same shape.
+fn check_cache(cache: &LayerKv, op: &str) -> Result<()> {
+    ensure!(cache.k.shape().len() == 3, "{op}: cache must be [capacity, kv_heads, head_dim], got {:?}", cache.k.shape());
+    same_shape(&cache.k, &cache.v, op)
+}
+
 fn positions_of(positions: &Tensor, m: usize, op: &str) -> Result<Vec<usize>> {
     let p = positions.as_i32()?;
     ensure!(p.len() == m, "{op}: {} positions for {m} rows", p.len());
@@ -166,11 +170,19 @@ impl Backend for CpuBackend {
         ensure!(table.shape().len() == 2, "embedding: table must be 2-D, got {:?}", table.shape());
         let (vocab, dim) = (table.shape()[0], table.shape()[1]);
         let ids = ids.as_i32()?;
-        ensure!(out.numel() == ids.len() * dim, "embedding: output {:?} for {} ids of width {dim}", out.shape(), ids.len());
+        ensure!(
+            out.numel() == ids.len() * dim,
+            "embedding: output {:?} for {} ids of width {dim}",
+            out.shape(),
+            ids.len()
+        );
         let rows = Rows::new(table)?;
         let o = out.as_f32_mut()?;
         for (row, &id) in o.chunks_exact_mut(dim).zip(ids) {
-            ensure!(id >= 0 && (id as usize) < vocab, "embedding: token id {id} out of range for a vocabulary of {vocab}");
+            ensure!(
+                id >= 0 && (id as usize) < vocab,
+                "embedding: token id {id} out of range for a vocabulary of {vocab}"
+            );
             rows.row_into(id as usize, dim, row);
         }
         Ok(())
@@ -178,7 +190,7 @@ impl Backend for CpuBackend {
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
         let n = w.numel();
-        ensure!(x.last_dim() == n, "rms_norm: input {:?} vs weight {:?}", x.shape(), w.shape());
+        ensure!(n > 0 && x.last_dim() == n, "rms_norm: input {:?} vs weight {:?}", x.shape(), w.shape());
         same_shape(x, out, "rms_norm")?;
         let (xs, ws, os) = (x.as_f32()?, w.as_f32()?, out.as_f32_mut()?);
         let f = |(xr, or): (&[f32], &mut [f32])| {
@@ -199,12 +211,7 @@ impl Backend for CpuBackend {
     fn matmul(&self, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()> {
         ensure!(w.shape().len() == 2, "matmul: weight must be 2-D, got {:?}", w.shape());
         let (n, k) = (w.shape()[0], w.shape()[1]);
-        ensure!(
-            k > 0 && x.numel() % k == 0,
-            "matmul: input {:?} does not match weight {:?}",
-            x.shape(),
-            w.shape()
-        );
+        ensure!(k > 0 && x.numel() % k == 0, "matmul: input {:?} does not match weight {:?}", x.shape(), w.shape());
         let m = x.numel() / k;
         ensure!(out.numel() == m * n, "matmul: output {:?} for a [{m}, {n}] product", out.shape());
         let rows = Rows::new(w)?;
@@ -285,16 +292,24 @@ impl Backend for CpuBackend {
 
     fn kv_write(&self, k: &Tensor, v: &Tensor, positions: &Tensor, cache: &mut LayerKv) -> Result<()> {
         same_shape(k, v, "kv_write")?;
-        let cap = cache.capacity();
-        let row = cache.k.numel() / cap.max(1);
-        ensure!(k.numel() % row == 0, "kv_write: keys {:?} vs cache {:?}", k.shape(), cache.k.shape());
-        let m = k.numel() / row;
+        check_cache(cache, "kv_write")?;
+        let cs = cache.k.shape();
+        let (cap, row) = (cs[0], cs[1] * cs[2]);
+        ensure!(
+            k.shape().len() == 3 && k.shape()[1..] == cs[1..],
+            "kv_write: keys {:?} do not match the cache {:?}",
+            k.shape(),
+            cs
+        );
+        let m = k.shape()[0];
         let pos = positions_of(positions, m, "kv_write")?;
+        // check every position before writing any, so a failure leaves the cache as it was
+        if let Some(&p) = pos.iter().find(|&&p| p >= cap) {
+            bail!("kv_write: position {p} is past the cache capacity {cap}");
+        }
         let (ks, vs) = (k.as_f32()?, v.as_f32()?);
-        for (which, src) in [(0, ks), (1, vs)] {
-            let dst = if which == 0 { cache.k.as_f32_mut()? } else { cache.v.as_f32_mut()? };
+        for (src, dst) in [(ks, cache.k.as_f32_mut()?), (vs, cache.v.as_f32_mut()?)] {
             for (i, &p) in pos.iter().enumerate() {
-                ensure!(p < cap, "kv_write: position {p} is past the cache capacity {cap}");
                 dst[p * row..(p + 1) * row].copy_from_slice(&src[i * row..(i + 1) * row]);
             }
         }
@@ -304,8 +319,9 @@ impl Backend for CpuBackend {
     fn attention(&self, q: &Tensor, cache: &LayerKv, positions: &Tensor, scale: f32, out: &mut Tensor) -> Result<()> {
         ensure!(q.shape().len() == 3, "attention: expected q [rows, heads, head_dim], got {:?}", q.shape());
         let (m, heads, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        check_cache(cache, "attention")?;
         let cs = cache.k.shape();
-        ensure!(cs.len() == 3 && cs[2] == d, "attention: cache {:?} vs q {:?}", cs, q.shape());
+        ensure!(cs[2] == d, "attention: cache {:?} vs q {:?}", cs, q.shape());
         let (cap, kv_heads) = (cs[0], cs[1]);
         ensure!(kv_heads > 0 && heads % kv_heads == 0, "attention: {heads} heads over {kv_heads} kv heads");
         same_shape(q, out, "attention")?;
@@ -368,6 +384,7 @@ impl Backend for CpuBackend {
     fn softmax(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
         same_shape(x, out, "softmax")?;
         let n = x.last_dim();
+        ensure!(n > 0, "softmax: empty rows in {:?}", x.shape());
         let (xs, os) = (x.as_f32()?, out.as_f32_mut()?);
         for (xr, or) in xs.chunks_exact(n).zip(os.chunks_exact_mut(n)) {
             let mx = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
