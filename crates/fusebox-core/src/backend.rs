@@ -31,6 +31,13 @@ pub trait Backend: Send + Sync {
     fn upload(&self, t: Tensor) -> Result<Tensor>;
     /// Copy a float tensor to host f32 values, reusing `out`'s allocation.
     fn read_f32(&self, t: &Tensor, out: &mut Vec<f32>) -> Result<()>;
+    /// Run one forward pass (a batch of ops) as a unit. The CPU backend runs
+    /// it inside its thread pool, so the ops' parallel loops are scheduled
+    /// without touching the global job queue (which would allocate); a
+    /// device backend can use this boundary to capture or replay a graph.
+    fn run(&self, f: &mut (dyn FnMut() -> Result<()> + Send)) -> Result<()> {
+        f()
+    }
     /// Overwrite an `I32` tensor (token ids, positions) from host values.
     fn write_i32(&self, t: &mut Tensor, data: &[i32]) -> Result<()>;
 

@@ -136,7 +136,8 @@ impl<'m> Session<'m> {
                 ws = self.model.workspace(self.be, part.len(), Logits::Last)?;
             }
             ws.set_tokens(self.be, part, self.kv.len)?;
-            self.model.forward(self.be, &mut ws, &mut self.kv.layers)?;
+            let (model, be, kv) = (self.model, self.be, &mut self.kv.layers);
+            be.run(&mut || model.forward(be, &mut ws, kv))?;
             self.kv.len += part.len();
             self.tokens.extend_from_slice(part);
         }
@@ -148,7 +149,8 @@ impl<'m> Session<'m> {
     pub fn step(&mut self, id: u32) -> Result<&mut [f32]> {
         self.check_room(1)?;
         self.decode_ws.set_tokens(self.be, &[id], self.kv.len)?;
-        self.model.forward(self.be, &mut self.decode_ws, &mut self.kv.layers)?;
+        let (model, be, ws, kv) = (self.model, self.be, &mut self.decode_ws, &mut self.kv.layers);
+        be.run(&mut || model.forward(be, ws, kv))?;
         self.kv.len += 1;
         self.tokens.push(id);
         self.be.read_f32(&self.decode_ws.logits, &mut self.logits)?;

@@ -77,6 +77,11 @@ impl Workspace {
     /// Write token ids and their positions (`start..start+m`) for the next forward.
     pub fn set_tokens(&mut self, be: &dyn Backend, ids: &[u32], start: usize) -> Result<()> {
         ensure!(ids.len() == self.m, "workspace holds {} tokens, got {}", self.m, ids.len());
+        if let [id] = ids {
+            // the decode step: no allocation
+            be.write_i32(&mut self.ids, &[*id as i32])?;
+            return be.write_i32(&mut self.positions, &[start as i32]);
+        }
         let ids: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
         let pos: Vec<i32> = (start..start + self.m).map(|p| p as i32).collect();
         be.write_i32(&mut self.ids, &ids)?;

@@ -87,7 +87,8 @@ impl Checkpoint {
             let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: the file is opened read-only; fusebox never writes to a
             // checkpoint while it is mapped.
-            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+                .with_context(|| format!("cannot map {}", path.display()))?;
             let (n, meta) = SafeTensors::read_metadata(&map)
                 .map_err(|e| anyhow!("{}: not a valid safetensors file: {}", path.display(), describe(&e)))?;
             if fi == 0 {

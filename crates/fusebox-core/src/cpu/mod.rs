@@ -120,19 +120,22 @@ fn same_shape(a: &Tensor, b: &Tensor, op: &str) -> Result<()> {
 
 /// Keys and values must be `[capacity, kv_heads, head_dim]` with the same shape.
 fn check_cache(cache: &LayerKv, op: &str) -> Result<()> {
-    ensure!(cache.k.shape().len() == 3, "{op}: cache must be [capacity, kv_heads, head_dim], got {:?}", cache.k.shape());
+    ensure!(
+        cache.k.shape().len() == 3,
+        "{op}: cache must be [capacity, kv_heads, head_dim], got {:?}",
+        cache.k.shape()
+    );
     same_shape(&cache.k, &cache.v, op)
 }
 
-fn positions_of(positions: &Tensor, m: usize, op: &str) -> Result<Vec<usize>> {
+/// The positions tensor as a slice, after checking its length and signs.
+fn positions_of<'a>(positions: &'a Tensor, m: usize, op: &str) -> Result<&'a [i32]> {
     let p = positions.as_i32()?;
     ensure!(p.len() == m, "{op}: {} positions for {m} rows", p.len());
-    p.iter()
-        .map(|&v| {
-            ensure!(v >= 0, "{op}: negative position {v}");
-            Ok(v as usize)
-        })
-        .collect()
+    if let Some(&v) = p.iter().find(|&&v| v < 0) {
+        bail!("{op}: negative position {v}");
+    }
+    Ok(p)
 }
 
 impl Backend for CpuBackend {
@@ -157,6 +160,10 @@ impl Backend for CpuBackend {
             d => bail!("read_f32: cannot read a {d} tensor"),
         }
         Ok(())
+    }
+
+    fn run(&self, f: &mut (dyn FnMut() -> Result<()> + Send)) -> Result<()> {
+        self.pool.install(f)
     }
 
     fn write_i32(&self, t: &mut Tensor, data: &[i32]) -> Result<()> {
@@ -262,7 +269,7 @@ impl Backend for CpuBackend {
         ensure!(freqs.len() == half, "rope: {} frequencies for head_dim {d}", freqs.len());
         let pos = positions_of(positions, m, "rope")?;
         let xs = x.as_f32_mut()?;
-        let f = |(row, &p): (&mut [f32], &usize)| {
+        let f = |(row, &p): (&mut [f32], &i32)| {
             let mut cos = [0f32; MAX_HEAD_DIM / 2];
             let mut sin = [0f32; MAX_HEAD_DIM / 2];
             for i in 0..half {
@@ -304,12 +311,13 @@ impl Backend for CpuBackend {
         let m = k.shape()[0];
         let pos = positions_of(positions, m, "kv_write")?;
         // check every position before writing any, so a failure leaves the cache as it was
-        if let Some(&p) = pos.iter().find(|&&p| p >= cap) {
+        if let Some(&p) = pos.iter().find(|&&p| p as usize >= cap) {
             bail!("kv_write: position {p} is past the cache capacity {cap}");
         }
         let (ks, vs) = (k.as_f32()?, v.as_f32()?);
         for (src, dst) in [(ks, cache.k.as_f32_mut()?), (vs, cache.v.as_f32_mut()?)] {
             for (i, &p) in pos.iter().enumerate() {
+                let p = p as usize;
                 dst[p * row..(p + 1) * row].copy_from_slice(&src[i * row..(i + 1) * row]);
             }
         }
@@ -327,7 +335,7 @@ impl Backend for CpuBackend {
         same_shape(q, out, "attention")?;
         let group = heads / kv_heads;
         let pos = positions_of(positions, m, "attention")?;
-        if let Some(&p) = pos.iter().find(|&&p| p >= cap) {
+        if let Some(&p) = pos.iter().find(|&&p| p as usize >= cap) {
             bail!("attention: position {p} is past the cache capacity {cap}");
         }
         let (qs, ks, vs) = (q.as_f32()?, cache.k.as_f32()?, cache.v.as_f32()?);
@@ -337,7 +345,7 @@ impl Backend for CpuBackend {
             let (i, h) = (idx / heads, idx % heads);
             let kvh = h / group;
             let qv = &qs[idx * d..(idx + 1) * d];
-            let len = pos[i] + 1;
+            let len = pos[i] as usize + 1;
             with_scratch(len, |s| {
                 let mut mx = f32::NEG_INFINITY;
                 for (t, st) in s.iter_mut().enumerate() {
