@@ -18,6 +18,7 @@ use anyhow::Result;
 
 use crate::dtype::DType;
 use crate::kv::LayerKv;
+use crate::quant::Weight;
 use crate::rope::RopeStyle;
 use crate::tensor::Tensor;
 
@@ -41,8 +42,8 @@ pub trait Backend: Send + Sync {
     /// Overwrite an `I32` tensor (token ids, positions) from host values.
     fn write_i32(&self, t: &mut Tensor, data: &[i32]) -> Result<()>;
 
-    /// `out[i, :] = table[ids[i], :]` (table any float dtype).
-    fn embedding(&self, table: &Tensor, ids: &Tensor, out: &mut Tensor) -> Result<()>;
+    /// `out[i, :] = table[ids[i], :]` (any weight format, dequantized).
+    fn embedding(&self, table: &Weight, ids: &Tensor, out: &mut Tensor) -> Result<()>;
     /// RMSNorm over the last dimension: `out = x / sqrt(mean(x^2) + eps) * w`.
     /// `w` has the length of `x`'s last dimension, so a `[m, heads, head_dim]`
     /// tensor with a `[head_dim]` weight is a per-head (QK) norm.
@@ -50,7 +51,19 @@ pub trait Backend: Send + Sync {
     /// `out[m, n] = x[m, k] @ w[n, k]^T`, with `x` read as `[numel / k, k]`
     /// (so `[m, heads, head_dim]` attention output feeds `o_proj` directly);
     /// a GEMV when m == 1.
-    fn matmul(&self, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()>;
+    fn matmul(&self, x: &Tensor, w: &Weight, out: &mut Tensor) -> Result<()>;
+    /// Mixture-of-experts projection: for row r and slot s,
+    /// `out[r, s, :] = w[ids[r, s]] @ x_rs` where `w` is `[experts, n, k]`,
+    /// `ids` is `I32 [m, slots]`, and `x_rs` is `x[r, :]` when `x` is
+    /// `[m, k]` (shared input) or `x[r, s, :]` when it is `[m, slots, k]`.
+    fn expert_matmul(&self, x: &Tensor, w: &Weight, ids: &Tensor, out: &mut Tensor) -> Result<()>;
+    /// MoE routing: softmax (f32) over each row of `logits [m, experts]`,
+    /// the `k` largest (ties: lower expert id first) into `ids [m, k]` (I32)
+    /// and their probabilities into `weights [m, k]`, renormalised to sum to
+    /// 1 when `renormalize`.
+    fn topk_router(&self, logits: &Tensor, renormalize: bool, ids: &mut Tensor, weights: &mut Tensor) -> Result<()>;
+    /// `out[r, :] = sum_s weights[r, s] * y[r, s, :]` (combine expert outputs).
+    fn moe_combine(&self, y: &Tensor, weights: &Tensor, out: &mut Tensor) -> Result<()>;
     /// Rotary embedding in place on `x[m, heads, head_dim]`, row i at
     /// position `positions[i]`, with `inv_freq[head_dim / 2]`.
     fn rope(&self, x: &mut Tensor, positions: &Tensor, inv_freq: &Tensor, style: RopeStyle) -> Result<()>;

@@ -12,11 +12,13 @@ pub mod cpu;
 pub mod dtype;
 pub mod fixtures;
 pub mod kv;
+pub mod quant;
 pub mod rope;
 pub mod tensor;
 
 pub use backend::Backend;
 pub use dtype::DType;
 pub use kv::LayerKv;
+pub use quant::{GgmlType, Weight};
 pub use rope::{RopeScaling, RopeStyle};
 pub use tensor::{Storage, Tensor};

@@ -2,6 +2,7 @@
 //! inputs and awkward shapes: odd sizes, single rows, and tensors big enough to
 //! take the backend's parallel paths.
 
+use fusebox_core::Weight;
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::rope::{inv_freq, RopeScaling, RopeStyle};
 use fusebox_core::{Backend, DType, LayerKv, Tensor};
@@ -187,7 +188,7 @@ fn embedding_gathers_rows_of_every_float_dtype() {
                 let mut ids: Vec<i32> = (0..n).map(|_| r.random_range(0..vocab as i32)).collect();
                 (ids[0], ids[n - 1]) = (vocab as i32 - 1, 0);
                 let mut out = zf(&[n, dim]);
-                b.embedding(&table, &ti(&ids), &mut out).unwrap();
+                b.embedding(&Weight::Dense(table.clone()), &ti(&ids), &mut out).unwrap();
                 let want: Vec<f64> =
                     ids.iter().flat_map(|&id| exact.chunks(dim).nth(id as usize).unwrap().to_vec()).collect();
                 let what = format!("embedding {dtype} [{vocab}, {dim}] ids {ids:?}");
@@ -203,7 +204,7 @@ fn embedding_rejects_out_of_range_ids() {
     for dtype in FLOAT_DTYPES {
         let (table, _) = float_tensor(&[7, 3], &[0.5; 21], dtype);
         for ids in [&[7][..], &[0, 7], &[-1], &[i32::MAX], &[i32::MIN]] {
-            let res = b.embedding(&table, &ti(ids), &mut zf(&[ids.len(), 3]));
+            let res = b.embedding(&Weight::Dense(table.clone()), &ti(ids), &mut zf(&[ids.len(), 3]));
             assert!(res.is_err(), "embedding {dtype} accepted ids {ids:?}");
         }
     }
@@ -241,7 +242,7 @@ fn matmul_matches_reference_for_gemv_and_prefill() {
             for m in [1, 2, 5, 19] {
                 let x = uniform(&mut r, m * k, 2.0);
                 let mut out = zf(&[m, n]);
-                b.matmul(&tf(&[m, k], &x), &w, &mut out).unwrap();
+                b.matmul(&tf(&[m, k], &x), &Weight::Dense(w.clone()), &mut out).unwrap();
                 let want = ref_matmul(&to_f64(&x), &w_exact, k);
                 let what = format!("matmul {dtype} m={m} k={k} n={n}");
                 check_close(&what, &read(&b, &out), &want, Tol::Reduction);
@@ -251,7 +252,7 @@ fn matmul_matches_reference_for_gemv_and_prefill() {
     // A 3-D input is 2 * 3 rows of k.
     let (x, w) = (uniform(&mut r, 6 * 33, 1.0), uniform(&mut r, 7 * 33, 1.0));
     let mut out = zf(&[2, 3, 7]);
-    b.matmul(&tf(&[2, 3, 33], &x), &tf(&[7, 33], &w), &mut out).unwrap();
+    b.matmul(&tf(&[2, 3, 33], &x), &Weight::Dense(tf(&[7, 33], &w)), &mut out).unwrap();
     let want = ref_matmul(&to_f64(&x), &to_f64(&w), 33);
     check_close("matmul 3-D input", &read(&b, &out), &want, Tol::Reduction);
 }
@@ -259,8 +260,8 @@ fn matmul_matches_reference_for_gemv_and_prefill() {
 #[test]
 fn matmul_rejects_mismatched_shapes() {
     let b = backend();
-    let (w, w_1d) = (tf(&[7, 17], &[0.25; 119]), tf(&[119], &[0.25; 119]));
-    let w_i32 = Tensor::zeros(&[7, 17], DType::I32);
+    let (w, w_1d) = (Weight::Dense(tf(&[7, 17], &[0.25; 119])), Weight::Dense(tf(&[119], &[0.25; 119])));
+    let w_i32 = Weight::Dense(Tensor::zeros(&[7, 17], DType::I32));
     let (x, x_k18, x_k16) = (zf(&[2, 17]), zf(&[2, 18]), zf(&[2, 16]));
     b.matmul(&x, &w, &mut zf(&[2, 7])).unwrap();
     assert!(b.matmul(&x_k18, &w, &mut zf(&[2, 7])).is_err());

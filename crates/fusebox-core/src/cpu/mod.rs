@@ -5,6 +5,7 @@
 //! f32. Work is spread over a rayon pool owned by the backend.
 
 mod kernels;
+mod quant;
 
 use std::cell::RefCell;
 
@@ -15,6 +16,7 @@ pub use kernels::{axpy, dot_bf16, dot_f16, dot_f32};
 
 use crate::backend::Backend;
 use crate::dtype::{bf16_to_f32, f16_to_f32, DType};
+use crate::quant::Weight;
 use crate::kv::LayerKv;
 use crate::rope::RopeStyle;
 use crate::tensor::Tensor;
@@ -56,21 +58,32 @@ impl SharedMut {
     }
 }
 
-/// Read-only rows of a float weight matrix in its stored dtype.
+/// Read-only rows of a weight in its stored format. Row `j` is row
+/// `j % rows` of expert `j / rows`.
 enum Rows<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
     F16(&'a [u16]),
+    Affine(quant::AffineRows<'a>),
+    Ggml(quant::GgmlRows<'a>),
 }
 
 impl<'a> Rows<'a> {
-    fn new(w: &'a Tensor) -> Result<Self> {
+    fn dense(w: &'a Tensor) -> Result<Self> {
         Ok(match w.dtype() {
             DType::F32 => Rows::F32(w.as_f32()?),
             DType::BF16 => Rows::Bf16(w.as_u16()?),
             DType::F16 => Rows::F16(w.as_u16()?),
             d => bail!("weight of shape {:?} has dtype {d}; the CPU backend needs F32, F16 or BF16", w.shape()),
         })
+    }
+
+    fn new(w: &'a Weight) -> Result<Self> {
+        match w {
+            Weight::Dense(t) => Self::dense(t),
+            Weight::Affine { .. } => Ok(Rows::Affine(quant::AffineRows::new(w)?)),
+            Weight::Gguf { .. } => Ok(Rows::Ggml(quant::GgmlRows::new(w)?)),
+        }
     }
 
     #[inline]
@@ -80,6 +93,8 @@ impl<'a> Rows<'a> {
             Rows::F32(w) => dot_f32(x, &w[r]),
             Rows::Bf16(w) => dot_bf16(x, &w[r]),
             Rows::F16(w) => dot_f16(x, &w[r]),
+            Rows::Affine(a) => a.dot(j, x),
+            Rows::Ggml(g) => g.dot(j, x),
         }
     }
 
@@ -94,6 +109,8 @@ impl<'a> Rows<'a> {
                 let h: &[half::f16] = bytemuck::cast_slice(&w[r]);
                 h.convert_to_f32_slice(out)
             }
+            Rows::Affine(a) => a.row_into(j, out),
+            Rows::Ggml(g) => g.row_into(j, out),
         }
     }
 }
@@ -173,9 +190,9 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn embedding(&self, table: &Tensor, ids: &Tensor, out: &mut Tensor) -> Result<()> {
-        ensure!(table.shape().len() == 2, "embedding: table must be 2-D, got {:?}", table.shape());
-        let (vocab, dim) = (table.shape()[0], table.shape()[1]);
+    fn embedding(&self, table: &Weight, ids: &Tensor, out: &mut Tensor) -> Result<()> {
+        let (experts, vocab, dim) = table.dims();
+        ensure!(experts == 1 && vocab > 0, "embedding: table must be 2-D, got {:?}", table.dims());
         let ids = ids.as_i32()?;
         ensure!(
             out.numel() == ids.len() * dim,
@@ -215,10 +232,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn matmul(&self, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()> {
-        ensure!(w.shape().len() == 2, "matmul: weight must be 2-D, got {:?}", w.shape());
-        let (n, k) = (w.shape()[0], w.shape()[1]);
-        ensure!(k > 0 && x.numel() % k == 0, "matmul: input {:?} does not match weight {:?}", x.shape(), w.shape());
+    fn matmul(&self, x: &Tensor, w: &Weight, out: &mut Tensor) -> Result<()> {
+        let (experts, n, k) = w.dims();
+        ensure!(experts == 1 && n > 0, "matmul: weight must be 2-D, got {:?}", w.dims());
+        ensure!(k > 0 && x.numel() % k == 0, "matmul: input {:?} does not match weight {:?}", x.shape(), w.dims());
         let m = x.numel() / k;
         ensure!(out.numel() == m * n, "matmul: output {:?} for a [{m}, {n}] product", out.shape());
         let rows = Rows::new(w)?;
@@ -257,6 +274,92 @@ impl Backend for CpuBackend {
                 })
             })
         });
+        Ok(())
+    }
+
+    fn expert_matmul(&self, x: &Tensor, w: &Weight, ids: &Tensor, out: &mut Tensor) -> Result<()> {
+        let (experts, n, k) = w.dims();
+        ensure!(ids.shape().len() == 2, "expert_matmul: ids must be [rows, slots], got {:?}", ids.shape());
+        let (m, slots) = (ids.shape()[0], ids.shape()[1]);
+        let shared = x.numel() == m * k;
+        ensure!(
+            shared || x.numel() == m * slots * k,
+            "expert_matmul: input {:?} is neither [{m}, {k}] nor [{m}, {slots}, {k}]",
+            x.shape()
+        );
+        ensure!(out.numel() == m * slots * n, "expert_matmul: output {:?} for [{m}, {slots}, {n}]", out.shape());
+        let id = ids.as_i32()?;
+        if let Some(&e) = id.iter().find(|&&e| e < 0 || e as usize >= experts) {
+            bail!("expert_matmul: expert id {e} out of range for {experts} experts");
+        }
+        let rows = Rows::new(w)?;
+        let xs = x.as_f32()?;
+        let os = out.as_f32_mut()?;
+        let chunk = (m * slots * n / (self.threads() * 8)).clamp(1, 256);
+        self.pool.install(|| {
+            os.par_chunks_mut(chunk).enumerate().for_each(|(ci, oc)| {
+                for (jj, o) in oc.iter_mut().enumerate() {
+                    let flat = ci * chunk + jj;
+                    let (rs, j) = (flat / n, flat % n);
+                    let xr = if shared { &xs[(rs / slots) * k..(rs / slots + 1) * k] } else { &xs[rs * k..(rs + 1) * k] };
+                    *o = rows.dot(id[rs] as usize * n + j, k, xr);
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn topk_router(&self, logits: &Tensor, renormalize: bool, ids: &mut Tensor, weights: &mut Tensor) -> Result<()> {
+        let e = logits.last_dim();
+        let m = logits.rows();
+        ensure!(ids.shape().len() == 2 && ids.shape()[0] == m, "topk_router: ids {:?} for {m} rows", ids.shape());
+        let k = ids.shape()[1];
+        ensure!(k >= 1 && k <= e, "topk_router: top-{k} of {e} experts");
+        ensure!(weights.numel() == m * k, "topk_router: weights {:?} for [{m}, {k}]", weights.shape());
+        let ls = logits.as_f32()?;
+        let (is, ws) = (ids.as_i32_mut()?, weights.as_f32_mut()?);
+        for r in 0..m {
+            let row = &ls[r * e..(r + 1) * e];
+            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|&v| (v - mx).exp()).sum();
+            let (ir, wr) = (&mut is[r * k..(r + 1) * k], &mut ws[r * k..(r + 1) * k]);
+            // selection by repeated scans: k is small (8 of 128 at most in practice)
+            for s in 0..k {
+                let mut best: Option<usize> = None;
+                for (i, &v) in row.iter().enumerate() {
+                    if ir[..s].contains(&(i as i32)) {
+                        continue;
+                    }
+                    if best.is_none_or(|b| v > row[b]) {
+                        best = Some(i);
+                    }
+                }
+                let b = best.unwrap_or(0);
+                ir[s] = b as i32;
+                wr[s] = (row[b] - mx).exp() / sum;
+            }
+            if renormalize {
+                let t: f32 = wr.iter().sum();
+                wr.iter_mut().for_each(|w| *w /= t);
+            }
+        }
+        Ok(())
+    }
+
+    fn moe_combine(&self, y: &Tensor, weights: &Tensor, out: &mut Tensor) -> Result<()> {
+        let d = out.last_dim();
+        let m = out.rows();
+        ensure!(weights.numel() % m.max(1) == 0, "moe_combine: weights {:?} for {m} rows", weights.shape());
+        let k = weights.numel() / m.max(1);
+        ensure!(y.numel() == m * k * d, "moe_combine: expert outputs {:?} for [{m}, {k}, {d}]", y.shape());
+        let (ys, ws, os) = (y.as_f32()?, weights.as_f32()?, out.as_f32_mut()?);
+        for r in 0..m {
+            let o = &mut os[r * d..(r + 1) * d];
+            o.fill(0.0);
+            for s in 0..k {
+                axpy(ws[r * k + s], &ys[(r * k + s) * d..(r * k + s + 1) * d], o);
+            }
+        }
         Ok(())
     }
 
