@@ -2,9 +2,9 @@
 //! inputs and awkward shapes: odd sizes, single rows, and tensors big enough to
 //! take the backend's parallel paths.
 
-use fusebox_core::Weight;
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::rope::{inv_freq, RopeScaling, RopeStyle};
+use fusebox_core::Weight;
 use fusebox_core::{Backend, DType, LayerKv, Tensor};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};

@@ -101,6 +101,19 @@ impl<'m> Session<'m> {
         self.kv.capacity()
     }
 
+    /// Keep only the first `n` tokens of the context (a shared prefix of the
+    /// next prompt), so that only the rest needs a prefill.
+    pub fn truncate(&mut self, n: usize) {
+        let n = n.min(self.tokens.len());
+        self.tokens.truncate(n);
+        self.kv.len = n;
+    }
+
+    /// How many leading tokens of `ids` are already in the context.
+    pub fn common_prefix(&self, ids: &[u32]) -> usize {
+        self.tokens.iter().zip(ids).take_while(|(a, b)| a == b).count()
+    }
+
     /// Start over with an empty context.
     pub fn reset(&mut self) {
         self.kv.clear();

@@ -18,15 +18,18 @@ pub enum Arch {
     Llama,
     /// Qwen3: Llama plus a per-head RMSNorm on q and k before RoPE.
     Qwen3,
+    /// Qwen3-MoE: Qwen3 with sparse mixture-of-experts MLP blocks.
+    Qwen3Moe,
 }
 
 impl Arch {
-    pub const SUPPORTED: &'static str = "llama, qwen3";
+    pub const SUPPORTED: &'static str = "llama, qwen3, qwen3_moe";
 
     pub fn from_model_type(t: &str) -> Option<Arch> {
         match t {
             "llama" => Some(Arch::Llama),
             "qwen3" => Some(Arch::Qwen3),
+            "qwen3_moe" => Some(Arch::Qwen3Moe),
             _ => None,
         }
     }
@@ -34,6 +37,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen3 => "qwen3",
+            Arch::Qwen3Moe => "qwen3_moe",
         }
     }
 }
@@ -61,6 +65,50 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The checkpoint's declared dtype (`torch_dtype` / `dtype`), informational.
     pub declared_dtype: Option<String>,
+    /// Sparse MLP blocks (Qwen3-MoE).
+    pub moe: Option<MoeConfig>,
+    /// MLX affine quantization (`quantization` / `quantization_config`).
+    pub quantization: Option<QuantConfig>,
+}
+
+/// The mixture-of-experts block settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Width of each expert's SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Renormalise the top-k router weights to sum to 1.
+    pub norm_topk_prob: bool,
+    pub decoder_sparse_step: usize,
+    pub mlp_only_layers: Vec<usize>,
+}
+
+impl MoeConfig {
+    /// Whether layer `i` has a sparse (MoE) MLP, as transformers decides it.
+    pub fn is_sparse(&self, i: usize) -> bool {
+        !self.mlp_only_layers.contains(&i) && self.decoder_sparse_step > 0 && (i + 1) % self.decoder_sparse_step == 0
+    }
+}
+
+/// MLX affine quantization parameters: a default and per-module overrides.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantConfig {
+    pub bits: u32,
+    pub group_size: usize,
+    /// Module path → `Some((bits, group_size))`, or `None` for "not quantized".
+    pub overrides: std::collections::BTreeMap<String, Option<(u32, usize)>>,
+}
+
+impl QuantConfig {
+    /// `(bits, group_size)` for a module, or `None` if it is excluded.
+    pub fn for_module(&self, module: &str) -> Option<(u32, usize)> {
+        match self.overrides.get(module) {
+            Some(o) => *o,
+            None => Some((self.bits, self.group_size)),
+        }
+    }
 }
 
 /// Field access with errors that name the file and the field.
@@ -157,7 +205,11 @@ impl ModelConfig {
         Ok(ModelConfig {
             arch,
             hidden_size,
-            intermediate_size: f.usize("intermediate_size")?,
+            intermediate_size: if arch == Arch::Qwen3Moe {
+                f.opt_usize("intermediate_size")?.unwrap_or(0)
+            } else {
+                f.usize("intermediate_size")?
+            },
             num_layers: f.usize("num_hidden_layers")?,
             num_heads,
             num_kv_heads,
@@ -169,17 +221,91 @@ impl ModelConfig {
             rope_style: RopeStyle::Half,
             max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe),
             bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: f.token_ids("eos_token_id")?,
             declared_dtype: f.get("torch_dtype").or_else(|| f.get("dtype")).and_then(Value::as_str).map(str::to_string),
+            moe: if arch == Arch::Qwen3Moe { Some(parse_moe(&f)?) } else { None },
+            quantization: parse_quantization(&f)?,
         })
+    }
+
+    /// Whether any layer has a dense MLP.
+    pub fn layers_dense(&self) -> bool {
+        match &self.moe {
+            None => true,
+            Some(m) => (0..self.num_layers).any(|i| !m.is_sparse(i)),
+        }
     }
 
     /// Bytes of KV cache per token position for a cache element size.
     pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> usize {
         2 * self.num_layers * self.num_kv_heads * self.head_dim * elem_bytes
     }
+}
+
+fn parse_moe(f: &Fields) -> Result<MoeConfig> {
+    let num_experts = match f.opt_usize("num_experts")? {
+        Some(n) => n,
+        None => f.usize("num_local_experts")?,
+    };
+    let top_k = f.usize("num_experts_per_tok")?;
+    if top_k > num_experts {
+        bail!("{}: num_experts_per_tok ({top_k}) exceeds the number of experts ({num_experts})", f.file);
+    }
+    let mlp_only_layers = match f.get("mlp_only_layers") {
+        None => vec![],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_u64().map(|n| n as usize))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| anyhow!("{}: field `mlp_only_layers` must be a list of layer indices", f.file))?,
+        Some(v) => bail!("{}: field `mlp_only_layers` must be a list, got {v}", f.file),
+    };
+    Ok(MoeConfig {
+        num_experts,
+        top_k,
+        intermediate_size: f.usize("moe_intermediate_size")?,
+        norm_topk_prob: f.opt_bool("norm_topk_prob")?.unwrap_or(false),
+        decoder_sparse_step: f.opt_usize("decoder_sparse_step")?.unwrap_or(1),
+        mlp_only_layers,
+    })
+}
+
+/// The `quantization` block (or its alias `quantization_config`) of an MLX checkpoint.
+fn parse_quantization(f: &Fields) -> Result<Option<QuantConfig>> {
+    let (key, q) = match (f.get("quantization"), f.get("quantization_config")) {
+        (Some(q), _) => ("quantization", q),
+        (None, Some(q)) => ("quantization_config", q),
+        (None, None) => return Ok(None),
+    };
+    let Some(obj) = q.as_object() else { bail!("{}: `{key}` must be an object", f.file) };
+    // transformers-style configs (e.g. `quant_method: "gptq"`) are not MLX affine
+    if let Some(m) = obj.get("quant_method").and_then(Value::as_str) {
+        bail!("{}: `{key}.quant_method` \"{m}\" is not supported (fusebox reads MLX affine quantization)", f.file);
+    }
+    if let Some(mode) = obj.get("mode").and_then(Value::as_str) {
+        if mode != "affine" {
+            bail!("{}: `{key}.mode` \"{mode}\" is not supported (only \"affine\")", f.file);
+        }
+    }
+    let qf = Fields { v: q, file: format!("{} ({key})", f.file) };
+    let bits = qf.usize("bits")? as u32;
+    let group_size = qf.usize("group_size")?;
+    let mut overrides = std::collections::BTreeMap::new();
+    for (k, v) in obj {
+        match v {
+            Value::Object(_) => {
+                let of = Fields { v, file: format!("{} ({key}.{k})", f.file) };
+                overrides.insert(k.clone(), Some((of.usize("bits")? as u32, of.usize("group_size")?)));
+            }
+            Value::Bool(false) => {
+                overrides.insert(k.clone(), None);
+            }
+            _ => {}
+        }
+    }
+    Ok(Some(QuantConfig { bits, group_size, overrides }))
 }
 
 /// `rope_theta` and the scaling rule, from either spelling of the config.

@@ -7,35 +7,73 @@
 //! single-token decode and reuses it every step, so decode allocates nothing.
 
 use anyhow::{ensure, Result};
-use fusebox_core::{rope, Backend, DType, LayerKv, Tensor};
+use fusebox_core::{rope, Backend, DType, LayerKv, Tensor, Weight};
 
 use crate::config::ModelConfig;
-use crate::safetensors::Checkpoint;
+use crate::source::WeightSource;
+
+/// The MLP of one layer: a dense SwiGLU, or a sparse mixture of experts.
+// One per layer, never moved in a hot loop: the size difference is harmless.
+#[allow(clippy::large_enum_variant)]
+pub enum Mlp {
+    Dense {
+        gate: Weight,
+        up: Weight,
+        down: Weight,
+    },
+    /// `router` is `[experts, hidden]`; the experts are stacked `[experts, ..]`.
+    Moe {
+        router: Weight,
+        gate: Weight,
+        up: Weight,
+        down: Weight,
+        top_k: usize,
+        renormalize: bool,
+    },
+}
 
 /// The weights of one decoder layer.
 pub struct Layer {
     pub attn_norm: Tensor,
-    pub wq: Tensor,
-    pub wk: Tensor,
-    pub wv: Tensor,
-    pub wo: Tensor,
+    pub wq: Weight,
+    pub wk: Weight,
+    pub wv: Weight,
+    pub wo: Weight,
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
     pub mlp_norm: Tensor,
-    pub w_gate: Tensor,
-    pub w_up: Tensor,
-    pub w_down: Tensor,
+    pub mlp: Mlp,
 }
 
 /// A loaded decoder: configuration plus weights on one backend.
 pub struct Decoder {
     pub cfg: ModelConfig,
-    pub embed: Tensor,
+    pub embed: Weight,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
     /// `None` when the output projection is tied to the embedding.
-    pub lm_head: Option<Tensor>,
+    pub lm_head: Option<Weight>,
     pub inv_freq: Tensor,
+}
+
+/// Put every tensor of a weight on the backend's device.
+fn upload(be: &dyn Backend, w: Weight) -> Result<Weight> {
+    Ok(match w {
+        Weight::Dense(t) => Weight::Dense(be.upload(t)?),
+        Weight::Affine { q, scales, biases, bits, group_size, experts, rows, cols } => Weight::Affine {
+            q: be.upload(q)?,
+            scales: be.upload(scales)?,
+            biases: be.upload(biases)?,
+            bits,
+            group_size,
+            experts,
+            rows,
+            cols,
+        },
+        Weight::Gguf { data, ty, experts, rows, cols } => {
+            Weight::Gguf { data: be.upload(data)?, ty, experts, rows, cols }
+        }
+    })
 }
 
 /// Which rows of logits a forward pass produces.
@@ -69,6 +107,14 @@ pub struct Workspace {
     act: Tensor,
     last_x: Tensor,
     last_h: Tensor,
+    /// MoE buffers (empty for dense models).
+    router_logits: Tensor,
+    expert_ids: Tensor,
+    expert_w: Tensor,
+    moe_gate: Tensor,
+    moe_up: Tensor,
+    moe_act: Tensor,
+    moe_out: Tensor,
     /// `[m, vocab]` for [`Logits::All`], `[1, vocab]` for [`Logits::Last`].
     pub logits: Tensor,
 }
@@ -90,36 +136,56 @@ impl Workspace {
 }
 
 impl Decoder {
-    /// Load the weights named by `cfg` from a checkpoint, checking every
-    /// tensor's shape and dtype, and place them on `be`.
-    pub fn load(cfg: ModelConfig, ck: &Checkpoint, be: &dyn Backend) -> Result<Decoder> {
+    /// Load the weights `cfg` names from a source (any format), checking
+    /// every shape, and place them on `be`.
+    pub fn load(cfg: ModelConfig, src: &dyn WeightSource, be: &dyn Backend) -> Result<Decoder> {
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
-        let dense = |name: &str, shape: &[usize]| -> Result<Tensor> { be.upload(ck.get_float(name, shape)?) };
-        // Norm weights are tiny; keep them in f32 on every backend.
-        let norm = |name: &str, n: usize| -> Result<Tensor> { be.upload(ck.get_float(name, &[n])?.to_f32()?) };
+        let lin =
+            |name: &str, rows: usize, cols: usize| -> Result<Weight> { upload(be, src.linear(name, rows, cols)?) };
+        let norm = |name: &str, n: usize| -> Result<Tensor> { be.upload(src.norm(name, n)?) };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
+            let mlp = match &cfg.moe {
+                Some(moe) if moe.is_sparse(i) => {
+                    let (e, mff) = (moe.num_experts, moe.intermediate_size);
+                    let m = format!("{p}.mlp");
+                    Mlp::Moe {
+                        router: lin(&format!("{m}.gate"), e, d)?,
+                        gate: upload(be, src.experts(&m, "gate_proj", e, mff, d)?)?,
+                        up: upload(be, src.experts(&m, "up_proj", e, mff, d)?)?,
+                        down: upload(be, src.experts(&m, "down_proj", e, d, mff)?)?,
+                        top_k: moe.top_k,
+                        renormalize: moe.norm_topk_prob,
+                    }
+                }
+                _ => {
+                    ensure!(ff > 0, "config: intermediate_size is required for the dense MLP of layer {i}");
+                    Mlp::Dense {
+                        gate: lin(&format!("{p}.mlp.gate_proj"), ff, d)?,
+                        up: lin(&format!("{p}.mlp.up_proj"), ff, d)?,
+                        down: lin(&format!("{p}.mlp.down_proj"), d, ff)?,
+                    }
+                }
+            };
             layers.push(Layer {
-                attn_norm: norm(&format!("{p}.input_layernorm.weight"), d)?,
-                wq: dense(&format!("{p}.self_attn.q_proj.weight"), &[nh * hd, d])?,
-                wk: dense(&format!("{p}.self_attn.k_proj.weight"), &[nkv * hd, d])?,
-                wv: dense(&format!("{p}.self_attn.v_proj.weight"), &[nkv * hd, d])?,
-                wo: dense(&format!("{p}.self_attn.o_proj.weight"), &[d, nh * hd])?,
-                q_norm: cfg.qk_norm.then(|| norm(&format!("{p}.self_attn.q_norm.weight"), hd)).transpose()?,
-                k_norm: cfg.qk_norm.then(|| norm(&format!("{p}.self_attn.k_norm.weight"), hd)).transpose()?,
-                mlp_norm: norm(&format!("{p}.post_attention_layernorm.weight"), d)?,
-                w_gate: dense(&format!("{p}.mlp.gate_proj.weight"), &[ff, d])?,
-                w_up: dense(&format!("{p}.mlp.up_proj.weight"), &[ff, d])?,
-                w_down: dense(&format!("{p}.mlp.down_proj.weight"), &[d, ff])?,
+                attn_norm: norm(&format!("{p}.input_layernorm"), d)?,
+                wq: lin(&format!("{p}.self_attn.q_proj"), nh * hd, d)?,
+                wk: lin(&format!("{p}.self_attn.k_proj"), nkv * hd, d)?,
+                wv: lin(&format!("{p}.self_attn.v_proj"), nkv * hd, d)?,
+                wo: lin(&format!("{p}.self_attn.o_proj"), d, nh * hd)?,
+                q_norm: cfg.qk_norm.then(|| norm(&format!("{p}.self_attn.q_norm"), hd)).transpose()?,
+                k_norm: cfg.qk_norm.then(|| norm(&format!("{p}.self_attn.k_norm"), hd)).transpose()?,
+                mlp_norm: norm(&format!("{p}.post_attention_layernorm"), d)?,
+                mlp,
             });
         }
-        let embed = dense("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(dense("lm_head.weight", &[cfg.vocab_size, d])?) };
+        let embed = lin("model.embed_tokens", cfg.vocab_size, d)?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(lin("lm_head", cfg.vocab_size, d)?) };
         let inv = rope::inv_freq(hd, cfg.rope_theta, cfg.rope_scaling);
         Ok(Decoder {
-            norm: norm("model.norm.weight", d)?,
+            norm: norm("model.norm", d)?,
             inv_freq: be.upload(Tensor::from_f32(&[inv.len()], &inv)?)?,
             embed,
             lm_head,
@@ -128,47 +194,65 @@ impl Decoder {
         })
     }
 
-    fn lm_head(&self) -> &Tensor {
+    fn lm_head(&self) -> &Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Every weight tensor once (a tied lm_head is not counted twice).
-    pub fn weights(&self) -> Vec<&Tensor> {
-        let mut v = vec![&self.embed, &self.norm];
-        v.extend(self.lm_head.as_ref());
+    /// Every weight once, with the fraction of it a decoded token reads
+    /// (1 for dense weights, top_k / experts for stacked experts).
+    fn weights_read(&self) -> Vec<(&Weight, f64)> {
+        let mut v = vec![(&self.embed, 0.0)];
+        v.extend(self.lm_head.iter().map(|w| (w, 1.0)));
         for l in &self.layers {
-            v.extend([&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.mlp_norm, &l.w_gate, &l.w_up, &l.w_down]);
+            v.extend([(&l.wq, 1.0), (&l.wk, 1.0), (&l.wv, 1.0), (&l.wo, 1.0)]);
+            match &l.mlp {
+                Mlp::Dense { gate, up, down } => v.extend([(gate, 1.0), (up, 1.0), (down, 1.0)]),
+                Mlp::Moe { router, gate, up, down, top_k, .. } => {
+                    let f = *top_k as f64 / gate.dims().0 as f64;
+                    v.extend([(router, 1.0), (gate, f), (up, f), (down, f)]);
+                }
+            }
+        }
+        v
+    }
+
+    fn norms(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.norm];
+        for l in &self.layers {
+            v.extend([&l.attn_norm, &l.mlp_norm]);
             v.extend(l.q_norm.iter().chain(l.k_norm.iter()));
         }
         v
     }
 
-    /// Total parameters.
+    /// Total parameters (a tied lm_head is counted once).
     pub fn parameter_count(&self) -> usize {
-        self.weights().iter().map(|t| t.numel()).sum()
+        self.weights_read().iter().map(|(w, _)| w.numel()).sum::<usize>()
+            + self.norms().iter().map(|t| t.numel()).sum::<usize>()
     }
 
-    /// Weight bytes read to decode one token: every layer, the final norm,
-    /// the output projection and one embedding row.
+    /// Weight bytes read to decode one token: the layers (only the selected
+    /// experts of MoE blocks), the norms, the output projection and one
+    /// embedding row.
     pub fn bytes_per_token(&self) -> usize {
-        let all: usize = self.weights().iter().map(|t| t.size_bytes()).sum();
-        let embed_row = self.cfg.hidden_size * self.embed.dtype().size();
-        let head = self.lm_head().size_bytes();
-        if self.lm_head.is_some() {
-            all - self.embed.size_bytes() + embed_row
-        } else {
-            debug_assert_eq!(head, self.embed.size_bytes());
-            all + embed_row
+        let mut b: f64 = self.weights_read().iter().map(|(w, f)| w.size_bytes() as f64 * f).sum();
+        b += self.norms().iter().map(|t| t.size_bytes() as f64).sum::<f64>();
+        if self.lm_head.is_none() {
+            b += self.embed.size_bytes() as f64;
         }
+        b += self.embed.row_bytes() as f64;
+        b as usize
     }
 
-    /// The dtypes of the weights, most common first (for `inspect`).
-    pub fn weight_dtypes(&self) -> Vec<(DType, usize)> {
-        let mut counts: Vec<(DType, usize)> = vec![];
-        for t in self.weights() {
-            match counts.iter_mut().find(|(d, _)| *d == t.dtype()) {
-                Some((_, n)) => *n += t.numel(),
-                None => counts.push((t.dtype(), t.numel())),
+    /// The weight formats, by parameter count, most common first (for `inspect`).
+    pub fn weight_formats(&self) -> Vec<(String, usize)> {
+        let mut counts: Vec<(String, usize)> = vec![];
+        let all = self.weights_read().into_iter().map(|(w, _)| (w.format(), w.numel()));
+        let norms = self.norms().into_iter().map(|t| (t.dtype().name().to_string(), t.numel()));
+        for (f, n) in all.chain(norms) {
+            match counts.iter_mut().find(|(g, _)| *g == f) {
+                Some((_, c)) => *c += n,
+                None => counts.push((f, n)),
             }
         }
         counts.sort_by_key(|c| std::cmp::Reverse(c.1));
@@ -180,6 +264,9 @@ impl Decoder {
         let c = &self.cfg;
         let (d, ff, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let z = |shape: &[usize]| be.zeros(shape, DType::F32);
+        let moe = c.moe.as_ref();
+        let (top_k, mff) = moe.map_or((0, 0), |c| (c.top_k, c.intermediate_size));
+        let ff = if c.layers_dense() { ff } else { 0 };
         Ok(Workspace {
             m,
             mode,
@@ -199,6 +286,13 @@ impl Decoder {
             act: z(&[m, ff])?,
             last_x: z(&[1, d])?,
             last_h: z(&[1, d])?,
+            router_logits: z(&[m, moe.map_or(0, |c| c.num_experts)])?,
+            expert_ids: be.zeros(&[m, top_k], DType::I32)?,
+            expert_w: z(&[m, top_k])?,
+            moe_gate: z(&[m, top_k, mff])?,
+            moe_up: z(&[m, top_k, mff])?,
+            moe_act: z(&[m, top_k, mff])?,
+            moe_out: z(&[m, top_k, d])?,
             logits: z(&[if mode == Logits::All { m } else { 1 }, c.vocab_size])?,
         })
     }
@@ -245,10 +339,23 @@ impl Decoder {
             be.add_assign(&mut ws.x, &ws.o)?;
             // MLP block
             be.rms_norm(&ws.x, &layer.mlp_norm, eps, &mut ws.h)?;
-            be.matmul(&ws.h, &layer.w_gate, &mut ws.gate)?;
-            be.matmul(&ws.h, &layer.w_up, &mut ws.up)?;
-            be.silu_mul(&ws.gate, &ws.up, &mut ws.act)?;
-            be.matmul(&ws.act, &layer.w_down, &mut ws.o)?;
+            match &layer.mlp {
+                Mlp::Dense { gate, up, down } => {
+                    be.matmul(&ws.h, gate, &mut ws.gate)?;
+                    be.matmul(&ws.h, up, &mut ws.up)?;
+                    be.silu_mul(&ws.gate, &ws.up, &mut ws.act)?;
+                    be.matmul(&ws.act, down, &mut ws.o)?;
+                }
+                Mlp::Moe { router, gate, up, down, renormalize, .. } => {
+                    be.matmul(&ws.h, router, &mut ws.router_logits)?;
+                    be.topk_router(&ws.router_logits, *renormalize, &mut ws.expert_ids, &mut ws.expert_w)?;
+                    be.expert_matmul(&ws.h, gate, &ws.expert_ids, &mut ws.moe_gate)?;
+                    be.expert_matmul(&ws.h, up, &ws.expert_ids, &mut ws.moe_up)?;
+                    be.silu_mul(&ws.moe_gate, &ws.moe_up, &mut ws.moe_act)?;
+                    be.expert_matmul(&ws.moe_act, down, &ws.expert_ids, &mut ws.moe_out)?;
+                    be.moe_combine(&ws.moe_out, &ws.expert_w, &mut ws.o)?;
+                }
+            }
             be.add_assign(&mut ws.x, &ws.o)?;
         }
         match ws.mode {

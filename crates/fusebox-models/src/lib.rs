@@ -4,7 +4,10 @@
 pub mod chat;
 pub mod config;
 pub mod decoder;
+pub mod gguf;
+pub mod mlx_quant;
 pub mod safetensors;
+pub mod source;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -13,8 +16,9 @@ use anyhow::{bail, Result};
 use fusebox_core::Backend;
 
 pub use chat::{ChatTemplate, Message};
-pub use config::{Arch, GenerationConfig, ModelConfig};
+pub use config::{Arch, GenerationConfig, ModelConfig, MoeConfig, QuantConfig};
 pub use decoder::{Decoder, Logits, Workspace};
+pub use source::WeightSource;
 pub use tokenizer::{StreamDecoder, Tokenizer};
 
 /// Everything loaded from a model directory.
@@ -27,21 +31,54 @@ pub struct Model {
 }
 
 impl Model {
-    /// Load a Hugging Face model directory onto a backend.
+    /// Load a model onto a backend: a Hugging Face / MLX model directory, or
+    /// a `.gguf` file.
     pub fn load(path: &Path, be: &dyn Backend) -> Result<Model> {
         if !path.exists() {
             bail!("{}: no such file or directory", path.display());
         }
-        if !path.is_dir() {
-            bail!("{}: expected a model directory (config.json, tokenizer.json, *.safetensors)", path.display());
+        if path.is_file() {
+            if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+                return Self::load_gguf(path, be);
+            }
+            bail!(
+                "{}: expected a model directory (config.json, tokenizer.json, *.safetensors) or a .gguf file",
+                path.display()
+            );
         }
         let cfg = ModelConfig::from_file(&path.join("config.json"))?;
         let generation = GenerationConfig::from_file(&path.join("generation_config.json"))?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let chat_template = ChatTemplate::from_tokenizer_config(&path.join("tokenizer_config.json"))?;
         let ck = safetensors::Checkpoint::open_dir(path)?;
-        let decoder = Decoder::load(cfg, &ck, be)?;
+        let src = safetensors::SafetensorsSource { ck: &ck, quant: cfg.quantization.as_ref() };
+        let decoder = Decoder::load(cfg.clone(), &src, be)?;
         Ok(Model { path: path.to_path_buf(), decoder, tokenizer, chat_template, generation })
+    }
+
+    /// Load a GGUF file: weights, config, tokenizer and chat template all
+    /// come from the one file.
+    pub fn load_gguf(path: &Path, be: &dyn Backend) -> Result<Model> {
+        let file = gguf::GgufFile::open(path)?;
+        let cfg = gguf::model_config(&file)?;
+        let tokenizer = gguf::tokenizer(&file)?;
+        let name = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+        let chat_template = match gguf::chat_template(&file) {
+            Some(src) => Some(
+                ChatTemplate::new(&src, &name(cfg.bos_token_id), &name(cfg.eos_token_ids.first().copied()))
+                    .map_err(|e| anyhow::anyhow!("{}: tokenizer.chat_template: {e:#}", path.display()))?,
+            ),
+            None => None,
+        };
+        // llama.cpp's `rope_freqs.weight` is already folded into cfg.rope_scaling
+        let decoder = Decoder::load(cfg, &gguf::GgufSource::new(&file), be)?;
+        Ok(Model {
+            path: path.to_path_buf(),
+            decoder,
+            tokenizer,
+            chat_template,
+            generation: GenerationConfig::default(),
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use fusebox_core::{DType, Tensor};
+use fusebox_core::{DType, Tensor, Weight};
+
+use crate::config::QuantConfig;
+use crate::source::WeightSource;
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensorError};
 use safetensors::SafeTensors;
@@ -73,6 +76,12 @@ impl Checkpoint {
                 .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
                 .collect();
             v.sort();
+            // `model*.safetensors` are the weights; other files (e.g. saved
+            // activations) are ignored when those exist
+            let is_model = |p: &PathBuf| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("model"));
+            if v.iter().any(is_model) {
+                v.retain(is_model);
+            }
             v
         };
         if files.is_empty() {
@@ -125,7 +134,7 @@ impl Checkpoint {
         self.entries.get(name).map(|e| self.files[e.file].0.as_path())
     }
 
-    fn where_(&self) -> String {
+    pub fn where_(&self) -> String {
         match self.files.as_slice() {
             [(p, _)] => p.display().to_string(),
             fs => format!("{} ({} files)", fs[0].0.parent().unwrap_or(Path::new(".")).display(), fs.len()),
@@ -154,5 +163,84 @@ impl Checkpoint {
             bail!("{path}: tensor `{name}` has dtype {}, expected F32, F16 or BF16", t.dtype());
         }
         Ok(t)
+    }
+}
+
+/// Weights from a safetensors checkpoint: Hugging Face dense tensors, or MLX
+/// affine-quantized ones (`X.weight` packed `U32` plus `X.scales` and
+/// `X.biases`) when the config has a `quantization` block.
+pub struct SafetensorsSource<'a> {
+    pub ck: &'a Checkpoint,
+    pub quant: Option<&'a QuantConfig>,
+}
+
+impl SafetensorsSource<'_> {
+    fn file(&self, name: &str) -> String {
+        self.ck.file_of(name).map(|p| p.display().to_string()).unwrap_or_else(|| self.ck.where_())
+    }
+
+    /// A linear weight stored under `module` with logical `[.., rows, cols]`.
+    fn weight(&self, module: &str, qkey: &str, shape: &[usize]) -> Result<Weight> {
+        let wname = format!("{module}.weight");
+        let sname = format!("{module}.scales");
+        if !self.ck.contains(&sname) {
+            return Weight::dense(self.ck.get_float(&wname, shape)?);
+        }
+        let file = self.file(&sname);
+        let (bits, group) = match self.quant {
+            None => bail!("{file}: `{sname}` is present but config.json has no `quantization` block"),
+            Some(q) => q.for_module(qkey).ok_or_else(|| {
+                anyhow!("{file}: `{sname}` is present but config.json marks `{qkey}` as not quantized")
+            })?,
+        };
+        let q = self.ck.get(&wname)?;
+        let w = Weight::affine(q, self.ck.get(&sname)?, self.ck.get(&format!("{module}.biases"))?, bits, group)
+            .map_err(|e| anyhow!("{file}: `{module}` ({bits}-bit, group {group}): {e}"))?;
+        let (e, r, c) = w.dims();
+        let got: Vec<usize> = if shape.len() == 3 { vec![e, r, c] } else { vec![r, c] };
+        if got != shape || (shape.len() == 2 && e != 1) {
+            bail!("{file}: `{module}` is a quantized weight of logical shape {got:?}, expected {shape:?}");
+        }
+        Ok(w)
+    }
+}
+
+impl WeightSource for SafetensorsSource<'_> {
+    fn linear(&self, module: &str, rows: usize, cols: usize) -> Result<Weight> {
+        self.weight(module, module, &[rows, cols])
+    }
+
+    fn norm(&self, module: &str, n: usize) -> Result<Tensor> {
+        self.ck.get_float(&format!("{module}.weight"), &[n])?.to_f32()
+    }
+
+    fn experts(&self, mlp: &str, proj: &str, experts: usize, rows: usize, cols: usize) -> Result<Weight> {
+        // MLX: stacked under switch_mlp
+        let switch = format!("{mlp}.switch_mlp.{proj}");
+        if self.ck.contains(&format!("{switch}.weight")) {
+            return self.weight(&switch, &switch, &[experts, rows, cols]);
+        }
+        // Hugging Face: one tensor per expert, stacked here into one buffer
+        let first = format!("{mlp}.experts.0.{proj}.weight");
+        if !self.ck.contains(&first) {
+            bail!("{}: no experts for `{mlp}.{proj}` (looked for `{switch}.weight` and `{first}`)", self.ck.where_());
+        }
+        let dtype = self.ck.get(&first)?.dtype();
+        let mut stacked = Tensor::zeros(&[experts, rows, cols], dtype);
+        let per = rows * cols * dtype.size();
+        let dst = stacked.host_bytes_mut()?;
+        for i in 0..experts {
+            let name = format!("{mlp}.experts.{i}.{proj}.weight");
+            let t = self.ck.get_float(&name, &[rows, cols])?;
+            if t.dtype() != dtype {
+                bail!("{}: `{name}` is {} but expert 0 is {dtype}", self.file(&name), t.dtype());
+            }
+            dst[i * per..(i + 1) * per].copy_from_slice(t.host_bytes()?);
+        }
+        Weight::dense(stacked)
+    }
+
+    fn has(&self, module: &str) -> bool {
+        self.ck.contains(&format!("{module}.weight"))
     }
 }

@@ -19,6 +19,11 @@ impl Tokenizer {
         Ok(Tokenizer { inner })
     }
 
+    /// Wrap an already-built tokenizer (e.g. one assembled from GGUF metadata).
+    pub fn from_inner(inner: tokenizers::Tokenizer) -> Tokenizer {
+        Tokenizer { inner }
+    }
+
     /// Token ids of `text`. `add_special` adds what the tokenizer's
     /// post-processor adds (e.g. a BOS token); chat-templated text already
     /// carries its special tokens and is encoded without.
@@ -33,6 +38,10 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use fusebox_core::cpu::CpuBackend;
+use fusebox_engine::SamplingParams;
+use fusebox_models::GenerationConfig;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum DeviceArg {
@@ -33,9 +35,101 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn backend(&self) -> Result<CpuBackend> {
-        match self.device {
-            DeviceArg::Auto | DeviceArg::Cpu => CpuBackend::new(self.threads),
-            DeviceArg::Cuda => bail!("--device cuda: this build of fusebox has no CUDA backend yet; use --device cpu"),
-        }
+        backend(self.device, self.threads)
     }
+}
+
+pub fn backend(device: DeviceArg, threads: usize) -> Result<CpuBackend> {
+    match device {
+        DeviceArg::Auto | DeviceArg::Cpu => CpuBackend::new(threads),
+        DeviceArg::Cuda => bail!("--device cuda: this build of fusebox has no CUDA backend yet; use --device cpu"),
+    }
+}
+
+/// Sampling flags shared by `generate` and `run`.
+#[derive(Args, Debug)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 means greedy (always the most likely token).
+    #[arg(long = "temp", value_name = "T", allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to P (1 = off).
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Keep only the K most likely tokens (0 = off; 1 = greedy).
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Drop tokens less likely than M times the most likely one (0 = off).
+    #[arg(long, value_name = "M", allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+    /// Penalise tokens already in the recent context (1 = off; 1.1 is a common choice).
+    #[arg(long, value_name = "R", allow_negative_numbers = true)]
+    pub repeat_penalty: Option<f32>,
+    /// How many recent tokens --repeat-penalty looks at (0 = the whole context).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub repeat_last_n: usize,
+    /// Random seed; the same seed and settings give the same tokens.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// The seed to use: `--seed`, or one from the clock.
+    pub fn seed(&self) -> u64 {
+        self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+        })
+    }
+
+    /// Sampling settings: generation_config.json first, then the flags.
+    pub fn resolve(&self, g: &GenerationConfig, seed: u64) -> Result<SamplingParams> {
+        let a = self;
+        let mut p = SamplingParams::greedy();
+        if g.do_sample == Some(true) {
+            p.temperature = g.temperature.unwrap_or(1.0) as f32;
+            p.top_k = g.top_k.unwrap_or(0);
+            p.top_p = g.top_p.unwrap_or(1.0) as f32;
+            p.min_p = g.min_p.unwrap_or(0.0) as f32;
+        }
+        p.repeat_penalty = g.repetition_penalty.unwrap_or(1.0) as f32;
+        if let Some(t) = a.temperature {
+            p.temperature = t;
+        }
+        if let Some(k) = a.top_k {
+            p.top_k = k;
+        }
+        if let Some(v) = a.top_p {
+            p.top_p = v;
+        }
+        if let Some(v) = a.min_p {
+            p.min_p = v;
+        }
+        if let Some(v) = a.repeat_penalty {
+            p.repeat_penalty = v;
+        }
+        p.repeat_last_n = a.repeat_last_n;
+        p.seed = seed;
+        if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+            bail!("--temp must be a number >= 0, got {}", p.temperature);
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {}", p.top_p);
+        }
+        if !(0.0..=1.0).contains(&p.min_p) {
+            bail!("--min-p must be in [0, 1], got {}", p.min_p);
+        }
+        if !(p.repeat_penalty > 0.0 && p.repeat_penalty.is_finite()) {
+            bail!("--repeat-penalty must be > 0, got {}", p.repeat_penalty);
+        }
+        Ok(p)
+    }
+}
+
+/// The context length: `--ctx-size`, else the model's maximum capped at 4096.
+pub fn context_size(arg: Option<usize>, model: &fusebox_models::Model) -> Result<usize> {
+    let max = model.config().max_position_embeddings;
+    let ctx = arg.unwrap_or(max.min(4096));
+    if ctx == 0 || ctx > max {
+        bail!("--ctx-size {ctx} is outside 1..={max} (the model's max_position_embeddings)");
+    }
+    Ok(ctx)
 }

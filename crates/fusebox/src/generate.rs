@@ -4,11 +4,11 @@ use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
-use fusebox_engine::{GenerateOptions, SamplingParams, Session};
-use fusebox_models::{GenerationConfig, Message, Model, StreamDecoder};
+use fusebox_engine::{GenerateOptions, Session};
+use fusebox_models::{Message, Model, StreamDecoder};
 use serde_json::json;
 
-use crate::common::ModelArgs;
+use crate::common::{context_size, ModelArgs, SamplingArgs};
 
 /// Generate text from a prompt, streaming it to stdout as it is produced.
 ///
@@ -29,27 +29,8 @@ pub struct Args {
     /// Maximum number of new tokens.
     #[arg(short = 'n', long = "max-tokens", default_value_t = 256, value_name = "N", allow_negative_numbers = true)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 means greedy (always the most likely token).
-    #[arg(long = "temp", value_name = "T", allow_negative_numbers = true)]
-    pub temperature: Option<f32>,
-    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to P (1 = off).
-    #[arg(long, value_name = "P", allow_negative_numbers = true)]
-    pub top_p: Option<f32>,
-    /// Keep only the K most likely tokens (0 = off; 1 = greedy).
-    #[arg(long, value_name = "K")]
-    pub top_k: Option<usize>,
-    /// Drop tokens less likely than M times the most likely one (0 = off).
-    #[arg(long, value_name = "M", allow_negative_numbers = true)]
-    pub min_p: Option<f32>,
-    /// Penalise tokens already in the recent context (1 = off; 1.1 is a common choice).
-    #[arg(long, value_name = "R", allow_negative_numbers = true)]
-    pub repeat_penalty: Option<f32>,
-    /// How many recent tokens --repeat-penalty looks at (0 = the whole context).
-    #[arg(long, default_value_t = 64, value_name = "N")]
-    pub repeat_last_n: usize,
-    /// Random seed; the same seed and settings give the same tokens.
-    #[arg(long, value_name = "S")]
-    pub seed: Option<u64>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Send the prompt as raw text, without the chat template.
     #[arg(long)]
     pub no_chat_template: bool,
@@ -72,48 +53,6 @@ pub struct Args {
     /// Print one JSON object (token ids, text, timings) instead of streaming text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Sampling settings: generation_config.json first, then the flags.
-fn sampling(a: &Args, g: &GenerationConfig, seed: u64) -> Result<SamplingParams> {
-    let mut p = SamplingParams::greedy();
-    if g.do_sample == Some(true) {
-        p.temperature = g.temperature.unwrap_or(1.0) as f32;
-        p.top_k = g.top_k.unwrap_or(0);
-        p.top_p = g.top_p.unwrap_or(1.0) as f32;
-        p.min_p = g.min_p.unwrap_or(0.0) as f32;
-    }
-    p.repeat_penalty = g.repetition_penalty.unwrap_or(1.0) as f32;
-    if let Some(t) = a.temperature {
-        p.temperature = t;
-    }
-    if let Some(k) = a.top_k {
-        p.top_k = k;
-    }
-    if let Some(v) = a.top_p {
-        p.top_p = v;
-    }
-    if let Some(v) = a.min_p {
-        p.min_p = v;
-    }
-    if let Some(v) = a.repeat_penalty {
-        p.repeat_penalty = v;
-    }
-    p.repeat_last_n = a.repeat_last_n;
-    p.seed = seed;
-    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
-        bail!("--temp must be a number >= 0, got {}", p.temperature);
-    }
-    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", p.top_p);
-    }
-    if !(0.0..=1.0).contains(&p.min_p) {
-        bail!("--min-p must be in [0, 1], got {}", p.min_p);
-    }
-    if !(p.repeat_penalty > 0.0 && p.repeat_penalty.is_finite()) {
-        bail!("--repeat-penalty must be > 0, got {}", p.repeat_penalty);
-    }
-    Ok(p)
 }
 
 /// The prompt's token ids (chat-templated unless told otherwise).
@@ -146,18 +85,9 @@ pub fn run(a: Args) -> Result<()> {
     let be = a.model.backend()?;
     let model = Model::load(&a.model.model, &be)?;
     let cfg = model.config();
-    let ctx = a.ctx_size.unwrap_or(cfg.max_position_embeddings.min(4096));
-    if ctx == 0 || ctx > cfg.max_position_embeddings {
-        bail!(
-            "--ctx-size {ctx} is outside 1..={} (max_position_embeddings in {})",
-            cfg.max_position_embeddings,
-            model.path.join("config.json").display()
-        );
-    }
-    let seed = a.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-    });
-    let sampling = sampling(&a, &model.generation, seed)?;
+    let ctx = context_size(a.ctx_size, &model)?;
+    let seed = a.sampling.seed();
+    let sampling = a.sampling.resolve(&model.generation, seed)?;
     let prompt = prompt_ids(&model, &a)?;
     if prompt.len() >= ctx {
         bail!(

@@ -51,7 +51,7 @@ pub fn run(a: Args) -> Result<()> {
     let d = &model.decoder;
     let c = &d.cfg;
     let params = d.parameter_count();
-    let dtypes = d.weight_dtypes();
+    let dtypes = d.weight_formats();
     let per_token = d.bytes_per_token();
     let kv_f32 = c.kv_bytes_per_token(4);
     let kv_bf16 = c.kv_bytes_per_token(2);
@@ -72,7 +72,7 @@ pub fn run(a: Args) -> Result<()> {
             "rope_theta": c.rope_theta, "rope_scaling": rope, "qk_norm": c.qk_norm,
             "tie_word_embeddings": c.tie_word_embeddings,
             "parameters": params,
-            "dtypes": dtypes.iter().map(|(t, n)| json!({"dtype": t.name(), "parameters": n})).collect::<Vec<_>>(),
+            "formats": dtypes.iter().map(|(t, n)| json!({"format": t, "parameters": n})).collect::<Vec<_>>(),
             "bytes_per_token": per_token,
             "kv_bytes_per_token": {"f32": kv_f32, "bf16": kv_bf16},
             "eos_token_ids": model.eos_token_ids(),
@@ -95,7 +95,7 @@ pub fn run(a: Args) -> Result<()> {
     println!("context        {} (max_position_embeddings)", c.max_position_embeddings);
     println!("rope           theta {}, scaling {rope}", c.rope_theta);
     println!("parameters     {} ({params})", count(params));
-    println!("dtype          {dtype_str}");
+    println!("weights        {dtype_str}");
     println!("tied embedding {}", if c.tie_word_embeddings { "yes (lm_head = embed_tokens)" } else { "no" });
     println!("bytes/token    {} of weights read per decoded token ({per_token} B)", human(per_token));
     println!("KV cache       {} per token of context in f32 (CPU), {} in bf16", human(kv_f32), human(kv_bf16));

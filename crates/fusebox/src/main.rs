@@ -3,6 +3,8 @@
 mod common;
 mod generate;
 mod inspect;
+mod quantize;
+mod run;
 
 use std::process::ExitCode;
 
@@ -10,8 +12,9 @@ use clap::{Parser, Subcommand};
 
 /// fusebox: a fast LLM inference runtime for Qwen3 and Llama checkpoints.
 ///
-/// Loads Hugging Face safetensors model directories and decodes on the CPU
-/// (all cores). Errors name the file, tensor or field at fault and exit
+/// Loads Hugging Face safetensors model directories, MLX affine-quantized
+/// checkpoints and GGUF files (Llama, Qwen3, Qwen3-MoE) and decodes on the
+/// CPU (all cores). Errors name the file, tensor or field at fault and exit
 /// with status 2.
 #[derive(Parser)]
 #[command(name = "fusebox", version, about, long_about, max_term_width = 100)]
@@ -22,10 +25,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Chat with a model (interactive, or one-shot with -p); defaults to SmolLM2-135M-Instruct.
+    Run(run::Args),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(generate::Args),
     /// Describe a model: architecture, size, dtype, bytes per token.
     Inspect(inspect::Args),
+    /// Quantize a Hugging Face model to an MLX affine checkpoint (like `mlx_lm.convert -q`).
+    Quantize(quantize::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,8 +49,10 @@ fn main() -> ExitCode {
     }));
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(a) => run::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Quantize(a) => quantize::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 //! products, never copied); activations, the KV cache and all reductions are
 //! f32. Work is spread over a rayon pool owned by the backend.
 
+mod avx2;
 mod kernels;
 mod quant;
 
@@ -16,8 +17,8 @@ pub use kernels::{axpy, dot_bf16, dot_f16, dot_f32};
 
 use crate::backend::Backend;
 use crate::dtype::{bf16_to_f32, f16_to_f32, DType};
-use crate::quant::Weight;
 use crate::kv::LayerKv;
+use crate::quant::Weight;
 use crate::rope::RopeStyle;
 use crate::tensor::Tensor;
 
@@ -40,6 +41,12 @@ impl CpuBackend {
 
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
+    }
+
+    /// Rows per task for a GEMV of `n` rows: a few tasks per thread, so that
+    /// work balances without paying task overhead on every handful of rows.
+    fn gemv_chunk(&self, n: usize) -> usize {
+        n.div_ceil(self.threads() * 4).clamp(16, 4096)
     }
 }
 
@@ -242,7 +249,7 @@ impl Backend for CpuBackend {
         let xs = x.as_f32()?;
         let os = out.as_f32_mut()?;
         if m == 1 {
-            let chunk = (n / (self.threads() * 8)).clamp(1, 256);
+            let chunk = self.gemv_chunk(n);
             self.pool.install(|| {
                 os.par_chunks_mut(chunk).enumerate().for_each(|(ci, oc)| {
                     for (jj, o) in oc.iter_mut().enumerate() {
@@ -295,13 +302,14 @@ impl Backend for CpuBackend {
         let rows = Rows::new(w)?;
         let xs = x.as_f32()?;
         let os = out.as_f32_mut()?;
-        let chunk = (m * slots * n / (self.threads() * 8)).clamp(1, 256);
+        let chunk = self.gemv_chunk(m * slots * n);
         self.pool.install(|| {
             os.par_chunks_mut(chunk).enumerate().for_each(|(ci, oc)| {
                 for (jj, o) in oc.iter_mut().enumerate() {
                     let flat = ci * chunk + jj;
                     let (rs, j) = (flat / n, flat % n);
-                    let xr = if shared { &xs[(rs / slots) * k..(rs / slots + 1) * k] } else { &xs[rs * k..(rs + 1) * k] };
+                    let xr =
+                        if shared { &xs[(rs / slots) * k..(rs / slots + 1) * k] } else { &xs[rs * k..(rs + 1) * k] };
                     *o = rows.dot(id[rs] as usize * n + j, k, xr);
                 }
             })

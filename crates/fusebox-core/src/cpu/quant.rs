@@ -7,7 +7,7 @@
 
 use anyhow::{bail, Result};
 
-use crate::dtype::{bf16_to_f32, f16_to_f32, DType};
+use crate::dtype::{bf16_to_f32, DType};
 use crate::quant::{ggml, GgmlType, Weight};
 use crate::tensor::Tensor;
 
@@ -33,7 +33,7 @@ impl<'a> Floats<'a> {
         match self {
             Floats::F32(v) => v[i],
             Floats::Bf16(v) => bf16_to_f32(v[i]),
-            Floats::F16(v) => f16_to_f32(v[i]),
+            Floats::F16(v) => f16_bits_to_f32(v[i]),
         }
     }
 }
@@ -47,27 +47,25 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// Dot product of 32 values with 8 independent accumulators.
+/// `acc += (q * s + b) * x` over 32 values: dequantize and multiply in
+/// registers, with 32 independent lanes so nothing waits on a reduction.
 #[inline(always)]
-fn dot32<const FMA: bool>(x: &[f32], w: &[f32; 32]) -> f32 {
-    let mut acc = [0f32; 8];
-    for c in 0..4 {
-        for j in 0..8 {
-            acc[j] = madd::<FMA>(x[8 * c + j], w[8 * c + j], acc[j]);
-        }
+fn accum32<const FMA: bool>(acc: &mut [f32; 32], x: &[f32], q: &[f32; 32], s: f32, b: f32) {
+    let x = &x[..32];
+    for i in 0..32 {
+        acc[i] = madd::<FMA>(madd::<FMA>(q[i], s, b), x[i], acc[i]);
     }
-    (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
 #[inline(always)]
-fn sum32(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
+fn reduce32(acc: &[f32; 32]) -> f32 {
+    let mut a = [0f32; 8];
     for c in 0..4 {
         for j in 0..8 {
-            acc[j] += x[8 * c + j];
+            a[j] += acc[8 * c + j];
         }
     }
-    (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    (a[0] + a[4]) + (a[1] + a[5]) + ((a[2] + a[6]) + (a[3] + a[7]))
 }
 
 /// Unpack 32 `B`-bit values (exactly `B` words) from a little-end-first stream.
@@ -113,26 +111,23 @@ fn affine_dot<const B: u32, const FMA: bool>(a: &AffineRows, j: usize, x: &[f32]
     let gpr = a.cols / a.group;
     let cpg = a.group / 32;
     let w = &a.words[j * wpr..(j + 1) * wpr];
-    let mut acc = 0f32;
+    let mut acc = [0f32; 32];
     let mut t = [0f32; 32];
     for g in 0..gpr {
-        let (mut qd, mut xs) = (0f32, 0f32);
+        let (s, b) = (a.scales.get(j * gpr + g), a.biases.get(j * gpr + g));
         for c in 0..cpg {
             let ci = g * cpg + c;
             unpack32::<B>(&w[ci * B as usize..], &mut t);
-            let xc = &x[ci * 32..ci * 32 + 32];
-            qd += dot32::<FMA>(xc, &t);
-            xs += sum32(xc);
+            accum32::<FMA>(&mut acc, &x[ci * 32..], &t, s, b);
         }
-        acc += a.scales.get(j * gpr + g) * qd + a.biases.get(j * gpr + g) * xs;
     }
-    acc
+    reduce32(&acc)
 }
 
 macro_rules! dispatch_bits {
     ($name:ident, $fma_name:ident, $kernel:ident, $self:ty) => {
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn $fma_name<const B: u32>(a: &$self, j: usize, x: &[f32]) -> f32 {
             $kernel::<B, true>(a, j, x)
         }
@@ -151,9 +146,7 @@ dispatch_bits!(affine_dot_any, affine_dot_avx2, affine_dot, AffineRows);
 
 impl<'a> AffineRows<'a> {
     pub fn new(w: &'a Weight) -> Result<Self> {
-        let Weight::Affine { q, scales, biases, bits, group_size, cols, .. } = w else {
-            bail!("not an affine weight")
-        };
+        let Weight::Affine { q, scales, biases, bits, group_size, cols, .. } = w else { bail!("not an affine weight") };
         Ok(AffineRows {
             words: bytemuck::cast_slice(q.host_bytes()?),
             scales: Floats::new(scales)?,
@@ -165,6 +158,15 @@ impl<'a> AffineRows<'a> {
     }
 
     pub fn dot(&self, j: usize, x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.bits, 4 | 8) && super::kernels::has_avx2_fma() {
+            let wpr = self.cols * self.bits as usize / 32;
+            let gpr = self.cols / self.group;
+            let words = &self.words[j * wpr..(j + 1) * wpr];
+            let sb = |g: usize| (self.scales.get(j * gpr + g), self.biases.get(j * gpr + g));
+            // SAFETY: AVX2/FMA/F16C are present; the row and x hold `cols` values.
+            return unsafe { super::avx2::affine_row(words, &x[..self.cols], self.bits, self.group, sb) };
+        }
         match self.bits {
             2 => affine_dot_any::<2>(self, j, x),
             3 => affine_dot_any::<3>(self, j, x),
@@ -208,7 +210,29 @@ pub struct GgmlRows<'a> {
 
 #[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
+    f16_bits_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
+}
+
+/// f16 → f32 by bit manipulation (exact, handles subnormals, inf and NaN),
+/// so it inlines into the vectorised loops.
+#[inline(always)]
+fn f16_bits_to_f32(h: u16) -> f32 {
+    let sign = ((h as u32) & 0x8000) << 16;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = if exp == 0 {
+        if man == 0 {
+            sign
+        } else {
+            // subnormal: value = man * 2^-24
+            return f32::from_bits(sign) + (man as f32) * (1.0 / 16_777_216.0) * if sign != 0 { -1.0 } else { 1.0 };
+        }
+    } else if exp == 31 {
+        sign | 0x7f80_0000 | (man << 13)
+    } else {
+        sign | ((exp + 112) << 23) | (man << 13)
+    };
+    f32::from_bits(bits)
 }
 
 #[inline(always)]
@@ -217,7 +241,7 @@ fn ggml_dot<const T: u32, const FMA: bool>(g: &GgmlRows, j: usize, x: &[f32]) ->
     let rb = ty.row_bytes(g.cols);
     let row = &g.bytes[j * rb..(j + 1) * rb];
     let (bs, ts) = (ty.block_size(), ty.type_size());
-    let mut acc = 0f32;
+    let mut acc = [0f32; 32];
     let mut t = [0f32; 32];
     if T == GgmlType::Q4_0 as u32 || T == GgmlType::Q4_1 as u32 {
         let off = if T == GgmlType::Q4_1 as u32 { 4 } else { 2 };
@@ -229,14 +253,14 @@ fn ggml_dot<const T: u32, const FMA: bool>(g: &GgmlRows, j: usize, x: &[f32]) ->
             }
             let d = f16_at(blk, 0);
             let bias = if T == GgmlType::Q4_1 as u32 { f16_at(blk, 2) } else { -8.0 * d };
-            acc += d * dot32::<FMA>(xc, &t) + bias * sum32(xc);
+            accum32::<FMA>(&mut acc, xc, &t, d, bias);
         }
     } else if T == GgmlType::Q8_0 as u32 {
         for (blk, xc) in row.chunks_exact(ts).zip(x.chunks_exact(32)) {
             for i in 0..32 {
                 t[i] = (blk[2 + i] as i8) as f32;
             }
-            acc += f16_at(blk, 0) * dot32::<FMA>(xc, &t);
+            accum32::<FMA>(&mut acc, xc, &t, f16_at(blk, 0), 0.0);
         }
     } else {
         let mut big = [0f32; 256];
@@ -244,11 +268,11 @@ fn ggml_dot<const T: u32, const FMA: bool>(g: &GgmlRows, j: usize, x: &[f32]) ->
             ggml::dequant_block(ty, blk, &mut big[..bs]);
             for (c, xcc) in xc.chunks_exact(32).enumerate() {
                 t.copy_from_slice(&big[32 * c..32 * c + 32]);
-                acc += dot32::<FMA>(xcc, &t);
+                accum32::<FMA>(&mut acc, xcc, &t, 1.0, 0.0);
             }
         }
     }
-    acc
+    reduce32(&acc)
 }
 
 dispatch_bits!(ggml_dot_any, ggml_dot_avx2, ggml_dot, GgmlRows);
@@ -266,6 +290,19 @@ impl<'a> GgmlRows<'a> {
         const Q40: u32 = GgmlType::Q4_0 as u32;
         const Q41: u32 = GgmlType::Q4_1 as u32;
         const Q80: u32 = GgmlType::Q8_0 as u32;
+        #[cfg(target_arch = "x86_64")]
+        if super::kernels::has_avx2_fma() {
+            let rb = self.ty.row_bytes(self.cols);
+            let row = &self.bytes[j * rb..(j + 1) * rb];
+            let x = &x[..self.cols];
+            // SAFETY: AVX2/FMA/F16C are present; the row and x hold `cols` values.
+            match self.ty {
+                GgmlType::Q4_0 => return unsafe { super::avx2::q4_row(row, x, false) },
+                GgmlType::Q4_1 => return unsafe { super::avx2::q4_row(row, x, true) },
+                GgmlType::Q8_0 => return unsafe { super::avx2::q8_0_row(row, x) },
+                _ => {}
+            }
+        }
         match self.ty {
             GgmlType::Q4_0 => ggml_dot_any::<Q40>(self, j, x),
             GgmlType::Q4_1 => ggml_dot_any::<Q41>(self, j, x),

@@ -55,10 +55,46 @@ impl GgmlType {
     /// ggml's name for a type id, including the ones fusebox cannot read.
     pub fn name_of_id(id: u32) -> &'static str {
         const NAMES: [&str; 40] = [
-            "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
-            "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS",
-            "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0",
-            "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8", "MXFP4",
+            "F32",
+            "F16",
+            "Q4_0",
+            "Q4_1",
+            "Q4_2",
+            "Q4_3",
+            "Q5_0",
+            "Q5_1",
+            "Q8_0",
+            "Q8_1",
+            "Q2_K",
+            "Q3_K",
+            "Q4_K",
+            "Q5_K",
+            "Q6_K",
+            "Q8_K",
+            "IQ2_XXS",
+            "IQ2_XS",
+            "IQ3_XXS",
+            "IQ1_S",
+            "IQ4_NL",
+            "IQ3_S",
+            "IQ2_S",
+            "IQ4_XS",
+            "I8",
+            "I16",
+            "I32",
+            "I64",
+            "F64",
+            "IQ1_M",
+            "BF16",
+            "Q4_0_4_4",
+            "Q4_0_4_8",
+            "Q4_0_8_8",
+            "TQ1_0",
+            "TQ2_0",
+            "IQ4_NL_4_4",
+            "IQ4_NL_4_8",
+            "IQ4_NL_8_8",
+            "MXFP4",
         ];
         NAMES.get(id as usize).copied().unwrap_or("unknown")
     }
@@ -107,7 +143,16 @@ pub enum Weight {
     Dense(Tensor),
     /// MLX affine: `q` is `U32 [.., rows, cols*bits/32]`; `scales`, `biases`
     /// are float `[.., rows, cols/group_size]`.
-    Affine { q: Tensor, scales: Tensor, biases: Tensor, bits: u32, group_size: usize, experts: usize, rows: usize, cols: usize },
+    Affine {
+        q: Tensor,
+        scales: Tensor,
+        biases: Tensor,
+        bits: u32,
+        group_size: usize,
+        experts: usize,
+        rows: usize,
+        cols: usize,
+    },
     /// GGUF blocks: raw bytes `U8 [experts * rows * row_bytes]`.
     Gguf { data: Tensor, ty: GgmlType, experts: usize, rows: usize, cols: usize },
 }
@@ -143,7 +188,10 @@ impl Weight {
         let qs = q.shape().to_vec();
         ensure!(matches!(qs.len(), 2 | 3), "packed weight must be 2-D or 3-D, got {qs:?}");
         let (experts, rows, words) = if qs.len() == 3 { (qs[0], qs[1], qs[2]) } else { (1, qs[0], qs[1]) };
-        ensure!((words * 32) % bits as usize == 0, "packed width {words} words is not a whole number of {bits}-bit values");
+        ensure!(
+            (words * 32) % bits as usize == 0,
+            "packed width {words} words is not a whole number of {bits}-bit values"
+        );
         let cols = words * 32 / bits as usize;
         ensure!(cols % group_size == 0, "{cols} columns are not a multiple of group_size {group_size}");
         let mut want = qs.clone();
@@ -153,14 +201,24 @@ impl Weight {
             "scales have shape {:?}, but bits={bits} and group_size={group_size} with packed weight {qs:?} need {want:?}",
             scales.shape()
         );
-        ensure!(biases.shape() == scales.shape(), "biases {:?} differ from scales {:?}", biases.shape(), scales.shape());
+        ensure!(
+            biases.shape() == scales.shape(),
+            "biases {:?} differ from scales {:?}",
+            biases.shape(),
+            scales.shape()
+        );
         ensure!(scales.dtype().is_float() && biases.dtype().is_float(), "scales and biases must be float tensors");
         Ok(Weight::Affine { q, scales, biases, bits, group_size, experts, rows, cols })
     }
 
     /// Check and build a GGUF block weight from its raw bytes.
     pub fn gguf(data: Tensor, ty: GgmlType, experts: usize, rows: usize, cols: usize) -> Result<Weight> {
-        ensure!(cols % ty.block_size() == 0, "row of {cols} elements is not a multiple of {}'s block size {}", ty.name(), ty.block_size());
+        ensure!(
+            cols % ty.block_size() == 0,
+            "row of {cols} elements is not a multiple of {}'s block size {}",
+            ty.name(),
+            ty.block_size()
+        );
         let need = experts * rows * ty.row_bytes(cols);
         ensure!(data.size_bytes() == need, "{} data is {} bytes, expected {need}", ty.name(), data.size_bytes());
         Ok(Weight::Gguf { data, ty, experts, rows, cols })
@@ -200,14 +258,20 @@ impl Weight {
     /// The reference path; the backends' kernels must agree with it.
     pub fn dequant_row(&self, expert: usize, row: usize, out: &mut [f32]) -> Result<()> {
         let (e, r, c) = self.dims();
-        ensure!(expert < e && row < r && out.len() == c, "dequant_row: ({expert}, {row}) of {e}x{r}x{c} into {}", out.len());
+        ensure!(
+            expert < e && row < r && out.len() == c,
+            "dequant_row: ({expert}, {row}) of {e}x{r}x{c} into {}",
+            out.len()
+        );
         let idx = expert * r + row;
         match self {
             Weight::Dense(t) => {
                 let range = idx * c..(idx + 1) * c;
                 match t.dtype() {
                     DType::F32 => out.copy_from_slice(&t.as_f32()?[range]),
-                    DType::BF16 => t.as_u16()?[range].iter().zip(out).for_each(|(&b, o)| *o = crate::dtype::bf16_to_f32(b)),
+                    DType::BF16 => {
+                        t.as_u16()?[range].iter().zip(out).for_each(|(&b, o)| *o = crate::dtype::bf16_to_f32(b))
+                    }
                     DType::F16 => t.as_u16()?[range].iter().zip(out).for_each(|(&b, o)| *o = f16_to_f32(b)),
                     d => bail!("dense weight of dtype {d}"),
                 }

@@ -1,0 +1,123 @@
+//! Hand-written AVX2/FMA row kernels for the packed formats that decide CPU
+//! decode speed (ggml Q4_0/Q4_1/Q8_0, MLX affine 4- and 8-bit). Each block of
+//! 32 weights is widened to f32 in registers, dequantized with one FMA and
+//! multiplied into four independent 8-lane accumulators.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+/// Horizontal sum of four accumulators.
+#[inline(always)]
+unsafe fn hsum(a: [__m256; 4]) -> f32 {
+    let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    _mm_cvtss_f32(h)
+}
+
+/// 8 bytes at `p` widened to 8 f32 (unsigned).
+#[inline(always)]
+unsafe fn u8x8(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+}
+
+/// `acc[k] += (q[k] * s + b) * x[8k..8k+8]` for the four 8-value parts of a block.
+#[inline(always)]
+unsafe fn accum(acc: &mut [__m256; 4], q: [__m256; 4], s: __m256, b: __m256, x: *const f32) {
+    for k in 0..4 {
+        let w = _mm256_fmadd_ps(q[k], s, b);
+        acc[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.add(8 * k)), acc[k]);
+    }
+}
+
+/// The f16 at byte `i` of a block, converted with F16C.
+#[inline(always)]
+unsafe fn f16(b: &[u8], i: usize) -> f32 {
+    let h = u16::from_le_bytes([b[i], b[i + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
+/// One row of Q4_0 (`bias = -8 d`) or Q4_1 (`bias = m`) blocks.
+///
+/// # Safety
+/// The processor supports AVX2, FMA and F16C; `x.len() >= 32 * blocks`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4_row(row: &[u8], x: &[f32], q4_1: bool) -> f32 {
+    let ts = if q4_1 { 20 } else { 18 };
+    let off = if q4_1 { 4 } else { 2 };
+    let mask = _mm_set1_epi8(0x0f);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (bi, blk) in row.chunks_exact(ts).enumerate() {
+        let d = f16(blk, 0);
+        let bias = if q4_1 { f16(blk, 2) } else { -8.0 * d };
+        let qs = _mm_loadu_si128(blk.as_ptr().add(off) as *const __m128i);
+        let lo = _mm_and_si128(qs, mask); // values 0..15
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask); // values 16..31
+        let q = [u8x8(lo), u8x8(_mm_srli_si128(lo, 8)), u8x8(hi), u8x8(_mm_srli_si128(hi, 8))];
+        accum(&mut acc, q, _mm256_set1_ps(d), _mm256_set1_ps(bias), x.as_ptr().add(32 * bi));
+    }
+    hsum(acc)
+}
+
+/// One row of Q8_0 blocks.
+///
+/// # Safety
+/// As [`q4_row`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_0_row(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let zero = _mm256_setzero_ps();
+    for (bi, blk) in row.chunks_exact(34).enumerate() {
+        let p = blk.as_ptr().add(2);
+        let mut q = [zero; 4];
+        for (k, qk) in q.iter_mut().enumerate() {
+            let v = _mm_loadl_epi64(p.add(8 * k) as *const __m128i);
+            *qk = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        }
+        accum(&mut acc, q, _mm256_set1_ps(f16(blk, 0)), zero, x.as_ptr().add(32 * bi));
+    }
+    hsum(acc)
+}
+
+/// One row of MLX affine 4-bit (`bits == 4`) or 8-bit (`bits == 8`) words;
+/// `sb(g)` gives group g's scale and bias.
+///
+/// # Safety
+/// As [`q4_row`]; `words` holds `cols * bits / 32` words, `group % 32 == 0`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn affine_row(words: &[u32], x: &[f32], bits: u32, group: usize, sb: impl Fn(usize) -> (f32, f32)) -> f32 {
+    let mask = _mm_set1_epi8(0x0f);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let bytes = words.as_ptr() as *const u8;
+    let chunks = words.len() * 32 / bits as usize / 32;
+    let per_group = group / 32;
+    let (mut s, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for c in 0..chunks {
+        if c % per_group == 0 {
+            let (sc, bi) = sb(c / per_group);
+            s = _mm256_set1_ps(sc);
+            b = _mm256_set1_ps(bi);
+        }
+        let q = if bits == 4 {
+            // byte k holds values 2k (low nibble) and 2k+1 (high nibble)
+            let v = _mm_loadu_si128(bytes.add(16 * c) as *const __m128i);
+            let lo = _mm_and_si128(v, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+            let a = _mm_unpacklo_epi8(lo, hi); // values 0..15
+            let z = _mm_unpackhi_epi8(lo, hi); // values 16..31
+            [u8x8(a), u8x8(_mm_srli_si128(a, 8)), u8x8(z), u8x8(_mm_srli_si128(z, 8))]
+        } else {
+            let p = bytes.add(32 * c);
+            [
+                u8x8(_mm_loadl_epi64(p as *const __m128i)),
+                u8x8(_mm_loadl_epi64(p.add(8) as *const __m128i)),
+                u8x8(_mm_loadl_epi64(p.add(16) as *const __m128i)),
+                u8x8(_mm_loadl_epi64(p.add(24) as *const __m128i)),
+            ]
+        };
+        accum(&mut acc, q, s, b, x.as_ptr().add(32 * c));
+    }
+    hsum(acc)
+}
