@@ -7,6 +7,10 @@
 
 use std::arch::x86_64::*;
 
+/// How far ahead of the current block to prefetch (bytes). Prefetching past
+/// the end of a row is harmless (it is a hint) and warms the next row.
+const PREFETCH: usize = 1024;
+
 /// Horizontal sum of four accumulators.
 #[inline(always)]
 unsafe fn hsum(a: [__m256; 4]) -> f32 {
@@ -50,6 +54,8 @@ pub unsafe fn q4_row(row: &[u8], x: &[f32], q4_1: bool) -> f32 {
     let mask = _mm_set1_epi8(0x0f);
     let mut acc = [_mm256_setzero_ps(); 4];
     for (bi, blk) in row.chunks_exact(ts).enumerate() {
+        // the hardware prefetcher alone leaves these loads waiting on memory
+        _mm_prefetch::<_MM_HINT_T0>(blk.as_ptr().wrapping_add(PREFETCH) as *const i8);
         let d = f16(blk, 0);
         let bias = if q4_1 { f16(blk, 2) } else { -8.0 * d };
         let qs = _mm_loadu_si128(blk.as_ptr().add(off) as *const __m128i);
@@ -70,6 +76,7 @@ pub unsafe fn q8_0_row(row: &[u8], x: &[f32]) -> f32 {
     let mut acc = [_mm256_setzero_ps(); 4];
     let zero = _mm256_setzero_ps();
     for (bi, blk) in row.chunks_exact(34).enumerate() {
+        _mm_prefetch::<_MM_HINT_T0>(blk.as_ptr().wrapping_add(PREFETCH) as *const i8);
         let p = blk.as_ptr().add(2);
         let mut q = [zero; 4];
         for (k, qk) in q.iter_mut().enumerate() {
@@ -100,6 +107,7 @@ pub unsafe fn affine_row(words: &[u32], x: &[f32], bits: u32, group: usize, sb: 
             s = _mm256_set1_ps(sc);
             b = _mm256_set1_ps(bi);
         }
+        _mm_prefetch::<_MM_HINT_T0>(bytes.wrapping_add(bits as usize * 4 * c + PREFETCH) as *const i8);
         let q = if bits == 4 {
             // byte k holds values 2k (low nibble) and 2k+1 (high nibble)
             let v = _mm_loadu_si128(bytes.add(16 * c) as *const __m128i);
