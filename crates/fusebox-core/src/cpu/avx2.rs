@@ -100,32 +100,30 @@ pub unsafe fn affine_row(words: &[u32], x: &[f32], bits: u32, group: usize, sb: 
     let bytes = words.as_ptr() as *const u8;
     let chunks = words.len() * 32 / bits as usize / 32;
     let per_group = group / 32;
-    let (mut s, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for c in 0..chunks {
-        if c % per_group == 0 {
-            let (sc, bi) = sb(c / per_group);
-            s = _mm256_set1_ps(sc);
-            b = _mm256_set1_ps(bi);
+    for g in 0..chunks / per_group {
+        let (sc, bi) = sb(g);
+        let (s, b) = (_mm256_set1_ps(sc), _mm256_set1_ps(bi));
+        for c in g * per_group..(g + 1) * per_group {
+            _mm_prefetch::<_MM_HINT_T0>(bytes.wrapping_add(bits as usize * 4 * c + PREFETCH) as *const i8);
+            let q = if bits == 4 {
+                // byte k holds values 2k (low nibble) and 2k+1 (high nibble)
+                let v = _mm_loadu_si128(bytes.add(16 * c) as *const __m128i);
+                let lo = _mm_and_si128(v, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                let a = _mm_unpacklo_epi8(lo, hi); // values 0..15
+                let z = _mm_unpackhi_epi8(lo, hi); // values 16..31
+                [u8x8(a), u8x8(_mm_srli_si128(a, 8)), u8x8(z), u8x8(_mm_srli_si128(z, 8))]
+            } else {
+                let p = bytes.add(32 * c);
+                [
+                    u8x8(_mm_loadl_epi64(p as *const __m128i)),
+                    u8x8(_mm_loadl_epi64(p.add(8) as *const __m128i)),
+                    u8x8(_mm_loadl_epi64(p.add(16) as *const __m128i)),
+                    u8x8(_mm_loadl_epi64(p.add(24) as *const __m128i)),
+                ]
+            };
+            accum(&mut acc, q, s, b, x.as_ptr().add(32 * c));
         }
-        _mm_prefetch::<_MM_HINT_T0>(bytes.wrapping_add(bits as usize * 4 * c + PREFETCH) as *const i8);
-        let q = if bits == 4 {
-            // byte k holds values 2k (low nibble) and 2k+1 (high nibble)
-            let v = _mm_loadu_si128(bytes.add(16 * c) as *const __m128i);
-            let lo = _mm_and_si128(v, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-            let a = _mm_unpacklo_epi8(lo, hi); // values 0..15
-            let z = _mm_unpackhi_epi8(lo, hi); // values 16..31
-            [u8x8(a), u8x8(_mm_srli_si128(a, 8)), u8x8(z), u8x8(_mm_srli_si128(z, 8))]
-        } else {
-            let p = bytes.add(32 * c);
-            [
-                u8x8(_mm_loadl_epi64(p as *const __m128i)),
-                u8x8(_mm_loadl_epi64(p.add(8) as *const __m128i)),
-                u8x8(_mm_loadl_epi64(p.add(16) as *const __m128i)),
-                u8x8(_mm_loadl_epi64(p.add(24) as *const __m128i)),
-            ]
-        };
-        accum(&mut acc, q, s, b, x.as_ptr().add(32 * c));
     }
     hsum(acc)
 }
