@@ -19,7 +19,7 @@ fn stderr(o: &Output) -> String {
 fn copy_model(name: &str) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join(name);
-    std::fs::create_dir(&dst).unwrap();
+    std::fs::create_dir_all(&dst).unwrap();
     for e in std::fs::read_dir(fixture(name)).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
@@ -216,5 +216,49 @@ fn help_explains_every_flag() {
         "--device",
     ] {
         assert!(h.contains(flag), "generate --help lacks {flag}");
+    }
+}
+
+#[test]
+fn gguf_bad_magic_and_truncation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("gguf/tiny-qwen3.gguf")).unwrap();
+    let bad = tmp.path().join("bad-magic.gguf");
+    let mut b = bytes.clone();
+    b[..4].copy_from_slice(b"GGML");
+    std::fs::write(&bad, b).unwrap();
+    assert_clean_error(&generate(&bad, &[]), &["bad-magic.gguf", "magic"]);
+    let cut = tmp.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_error(&generate(&cut, &[]), &["cut.gguf"]);
+}
+
+#[test]
+fn gguf_unknown_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(fixture("gguf/tiny-qwen3.gguf")).unwrap();
+    // general.architecture "qwen3" -> "qwenX": same length, unknown name
+    let pos = bytes.windows(5).position(|w| w == b"qwen3").unwrap();
+    bytes[pos + 4] = b'X';
+    let p = tmp.path().join("arch.gguf");
+    std::fs::write(&p, bytes).unwrap();
+    assert_clean_error(&generate(&p, &[]), &["arch.gguf", "qwenX"]);
+}
+
+#[test]
+fn mlx_scales_disagree_with_bits() {
+    let (_t, d) = copy_model("mlx/tiny-qwen3-4bit-g64");
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"bits\": 4", "\"bits\": 8");
+    std::fs::write(d.join("config.json"), cfg).unwrap();
+    assert_clean_error(&generate(&d, &[]), &["scales", "bits=8"]);
+}
+
+#[test]
+fn generate_runs_gguf_mlx_and_moe_models() {
+    for m in ["gguf/tiny-llama.gguf", "mlx/tiny-qwen3-moe-4bit-g64", "tiny-qwen3-moe"] {
+        let o = generate(&fixture(m), &["--seed", "3"]);
+        assert!(o.status.success(), "{m}: {}", stderr(&o));
+        let o = fusebox(&["inspect", "-m", fixture(m).to_str().unwrap()]);
+        assert!(o.status.success(), "{m}: {}", stderr(&o));
     }
 }
