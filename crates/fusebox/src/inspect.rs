@@ -71,6 +71,7 @@ pub fn run(a: Args) -> Result<()> {
             "vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings,
             "rope_theta": c.rope_theta, "rope_scaling": rope, "qk_norm": c.qk_norm,
             "tie_word_embeddings": c.tie_word_embeddings,
+            "moe": c.moe.as_ref().map(|m| json!({"num_experts": m.num_experts, "top_k": m.top_k, "intermediate_size": m.intermediate_size})),
             "parameters": params,
             "formats": dtypes.iter().map(|(t, n)| json!({"format": t, "parameters": n})).collect::<Vec<_>>(),
             "bytes_per_token": per_token,
@@ -92,6 +93,13 @@ pub fn run(a: Args) -> Result<()> {
         "shape          {} layers, hidden {}, {} heads / {} kv heads of {}, MLP {}, vocab {}",
         c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size
     );
+    if let Some(m) = &c.moe {
+        let sparse = (0..c.num_layers).filter(|&i| m.is_sparse(i)).count();
+        println!(
+            "experts        {} per MoE layer, top-{} per token, width {}; {sparse} of {} layers are MoE",
+            m.num_experts, m.top_k, m.intermediate_size, c.num_layers
+        );
+    }
     println!("context        {} (max_position_embeddings)", c.max_position_embeddings);
     println!("rope           theta {}, scaling {rope}", c.rope_theta);
     println!("parameters     {} ({params})", count(params));
