@@ -133,3 +133,44 @@ pub fn context_size(arg: Option<usize>, model: &fusebox_models::Model) -> Result
     }
     Ok(ctx)
 }
+
+/// Bytes in human units (B, KB, MB, GB; powers of 1000).
+pub fn human(bytes: usize) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.2} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} KB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// How the prompt is wrapped in the chat template (`generate` and `run`).
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// A system message placed before the prompt (chat template only).
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    /// Qwen3 templates: let the model think first (`enable_thinking=True`).
+    #[arg(long, conflicts_with = "no_think")]
+    pub think: bool,
+    /// Qwen3 templates: answer without thinking (`enable_thinking=False`).
+    #[arg(long)]
+    pub no_think: bool,
+}
+
+impl ChatArgs {
+    /// `enable_thinking` for the template (`None`: the template's default).
+    pub fn enable_thinking(&self) -> Option<bool> {
+        if self.think {
+            Some(true)
+        } else if self.no_think {
+            Some(false)
+        } else {
+            None
+        }
+    }
+}

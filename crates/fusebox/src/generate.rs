@@ -8,7 +8,7 @@ use fusebox_engine::{GenerateOptions, Session};
 use fusebox_models::{Message, Model, StreamDecoder};
 use serde_json::json;
 
-use crate::common::{context_size, ModelArgs, SamplingArgs};
+use crate::common::{context_size, ChatArgs, ModelArgs, SamplingArgs};
 
 /// Generate text from a prompt, streaming it to stdout as it is produced.
 ///
@@ -34,15 +34,8 @@ pub struct Args {
     /// Send the prompt as raw text, without the chat template.
     #[arg(long)]
     pub no_chat_template: bool,
-    /// A system message placed before the prompt (chat template only).
-    #[arg(long, value_name = "TEXT")]
-    pub system: Option<String>,
-    /// Qwen3 templates: let the model think first (`enable_thinking=True`).
-    #[arg(long, conflicts_with = "no_think")]
-    pub think: bool,
-    /// Qwen3 templates: answer without thinking (`enable_thinking=False`).
-    #[arg(long)]
-    pub no_think: bool,
+    #[command(flatten)]
+    pub chat: ChatArgs,
     /// Context length in tokens, prompt included (default: the model's
     /// max_position_embeddings, at most 4096).
     #[arg(short = 'c', long, value_name = "N")]
@@ -57,24 +50,18 @@ pub struct Args {
 
 /// The prompt's token ids (chat-templated unless told otherwise).
 pub fn prompt_ids(model: &Model, a: &Args) -> Result<Vec<u32>> {
-    let enable_thinking = if a.think {
-        Some(true)
-    } else if a.no_think {
-        Some(false)
-    } else {
-        None
-    };
+    let enable_thinking = a.chat.enable_thinking();
     match (&model.chat_template, a.no_chat_template) {
         (Some(t), false) => {
             let mut msgs = vec![];
-            if let Some(s) = &a.system {
+            if let Some(s) = &a.chat.system {
                 msgs.push(Message::new("system", s));
             }
             msgs.push(Message::new("user", &a.prompt));
             let text = t.render(&msgs, true, enable_thinking)?;
             model.tokenizer.encode(&text, false)
         }
-        (None, false) if a.system.is_some() => {
+        (None, false) if a.chat.system.is_some() => {
             bail!("--system needs a chat template, and {} has none", model.path.join("tokenizer_config.json").display())
         }
         _ => model.tokenizer.encode(&a.prompt, true),

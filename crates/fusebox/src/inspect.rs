@@ -6,7 +6,7 @@ use fusebox_core::RopeScaling;
 use fusebox_models::Model;
 use serde_json::json;
 
-use crate::common::ModelArgs;
+use crate::common::{human, ModelArgs};
 
 /// Describe a model: architecture, parameter count, dtypes, the weight bytes
 /// read per decoded token, and the KV-cache bytes per token of context.
@@ -17,19 +17,6 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-}
-
-fn human(bytes: usize) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.2} MB", b / 1e6)
-    } else if b >= 1e3 {
-        format!("{:.1} KB", b / 1e3)
-    } else {
-        format!("{bytes} B")
-    }
 }
 
 fn count(n: usize) -> String {

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::common::human;
 use anyhow::Result;
 use clap::Args as ClapArgs;
 use fusebox_models::mlx_quant::{quantize_dir, Progress, QuantizeOptions, MAX_SHARD_BYTES};
@@ -49,17 +50,6 @@ pub struct Args {
     pub force: bool,
 }
 
-fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.1} MB", b / 1e6)
-    } else {
-        format!("{:.1} kB", b / 1e3)
-    }
-}
-
 pub fn run(a: Args) -> Result<()> {
     let opts = QuantizeOptions {
         bits: a.bits,
@@ -88,8 +78,8 @@ pub fn run(a: Args) -> Result<()> {
         "fusebox: {} -> {}: {} -> {} ({:.3} bits per weight; {} quantized to {}-bit g{}, {} kept; {} file{}) in {:.1} s",
         a.from.display(),
         a.to.display(),
-        human(s.input_bytes),
-        human(s.output_bytes),
+        human(s.input_bytes as usize),
+        human(s.output_bytes as usize),
         s.bits_per_weight(),
         s.quantized,
         a.bits,

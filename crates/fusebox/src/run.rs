@@ -9,7 +9,7 @@ use fusebox_core::fixtures::assets_dir;
 use fusebox_engine::{GenerateOptions, Session, StopReason};
 use fusebox_models::{Message, Model, StreamDecoder};
 
-use crate::common::{backend, context_size, DeviceArg, SamplingArgs};
+use crate::common::{backend, context_size, ChatArgs, DeviceArg, SamplingArgs};
 
 /// The model `run` uses when none is given (fetched by scripts/fetch-assets.sh).
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -33,18 +33,11 @@ pub struct Args {
     /// Answer this one message and exit.
     #[arg(short, long, value_name = "TEXT")]
     pub prompt: Option<String>,
-    /// A system message at the start of the conversation.
-    #[arg(long, value_name = "TEXT")]
-    pub system: Option<String>,
     /// Maximum new tokens per answer.
     #[arg(short = 'n', long = "max-tokens", default_value_t = 512, value_name = "N", allow_negative_numbers = true)]
     pub max_tokens: usize,
-    /// Qwen3 templates: think before answering (`enable_thinking=True`).
-    #[arg(long, conflicts_with = "no_think")]
-    pub think: bool,
-    /// Qwen3 templates: answer without thinking (`enable_thinking=False`).
-    #[arg(long)]
-    pub no_think: bool,
+    #[command(flatten)]
+    pub chat: ChatArgs,
     /// Context length in tokens (default: the model's maximum, at most 4096).
     #[arg(short = 'c', long, value_name = "N")]
     pub ctx_size: Option<usize>,
@@ -81,16 +74,10 @@ pub fn run(a: Args) -> Result<()> {
     };
     let ctx = context_size(a.ctx_size, &model)?;
     let sampling = a.sampling.resolve(&model.generation, a.sampling.seed())?;
-    let enable_thinking = if a.think {
-        Some(true)
-    } else if a.no_think {
-        Some(false)
-    } else {
-        None
-    };
+    let enable_thinking = a.chat.enable_thinking();
     let opts = GenerateOptions { max_new_tokens: a.max_tokens, stop_ids: model.eos_token_ids(), sampling };
     let mut session = Session::new(&model.decoder, &be, ctx)?;
-    let mut history: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
+    let mut history: Vec<Message> = a.chat.system.iter().map(|s| Message::new("system", s)).collect();
     let interactive = a.prompt.is_none();
     if interactive {
         eprintln!(

@@ -262,3 +262,49 @@ fn generate_runs_gguf_mlx_and_moe_models() {
         assert!(o.status.success(), "{m}: {}", stderr(&o));
     }
 }
+
+#[test]
+fn run_without_model_or_asset_says_how_to_fetch() {
+    let empty = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fusebox"))
+        .args(["run", "-p", "Hi"])
+        .env("FUSEBOX_ASSETS", empty.path())
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["scripts/fetch-assets.sh", "-m PATH"]);
+}
+
+#[test]
+fn run_answers_with_the_default_model() {
+    if fusebox_core::fixtures::asset_or_skip(
+        "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "run_answers_with_the_default_model",
+    )
+    .is_none()
+    {
+        return;
+    }
+    let o = fusebox(&["run", "-p", "What is the capital of France?", "-n", "32", "--temp", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Paris"), "{}", String::from_utf8_lossy(&o.stdout));
+    // interactive: two turns (the second reuses the cached conversation), /clear, then EOF
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fusebox"))
+        .args(["run", "-n", "24", "--temp", "0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\nAnd of Italy?\n/clear\nWhat is 2+2?\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Paris") && out.contains("Rome"), "{out}");
+    assert!(stderr(&o).contains("(new conversation)"));
+}
