@@ -163,3 +163,41 @@ fn smollm2_matches_transformers() {
     assert_eq!(out.tokens, want);
     assert!(model.tokenizer.decode(&out.tokens, true).unwrap().contains("Paris"));
 }
+
+#[test]
+fn mlx_affine_dequantizes_like_mx_dequantize() {
+    use fusebox_core::{Backend, DType, Tensor};
+    let ck = Checkpoint::open_files(&[fixture("mlx-quant/cases.safetensors")]).unwrap();
+    let be = be();
+    let mut n = 0;
+    for bits in [2, 3, 4, 5, 6, 8] {
+        for gs in [32, 64, 128] {
+            let k = format!("b{bits}_g{gs}");
+            let w = Weight::affine(
+                ck.get(&format!("{k}.q")).unwrap(),
+                ck.get(&format!("{k}.scales")).unwrap(),
+                ck.get(&format!("{k}.biases")).unwrap(),
+                bits,
+                gs,
+            )
+            .unwrap();
+            let want = ck.get(&format!("{k}.deq")).unwrap().to_f32_vec().unwrap();
+            let (_, rows, cols) = w.dims();
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
+                w.dequant_row(0, r, &mut row).unwrap();
+                assert_eq!(&row[..], &want[r * cols..(r + 1) * cols], "{k} row {r}");
+            }
+            // the CPU GEMV on the packed data agrees with a GEMV on mx.dequantize's output
+            let x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+            let mut out = Tensor::zeros(&[1, rows], DType::F32);
+            be.matmul(&Tensor::from_f32(&[1, cols], &x).unwrap(), &w, &mut out).unwrap();
+            let reff: Vec<f32> = (0..rows)
+                .map(|r| want[r * cols..(r + 1) * cols].iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32)
+                .collect();
+            assert!(rel_err(out.as_f32().unwrap(), &reff) < 1e-5, "{k} GEMV");
+            n += 1;
+        }
+    }
+    assert_eq!(n, 18);
+}
