@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod mlx_quant;
 pub mod safetensors;
 pub mod source;
+pub mod synthetic;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};

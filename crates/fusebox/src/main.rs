@@ -1,5 +1,6 @@
 //! The `fusebox` command-line interface.
 
+mod bench;
 mod common;
 mod generate;
 mod inspect;
@@ -31,6 +32,8 @@ enum Command {
     Generate(generate::Args),
     /// Describe a model: architecture, size, dtype, bytes per token.
     Inspect(inspect::Args),
+    /// Measure prefill and decode speed against the memory roofline.
+    Bench(bench::Args),
     /// Quantize a Hugging Face model to an MLX affine checkpoint (like `mlx_lm.convert -q`).
     Quantize(quantize::Args),
 }
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -308,3 +308,51 @@ fn run_answers_with_the_default_model() {
     assert!(out.contains("Paris") && out.contains("Rome"), "{out}");
     assert!(stderr(&o).contains("(new conversation)"));
 }
+
+#[test]
+fn bench_writes_json_and_never_overwrites() {
+    let out = tempfile::tempdir().unwrap();
+    let m = fixture("tiny-qwen3");
+    let args = [
+        "bench",
+        "-m",
+        m.to_str().unwrap(),
+        "--prompt-len",
+        "16",
+        "--gen",
+        "8",
+        "--reps",
+        "2",
+        "--out-dir",
+        out.path().to_str().unwrap(),
+    ];
+    for _ in 0..2 {
+        let o = fusebox(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("% of it"));
+    }
+    let files: Vec<_> = walk(out.path());
+    assert_eq!(files.len(), 2, "{files:?}");
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
+    for k in
+        ["decode_tok_s", "prefill_tok_s", "copy_bandwidth_bytes_s", "roofline_fraction", "commit", "command", "device"]
+    {
+        assert!(!j[k].is_null(), "missing {k}");
+    }
+    assert_clean_error(&fusebox(&["bench", "--synthetic", "gpt-9"]), &["gpt-9", "qwen3-0.6b"]);
+    assert_clean_error(&fusebox(&["bench", "--synthetic", "qwen3-0.6b", "--quant", "q3"]), &["--quant", "q3"]);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut v = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            v.extend(walk(&p));
+        } else {
+            v.push(p);
+        }
+    }
+    v.sort();
+    v
+}

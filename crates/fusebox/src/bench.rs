@@ -1,0 +1,233 @@
+//! `fusebox bench`: prefill and decode speed against the memory roofline.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use fusebox_engine::{GenerateOptions, SamplingParams, Session};
+use fusebox_models::synthetic::{self, Quant, SyntheticSource};
+use fusebox_models::{Decoder, Model};
+use rayon::prelude::*;
+use serde_json::json;
+
+use crate::common::{backend, human, DeviceArg};
+
+/// Measure prefill and decode speed, and compare decode with the memory
+/// roofline: weight (and KV-cache) bytes read per token over the copy
+/// bandwidth measured in the same process.
+///
+/// Runs a warm-up, then --reps repetitions of: prefill --prompt-len random
+/// tokens, decode --gen tokens greedily. Prints a table and writes a JSON file
+/// under --out-dir/<device>/<model>-<UTC time>.json (never overwriting).
+#[derive(ClapArgs, Debug)]
+#[command(
+    after_help = "Examples:\n  fusebox bench --synthetic qwen3-0.6b --quant q4g64\n  fusebox bench -m ~/.cache/fusebox/assets/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf --prompt-len 128 --gen 64"
+)]
+pub struct Args {
+    /// A model directory or .gguf file to measure.
+    #[arg(short, long, value_name = "PATH", conflicts_with = "synthetic", required_unless_present = "synthetic")]
+    pub model: Option<PathBuf>,
+    /// Random weights of a real model's exact shape, built in memory:
+    /// qwen3-0.6b, qwen3-8b, qwen3-30b-a3b or llama-3.1-8b.
+    #[arg(long, value_name = "SHAPE")]
+    pub synthetic: Option<String>,
+    /// Weight format of a synthetic model: bf16, q4g64 or q8g64 (MLX affine).
+    #[arg(long, default_value = "bf16", value_name = "FORMAT")]
+    pub quant: String,
+    /// Prompt tokens per repetition.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub prompt_len: usize,
+    /// Generated tokens per repetition.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    pub gen: usize,
+    /// Timed repetitions (after one warm-up).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub reps: usize,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "bench-results", value_name = "DIR")]
+    pub out_dir: PathBuf,
+    /// Device to run on.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// CPU worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub threads: usize,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Host memory copy bandwidth with `threads` threads, counting bytes read
+/// and written (the same convention as a GPU device-to-device copy).
+fn copy_bandwidth(threads: usize) -> Result<f64> {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let n = 256 << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let mut times = vec![];
+    for i in 0..6 {
+        let t = Instant::now();
+        pool.install(|| {
+            dst.par_chunks_mut(1 << 20).zip(src.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s))
+        });
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    std::hint::black_box(&dst);
+    Ok(2.0 * n as f64 / median(&mut times))
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn slug(s: &str) -> String {
+    let s: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' }).collect();
+    s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-")
+}
+
+/// `YYYYMMDDTHHMMSSZ` for now (UTC).
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.prompt_len == 0 || a.gen == 0 || a.reps == 0 {
+        bail!("--prompt-len, --gen and --reps must be at least 1");
+    }
+    let be = backend(a.device, a.threads)?;
+    let threads = be.threads();
+    let loaded;
+    let synth;
+    let (decoder, name): (&Decoder, String) = match (&a.model, &a.synthetic) {
+        (Some(p), _) => {
+            loaded = Model::load(p, &be)?;
+            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            (&loaded.decoder, stem)
+        }
+        (None, Some(shape)) => {
+            let quant = Quant::parse(&a.quant)?;
+            let cfg = synthetic::config(shape)?;
+            eprintln!("fusebox: building random {shape} weights ({}) in memory...", a.quant);
+            synth = Decoder::load(cfg, &SyntheticSource::new(quant), &be)?;
+            (&synth, format!("{shape}-{}", a.quant))
+        }
+        (None, None) => bail!("give -m PATH or --synthetic SHAPE"),
+    };
+    let cfg = &decoder.cfg;
+    let ctx = a.prompt_len + a.gen;
+    if ctx > cfg.max_position_embeddings {
+        bail!("--prompt-len + --gen = {ctx} exceeds the model's context of {}", cfg.max_position_embeddings);
+    }
+    eprintln!("fusebox: measuring copy bandwidth...");
+    let bw = copy_bandwidth(threads)?;
+    let weight_bytes = decoder.bytes_per_token();
+    // KV bytes read per decoded token, averaged over the decode (f32 cache on the CPU)
+    let kv_bytes = cfg.kv_bytes_per_token(4) * (a.prompt_len + a.gen / 2);
+    let bytes = weight_bytes + kv_bytes;
+    let roofline = bw / bytes as f64;
+
+    // deterministic random prompt
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let prompt: Vec<u32> = (0..a.prompt_len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % cfg.vocab_size as u64) as u32
+        })
+        .collect();
+    let opts = GenerateOptions { max_new_tokens: a.gen, stop_ids: vec![], sampling: SamplingParams::greedy() };
+    let mut session = Session::new(decoder, &be, ctx)?;
+    eprintln!("fusebox: warm-up...");
+    session.generate(
+        &prompt[..prompt.len().min(32)],
+        &GenerateOptions { max_new_tokens: 8, ..opts.clone() },
+        |_| Ok(true),
+    )?;
+    let (mut pre, mut dec) = (vec![], vec![]);
+    for r in 0..a.reps {
+        session.reset();
+        let out = session.generate(&prompt, &opts, |_| Ok(true))?;
+        eprintln!("  rep {}: prefill {:.1} tok/s, decode {:.1} tok/s", r + 1, out.prefill_tok_s(), out.decode_tok_s());
+        pre.push(out.prefill_tok_s());
+        dec.push(out.decode_tok_s());
+    }
+    let (pmin, pmax) = (pre.iter().copied().fold(f64::MAX, f64::min), pre.iter().copied().fold(0.0, f64::max));
+    let (dmin, dmax) = (dec.iter().copied().fold(f64::MAX, f64::min), dec.iter().copied().fold(0.0, f64::max));
+    let (pmed, dmed) = (median(&mut pre), median(&mut dec));
+    let device = format!("{} ({threads} threads)", cpu_name());
+    let commit = git_commit();
+    println!("model           {name}");
+    println!("device          {device}");
+    println!("commit          {commit}");
+    println!("prefill         {pmed:.1} tok/s median ({pmin:.1}-{pmax:.1}), {} tokens", a.prompt_len);
+    println!("decode          {dmed:.1} tok/s median ({dmin:.1}-{dmax:.1}), {} tokens", a.gen);
+    println!("bytes/token     {} weights + {} KV = {}", human(weight_bytes), human(kv_bytes), human(bytes));
+    println!("copy bandwidth  {:.1} GB/s (read + write, measured now)", bw / 1e9);
+    println!("roofline        {roofline:.1} tok/s -> decode at {:.0}% of it", 100.0 * dmed / roofline);
+
+    let result = json!({
+        "model": name, "device": device, "backend": fusebox_core::Backend::name(&be), "commit": commit,
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "utc": utc_stamp(), "prompt_len": a.prompt_len, "gen": a.gen, "reps": a.reps,
+        "prefill_tok_s": {"median": pmed, "min": pmin, "max": pmax},
+        "decode_tok_s": {"median": dmed, "min": dmin, "max": dmax},
+        "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
+        "copy_bandwidth_bytes_s": bw, "roofline_tok_s": roofline, "roofline_fraction": dmed / roofline,
+    });
+    let dir = a.out_dir.join(slug(&device));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let base = format!("{}-{}", slug(&name), utc_stamp());
+    for i in 0.. {
+        let path = dir.join(if i == 0 { format!("{base}.json") } else { format!("{base}-{i}.json") });
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(mut f) => {
+                use std::io::Write;
+                writeln!(f, "{}", serde_json::to_string_pretty(&result)?)?;
+                println!("wrote           {}", path.display());
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot write {}", path.display())),
+        }
+    }
+    Ok(())
+}
