@@ -8,6 +8,7 @@
 //! * [`fixtures`]: how tests find `tests/fixtures` and the fetched assets.
 
 pub mod backend;
+pub mod clock;
 pub mod cpu;
 pub mod dtype;
 pub mod fixtures;

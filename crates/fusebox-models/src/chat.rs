@@ -163,18 +163,8 @@ impl ChatTemplate {
 /// Today's date for templates that call `strftime_now` (UTC; `%d %b %Y`-style
 /// formats are what chat templates use).
 fn strftime_today(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let days = (secs / 86400) as i64;
-    // civil-from-days (Howard Hinnant's algorithm)
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let now = fusebox_core::clock::Utc::now();
+    let (y, m, d) = (now.year, now.month, now.day);
     const MONTHS: [&str; 12] = [
         "January",
         "February",

@@ -102,22 +102,6 @@ fn slug(s: &str) -> String {
     s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-")
 }
 
-/// `YYYYMMDDTHHMMSSZ` for now (UTC).
-fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 fn git_commit() -> String {
     std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -207,7 +191,7 @@ pub fn run(a: Args) -> Result<()> {
     let result = json!({
         "model": name, "device": device, "backend": fusebox_core::Backend::name(&be), "commit": commit,
         "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "utc": utc_stamp(), "prompt_len": a.prompt_len, "gen": a.gen, "reps": a.reps,
+        "utc": fusebox_core::clock::Utc::now().stamp(), "prompt_len": a.prompt_len, "gen": a.gen, "reps": a.reps,
         "prefill_tok_s": {"median": pmed, "min": pmin, "max": pmax},
         "decode_tok_s": {"median": dmed, "min": dmin, "max": dmax},
         "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
@@ -215,7 +199,7 @@ pub fn run(a: Args) -> Result<()> {
     });
     let dir = a.out_dir.join(slug(&device));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let base = format!("{}-{}", slug(&name), utc_stamp());
+    let base = format!("{}-{}", slug(&name), fusebox_core::clock::Utc::now().stamp());
     for i in 0.. {
         let path = dir.join(if i == 0 { format!("{base}.json") } else { format!("{base}-{i}.json") });
         match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
