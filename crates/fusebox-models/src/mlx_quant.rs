@@ -156,7 +156,8 @@ fn quantize_row(w: &[f32], bits: u32, group_size: usize, q: &mut [u32], scales: 
     debug_assert!(nacc == 0 && wi == q.len());
 }
 
-/// `mx.dequantize`: `scale * q + bias` per group, for one quantized matrix.
+/// `mx.dequantize`: `scale * q + bias` per group, for one quantized matrix
+/// (through the runtime's own reference dequantizer, `Weight::dequant_row`).
 pub fn dequantize_affine(
     q: &[u32],
     scales: &[f32],
@@ -164,19 +165,23 @@ pub fn dequantize_affine(
     cols: usize,
     bits: u32,
     group_size: usize,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
+    use fusebox_core::{DType, Tensor, Weight};
     let words = cols * bits as usize / 32;
-    let groups = cols / group_size;
     let rows = q.len() / words.max(1);
-    let mut out = Vec::with_capacity(rows * cols);
-    for r in 0..rows {
-        let qr = &q[r * words..(r + 1) * words];
-        for i in 0..cols {
-            let g = r * groups + i / group_size;
-            out.push(scales[g] * fusebox_core::quant::unpack(qr, bits, i) as f32 + biases[g]);
-        }
+    let groups = cols / group_size;
+    let w = Weight::affine(
+        Tensor::from_bytes(&[rows, words], DType::U32, bytemuck::cast_slice(q))?,
+        Tensor::from_f32(&[rows, groups], scales)?,
+        Tensor::from_f32(&[rows, groups], biases)?,
+        bits,
+        group_size,
+    )?;
+    let mut out = vec![0f32; rows * cols];
+    for (r, row) in out.chunks_exact_mut(cols).enumerate() {
+        w.dequant_row(0, r, row)?;
     }
-    out
+    Ok(out)
 }
 
 /// Settings of [`quantize_dir`].
@@ -1053,7 +1058,7 @@ mod tests {
         let (q, s, b) = quantize_affine(&w, 1, 32, 4, 32);
         assert_eq!(b, vec![31.0]);
         assert_eq!(s, vec![31.0f32 / -15.0]);
-        let deq = dequantize_affine(&q, &s, &b, 32, 4, 32);
+        let deq = dequantize_affine(&q, &s, &b, 32, 4, 32).unwrap();
         assert_eq!(deq[31], 31.0);
         assert_eq!(fusebox_core::quant::unpack(&q, 4, 31), 0);
         assert_eq!(fusebox_core::quant::unpack(&q, 4, 0), 15);
@@ -1069,7 +1074,7 @@ mod tests {
             let cols = 128;
             let w: Vec<f32> = (0..2 * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
             let (q, s, b) = quantize_affine(&w, 2, cols, bits, 32);
-            let deq = dequantize_affine(&q, &s, &b, cols, bits, 32);
+            let deq = dequantize_affine(&q, &s, &b, cols, bits, 32).unwrap();
             let words = cols * bits as usize / 32;
             for r in 0..2 {
                 let vals: Vec<u32> = (0..cols).map(|i| fusebox_core::quant::unpack(&q[r * words..], bits, i)).collect();

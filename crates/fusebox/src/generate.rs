@@ -90,7 +90,7 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!(
             "fusebox: {} on {} | {} prompt tokens | seed {seed}",
             model.path.display(),
-            be_name(&be),
+            fusebox_core::Backend::name(&be),
             prompt.len()
         );
     }
@@ -143,8 +143,4 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn be_name(be: &dyn fusebox_core::Backend) -> String {
-    be.name()
 }

@@ -83,7 +83,7 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!(
             "fusebox: chatting with {} on {} (/clear: new conversation, /exit or Ctrl-D: quit)",
             path.display(),
-            be_name(&be)
+            fusebox_core::Backend::name(&be)
         );
     }
     let stdin = std::io::stdin();
@@ -153,8 +153,4 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn be_name(be: &dyn fusebox_core::Backend) -> String {
-    be.name()
 }

@@ -7,7 +7,7 @@
 
 use anyhow::{bail, Result};
 
-use crate::dtype::{bf16_to_f32, DType};
+use crate::dtype::{bf16_to_f32, f16_to_f32, DType};
 use crate::quant::{ggml, GgmlType, Weight};
 use crate::tensor::Tensor;
 
@@ -33,7 +33,7 @@ impl<'a> Floats<'a> {
         match self {
             Floats::F32(v) => v[i],
             Floats::Bf16(v) => bf16_to_f32(v[i]),
-            Floats::F16(v) => f16_bits_to_f32(v[i]),
+            Floats::F16(v) => f16_to_f32(v[i]),
         }
     }
 }
@@ -210,29 +210,7 @@ pub struct GgmlRows<'a> {
 
 #[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16_bits_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
-}
-
-/// f16 → f32 by bit manipulation (exact, handles subnormals, inf and NaN),
-/// so it inlines into the vectorised loops.
-#[inline(always)]
-fn f16_bits_to_f32(h: u16) -> f32 {
-    let sign = ((h as u32) & 0x8000) << 16;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let man = (h & 0x3ff) as u32;
-    let bits = if exp == 0 {
-        if man == 0 {
-            sign
-        } else {
-            // subnormal: value = man * 2^-24
-            return f32::from_bits(sign) + (man as f32) * (1.0 / 16_777_216.0) * if sign != 0 { -1.0 } else { 1.0 };
-        }
-    } else if exp == 31 {
-        sign | 0x7f80_0000 | (man << 13)
-    } else {
-        sign | ((exp + 112) << 23) | (man << 13)
-    };
-    f32::from_bits(bits)
+    f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 
 #[inline(always)]
