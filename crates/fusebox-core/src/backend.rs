@@ -39,8 +39,56 @@ pub trait Backend: Send + Sync {
     fn run(&self, f: &mut (dyn FnMut() -> Result<()> + Send)) -> Result<()> {
         f()
     }
+    /// Run one forward pass that repeats with the same buffers (the decode
+    /// step). `key` names the buffers (the caller changes it whenever any
+    /// buffer the pass touches is reallocated). A device backend may record
+    /// the pass as a graph and replay it instead of calling `f`, so `f` must
+    /// take every per-step value from device tensors written before the call.
+    fn run_graph(&self, key: u64, f: &mut (dyn FnMut() -> Result<()> + Send)) -> Result<()> {
+        let _ = key;
+        self.run(f)
+    }
     /// Overwrite an `I32` tensor (token ids, positions) from host values.
     fn write_i32(&self, t: &mut Tensor, data: &[i32]) -> Result<()>;
+    /// Overwrite an `F32` tensor from host values.
+    fn write_f32(&self, t: &mut Tensor, data: &[f32]) -> Result<()>;
+    /// Read an `I32` tensor to the host (waits for the device).
+    fn read_i32(&self, t: &Tensor, out: &mut Vec<i32>) -> Result<()>;
+    /// Wait until all queued work has finished.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The element type of the KV cache on this backend.
+    fn kv_dtype(&self) -> DType {
+        DType::F32
+    }
+    /// Put a weight on the device, in the layout this backend's kernels
+    /// read (a device backend may convert formats it has no kernel for).
+    fn upload_weight(&self, w: Weight) -> Result<Weight> {
+        Ok(match w {
+            Weight::Dense(t) => Weight::Dense(self.upload(t)?),
+            Weight::Affine { q, scales, biases, bits, group_size, experts, rows, cols } => Weight::Affine {
+                q: self.upload(q)?,
+                scales: self.upload(scales)?,
+                biases: self.upload(biases)?,
+                bits,
+                group_size,
+                experts,
+                rows,
+                cols,
+            },
+            Weight::Gguf { data, ty, experts, rows, cols } => {
+                Weight::Gguf { data: self.upload(data)?, ty, experts, rows, cols }
+            }
+        })
+    }
+    /// Fill a tensor with pseudo-random values from `seed` (synthetic
+    /// benchmark weights): floats uniform in `[lo, hi)`, integer types with
+    /// uniformly random bits.
+    fn fill_random(&self, t: &mut Tensor, seed: u64, lo: f32, hi: f32) -> Result<()>;
+    /// Device-to-device copy bandwidth in GB/s (bytes read plus bytes
+    /// written per second), measured now: the roofline's denominator.
+    fn copy_bandwidth(&self) -> Result<f64>;
 
     /// `out[i, :] = table[ids[i], :]` (any weight format, dequantized).
     fn embedding(&self, table: &Weight, ids: &Tensor, out: &mut Tensor) -> Result<()>;
@@ -82,4 +130,18 @@ pub trait Backend: Send + Sync {
     fn argmax(&self, x: &Tensor, out: &mut Tensor) -> Result<()>;
     /// Copy `n` rows of `src` starting at `src_row` into `dst` starting at `dst_row`.
     fn copy_rows(&self, src: &Tensor, src_row: usize, dst: &mut Tensor, dst_row: usize, n: usize) -> Result<()>;
+    /// Draw one token from the last row of `logits` (see [`crate::sample`]).
+    /// `params` is the `F32 [SAMPLE_PARAMS]` block written by
+    /// [`crate::sample::encode_params`]; `history` (`I32 [cap]`) holds the
+    /// context so far and `state` (`I32 [2]`: history length, draw counter)
+    /// how much of it is valid. The token goes to `out[0]` and is appended to
+    /// the history; the counter advances, so a graph replay draws afresh.
+    fn sample(
+        &self,
+        logits: &Tensor,
+        params: &Tensor,
+        history: &mut Tensor,
+        state: &mut Tensor,
+        out: &mut Tensor,
+    ) -> Result<()>;
 }

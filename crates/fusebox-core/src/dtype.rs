@@ -75,3 +75,23 @@ pub fn f16_to_f32(b: u16) -> f32 {
 pub fn f32_to_f16(x: f32) -> u16 {
     half::f16::from_f32(x).to_bits()
 }
+
+/// splitmix64: the mixing function behind [`random_bits`].
+pub const fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e3779b97f4a7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
+    x ^ (x >> 31)
+}
+
+/// Element `i` of the random stream `seed` (the same on every backend, so a
+/// synthetic model has the same weights on CPU and GPU).
+pub const fn random_bits(seed: u64, i: u64) -> u64 {
+    splitmix64(seed ^ splitmix64(i))
+}
+
+/// Element `i` of the stream `seed` as a float uniform in `[lo, hi)`.
+pub fn random_f32(seed: u64, i: u64, lo: f32, hi: f32) -> f32 {
+    let u = (random_bits(seed, i) >> 40) as f32 * (1.0 / 16777216.0);
+    lo + (hi - lo) * u
+}

@@ -43,6 +43,20 @@ pub enum Storage {
     Host(AlignedBytes),
     /// A read-only window `[offset, offset+len)` of a memory-mapped file.
     Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    /// GPU memory. Cloning the tensor shares the buffer (the clone is a
+    /// second handle, not a copy).
+    Device(DeviceBuf),
+}
+
+/// A device allocation, freed when the last handle is dropped.
+#[derive(Clone)]
+pub struct DeviceBuf {
+    /// The device address of the first byte.
+    pub ptr: u64,
+    /// Size in bytes.
+    pub len: usize,
+    /// The owner of the allocation (the backend's buffer type).
+    pub owner: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 /// An n-dimensional, row-major, contiguous tensor.
@@ -58,6 +72,7 @@ impl std::fmt::Debug for Tensor {
         let place = match self.storage {
             Storage::Host(_) => "host",
             Storage::Mapped { .. } => "mapped",
+            Storage::Device(_) => "device",
         };
         write!(f, "Tensor({:?}, {}, {place})", self.shape, self.dtype)
     }
@@ -110,6 +125,29 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), dtype, storage })
     }
 
+    /// A tensor in device memory (used by device backends).
+    pub fn from_device(shape: &[usize], dtype: DType, buf: DeviceBuf) -> Result<Tensor> {
+        ensure!(
+            buf.len >= numel_of(shape) * dtype.size(),
+            "device buffer of {} bytes is too small for {shape:?} {dtype}",
+            buf.len
+        );
+        Ok(Tensor { shape: shape.to_vec(), dtype, storage: Storage::Device(buf) })
+    }
+
+    /// The device address of a device tensor.
+    pub fn device_ptr(&self) -> Result<u64> {
+        match &self.storage {
+            Storage::Device(b) => Ok(b.ptr),
+            _ => bail!("tensor {:?} {} is in host memory, expected it on the GPU", self.shape, self.dtype),
+        }
+    }
+
+    /// True when the bytes live in device memory.
+    pub fn is_device(&self) -> bool {
+        matches!(self.storage, Storage::Device(_))
+    }
+
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -152,6 +190,9 @@ impl Tensor {
         match &self.storage {
             Storage::Host(b) => Ok(b.bytes()),
             Storage::Mapped { map, offset, len } => Ok(&map[*offset..*offset + *len]),
+            Storage::Device(_) => {
+                bail!("tensor {:?} {} is in GPU memory; read it through the backend", self.shape, self.dtype)
+            }
         }
     }
 
@@ -160,6 +201,9 @@ impl Tensor {
         match &mut self.storage {
             Storage::Host(b) => Ok(b.bytes_mut()),
             Storage::Mapped { .. } => bail!("tensor {:?} is a read-only file mapping", self.shape),
+            Storage::Device(_) => {
+                bail!("tensor {:?} {} is in GPU memory; write it through the backend", self.shape, self.dtype)
+            }
         }
     }
 

@@ -197,6 +197,77 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn write_f32(&self, t: &mut Tensor, data: &[f32]) -> Result<()> {
+        let dst = t.as_f32_mut()?;
+        ensure!(dst.len() >= data.len(), "write_f32: {} values into a tensor of {}", data.len(), dst.len());
+        dst[..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read_i32(&self, t: &Tensor, out: &mut Vec<i32>) -> Result<()> {
+        out.clear();
+        out.extend_from_slice(t.as_i32()?);
+        Ok(())
+    }
+
+    fn fill_random(&self, t: &mut Tensor, seed: u64, lo: f32, hi: f32) -> Result<()> {
+        let dtype = t.dtype();
+        let bytes = t.host_bytes_mut()?;
+        let val = |i: usize| crate::dtype::random_f32(seed, i as u64, lo, hi);
+        match dtype {
+            DType::F32 => {
+                bytemuck::cast_slice_mut::<u8, f32>(bytes).par_iter_mut().enumerate().for_each(|(i, v)| *v = val(i))
+            }
+            DType::BF16 => bytemuck::cast_slice_mut::<u8, u16>(bytes)
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = crate::dtype::f32_to_bf16(val(i))),
+            DType::F16 => bytemuck::cast_slice_mut::<u8, u16>(bytes)
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = crate::dtype::f32_to_f16(val(i))),
+            _ => {
+                ensure!(bytes.len() % 4 == 0, "fill_random: {} bytes is not whole words", bytes.len());
+                bytemuck::cast_slice_mut::<u8, u32>(bytes)
+                    .par_iter_mut()
+                    .enumerate()
+                    .for_each(|(i, v)| *v = crate::dtype::random_bits(seed, i as u64) as u32)
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_bandwidth(&self) -> Result<f64> {
+        let n = 256 << 20;
+        let src = vec![1u8; n];
+        let mut dst = vec![0u8; n];
+        let mut times = vec![];
+        for i in 0..6 {
+            let t = std::time::Instant::now();
+            self.pool.install(|| {
+                dst.par_chunks_mut(1 << 20).zip(src.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s))
+            });
+            if i > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        std::hint::black_box(&dst);
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Ok(2.0 * n as f64 / times[times.len() / 2] / 1e9)
+    }
+
+    fn sample(
+        &self,
+        logits: &Tensor,
+        params: &Tensor,
+        history: &mut Tensor,
+        state: &mut Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let _ = (logits, params, history, state, out);
+        bail!("cpu sample: not written yet")
+    }
+
     fn embedding(&self, table: &Weight, ids: &Tensor, out: &mut Tensor) -> Result<()> {
         let (experts, vocab, dim) = table.dims();
         ensure!(experts == 1 && vocab > 0, "embedding: table must be 2-D, got {:?}", table.dims());

@@ -1,0 +1,72 @@
+// common.cuh: types and helpers shared by every fusebox kernel file.
+// NVRTC compiles each .cu file with this header spliced in; no CUDA headers
+// are needed, so the kernels build with nothing but libnvrtc.
+typedef unsigned short bf16_t;   // raw bfloat16 bits
+typedef unsigned short f16_t;    // raw IEEE half bits
+typedef unsigned int u32;
+typedef unsigned long long u64;
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t x) { return __uint_as_float(((u32)x) << 16); }
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                                         // round to nearest even
+    return (bf16_t)(u >> 16);
+}
+__device__ __forceinline__ float f16_to_f32(f16_t x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+}
+__device__ __forceinline__ f16_t f32_to_f16(float f) {
+    f16_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// Element-type tags for templates: 0 = f32, 1 = f16, 2 = bf16.
+template <int T> struct Elem;
+template <> struct Elem<0> { typedef float t; static __device__ __forceinline__ float load(const float* p, long i) { return p[i]; } };
+template <> struct Elem<1> { typedef f16_t t; static __device__ __forceinline__ float load(const f16_t* p, long i) { return f16_to_f32(p[i]); } };
+template <> struct Elem<2> { typedef bf16_t t; static __device__ __forceinline__ float load(const bf16_t* p, long i) { return bf16_to_f32(p[i]); } };
+
+__device__ __forceinline__ float load_any(const void* p, int dtype, long i) {
+    if (dtype == 0) return ((const float*)p)[i];
+    if (dtype == 1) return f16_to_f32(((const f16_t*)p)[i]);
+    return bf16_to_f32(((const bf16_t*)p)[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over a block whose size is a multiple of 32 (at most 1024). `scratch`
+// holds 32 floats of shared memory. Every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nw ? scratch[lane] : 0.f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nw ? scratch[lane] : -INFINITY;
+    return warp_max(v);
+}

@@ -1,0 +1,2 @@
+// gemv.cu
+#include "common.cuh"

@@ -1,0 +1,2 @@
+// moe.cu
+#include "common.cuh"

@@ -1,0 +1,2 @@
+// sample.cu
+#include "common.cuh"

@@ -1,0 +1,40 @@
+//! Every kernel file compiles under NVRTC for Hopper (sm_90a) and Ampere
+//! (sm_80), without a GPU: only libnvrtc is needed (scripts/fetch-assets.sh
+//! fetches it). ptxas' resource report is printed (`--nocapture`), and a
+//! kernel that spills registers to local memory fails the test.
+
+use fusebox_core::cuda::{compile, libs};
+
+#[test]
+fn every_kernel_file_compiles_without_spills() {
+    if let Err(e) = libs::ensure_nvrtc() {
+        if std::env::var("FUSEBOX_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+            panic!("FUSEBOX_REQUIRE_CUDA=1 but NVRTC is unavailable: {e}");
+        }
+        eprintln!("skipped: {e} (run scripts/fetch-assets.sh)");
+        return;
+    }
+    let mut spills = vec![];
+    for (file, _) in compile::SOURCES {
+        for arch in ["sm_90a", "sm_80"] {
+            let (image, log) =
+                compile::compile(file, arch, &["--ptxas-options=-v"], false).unwrap_or_else(|e| panic!("{e:#}"));
+            assert!(!image.is_empty(), "{file}: empty cubin");
+            if arch == "sm_90a" {
+                println!("== {file} ({arch})\n{log}");
+            }
+            let mut kernel = String::new();
+            for line in log.lines() {
+                if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                    kernel = rest.split('\'').next().unwrap_or("").to_string();
+                }
+                if let Some(n) = line.split("bytes spill stores").next().and_then(|s| s.split(',').next_back()) {
+                    if line.contains("bytes spill stores") && n.trim().parse::<u32>().unwrap_or(0) > 0 {
+                        spills.push(format!("{file} {arch} {kernel}: {}", line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(spills.is_empty(), "register spills:\n{}", spills.join("\n"));
+}
