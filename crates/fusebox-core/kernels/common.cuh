@@ -9,6 +9,21 @@ typedef unsigned long long u64;
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 
+// Programmatic dependent launch (Hopper): the backend launches every kernel
+// with programmatic stream serialization, so a kernel may start before the
+// previous one has finished. EVERY kernel must therefore begin with
+// FB_PROLOGUE(): it waits until the previous grid's writes are visible, then
+// lets the next kernel be scheduled. (tests/cuda_compile.rs checks this.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FB_PROLOGUE()                                          \
+    do {                                                       \
+        asm volatile("griddepcontrol.wait;" ::: "memory");     \
+        asm volatile("griddepcontrol.launch_dependents;" ::); \
+    } while (0)
+#else
+#define FB_PROLOGUE() do { } while (0)
+#endif
+
 __device__ __forceinline__ float bf16_to_f32(bf16_t x) { return __uint_as_float(((u32)x) << 16); }
 __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
     u32 u = __float_as_uint(f);

@@ -4,6 +4,7 @@
 // One warp per row, for short rows (per-head QK-norm: head_dim <= 256).
 extern "C" __global__ void rms_norm_warp(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ out,
                                          int rows, int n, float eps) {
+    FB_PROLOGUE();
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -19,6 +20,7 @@ extern "C" __global__ void rms_norm_warp(const float* __restrict__ x, const floa
 // One block per row (hidden-size rows).
 extern "C" __global__ void rms_norm_block(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ out,
                                           int n, float eps) {
+    FB_PROLOGUE();
     __shared__ float scratch[32];
     const float* xr = x + (long)blockIdx.x * n;
     float ss = 0.f;
@@ -33,6 +35,7 @@ extern "C" __global__ void rms_norm_block(const float* __restrict__ x, const flo
 // style 0: pairs (i, i + d/2) (HF "rotate_half"); style 1: pairs (2i, 2i+1).
 extern "C" __global__ void rope_f32(float* __restrict__ x, const int* __restrict__ positions, const float* __restrict__ inv_freq,
                                     int m, int heads, int d, int style) {
+    FB_PROLOGUE();
     int half = d >> 1;
     long total = (long)m * heads * half;
     for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < total; t += (long)gridDim.x * blockDim.x) {

@@ -26,6 +26,11 @@ pub trait Backend: Send + Sync {
     /// Human-readable name, e.g. `cpu (2 threads)`.
     fn name(&self) -> String;
 
+    /// The hardware, for benchmark records (e.g. `NVIDIA H100 80GB HBM3`).
+    fn device_name(&self) -> String {
+        self.name()
+    }
+
     /// Allocate a zero-filled tensor on this backend's device.
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor>;
     /// Move a host tensor (typically a memory-mapped weight) onto the device.

@@ -13,9 +13,11 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod fixtures;
+pub mod fusion;
 pub mod kv;
 pub mod quant;
 pub mod rope;
+pub mod sample;
 pub mod tensor;
 
 pub use backend::Backend;

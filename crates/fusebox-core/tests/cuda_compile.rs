@@ -5,6 +5,26 @@
 
 use fusebox_core::cuda::{compile, libs};
 
+/// Kernels are launched with programmatic dependent launch, so each must
+/// wait for its predecessor first (FB_PROLOGUE in common.cuh).
+#[test]
+fn every_kernel_starts_with_the_prologue() {
+    let mut missing = vec![];
+    for (file, src) in compile::SOURCES {
+        let mut rest = *src;
+        while let Some(i) = rest.find("extern \"C\" __global__") {
+            let after = &rest[i..];
+            let name = after.split('(').next().unwrap_or("").split_whitespace().last().unwrap_or("?").to_string();
+            let brace = after.find('{').expect("kernel body");
+            if !after[brace + 1..].trim_start().starts_with("FB_PROLOGUE();") {
+                missing.push(format!("{file}: {name}"));
+            }
+            rest = &after[brace..];
+        }
+    }
+    assert!(missing.is_empty(), "kernels without FB_PROLOGUE() (run tools/add-prologue.py): {missing:?}");
+}
+
 #[test]
 fn every_kernel_file_compiles_without_spills() {
     if let Err(e) = libs::ensure_nvrtc() {

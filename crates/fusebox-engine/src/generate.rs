@@ -1,15 +1,24 @@
 //! The generation loop: prefill the prompt in one forward (chunked only past
 //! [`PREFILL_CHUNK`] tokens), then decode one token at a time with a
 //! workspace and KV cache allocated once up front.
+//!
+//! Tokens are drawn on the backend ([`Backend::sample`]): the sampling
+//! parameters, the token history and the draw counter live in device
+//! buffers, so a decode step (the forward pass and the draw) is one
+//! [`Backend::run_graph`] pass that a device backend records once and
+//! replays, and only the drawn token comes back to the host.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use fusebox_core::Backend;
+use fusebox_core::dtype::splitmix64;
+use fusebox_core::sample::SAMPLE_PARAMS;
+use fusebox_core::{Backend, DType, Tensor};
 use fusebox_models::{Decoder, Logits, Workspace};
 
 use crate::kv_cache::KvCache;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::SamplingParams;
 
 /// Prompts longer than this are prefilled in chunks of this many tokens,
 /// which bounds the activation memory of a prefill.
@@ -82,11 +91,51 @@ pub struct Session<'m> {
     logits: Vec<f32>,
     /// Every token in the KV cache, in order.
     pub tokens: Vec<u32>,
+    sampler: DeviceSampler,
+    /// Names this session's buffers in graph keys.
+    id: u64,
 }
+
+/// The sampling op's device buffers, and what the host knows of them.
+struct DeviceSampler {
+    /// `F32 [SAMPLE_PARAMS]`.
+    params: Tensor,
+    /// `I32 [capacity]`: the context, then the token last drawn.
+    history: Tensor,
+    /// `I32 [2]`: history length, draw counter.
+    state: Tensor,
+    /// `I32 [1]`: the token drawn.
+    token: Tensor,
+    /// Host staging for `history` (written whole).
+    staging: Vec<i32>,
+    read: Vec<i32>,
+    /// Draws since the parameters were set (the device counter).
+    draws: u32,
+    /// The token last drawn, when the device history is the context plus it.
+    pending: Option<u32>,
+}
+
+/// Graph keys of the two repeating passes.
+const PASS_STEP: u64 = 1;
+const PASS_DECODE: u64 = 2;
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 impl<'m> Session<'m> {
     /// A session whose context holds `capacity` tokens.
     pub fn new(model: &'m Decoder, be: &'m dyn Backend, capacity: usize) -> Result<Session<'m>> {
+        let mut params = be.zeros(&[SAMPLE_PARAMS], DType::F32)?;
+        be.write_f32(&mut params, &SamplingParams::greedy().encode())?;
+        let sampler = DeviceSampler {
+            params,
+            history: be.zeros(&[capacity.max(1)], DType::I32)?,
+            state: be.zeros(&[2], DType::I32)?,
+            token: be.zeros(&[1], DType::I32)?,
+            staging: vec![0; capacity.max(1)],
+            read: Vec::with_capacity(1),
+            draws: 0,
+            pending: None,
+        };
         Ok(Session {
             model,
             be,
@@ -94,6 +143,8 @@ impl<'m> Session<'m> {
             decode_ws: model.workspace(be, 1, Logits::Last)?,
             logits: Vec::with_capacity(model.cfg.vocab_size),
             tokens: Vec::with_capacity(capacity),
+            sampler,
+            id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -107,6 +158,7 @@ impl<'m> Session<'m> {
         let n = n.min(self.tokens.len());
         self.tokens.truncate(n);
         self.kv.len = n;
+        self.sampler.pending = None;
     }
 
     /// How many leading tokens of `ids` are already in the context.
@@ -118,6 +170,7 @@ impl<'m> Session<'m> {
     pub fn reset(&mut self) {
         self.kv.clear();
         self.tokens.clear();
+        self.sampler.pending = None;
     }
 
     fn check_room(&self, n: usize) -> Result<()> {
@@ -132,18 +185,24 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
-    /// Run `ids` after what is already in the context; returns the logits
-    /// after the last of them.
-    pub fn prefill(&mut self, ids: &[u32]) -> Result<&mut [f32]> {
-        if ids.is_empty() {
-            bail!("the prompt is empty (no tokens)");
-        }
-        self.check_room(ids.len())?;
-        if ids.len() == 1 {
-            return self.step(ids[0]);
-        }
+    /// The key of a repeating pass over this session's buffers: it changes
+    /// with the session and whenever the KV cache is replaced.
+    fn graph_key(&self, pass: u64) -> u64 {
+        let kv = match self.kv.layers.first() {
+            Some(l) if l.k.is_device() => l.k.device_ptr().unwrap_or(0),
+            Some(l) => l.k.numel() as u64,
+            None => 0,
+        };
+        splitmix64(splitmix64(self.id ^ splitmix64(kv)) ^ pass)
+    }
+
+    /// Run `ids` (more than one) after what is already in the context, in
+    /// chunks of at most [`PREFILL_CHUNK`]; the workspace of the last chunk
+    /// holds the logits after the last token.
+    fn forward_prompt(&mut self, ids: &[u32]) -> Result<Workspace> {
         let chunk = ids.len().min(PREFILL_CHUNK);
         let mut ws = self.model.workspace(self.be, chunk, Logits::Last)?;
+        self.sampler.pending = None;
         for part in ids.chunks(chunk) {
             if part.len() != ws.m {
                 ws = self.model.workspace(self.be, part.len(), Logits::Last)?;
@@ -154,6 +213,20 @@ impl<'m> Session<'m> {
             self.kv.len += part.len();
             self.tokens.extend_from_slice(part);
         }
+        Ok(ws)
+    }
+
+    /// Run `ids` after what is already in the context; returns the logits
+    /// after the last of them.
+    pub fn prefill(&mut self, ids: &[u32]) -> Result<&mut [f32]> {
+        if ids.is_empty() {
+            bail!("the prompt is empty (no tokens)");
+        }
+        self.check_room(ids.len())?;
+        if ids.len() == 1 {
+            return self.step(ids[0]);
+        }
+        let ws = self.forward_prompt(ids)?;
         self.be.read_f32(&ws.logits, &mut self.logits)?;
         Ok(&mut self.logits)
     }
@@ -162,12 +235,97 @@ impl<'m> Session<'m> {
     pub fn step(&mut self, id: u32) -> Result<&mut [f32]> {
         self.check_room(1)?;
         self.decode_ws.set_tokens(self.be, &[id], self.kv.len)?;
+        let key = self.graph_key(PASS_STEP);
         let (model, be, ws, kv) = (self.model, self.be, &mut self.decode_ws, &mut self.kv.layers);
-        be.run(&mut || model.forward(be, ws, kv))?;
+        be.run_graph(key, &mut || model.forward(be, ws, kv))?;
         self.kv.len += 1;
         self.tokens.push(id);
+        self.sampler.pending = None;
         self.be.read_f32(&self.decode_ws.logits, &mut self.logits)?;
         Ok(&mut self.logits)
+    }
+
+    /// Set the sampling parameters for the draws that follow, and restart
+    /// the random stream (draw `i` after this uses counter `i`, so the same
+    /// seed, context and settings give the same tokens).
+    pub fn set_sampling(&mut self, p: &SamplingParams) -> Result<()> {
+        self.be.write_f32(&mut self.sampler.params, &p.encode())?;
+        self.sampler.draws = 0;
+        self.sampler.pending = None;
+        Ok(())
+    }
+
+    /// Put the context (and `next`, the token about to be run) in the
+    /// device history, and the state to match.
+    fn write_history(&mut self, next: Option<u32>) -> Result<()> {
+        let s = &mut self.sampler;
+        let n = self.tokens.len();
+        for (h, &t) in s.staging.iter_mut().zip(&self.tokens) {
+            *h = t as i32;
+        }
+        let mut len = n;
+        if let Some(t) = next {
+            if let Some(h) = s.staging.get_mut(n) {
+                *h = t as i32;
+            }
+            len += 1;
+        }
+        self.be.write_i32(&mut s.history, &s.staging)?;
+        self.be.write_i32(&mut s.state, &[len as i32, s.draws as i32])
+    }
+
+    /// Read the drawn token back.
+    fn take_token(&mut self) -> Result<u32> {
+        let s = &mut self.sampler;
+        s.draws = s.draws.wrapping_add(1);
+        self.be.read_i32(&s.token, &mut s.read)?;
+        let t = s.read[0];
+        if t < 0 || t as usize >= self.model.cfg.vocab_size {
+            bail!("the sampler returned token {t}, outside the vocabulary of {}", self.model.cfg.vocab_size);
+        }
+        s.pending = Some(t as u32);
+        Ok(t as u32)
+    }
+
+    /// Draw a token from `logits` (the last prompt chunk's).
+    fn sample_from(&mut self, logits: &Tensor) -> Result<u32> {
+        self.write_history(None)?;
+        let s = &mut self.sampler;
+        self.be.sample(logits, &s.params, &mut s.history, &mut s.state, &mut s.token)?;
+        self.take_token()
+    }
+
+    /// Run `id` and draw the next token on the backend, as one repeating pass
+    /// (a CUDA graph replay once warm). Uses the parameters of
+    /// [`Session::set_sampling`]; the penalty sees the context and `id`.
+    /// Allocates nothing once warm.
+    pub fn decode(&mut self, id: u32) -> Result<u32> {
+        self.check_room(1)?;
+        if self.sampler.pending != Some(id) {
+            self.write_history(Some(id))?;
+        }
+        self.decode_ws.set_tokens(self.be, &[id], self.kv.len)?;
+        let key = self.graph_key(PASS_DECODE);
+        let (model, be, ws, kv, s) = (self.model, self.be, &mut self.decode_ws, &mut self.kv.layers, &mut self.sampler);
+        be.run_graph(key, &mut || {
+            model.forward(be, ws, kv)?;
+            be.sample(&ws.logits, &s.params, &mut s.history, &mut s.state, &mut s.token)
+        })?;
+        self.kv.len += 1;
+        self.tokens.push(id);
+        self.take_token()
+    }
+
+    /// The sampler's device state, read back (for tests and debugging): the
+    /// valid part of the token history and the draw counter. After a draw
+    /// the history is the context followed by the token drawn.
+    pub fn sampler_history(&self) -> Result<(Vec<i32>, u32)> {
+        let s = &self.sampler;
+        let (mut h, mut st) = (vec![], vec![]);
+        self.be.read_i32(&s.history, &mut h)?;
+        self.be.read_i32(&s.state, &mut st)?;
+        h.truncate((st[0].max(0) as usize).min(h.len()));
+        Ok((h, st[1] as u32))
     }
 
     /// Generate after `prompt` (appended to the current context). `on_token`
@@ -178,24 +336,34 @@ impl<'m> Session<'m> {
         opts: &GenerateOptions,
         mut on_token: impl FnMut(u32) -> Result<bool>,
     ) -> Result<GenerateOutput> {
-        let mut sampler = Sampler::new(opts.sampling.clone());
+        if prompt.is_empty() {
+            bail!("the prompt is empty (no tokens)");
+        }
+        self.check_room(prompt.len())?;
+        self.set_sampling(&opts.sampling)?;
         let t0 = Instant::now();
-        self.prefill(prompt)?;
-        let prefill_secs = t0.elapsed().as_secs_f64();
         let mut out = GenerateOutput {
             prompt_tokens: prompt.len(),
             tokens: Vec::with_capacity(opts.max_new_tokens.min(self.capacity())),
             stop: StopReason::MaxTokens,
-            prefill_secs,
+            prefill_secs: 0.0,
             decode_secs: 0.0,
             decode_steps: 0,
         };
         if opts.max_new_tokens == 0 {
+            self.prefill(prompt)?;
+            out.prefill_secs = t0.elapsed().as_secs_f64();
             return Ok(out);
         }
+        let mut tok = if let [id] = prompt {
+            self.decode(*id)?
+        } else {
+            let ws = self.forward_prompt(prompt)?;
+            self.sample_from(&ws.logits)?
+        };
+        out.prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         loop {
-            let tok = sampler.sample(&mut self.logits, &self.tokens);
             if opts.stop_ids.contains(&tok) {
                 out.stop = StopReason::Eos;
                 break;
@@ -213,7 +381,7 @@ impl<'m> Session<'m> {
                 out.stop = StopReason::ContextFull;
                 break;
             }
-            self.step(tok)?;
+            tok = self.decode(tok)?;
             out.decode_steps += 1;
         }
         out.decode_secs = t1.elapsed().as_secs_f64();

@@ -6,7 +6,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fusebox_core::{cpu::CpuBackend, fixtures::fixture};
-use fusebox_engine::Session;
+use fusebox_engine::{SamplingParams, Session};
 use fusebox_models::Model;
 
 struct Counting;
@@ -56,5 +56,33 @@ fn decode_steps_do_not_allocate() {
         })
         .unwrap();
         assert_eq!(n, 0, "{name}: {n} allocations in 40 decode steps");
+        // the sampled decode step (the forward pass and the sampling op) too
+        s.reset();
+        s.prefill(&[1, 2, 3, 4]).unwrap();
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.02,
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            seed: 1,
+        };
+        s.set_sampling(&p).unwrap();
+        let mut t = 5;
+        for _ in 0..20 {
+            t = s.decode(t).unwrap();
+        }
+        let mut n = 0;
+        fusebox_core::Backend::run(&be, &mut || {
+            let before = ALLOCS.load(Ordering::SeqCst);
+            for _ in 0..40 {
+                t = s.decode(t)?;
+            }
+            n = ALLOCS.load(Ordering::SeqCst) - before;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, 0, "{name}: {n} allocations in 40 sampled decode steps");
     }
 }

@@ -1,6 +1,10 @@
-//! Sampling: reproducible with a seed, and the degenerate settings equal greedy.
+//! Sampling: reproducible with a seed, the degenerate settings equal greedy,
+//! the filters and the penalty do what they say, the draws follow the
+//! distribution, and generation (which samples on the backend) draws exactly
+//! what the host sampler draws from the same logits.
 
-use fusebox_core::{cpu::CpuBackend, fixtures::fixture};
+use fusebox_core::cuda::backend_for_tests;
+use fusebox_core::{cpu::CpuBackend, fixtures::fixture, Backend};
 use fusebox_engine::sampling::argmax;
 use fusebox_engine::{GenerateOptions, Sampler, SamplingParams, Session};
 use fusebox_models::Model;
@@ -20,8 +24,8 @@ fn sampled(p: &SamplingParams, steps: usize) -> Vec<u32> {
     let mut s = Sampler::new(p.clone());
     let mut hist = vec![];
     for i in 0..steps {
-        let mut l = logits(i as u64, 1000);
-        let t = s.sample(&mut l, &hist);
+        let l = logits(i as u64, 1000);
+        let t = s.sample(&l, &hist);
         hist.push(t);
     }
     hist
@@ -37,6 +41,10 @@ fn warm() -> SamplingParams {
         repeat_last_n: 64,
         seed: 7,
     }
+}
+
+fn plain(temperature: f32, seed: u64) -> SamplingParams {
+    SamplingParams { temperature, repeat_penalty: 1.0, repeat_last_n: 0, seed, ..SamplingParams::greedy() }
 }
 
 #[test]
@@ -65,41 +73,68 @@ fn filters_keep_only_allowed_tokens() {
     l[2] = 5.0;
     l[7] = 4.9;
     l[4] = 4.8;
-    let p = SamplingParams {
-        temperature: 1.0,
-        top_k: 3,
-        top_p: 1.0,
-        min_p: 0.0,
-        repeat_penalty: 1.0,
-        repeat_last_n: 0,
-        seed: 1,
-    };
-    let mut s = Sampler::new(p);
+    let mut s = Sampler::new(SamplingParams { top_k: 3, ..plain(1.0, 1) });
+    let mut seen = [false; 10];
     for _ in 0..300 {
-        let t = s.sample(&mut l.clone(), &[]);
+        let t = s.sample(&l, &[]);
         assert!([2, 7, 4].contains(&t), "{t}");
+        seen[t as usize] = true;
     }
+    assert!(seen[2] && seen[7] && seen[4]);
     // top-p: a dominant token alone reaches p
     let mut l = vec![0.0f32; 10];
     l[3] = 20.0;
-    let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, ..SamplingParams::greedy() });
-    assert!((0..100).all(|_| s.sample(&mut l.clone(), &[]) == 3));
+    let mut s = Sampler::new(SamplingParams { top_p: 0.5, ..plain(1.0, 2) });
+    assert!((0..100).all(|_| s.sample(&l, &[]) == 3));
+    // top-p: probabilities 0.5, 0.3, 0.2: p = 0.7 keeps the first two
+    let l: Vec<f32> = [0.5f32, 0.3, 0.2].iter().map(|p| p.ln()).collect();
+    let mut s = Sampler::new(SamplingParams { top_p: 0.7, ..plain(1.0, 3) });
+    let draws: Vec<u32> = (0..500).map(|_| s.sample(&l, &[])).collect();
+    assert!(draws.contains(&0) && draws.contains(&1) && !draws.contains(&2));
     // min-p: tokens far below the best are dropped
     let mut l = vec![-10.0f32; 10];
     l[1] = 3.0;
     l[8] = 2.5;
-    let mut s = Sampler::new(SamplingParams { temperature: 1.0, min_p: 0.1, ..SamplingParams::greedy() });
-    assert!((0..300).all(|_| [1, 8].contains(&s.sample(&mut l.clone(), &[]))));
+    let mut s = Sampler::new(SamplingParams { min_p: 0.1, ..plain(1.0, 4) });
+    assert!((0..300).all(|_| [1, 8].contains(&s.sample(&l, &[]))));
 }
 
 #[test]
 fn repetition_penalty_matches_transformers_rule() {
-    let mut l = vec![2.0f32, -2.0, 1.0];
-    let mut s = Sampler::new(SamplingParams { repeat_penalty: 2.0, repeat_last_n: 0, ..SamplingParams::greedy() });
-    // token 0 appears twice but is penalised once
-    let t = s.sample(&mut l, &[0, 0, 1]);
-    assert_eq!(l, vec![1.0, -4.0, 1.0]);
-    assert_eq!(t, 0);
+    let p = SamplingParams { repeat_penalty: 2.0, repeat_last_n: 0, ..SamplingParams::greedy() };
+    // [2, -2, 1] penalised by 2 for tokens {0, 1} is [1, -4, 1]: the first of the tie.
+    // Token 0 appears twice but is penalised once (twice would make it 0.5 < 1).
+    let mut s = Sampler::new(p.clone());
+    let l = vec![2.0f32, -2.0, 1.0];
+    assert_eq!(s.sample(&l, &[0, 0, 1]), 0);
+    assert_eq!(l, vec![2.0, -2.0, 1.0], "the logits are left as they are");
+    assert_eq!(s.sample(&[2.0, -2.0, 1.01], &[0, 0, 1]), 2);
+    // negative logits are multiplied: -1 * 2 = -2 < -1.5
+    assert_eq!(s.sample(&[-1.0, -1.5], &[0]), 1);
+    // only the last n tokens count
+    let mut s = Sampler::new(SamplingParams { repeat_last_n: 2, ..p });
+    assert_eq!(s.sample(&[2.0, 1.5, 0.0], &[0, 2, 2]), 0);
+}
+
+#[test]
+fn draws_follow_the_distribution() {
+    let probs = [0.1f64, 0.2, 0.3, 0.4];
+    let l: Vec<f32> = probs.iter().map(|&p| p.ln() as f32).collect();
+    let n = 20_000;
+    for (t, seed) in [(1.0f32, 11u64), (0.5, 12)] {
+        let mut s = Sampler::new(plain(t, seed));
+        let mut counts = [0usize; 4];
+        for _ in 0..n {
+            counts[s.sample(&l, &[]) as usize] += 1;
+        }
+        let norm: f64 = probs.iter().map(|q| q.powf(1.0 / t as f64)).sum();
+        for (c, &q) in counts.iter().zip(&probs) {
+            let q = q.powf(1.0 / t as f64) / norm;
+            let sigma = (q * (1.0 - q) / n as f64).sqrt();
+            let f = *c as f64 / n as f64;
+            assert!((f - q).abs() < 5.0 * sigma, "T={t}: frequency {f} for probability {q} ({counts:?})");
+        }
+    }
 }
 
 #[test]
@@ -110,6 +145,116 @@ fn seeded_generation_is_reproducible_on_a_model() {
         let mut s = Session::new(&model.decoder, &be, 128).unwrap();
         let opts =
             GenerateOptions { max_new_tokens: 24, stop_ids: vec![], sampling: SamplingParams { seed, ..warm() } };
+        s.generate(&[429, 344, 198], &opts, |_| Ok(true)).unwrap().tokens
+    };
+    assert_eq!(run(3), run(3));
+    assert_ne!(run(3), run(4));
+}
+
+/// What `generate` must produce: the host sampler on the logits of the same
+/// forward passes (prefill, then one step per token), a fresh stream per call.
+fn host_generate(s: &mut Session, prompt: &[u32], p: &SamplingParams, n: usize) -> Vec<u32> {
+    let mut sampler = Sampler::new(p.clone());
+    let mut logits = s.prefill(prompt).unwrap().to_vec();
+    let mut out = vec![];
+    loop {
+        let t = sampler.sample(&logits, &s.tokens);
+        out.push(t);
+        if out.len() == n {
+            return out;
+        }
+        logits = s.step(t).unwrap().to_vec();
+    }
+}
+
+/// Two generations in one session (the second continues the first's
+/// context), with several settings, against [`host_generate`] on a twin
+/// session.
+fn generation_matches_the_host_sampler(be: &dyn Backend, name: &str) {
+    let model = Model::load(&fixture(name), be).unwrap();
+    let settings = [
+        warm(),
+        SamplingParams { repeat_penalty: 1.5, repeat_last_n: 0, ..plain(1.3, 5) },
+        SamplingParams { top_p: 0.6, min_p: 0.1, ..plain(0.8, 6) },
+        SamplingParams { top_k: 5, repeat_penalty: 1.2, ..plain(1.0, 7) },
+        SamplingParams { repeat_penalty: 1.3, ..SamplingParams::greedy() },
+    ];
+    for p in settings {
+        let (mut a, mut b) =
+            (Session::new(&model.decoder, be, 96).unwrap(), Session::new(&model.decoder, be, 96).unwrap());
+        let opts = GenerateOptions { max_new_tokens: 20, stop_ids: vec![], sampling: p.clone() };
+        for prompt in [&[429u32, 344, 198, 429][..], &[17][..], &[5, 6, 7][..]] {
+            let got = a.generate(prompt, &opts, |_| Ok(true)).unwrap().tokens;
+            let want = host_generate(&mut b, prompt, &p, 20);
+            assert_eq!(got, want, "{name} on {}: {p:?}", be.name());
+            assert_eq!(a.tokens, b.tokens);
+        }
+    }
+}
+
+/// The device history follows the context through every path: generate,
+/// decode of a token other than the one drawn, truncate, step, reset.
+fn device_history_tracks_the_context(be: &dyn Backend) {
+    let model = Model::load(&fixture("tiny-qwen3"), be).unwrap();
+    let mut s = Session::new(&model.decoder, be, 64).unwrap();
+    let check = |s: &Session, pending: u32, draws: u32| {
+        let (h, n) = s.sampler_history().unwrap();
+        let mut want: Vec<i32> = s.tokens.iter().map(|&t| t as i32).collect();
+        want.push(pending as i32);
+        assert_eq!((h, n), (want, draws));
+    };
+    let opts = GenerateOptions { max_new_tokens: 5, stop_ids: vec![], sampling: warm() };
+    let out = s.generate(&[3, 4, 5], &opts, |_| Ok(true)).unwrap().tokens;
+    check(&s, out[4], 5);
+    // a token other than the one drawn: the history is rewritten
+    let t = s.decode(11).unwrap();
+    check(&s, t, 6);
+    let t = s.decode(t).unwrap();
+    check(&s, t, 7);
+    // the token drawn, run after a truncation: the history is rewritten too
+    s.truncate(4);
+    let t = s.decode(t).unwrap();
+    check(&s, t, 8);
+    s.step(2).unwrap();
+    let t = s.decode(t).unwrap();
+    check(&s, t, 9);
+    s.set_sampling(&warm()).unwrap();
+    let t = s.decode(7).unwrap();
+    check(&s, t, 1);
+    s.reset();
+    let u = s.decode(t).unwrap();
+    assert_eq!(s.tokens, [t]);
+    check(&s, u, 2);
+    // a one-token prompt goes through decode
+    let out = s.generate(&[8], &opts, |_| Ok(true)).unwrap().tokens;
+    check(&s, out[4], 5);
+}
+
+#[test]
+fn device_history_tracks_the_context_on_the_cpu() {
+    device_history_tracks_the_context(&CpuBackend::new(1).unwrap());
+}
+
+#[test]
+fn generation_samples_on_the_backend_as_the_host_does() {
+    let be = CpuBackend::new(2).unwrap();
+    generation_matches_the_host_sampler(&be, "tiny-qwen3");
+}
+
+/// The GPU draws from its own logits exactly as the host sampler would, in
+/// decode steps replayed as CUDA graphs; and a seed reproduces a run.
+#[test]
+fn gpu_generation_samples_as_the_host_does() {
+    let Some(g) = backend_for_tests() else { return };
+    for name in ["tiny-qwen3", "tiny-qwen3-moe"] {
+        generation_matches_the_host_sampler(&g, name);
+    }
+    device_history_tracks_the_context(&g);
+    let model = Model::load(&fixture("tiny-qwen3"), &g).unwrap();
+    let run = |seed| {
+        let mut s = Session::new(&model.decoder, &g, 128).unwrap();
+        let opts =
+            GenerateOptions { max_new_tokens: 40, stop_ids: vec![], sampling: SamplingParams { seed, ..warm() } };
         s.generate(&[429, 344, 198], &opts, |_| Ok(true)).unwrap().tokens
     };
     assert_eq!(run(3), run(3));

@@ -56,26 +56,6 @@ pub struct Decoder {
     pub inv_freq: Tensor,
 }
 
-/// Put every tensor of a weight on the backend's device.
-fn upload(be: &dyn Backend, w: Weight) -> Result<Weight> {
-    Ok(match w {
-        Weight::Dense(t) => Weight::Dense(be.upload(t)?),
-        Weight::Affine { q, scales, biases, bits, group_size, experts, rows, cols } => Weight::Affine {
-            q: be.upload(q)?,
-            scales: be.upload(scales)?,
-            biases: be.upload(biases)?,
-            bits,
-            group_size,
-            experts,
-            rows,
-            cols,
-        },
-        Weight::Gguf { data, ty, experts, rows, cols } => {
-            Weight::Gguf { data: be.upload(data)?, ty, experts, rows, cols }
-        }
-    })
-}
-
 /// Which rows of logits a forward pass produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -141,8 +121,9 @@ impl Decoder {
     pub fn load(cfg: ModelConfig, src: &dyn WeightSource, be: &dyn Backend) -> Result<Decoder> {
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
-        let lin =
-            |name: &str, rows: usize, cols: usize| -> Result<Weight> { upload(be, src.linear(name, rows, cols)?) };
+        let lin = |name: &str, rows: usize, cols: usize| -> Result<Weight> {
+            be.upload_weight(src.linear(name, rows, cols)?)
+        };
         let norm = |name: &str, n: usize| -> Result<Tensor> { be.upload(src.norm(name, n)?) };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -153,9 +134,9 @@ impl Decoder {
                     let m = format!("{p}.mlp");
                     Mlp::Moe {
                         router: lin(&format!("{m}.gate"), e, d)?,
-                        gate: upload(be, src.experts(&m, "gate_proj", e, mff, d)?)?,
-                        up: upload(be, src.experts(&m, "up_proj", e, mff, d)?)?,
-                        down: upload(be, src.experts(&m, "down_proj", e, d, mff)?)?,
+                        gate: be.upload_weight(src.experts(&m, "gate_proj", e, mff, d)?)?,
+                        up: be.upload_weight(src.experts(&m, "up_proj", e, mff, d)?)?,
+                        down: be.upload_weight(src.experts(&m, "down_proj", e, d, mff)?)?,
                         top_k: moe.top_k,
                         renormalize: moe.norm_topk_prob,
                     }
@@ -297,10 +278,12 @@ impl Decoder {
         })
     }
 
-    /// A KV cache layer of `capacity` positions (f32 on the CPU backend).
+    /// A KV cache layer of `capacity` positions, in the backend's KV dtype
+    /// (f32 on the CPU, bf16 on CUDA).
     pub fn kv_layer(&self, be: &dyn Backend, capacity: usize) -> Result<LayerKv> {
         let shape = [capacity, self.cfg.num_kv_heads, self.cfg.head_dim];
-        Ok(LayerKv { k: be.zeros(&shape, DType::F32)?, v: be.zeros(&shape, DType::F32)? })
+        let dt = be.kv_dtype();
+        Ok(LayerKv { k: be.zeros(&shape, dt)?, v: be.zeros(&shape, dt)? })
     }
 
     /// Run the tokens in `ws.ids` at `ws.positions`, appending their keys and

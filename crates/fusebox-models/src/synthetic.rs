@@ -3,8 +3,7 @@
 //! the weight values, only on their shapes and formats.
 
 use anyhow::{bail, Result};
-use fusebox_core::{DType, Tensor, Weight};
-use rayon::prelude::*;
+use fusebox_core::{Backend, DType, Tensor, Weight};
 use serde_json::json;
 
 use crate::config::ModelConfig;
@@ -61,65 +60,48 @@ impl Quant {
     }
 }
 
-/// Fill `out` with pseudo-random 16-bit words from `seed` (splitmix64), in parallel.
-fn random_words(out: &mut [u16], seed: u64, f: impl Fn(u64) -> u16 + Sync) {
-    out.par_chunks_mut(1 << 16).enumerate().for_each(|(ci, c)| {
-        let mut s = seed ^ (ci as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        for o in c {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            *o = f(z ^ (z >> 31));
-        }
-    });
-}
-
-/// bf16 values of magnitude about `scale`, random sign.
-fn bf16_tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let mut t = Tensor::zeros(shape, DType::BF16);
-    let words: &mut [u16] = bytemuck::cast_slice_mut(t.host_bytes_mut().expect("owned"));
-    random_words(words, seed, |z| {
-        let u = (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-        half::bf16::from_f32(u * scale).to_bits()
-    });
-    t
-}
-
-/// A source of random weights for one config and format.
-pub struct SyntheticSource {
+/// A source of random weights for one config and format, created directly
+/// on the backend's device with [`Backend::fill_random`] (so an 8B model
+/// never passes through host memory). The values are the same on every
+/// backend for the same seed.
+pub struct SyntheticSource<'a> {
     pub quant: Quant,
+    be: &'a dyn Backend,
     seed: std::sync::atomic::AtomicU64,
 }
 
-impl SyntheticSource {
-    pub fn new(quant: Quant) -> Self {
-        SyntheticSource { quant, seed: std::sync::atomic::AtomicU64::new(1) }
+impl<'a> SyntheticSource<'a> {
+    pub fn new(quant: Quant, be: &'a dyn Backend) -> Self {
+        SyntheticSource { quant, be, seed: std::sync::atomic::AtomicU64::new(1) }
     }
 
     fn next_seed(&self) -> u64 {
         self.seed.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn random(&self, shape: &[usize], dtype: DType, lo: f32, hi: f32) -> Result<Tensor> {
+        let mut t = self.be.zeros(shape, dtype)?;
+        self.be.fill_random(&mut t, self.next_seed(), lo, hi)?;
+        Ok(t)
+    }
+
     fn weight(&self, experts: usize, rows: usize, cols: usize) -> Result<Weight> {
         let lead: Vec<usize> = if experts > 1 { vec![experts, rows] } else { vec![rows] };
         let shape = |last: usize| [lead.clone(), vec![last]].concat();
         match self.quant {
-            Quant::Bf16 => Weight::dense(bf16_tensor(&shape(cols), self.next_seed(), 0.02)),
+            Quant::Bf16 => Weight::dense(self.random(&shape(cols), DType::BF16, -0.02, 0.02)?),
             Quant::Affine { bits } => {
                 let group = 64;
-                let mut q = Tensor::zeros(&shape(cols * bits as usize / 32), DType::U32);
-                let words: &mut [u16] = bytemuck::cast_slice_mut(q.host_bytes_mut()?);
-                random_words(words, self.next_seed(), |z| z as u16);
-                let s = bf16_tensor(&shape(cols / group), self.next_seed(), 0.002);
-                let b = bf16_tensor(&shape(cols / group), self.next_seed(), 0.01);
+                let q = self.random(&shape(cols * bits as usize / 32), DType::U32, 0.0, 0.0)?;
+                let s = self.random(&shape(cols / group), DType::BF16, 0.001, 0.003)?;
+                let b = self.random(&shape(cols / group), DType::BF16, -0.01, 0.01)?;
                 Weight::affine(q, s, b, bits, group)
             }
         }
     }
 }
 
-impl WeightSource for SyntheticSource {
+impl WeightSource for SyntheticSource<'_> {
     fn linear(&self, _module: &str, rows: usize, cols: usize) -> Result<Weight> {
         self.weight(1, rows, cols)
     }

@@ -1,14 +1,12 @@
 //! `fusebox bench`: prefill and decode speed against the memory roofline.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use fusebox_engine::{GenerateOptions, SamplingParams, Session};
 use fusebox_models::synthetic::{self, Quant, SyntheticSource};
 use fusebox_models::{Decoder, Model};
-use rayon::prelude::*;
 use serde_json::json;
 
 use crate::common::{backend, human, DeviceArg};
@@ -47,8 +45,8 @@ pub struct Args {
     /// Where the JSON results go.
     #[arg(long, default_value = "bench-results", value_name = "DIR")]
     pub out_dir: PathBuf,
-    /// Device to run on.
-    #[arg(long, value_enum, default_value = "auto")]
+    /// Device: auto (a CUDA GPU when one is present, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
     pub device: DeviceArg,
     /// CPU worker threads (0 = one per core).
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -63,38 +61,6 @@ fn median(v: &mut [f64]) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
-}
-
-/// Host memory copy bandwidth with `threads` threads, counting bytes read
-/// and written (the same convention as a GPU device-to-device copy).
-fn copy_bandwidth(threads: usize) -> Result<f64> {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-    let n = 256 << 20;
-    let src = vec![1u8; n];
-    let mut dst = vec![0u8; n];
-    let mut times = vec![];
-    for i in 0..6 {
-        let t = Instant::now();
-        pool.install(|| {
-            dst.par_chunks_mut(1 << 20).zip(src.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s))
-        });
-        if i > 0 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    std::hint::black_box(&dst);
-    Ok(2.0 * n as f64 / median(&mut times))
-}
-
-fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 fn slug(s: &str) -> String {
@@ -117,20 +83,20 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--prompt-len, --gen and --reps must be at least 1");
     }
     let be = backend(a.device, a.threads)?;
-    let threads = be.threads();
+    let be = &*be;
     let loaded;
     let synth;
     let (decoder, name): (&Decoder, String) = match (&a.model, &a.synthetic) {
         (Some(p), _) => {
-            loaded = Model::load(p, &be)?;
+            loaded = Model::load(p, be)?;
             let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             (&loaded.decoder, stem)
         }
         (None, Some(shape)) => {
             let quant = Quant::parse(&a.quant)?;
             let cfg = synthetic::config(shape)?;
-            eprintln!("fusebox: building random {shape} weights ({}) in memory...", a.quant);
-            synth = Decoder::load(cfg, &SyntheticSource::new(quant), &be)?;
+            eprintln!("fusebox: building random {shape} weights ({}) on {}...", a.quant, be.name());
+            synth = Decoder::load(cfg, &SyntheticSource::new(quant, be), be)?;
             (&synth, format!("{shape}-{}", a.quant))
         }
         (None, None) => bail!("give -m PATH or --synthetic SHAPE"),
@@ -141,10 +107,10 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--prompt-len + --gen = {ctx} exceeds the model's context of {}", cfg.max_position_embeddings);
     }
     eprintln!("fusebox: measuring copy bandwidth...");
-    let bw = copy_bandwidth(threads)?;
+    let bw = be.copy_bandwidth()? * 1e9;
     let weight_bytes = decoder.bytes_per_token();
-    // KV bytes read per decoded token, averaged over the decode (f32 cache on the CPU)
-    let kv_bytes = cfg.kv_bytes_per_token(4) * (a.prompt_len + a.gen / 2);
+    // KV bytes read per decoded token, averaged over the decode (f32 cache on the CPU, bf16 on CUDA)
+    let kv_bytes = cfg.kv_bytes_per_token(be.kv_dtype().size()) * (a.prompt_len + a.gen / 2);
     let bytes = weight_bytes + kv_bytes;
     let roofline = bw / bytes as f64;
 
@@ -159,7 +125,7 @@ pub fn run(a: Args) -> Result<()> {
         })
         .collect();
     let opts = GenerateOptions { max_new_tokens: a.gen, stop_ids: vec![], sampling: SamplingParams::greedy() };
-    let mut session = Session::new(decoder, &be, ctx)?;
+    let mut session = Session::new(decoder, be, ctx)?;
     eprintln!("fusebox: warm-up...");
     session.generate(
         &prompt[..prompt.len().min(32)],
@@ -176,8 +142,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let (pmin, pmax) = (pre.iter().copied().fold(f64::MAX, f64::min), pre.iter().copied().fold(0.0, f64::max));
     let (dmin, dmax) = (dec.iter().copied().fold(f64::MAX, f64::min), dec.iter().copied().fold(0.0, f64::max));
+    let (pre_runs, dec_runs) = (pre.clone(), dec.clone());
     let (pmed, dmed) = (median(&mut pre), median(&mut dec));
-    let device = format!("{} ({threads} threads)", cpu_name());
+    let device = be.device_name();
     let commit = git_commit();
     println!("model           {name}");
     println!("device          {device}");
@@ -189,11 +156,12 @@ pub fn run(a: Args) -> Result<()> {
     println!("roofline        {roofline:.1} tok/s -> decode at {:.0}% of it", 100.0 * dmed / roofline);
 
     let result = json!({
-        "model": name, "device": device, "backend": fusebox_core::Backend::name(&be), "commit": commit,
+        "model": name, "device": device, "backend": be.name(), "commit": commit,
+        "cuda_graphs": std::env::var("FUSEBOX_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true),
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "utc": fusebox_core::clock::Utc::now().stamp(), "prompt_len": a.prompt_len, "gen": a.gen, "reps": a.reps,
-        "prefill_tok_s": {"median": pmed, "min": pmin, "max": pmax},
-        "decode_tok_s": {"median": dmed, "min": dmin, "max": dmax},
+        "prefill_tok_s": {"median": pmed, "min": pmin, "max": pmax, "runs": pre_runs},
+        "decode_tok_s": {"median": dmed, "min": dmin, "max": dmax, "runs": dec_runs},
         "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
         "copy_bandwidth_bytes_s": bw, "roofline_tok_s": roofline, "roofline_fraction": dmed / roofline,
     });

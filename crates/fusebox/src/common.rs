@@ -3,19 +3,37 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use fusebox_core::cpu::CpuBackend;
+use fusebox_core::cuda::{self, CudaBackend};
+use fusebox_core::Backend;
 use fusebox_engine::SamplingParams;
 use fusebox_models::GenerationConfig;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+/// `--device`: `auto`, `cpu`, `cuda` or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceArg {
-    /// The best available device (today: the CPU).
+    /// CUDA GPU 0 when a GPU and its driver are present, else the CPU.
     Auto,
     /// The CPU backend (all cores unless --threads says otherwise).
     Cpu,
-    /// An NVIDIA GPU (not in this build yet).
-    Cuda,
+    /// NVIDIA GPU number N.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceArg::Auto),
+            "cpu" => Ok(DeviceArg::Cpu),
+            "cuda" | "gpu" => Ok(DeviceArg::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceArg::Cuda(n)),
+                _ => Err(format!("unknown device \"{s}\" (expected auto, cpu, cuda or cuda:N)")),
+            },
+        }
+    }
 }
 
 /// Where the model is and what runs it.
@@ -25,8 +43,8 @@ pub struct ModelArgs {
     /// *.safetensors (sharded checkpoints with model.safetensors.index.json work too).
     #[arg(short, long, value_name = "PATH")]
     pub model: PathBuf,
-    /// Device to run on.
-    #[arg(long, value_enum, default_value = "auto")]
+    /// Device: auto (a CUDA GPU when one is present, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
     pub device: DeviceArg,
     /// CPU worker threads (0 = one per core).
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -34,15 +52,34 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn backend(&self) -> Result<CpuBackend> {
+    pub fn backend(&self) -> Result<Box<dyn Backend>> {
         backend(self.device, self.threads)
     }
 }
 
-pub fn backend(device: DeviceArg, threads: usize) -> Result<CpuBackend> {
+/// Open the backend `--device` names. `auto` says on stderr which device it
+/// chose and why.
+pub fn backend(device: DeviceArg, threads: usize) -> Result<Box<dyn Backend>> {
     match device {
-        DeviceArg::Auto | DeviceArg::Cpu => CpuBackend::new(threads),
-        DeviceArg::Cuda => bail!("--device cuda: this build of fusebox has no CUDA backend yet; use --device cpu"),
+        DeviceArg::Cpu => Ok(Box::new(CpuBackend::new(threads)?)),
+        DeviceArg::Cuda(n) => match cuda::probe(n) {
+            Ok(_) => Ok(Box::new(CudaBackend::new(n)?)),
+            Err(why) => {
+                bail!("--device cuda{}: {why}; use --device cpu", if n > 0 { format!(":{n}") } else { String::new() })
+            }
+        },
+        DeviceArg::Auto => match cuda::probe(0) {
+            Ok(info) => {
+                let be = CudaBackend::new(0)?;
+                eprintln!("fusebox: device cuda:0 ({}), found by --device auto", info.name);
+                Ok(Box::new(be))
+            }
+            Err(why) => {
+                let be = CpuBackend::new(threads)?;
+                eprintln!("fusebox: device cpu ({} threads): no usable GPU ({why})", be.threads());
+                Ok(Box::new(be))
+            }
+        },
     }
 }
 

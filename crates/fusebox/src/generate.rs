@@ -70,7 +70,8 @@ pub fn prompt_ids(model: &Model, a: &Args) -> Result<Vec<u32>> {
 
 pub fn run(a: Args) -> Result<()> {
     let be = a.model.backend()?;
-    let model = Model::load(&a.model.model, &be)?;
+    let be = &*be;
+    let model = Model::load(&a.model.model, be)?;
     let cfg = model.config();
     let ctx = context_size(a.ctx_size, &model)?;
     let seed = a.sampling.seed();
@@ -85,12 +86,12 @@ pub fn run(a: Args) -> Result<()> {
     }
     let stop_ids = if a.ignore_eos { vec![] } else { model.eos_token_ids() };
     let opts = GenerateOptions { max_new_tokens: a.max_tokens, stop_ids, sampling: sampling.clone() };
-    let mut session = Session::new(&model.decoder, &be, ctx)?;
+    let mut session = Session::new(&model.decoder, be, ctx)?;
     if !a.json {
         eprintln!(
             "fusebox: {} on {} | {} prompt tokens | seed {seed}",
             model.path.display(),
-            fusebox_core::Backend::name(&be),
+            fusebox_core::Backend::name(be),
             prompt.len()
         );
     }

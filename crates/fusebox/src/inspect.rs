@@ -34,7 +34,8 @@ fn count(n: usize) -> String {
 
 pub fn run(a: Args) -> Result<()> {
     let be = a.model.backend()?;
-    let model = Model::load(&a.model.model, &be)?;
+    let be = &*be;
+    let model = Model::load(&a.model.model, be)?;
     let d = &model.decoder;
     let c = &d.cfg;
     let params = d.parameter_count();

@@ -14,9 +14,10 @@ use clap::{Parser, Subcommand};
 /// fusebox: a fast LLM inference runtime for Qwen3 and Llama checkpoints.
 ///
 /// Loads Hugging Face safetensors model directories, MLX affine-quantized
-/// checkpoints and GGUF files (Llama, Qwen3, Qwen3-MoE) and decodes on the
-/// CPU (all cores). Errors name the file, tensor or field at fault and exit
-/// with status 2.
+/// checkpoints and GGUF files (Llama, Qwen3, Qwen3-MoE) and decodes on an
+/// NVIDIA GPU through CUDA (loaded at run time; no toolkit needed) or on the
+/// CPU (all cores). `--device auto` picks the GPU when one is present. Errors
+/// name the file, tensor or field at fault and exit with status 2.
 #[derive(Parser)]
 #[command(name = "fusebox", version, about, long_about, max_term_width = 100)]
 struct Cli {

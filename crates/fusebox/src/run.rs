@@ -68,7 +68,8 @@ pub fn run(a: Args) -> Result<()> {
         None => default_model()?,
     };
     let be = backend(a.device, a.threads)?;
-    let model = Model::load(&path, &be)?;
+    let be = &*be;
+    let model = Model::load(&path, be)?;
     let Some(template) = &model.chat_template else {
         bail!("{}: the model has no chat template; use `fusebox generate --no-chat-template`", path.display())
     };
@@ -76,14 +77,14 @@ pub fn run(a: Args) -> Result<()> {
     let sampling = a.sampling.resolve(&model.generation, a.sampling.seed())?;
     let enable_thinking = a.chat.enable_thinking();
     let opts = GenerateOptions { max_new_tokens: a.max_tokens, stop_ids: model.eos_token_ids(), sampling };
-    let mut session = Session::new(&model.decoder, &be, ctx)?;
+    let mut session = Session::new(&model.decoder, be, ctx)?;
     let mut history: Vec<Message> = a.chat.system.iter().map(|s| Message::new("system", s)).collect();
     let interactive = a.prompt.is_none();
     if interactive {
         eprintln!(
             "fusebox: chatting with {} on {} (/clear: new conversation, /exit or Ctrl-D: quit)",
             path.display(),
-            fusebox_core::Backend::name(&be)
+            fusebox_core::Backend::name(be)
         );
     }
     let stdin = std::io::stdin();

@@ -47,7 +47,8 @@ fn assert_clean_error(o: &Output, needles: &[&str]) {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(2), "exit status; stderr: {err}");
     assert!(!err.contains("panicked") && !err.contains("internal error") && !err.contains("backtrace"), "{err}");
-    let lines: Vec<&str> = err.trim_end().lines().collect();
+    // `--device auto` says which device it chose on a line of its own
+    let lines: Vec<&str> = err.trim_end().lines().filter(|l| !l.starts_with("fusebox: device ")).collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {err}");
     assert!(lines[0].starts_with("error: "), "{err}");
     for n in needles {
@@ -91,6 +92,25 @@ fn inspect_reports_size_and_bytes() {
     // untied: the lm_head is read, the embedding table is not (one row only)
     assert!(j["bytes_per_token"].as_u64().unwrap() < j["parameters"].as_u64().unwrap() * 2);
     assert_eq!(j["kv_bytes_per_token"]["f32"], 2 * 2 * 2 * 8 * 4);
+}
+
+#[test]
+fn device_cuda_without_a_gpu_is_a_clear_error() {
+    if fusebox_core::cuda::probe(0).is_ok() {
+        eprintln!("SKIP device_cuda_without_a_gpu_is_a_clear_error: this machine has a GPU");
+        return;
+    }
+    let tiny = fixture("tiny-qwen3");
+    let o = fusebox(&["generate", "-m", tiny.to_str().unwrap(), "-p", "Hi", "-n", "2", "--device", "cuda"]);
+    assert_clean_error(&o, &["--device cuda", "use --device cpu"]);
+    // auto falls back to the CPU and says why, on one line
+    let o = fusebox(&["generate", "-m", tiny.to_str().unwrap(), "-p", "Hi", "-n", "2", "--seed", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.lines().any(|l| l.starts_with("fusebox: device cpu") && l.contains("no usable GPU")), "{err}");
+    let o = fusebox(&["generate", "-m", tiny.to_str().unwrap(), "-p", "Hi", "--device", "tpu"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("expected auto, cpu, cuda or cuda:N"), "{}", stderr(&o));
 }
 
 #[test]

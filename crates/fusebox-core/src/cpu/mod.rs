@@ -167,6 +167,18 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", self.threads())
     }
 
+    fn device_name(&self) -> String {
+        let model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
+            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        format!("{model} ({} threads)", self.threads())
+    }
+
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         Ok(Tensor::zeros(shape, dtype))
     }
@@ -264,8 +276,37 @@ impl Backend for CpuBackend {
         state: &mut Tensor,
         out: &mut Tensor,
     ) -> Result<()> {
-        let _ = (logits, params, history, state, out);
-        bail!("cpu sample: not written yet")
+        let v = logits.last_dim();
+        ensure!(
+            logits.dtype() == DType::F32 && v > 0 && logits.numel() >= v,
+            "sample: logits must be f32 [rows, vocab], got {:?} {}",
+            logits.shape(),
+            logits.dtype()
+        );
+        ensure!(
+            params.dtype() == DType::F32 && params.numel() == crate::sample::SAMPLE_PARAMS,
+            "sample: params must be f32 [{}], got {:?} {}",
+            crate::sample::SAMPLE_PARAMS,
+            params.shape(),
+            params.dtype()
+        );
+        ensure!(
+            state.dtype() == DType::I32 && state.numel() == 2,
+            "sample: state must be i32 [2], got {:?} {}",
+            state.shape(),
+            state.dtype()
+        );
+        ensure!(
+            out.dtype() == DType::I32 && out.numel() >= 1,
+            "sample: out must be i32 [1], got {:?} {}",
+            out.shape(),
+            out.dtype()
+        );
+        let ls = logits.as_f32()?;
+        let row = &ls[ls.len() - v..];
+        let tok = crate::sample::sample_host(row, params.as_f32()?, history.as_i32_mut()?, state.as_i32_mut()?)?;
+        out.as_i32_mut()?[0] = tok;
+        Ok(())
     }
 
     fn embedding(&self, table: &Weight, ids: &Tensor, out: &mut Tensor) -> Result<()> {

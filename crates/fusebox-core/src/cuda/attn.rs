@@ -1,16 +1,193 @@
 //! KV-cache writes and attention (kernels: `attention.cu`).
+//!
+//! The cache is bf16 `[capacity, kv_heads, head_dim]`. Attention is one
+//! kernel family for decode and prefill: a block takes `Q` query vectors
+//! (the heads of one GQA group, and for prefill several rows) of one kv
+//! head, streams the K/V tiles of its key range through shared memory with
+//! an online softmax (f32), and either writes the output or, when the key
+//! range is split over several blocks (flash-decoding), partials that
+//! `attn_combine` merges. The grid comes from the shapes, the capacity and
+//! the GPU's size only; the length is read by the kernels from `positions`,
+//! so the ops are graph-capturable, and the only buffers they need
+//! (partials, scratch slots 2 and 3) are sized from the capacity.
 
-use anyhow::{bail, Result};
+use std::sync::Mutex;
 
-use super::CudaBackend;
+use anyhow::{ensure, Result};
+use cudarc::driver::{result as drv, sys};
+
+use super::{Arg, CudaBackend};
+use crate::dtype::DType;
 use crate::kv::LayerKv;
 use crate::tensor::Tensor;
 
-impl CudaBackend {
-    pub(crate) fn kv_write_impl(&self, k: &Tensor, v: &Tensor, positions: &Tensor, cache: &mut LayerKv) -> Result<()> {
-        let _ = (k, v, positions, cache);
-        bail!("cuda kv_write: not written yet")
+const FILE: &str = "attention.cu";
+const THREADS: u32 = 128;
+/// Calls with at most this many rows take their partials from scratch slot 2 (see `attention_impl`).
+const DECODE_ROWS: usize = 4;
+
+/// Kernel names by padded head dim and queries per block.
+const KERNELS: &[(usize, usize, &str)] = &[
+    (8, 1, "attn_d8_q1"),
+    (8, 2, "attn_d8_q2"),
+    (8, 4, "attn_d8_q4"),
+    (8, 8, "attn_d8_q8"),
+    (8, 64, "attn_d8_q64"),
+    (16, 1, "attn_d16_q1"),
+    (16, 2, "attn_d16_q2"),
+    (16, 4, "attn_d16_q4"),
+    (16, 8, "attn_d16_q8"),
+    (16, 64, "attn_d16_q64"),
+    (32, 1, "attn_d32_q1"),
+    (32, 2, "attn_d32_q2"),
+    (32, 4, "attn_d32_q4"),
+    (32, 8, "attn_d32_q8"),
+    (32, 64, "attn_d32_q64"),
+    (64, 1, "attn_d64_q1"),
+    (64, 2, "attn_d64_q2"),
+    (64, 4, "attn_d64_q4"),
+    (64, 8, "attn_d64_q8"),
+    (64, 64, "attn_d64_q64"),
+    (128, 1, "attn_d128_q1"),
+    (128, 2, "attn_d128_q2"),
+    (128, 4, "attn_d128_q4"),
+    (128, 8, "attn_d128_q8"),
+    (128, 64, "attn_d128_q64"),
+    (256, 1, "attn_d256_q1"),
+    (256, 2, "attn_d256_q2"),
+    (256, 4, "attn_d256_q4"),
+    (256, 8, "attn_d256_q8"),
+    (256, 32, "attn_d256_q32"),
+];
+
+/// The block shape of kernel `(dp, q)`, mirroring `AttnCfg` in attention.cu.
+struct Cfg {
+    /// keys per tile
+    tk: usize,
+    /// dynamic shared memory in bytes
+    smem: usize,
+}
+
+fn cfg(dp: usize, q: usize) -> Cfg {
+    let nt = THREADS as usize;
+    let dc = dp / 8;
+    let tk = if q <= 8 { nt / dc.min(4) } else { 32 };
+    let krow = if dp == 8 { 24 } else { dp + 8 };
+    let qrow = dp + 4;
+    let qp = if q % 4 == 0 { q + 4 } else { q };
+    let qpt = q.min(8);
+    let qg = q / qpt;
+    let ks = nt / (dc * qg);
+    let kv_bytes = 2 * 2 * tk * krow * 2;
+    let red_bytes = if q <= 8 { 4 * q * dp * 4 + 2 * 4 * q * 4 } else { ks * q * dp * 4 };
+    let smem = kv_bytes.max(red_bytes) + q * qrow * 4 + tk * qp * 4 + 4 * q * 4;
+    Cfg { tk, smem }
+}
+
+/// The largest query block for a padded head dim.
+fn q_max(dp: usize) -> usize {
+    if dp >= 256 {
+        32
+    } else {
+        64
     }
+}
+
+/// Resident blocks per SM of each attention kernel, by (device, kernel).
+static OCCUPANCY: Mutex<Vec<(usize, &str, usize)>> = Mutex::new(Vec::new());
+
+impl CudaBackend {
+    /// How many blocks of attention kernel `name` (with `smem` bytes of shared memory) fit on one SM at once,
+    /// from the driver's occupancy calculator (asked once per kernel; 2 if it cannot answer).
+    fn attn_blocks_per_sm(&self, name: &'static str, smem: usize) -> usize {
+        let ord = self.info.ordinal;
+        if let Some(&(_, _, n)) = OCCUPANCY.lock().unwrap().iter().find(|e| e.0 == ord && e.1 == name) {
+            return n;
+        }
+        let n = self
+            .func(FILE, name)
+            .ok()
+            .and_then(|f| {
+                if smem > 48 * 1024 {
+                    // SAFETY: a valid function handle and attribute; the launch sets the same value.
+                    unsafe {
+                        drv::function::set_function_attribute(
+                            f.cu_function(),
+                            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            smem as i32,
+                        )
+                    }
+                    .ok()?;
+                }
+                f.occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None).ok()
+            })
+            .map(|n| n as usize)
+            .filter(|&n| n > 0)
+            .unwrap_or(2);
+        OCCUPANCY.lock().unwrap().push((ord, name, n));
+        n
+    }
+
+    pub(crate) fn kv_write_impl(&self, k: &Tensor, v: &Tensor, positions: &Tensor, cache: &mut LayerKv) -> Result<()> {
+        let cs = cache.k.shape().to_vec();
+        ensure!(
+            cs.len() == 3 && cache.v.shape() == cs.as_slice(),
+            "cuda kv_write: cache k {:?} and v {:?} must both be [capacity, kv_heads, head_dim]",
+            cache.k.shape(),
+            cache.v.shape()
+        );
+        ensure!(
+            cache.k.dtype() == DType::BF16 && cache.v.dtype() == DType::BF16,
+            "cuda kv_write: the cache must be bf16, got k {} v {}",
+            cache.k.dtype(),
+            cache.v.dtype()
+        );
+        ensure!(
+            k.shape() == v.shape() && k.shape().len() == 3 && k.shape()[1..] == cs[1..],
+            "cuda kv_write: keys {:?} / values {:?} do not match the cache {:?}",
+            k.shape(),
+            v.shape(),
+            cs
+        );
+        ensure!(
+            k.dtype() == DType::F32 && v.dtype() == DType::F32,
+            "cuda kv_write: keys/values must be f32, got {} / {}",
+            k.dtype(),
+            v.dtype()
+        );
+        let m = k.shape()[0];
+        ensure!(
+            positions.dtype() == DType::I32 && positions.numel() >= m,
+            "cuda kv_write: positions {:?} {} for {m} rows",
+            positions.shape(),
+            positions.dtype()
+        );
+        let (cap, row) = (cs[0], cs[1] * cs[2]);
+        ensure!(cap <= i32::MAX as usize && row <= i32::MAX as usize, "cuda kv_write: cache {cs:?} too large");
+        if m == 0 || row == 0 {
+            return Ok(());
+        }
+        let (pk, pv, pp) = (Self::ptr(k, "kv_write")?, Self::ptr(v, "kv_write")?, Self::ptr(positions, "kv_write")?);
+        let (ck, cv) = (Self::ptr(&cache.k, "kv_write")?, Self::ptr(&cache.v, "kv_write")?);
+        let vec4 = row % 4 == 0 && pk % 16 == 0 && pv % 16 == 0 && ck % 8 == 0 && cv % 8 == 0;
+        let threads = if row >= 1024 { 256 } else { 128 };
+        self.launch(
+            FILE,
+            "kv_write_bf16",
+            ((m as u32, 2, 1), (threads, 1, 1), 0),
+            &[
+                Arg::P(pk),
+                Arg::P(pv),
+                Arg::P(pp),
+                Arg::P(ck),
+                Arg::P(cv),
+                Arg::I(row as i32),
+                Arg::I(cap as i32),
+                Arg::I(vec4 as i32),
+            ],
+        )
+    }
+
     pub(crate) fn attention_impl(
         &self,
         q: &Tensor,
@@ -19,7 +196,140 @@ impl CudaBackend {
         scale: f32,
         out: &mut Tensor,
     ) -> Result<()> {
-        let _ = (q, cache, positions, scale, out);
-        bail!("cuda attention: not written yet")
+        ensure!(q.shape().len() == 3, "cuda attention: expected q [rows, heads, head_dim], got {:?}", q.shape());
+        let (m, heads, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        let cs = cache.k.shape().to_vec();
+        ensure!(
+            cs.len() == 3 && cache.v.shape() == cs.as_slice() && cs[2] == d,
+            "cuda attention: cache k {:?} / v {:?} vs q {:?}",
+            cache.k.shape(),
+            cache.v.shape(),
+            q.shape()
+        );
+        ensure!(
+            cache.k.dtype() == DType::BF16 && cache.v.dtype() == DType::BF16,
+            "cuda attention: the cache must be bf16, got k {} v {}",
+            cache.k.dtype(),
+            cache.v.dtype()
+        );
+        let (cap, kvh) = (cs[0], cs[1]);
+        ensure!(kvh > 0 && heads % kvh == 0, "cuda attention: {heads} heads over {kvh} kv heads");
+        ensure!(
+            d > 0 && d % 8 == 0 && d <= 256,
+            "cuda attention: head_dim {d} unsupported (a multiple of 8, at most 256)"
+        );
+        ensure!(
+            q.dtype() == DType::F32 && out.dtype() == DType::F32 && out.shape() == q.shape(),
+            "cuda attention: q {:?} {} and out {:?} {} must be f32 of one shape",
+            q.shape(),
+            q.dtype(),
+            out.shape(),
+            out.dtype()
+        );
+        ensure!(
+            positions.dtype() == DType::I32 && positions.numel() >= m,
+            "cuda attention: positions {:?} {} for {m} rows",
+            positions.shape(),
+            positions.dtype()
+        );
+        ensure!(
+            cap <= i32::MAX as usize && m * heads <= i32::MAX as usize,
+            "cuda attention: q {:?} / cache {cs:?} too large",
+            q.shape()
+        );
+        if m == 0 || heads == 0 {
+            return Ok(());
+        }
+        let (pq, pp, po) =
+            (Self::ptr(q, "attention")?, Self::ptr(positions, "attention")?, Self::ptr(out, "attention")?);
+        let (ck, cv) = (Self::ptr(&cache.k, "attention")?, Self::ptr(&cache.v, "attention")?);
+        let aligned = ck % 16 == 0 && cv % 16 == 0;
+
+        let group = heads / kvh;
+        let dp = d.next_power_of_two().max(8);
+        let n = m * group; // query vectors per kv head
+        let qb = if n <= 8 {
+            n.next_power_of_two()
+        } else if n <= 32 {
+            8
+        } else {
+            q_max(dp)
+        };
+        let name = KERNELS
+            .iter()
+            .find(|&&(a, b, _)| a == dp && b == qb)
+            .map(|&(_, _, s)| s)
+            .expect("a kernel for every (padded head_dim, query block)");
+        let c = cfg(dp, qb);
+        let tiles = n.div_ceil(qb);
+        ensure!(tiles <= 65535 && kvh <= 65535, "cuda attention: {m} rows x {heads} heads is too many");
+        // Split the key range so that one full wave of resident blocks covers the GPU, but never into more
+        // splits than the capacity has tiles. Depends on shapes only, so scratch sizes stay fixed in a decode loop.
+        let base = kvh * tiles;
+        let target = self.attn_blocks_per_sm(name, c.smem) * self.sm_count as usize;
+        // (rounded down: a second split of work that already fills the GPU costs a combine pass for nothing)
+        let splits = (target / base).clamp(1, cap.div_ceil(c.tk).clamp(1, 256));
+        let (pacc, pml) = if splits > 1 {
+            // Partials [acc | (max, sum)] in one scratch slot. Small m (decode, the graph-captured case) uses
+            // slot 2, sized for the worst m <= DECODE_ROWS so that it never grows between decode steps (a
+            // captured graph keeps the address); prefill uses slot 3, so growing it never moves slot 2.
+            let (slot, rows) = if m <= DECODE_ROWS {
+                (2, DECODE_ROWS * heads * cap.div_ceil(32).clamp(splits, 256))
+            } else {
+                (3, m * heads * splits)
+            };
+            let base = self.scratch(slot, rows * (d + 2) * 4)?;
+            (base, base + (m * heads * splits * d * 4) as u64)
+        } else {
+            (0, 0)
+        };
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        self.launch(
+            FILE,
+            name,
+            ((splits as u32, kvh as u32, tiles as u32), (THREADS, 1, 1), c.smem as u32),
+            &[
+                Arg::P(pq),
+                Arg::P(ck),
+                Arg::P(cv),
+                Arg::P(pp),
+                Arg::P(po),
+                Arg::P(pacc),
+                Arg::P(pml),
+                Arg::I(m as i32),
+                Arg::I(heads as i32),
+                Arg::I(kvh as i32),
+                Arg::I(d as i32),
+                Arg::I(cap as i32),
+                Arg::F(scale_log2),
+                Arg::I(aligned as i32),
+            ],
+        )?;
+        if splits > 1 {
+            let rows = m * heads;
+            // a warp per four splits (four loads in flight each), 1 to 16 warps
+            let combine_threads = (32 * splits.div_ceil(4)).clamp(32, 512) as u32;
+            self.launch(
+                FILE,
+                "attn_combine",
+                ((rows as u32, 1, 1), (combine_threads, 1, 1), 0),
+                &[Arg::P(pacc), Arg::P(pml), Arg::P(po), Arg::I(splits as i32), Arg::I(d as i32)],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_fits_in_shared_memory() {
+        for &(dp, q, _) in KERNELS {
+            let c = cfg(dp, q);
+            assert!(c.smem <= 227 * 1024, "d{dp} q{q}: {} bytes", c.smem);
+            assert!(dp / 8 * (q / q.min(8)) <= THREADS as usize);
+        }
     }
 }

@@ -73,7 +73,6 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo, String> {
 pub(crate) enum Arg {
     P(u64),
     I(i32),
-    U(u32),
     F(f32),
     L(u64),
 }
@@ -84,6 +83,9 @@ pub(crate) type Dims = ((u32, u32, u32), (u32, u32, u32), u32);
 struct GraphEntry {
     runs: u32,
     graph: Option<CudaGraph>,
+    /// The scratch epoch the graph was captured in: a graph holds scratch
+    /// addresses, so it is re-captured after any scratch buffer moved.
+    epoch: u64,
 }
 
 #[derive(Default)]
@@ -103,8 +105,12 @@ pub struct CudaBackend {
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
     blas: OnceLock<Result<CudaBlas, String>>,
     scratch: Mutex<Vec<Option<CudaSlice<u8>>>>,
+    /// Bumped whenever a scratch buffer is reallocated.
+    scratch_epoch: std::sync::atomic::AtomicU64,
     graphs: Mutex<Graphs>,
     graphs_enabled: bool,
+    /// Programmatic dependent launch (sm_90+, `FUSEBOX_PDL`, default on).
+    pdl: bool,
 }
 
 /// The architecture NVRTC compiles for: `sm_90a` on Hopper (for its
@@ -119,7 +125,14 @@ pub fn arch_for(cc: (i32, i32)) -> String {
 
 impl CudaBackend {
     /// Open GPU `ordinal`. Fails (never panics) without a GPU or driver.
+    /// Decode steps are captured as CUDA graphs unless `FUSEBOX_CUDA_GRAPH=0`.
     pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        let graphs = std::env::var("FUSEBOX_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true);
+        Self::with_graphs(ordinal, graphs)
+    }
+
+    /// Like [`CudaBackend::new`], with CUDA graphs on or off regardless of the environment.
+    pub fn with_graphs(ordinal: usize, graphs_enabled: bool) -> Result<CudaBackend> {
         let info = probe(ordinal).map_err(|e| anyhow!("no CUDA device: {e}"))?;
         let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("CUDA context on device {ordinal}: {e:?}"))?;
         // The backend orders everything on one stream itself; cudarc's
@@ -129,10 +142,8 @@ impl CudaBackend {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| anyhow!("{e:?}"))? as u32;
-        let graphs_enabled = std::env::var("FUSEBOX_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true);
         Ok(CudaBackend {
             arch: arch_for(info.compute_capability),
-            info,
             ctx,
             stream,
             sm_count,
@@ -140,8 +151,11 @@ impl CudaBackend {
             funcs: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             scratch: Mutex::new(vec![]),
+            scratch_epoch: std::sync::atomic::AtomicU64::new(0),
             graphs: Mutex::new(Graphs::default()),
             graphs_enabled,
+            pdl: info.compute_capability.0 >= 9 && std::env::var("FUSEBOX_PDL").map(|v| v != "0").unwrap_or(true),
+            info,
         })
     }
 
@@ -192,7 +206,6 @@ impl CudaBackend {
             slots[i] = match *a {
                 Arg::P(p) | Arg::L(p) => p,
                 Arg::I(v) => v as u32 as u64,
-                Arg::U(v) => v as u64,
                 Arg::F(v) => v.to_bits() as u64,
             };
         }
@@ -208,6 +221,32 @@ impl CudaBackend {
                 )
             }
             .map_err(|e| anyhow!("kernel {name}: shared memory {smem}: {e:?}"))?;
+        }
+        if self.pdl {
+            // Programmatic dependent launch (Hopper): the next kernel is
+            // scheduled while this one finishes, and waits for it in
+            // FB_PROLOGUE() (every kernel's first statement), which hides
+            // most of the launch gap between small decode kernels.
+            // SAFETY: zeroed is a valid bit pattern for this plain C struct.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: gx,
+                gridDimY: gy,
+                gridDimZ: gz,
+                blockDimX: block.0,
+                blockDimY: block.1,
+                blockDimZ: block.2,
+                sharedMemBytes: smem,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: as below; the config outlives the call.
+            return unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), ptrs.as_mut_ptr(), std::ptr::null_mut()) }
+                .result()
+                .map_err(|e| anyhow!("launching {name}: {e:?}"));
         }
         // SAFETY: every kernel's parameters are 4- or 8-byte scalars or
         // pointers, passed in the order its signature declares.
@@ -228,7 +267,9 @@ impl CudaBackend {
     pub(crate) fn alloc(&self, bytes: usize) -> Result<DeviceBuf> {
         let s: CudaSlice<u8> = self
             .stream
-            .alloc_zeros::<u8>(bytes.max(16))
+            // padded: vectorised kernels may read a few bytes past the end of
+            // a row of scales; those reads stay inside the allocation
+            .alloc_zeros::<u8>(bytes.div_ceil(256) * 256 + 256)
             .map_err(|e| anyhow!("allocating {bytes} bytes on the GPU: {e:?}"))?;
         let ptr = {
             let (p, _sync) = s.device_ptr(&self.stream);
@@ -249,6 +290,7 @@ impl CudaBackend {
             s[i] = None;
             self.stream.synchronize().map_err(|e| anyhow!("{e:?}"))?;
             s[i] = Some(self.stream.alloc_zeros::<u8>(bytes).map_err(|e| anyhow!("scratch of {bytes} bytes: {e:?}"))?);
+            self.scratch_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         let (p, _g) = s[i].as_ref().unwrap().device_ptr(&self.stream);
         Ok(p)
@@ -302,6 +344,10 @@ impl Backend for CudaBackend {
         format!("cuda:{} ({}, {})", self.info.ordinal, self.info.name, self.arch)
     }
 
+    fn device_name(&self) -> String {
+        self.info.name.clone()
+    }
+
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         Tensor::from_device(shape, dtype, self.alloc(n * dtype.size())?)
@@ -348,7 +394,12 @@ impl Backend for CudaBackend {
         if g.entries.len() > 16 && !g.entries.contains_key(&key) {
             g.entries.clear();
         }
-        let e = g.entries.entry(key).or_insert(GraphEntry { runs: 0, graph: None });
+        let epoch = self.scratch_epoch.load(std::sync::atomic::Ordering::SeqCst);
+        let e = g.entries.entry(key).or_insert(GraphEntry { runs: 0, graph: None, epoch });
+        if e.epoch != epoch {
+            // a scratch buffer the graph points into was reallocated
+            *e = GraphEntry { runs: 0, graph: None, epoch };
+        }
         if let Some(graph) = &e.graph {
             return graph.launch().map_err(|e| anyhow!("CUDA graph replay: {e:?}"));
         }
@@ -480,7 +531,12 @@ impl Backend for CudaBackend {
 /// The GPU for a test, or `None` (with the reason printed) when there is
 /// none. With `FUSEBOX_REQUIRE_CUDA=1` a missing GPU fails the test instead.
 pub fn backend_for_tests() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
+    backend_for_tests_with_graphs(true)
+}
+
+/// [`backend_for_tests`] with CUDA graphs on or off.
+pub fn backend_for_tests_with_graphs(graphs: bool) -> Option<CudaBackend> {
+    match CudaBackend::with_graphs(0, graphs) {
         Ok(b) => Some(b),
         Err(e) => {
             if std::env::var("FUSEBOX_REQUIRE_CUDA").is_ok_and(|v| v == "1") {

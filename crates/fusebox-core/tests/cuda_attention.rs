@@ -1,0 +1,503 @@
+//! The CUDA backend's `kv_write` and `attention` against the CPU backend.
+//!
+//! The GPU cache is bf16; the CPU reference runs on an f32 cache holding the
+//! same bf16-rounded values, so both compute the same function in f32. Every
+//! test skips (passes) without a GPU; `FUSEBOX_REQUIRE_CUDA=1` makes that a
+//! failure. `cuda_attention_speed` is an ignored microbenchmark:
+//! `cargo test --release -p fusebox-core --test cuda_attention -- --ignored --nocapture`.
+
+use fusebox_core::cpu::CpuBackend;
+use fusebox_core::cuda::{backend_for_tests, CudaBackend};
+use fusebox_core::{Backend, DType, LayerKv, Tensor};
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// f32 vs f32 with a different summation order.
+const TOL: f64 = 2e-5;
+const BF16_NAN: u16 = 0x7fc0;
+
+fn gpu() -> Option<CudaBackend> {
+    backend_for_tests()
+}
+
+fn cpu() -> CpuBackend {
+    CpuBackend::new(0).expect("cpu backend")
+}
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+fn uniform(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| r.random_range(-scale..scale)).collect()
+}
+
+fn round_bf16(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+fn bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
+}
+
+fn dev_f32(be: &CudaBackend, shape: &[usize], data: &[f32]) -> Tensor {
+    be.upload(Tensor::from_f32(shape, data).unwrap()).unwrap()
+}
+
+fn dev_i32(be: &CudaBackend, data: &[i32]) -> Tensor {
+    be.upload(Tensor::from_i32(&[data.len()], data).unwrap()).unwrap()
+}
+
+fn dev_bf16(be: &CudaBackend, shape: &[usize], bits: &[u16]) -> Tensor {
+    be.upload(Tensor::from_bytes(shape, DType::BF16, bytemuck::cast_slice(bits)).unwrap()).unwrap()
+}
+
+/// An f32 output tensor on the GPU filled with NaN, so unwritten elements show.
+fn poisoned(be: &CudaBackend, shape: &[usize]) -> Tensor {
+    let mut t = be.zeros(shape, DType::F32).unwrap();
+    let n = t.numel();
+    be.write_f32(&mut t, &vec![f32::NAN; n]).unwrap();
+    t
+}
+
+fn read(be: &dyn Backend, t: &Tensor) -> Vec<f32> {
+    let mut v = vec![];
+    be.read_f32(t, &mut v).unwrap();
+    v
+}
+
+/// `||got - want|| / ||want||`, infinite when anything is not finite.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    if got.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// One attention problem: random q and cache rows `0..=max(positions)` (bf16-rounded); on the GPU the rows
+/// past that are NaN, so reading any of them shows up in the output.
+struct Problem {
+    m: usize,
+    heads: usize,
+    kvh: usize,
+    d: usize,
+    cap: usize,
+    positions: Vec<i32>,
+    scale: f32,
+}
+
+impl Problem {
+    /// Run on both backends; returns (gpu output, cpu output).
+    fn run(&self, g: &CudaBackend, c: &CpuBackend, r: &mut ChaCha8Rng) -> (Vec<f32>, Vec<f32>) {
+        let (m, heads, kvh, d, cap) = (self.m, self.heads, self.kvh, self.d, self.cap);
+        let used = self.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(0);
+        assert!(used <= cap);
+        let row = kvh * d;
+        let mut kf = vec![0f32; cap * row];
+        let mut vf = vec![0f32; cap * row];
+        for x in kf[..used * row].iter_mut().chain(vf[..used * row].iter_mut()) {
+            *x = round_bf16(r.random_range(-1.0..1.0));
+        }
+        let mut kb = bf16_bits(&kf);
+        let mut vb = bf16_bits(&vf);
+        kb[used * row..].fill(BF16_NAN);
+        vb[used * row..].fill(BF16_NAN);
+        let q = uniform(r, m * heads * d, 1.0);
+        let shape = [cap, kvh, d];
+
+        let gcache = LayerKv { k: dev_bf16(g, &shape, &kb), v: dev_bf16(g, &shape, &vb) };
+        let gq = dev_f32(g, &[m, heads, d], &q);
+        let gpos = dev_i32(g, &self.positions);
+        let mut gout = poisoned(g, &[m, heads, d]);
+        g.attention(&gq, &gcache, &gpos, self.scale, &mut gout).unwrap();
+        let got = read(g, &gout);
+
+        let ccache = LayerKv { k: Tensor::from_f32(&shape, &kf).unwrap(), v: Tensor::from_f32(&shape, &vf).unwrap() };
+        let cq = Tensor::from_f32(&[m, heads, d], &q).unwrap();
+        let cpos = Tensor::from_i32(&[m], &self.positions).unwrap();
+        let mut cout = Tensor::zeros(&[m, heads, d], DType::F32);
+        c.attention(&cq, &ccache, &cpos, self.scale, &mut cout).unwrap();
+        (got, read(c, &cout))
+    }
+
+    fn label(&self) -> String {
+        let p = &self.positions;
+        let span = if p.len() > 3 { format!("[{}, {}, .., {}]", p[0], p[1], p[p.len() - 1]) } else { format!("{p:?}") };
+        format!(
+            "d {} heads {}/{} m {} cap {} positions {span} scale {}",
+            self.d, self.heads, self.kvh, self.m, self.cap, self.scale
+        )
+    }
+}
+
+/// Runs problems, asserts each is within `TOL`, prints the worst.
+fn check_all(g: &CudaBackend, problems: &[Problem], seed: u64) {
+    let c = cpu();
+    let mut r = rng(seed);
+    let mut worst = (0f64, String::new());
+    let mut failures = vec![];
+    for p in problems {
+        let (got, want) = p.run(g, &c, &mut r);
+        let e = rel_err(&got, &want);
+        if e > worst.0 {
+            worst = (e, p.label());
+        }
+        if e.is_nan() || e >= TOL {
+            failures.push(format!("{}: rel err {e:.3e}", p.label()));
+        }
+    }
+    println!("{} problems, worst rel err {:.3e} ({})", problems.len(), worst.0, worst.1);
+    assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), problems.len(), failures.join("\n"));
+}
+
+const HEAD_DIMS: [usize; 5] = [8, 16, 32, 64, 128];
+const HEADS: [(usize, usize); 5] = [(4, 1), (4, 2), (6, 2), (32, 8), (16, 16)];
+const ROWS: [usize; 5] = [1, 2, 7, 64, 200];
+
+fn scale_for(d: usize, r: &mut ChaCha8Rng) -> f32 {
+    // mostly the usual 1/sqrt(d); sometimes sharper, so the running max matters
+    let s = 1.0 / (d as f32).sqrt();
+    if r.random_range(0..3) == 0 {
+        4.0 * s
+    } else {
+        s
+    }
+}
+
+#[test]
+fn cuda_kv_write_stores_bf16_rows_and_skips_out_of_range() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng(1);
+    // (cap, kv_heads, head_dim, positions): a vectorised row, an odd row (scalar path), every row shuffled
+    let mut all: Vec<i32> = (0..64).collect();
+    all.reverse();
+    all.swap(3, 40);
+    let cases: Vec<(usize, usize, usize, Vec<i32>)> = vec![
+        (37, 3, 16, vec![3, 36, -1, 37, 0, 1000]),
+        (20, 1, 6, vec![19, 0, 7, -5, 20]),
+        (64, 2, 128, all),
+        (4096, 8, 128, vec![4095, 3000]),
+    ];
+    for (cap, kvh, d, pos) in cases {
+        let (m, row) = (pos.len(), kvh * d);
+        let init_k = uniform(&mut r, cap * row, 2.0);
+        let init_v = uniform(&mut r, cap * row, 2.0);
+        let k = uniform(&mut r, m * row, 3.0);
+        let v = uniform(&mut r, m * row, 3.0);
+        let shape = [cap, kvh, d];
+        let mut cache =
+            LayerKv { k: dev_bf16(&g, &shape, &bf16_bits(&init_k)), v: dev_bf16(&g, &shape, &bf16_bits(&init_v)) };
+        let (gk, gv) = (dev_f32(&g, &[m, kvh, d], &k), dev_f32(&g, &[m, kvh, d], &v));
+        g.kv_write(&gk, &gv, &dev_i32(&g, &pos), &mut cache).unwrap();
+        for (got, init, src, what) in [(read(&g, &cache.k), &init_k, &k, "k"), (read(&g, &cache.v), &init_v, &v, "v")] {
+            let mut want: Vec<f32> = init.iter().map(|&x| round_bf16(x)).collect();
+            for (i, &p) in pos.iter().enumerate() {
+                if p >= 0 && (p as usize) < cap {
+                    for j in 0..row {
+                        want[p as usize * row + j] = round_bf16(src[i * row + j]);
+                    }
+                }
+            }
+            for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    a.to_bits() == b.to_bits(),
+                    "cache {what} [{cap}, {kvh}, {d}] positions {pos:?}: element {idx} (row {}) is {a}, want {b}",
+                    idx / row
+                );
+            }
+        }
+    }
+    println!("kv_write: exact");
+}
+
+/// Every head dim x head layout x row count, contiguous positions from 0 and from 3000 (capacity 4096).
+#[test]
+fn cuda_attention_matches_cpu_prefill_and_chunks() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng(2);
+    let mut problems = vec![];
+    for d in HEAD_DIMS {
+        for (heads, kvh) in HEADS {
+            for m in ROWS {
+                for start in [0usize, 3000] {
+                    let cap = if start == 0 { m + 45 } else { 4096 };
+                    let positions = (start..start + m).map(|p| p as i32).collect();
+                    problems.push(Problem { m, heads, kvh, d, cap, positions, scale: scale_for(d, &mut r) });
+                }
+            }
+        }
+    }
+    check_all(&g, &problems, 3);
+}
+
+/// Single-token decode at lengths around tile and split boundaries.
+#[test]
+fn cuda_attention_matches_cpu_decode_lengths() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng(4);
+    let mut problems = vec![];
+    for d in HEAD_DIMS {
+        for (heads, kvh) in HEADS {
+            for len in [1usize, 31, 32, 33, 63, 64, 65, 255, 256, 257, 1000, 4000, 4096] {
+                let positions = vec![len as i32 - 1];
+                problems.push(Problem { m: 1, heads, kvh, d, cap: 4096, positions, scale: scale_for(d, &mut r) });
+            }
+        }
+    }
+    check_all(&g, &problems, 5);
+}
+
+/// Non-contiguous and unordered positions, repeated positions, tiny and odd capacities (a single split),
+/// big groups, and head dims that are not powers of two or are 256.
+#[test]
+fn cuda_attention_matches_cpu_odd_positions_and_shapes() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng(6);
+    let mut problems = vec![];
+    let layouts = [(4, 1), (6, 2), (32, 8), (64, 4), (16, 16), (3, 3), (24, 1)];
+    for d in [8usize, 24, 64, 80, 96, 128, 160, 256] {
+        for (heads, kvh) in layouts {
+            // scattered positions in a 3000-row cache, unsorted
+            for m in [1usize, 3, 5, 40] {
+                let positions: Vec<i32> = (0..m).map(|_| r.random_range(0..3000)).collect();
+                problems.push(Problem { m, heads, kvh, d, cap: 3000, positions, scale: scale_for(d, &mut r) });
+            }
+            // the same position twice, and the whole of a small cache (one tile, one split)
+            problems.push(Problem { m: 2, heads, kvh, d, cap: 50, positions: vec![17, 17], scale: 0.3 });
+            let positions = (0..33).rev().collect();
+            problems.push(Problem { m: 33, heads, kvh, d, cap: 33, positions, scale: scale_for(d, &mut r) });
+            // a chunk after a cached prefix: positions 1000..1130 of 1500
+            let positions = (1000..1130).collect();
+            problems.push(Problem { m: 130, heads, kvh, d, cap: 1500, positions, scale: scale_for(d, &mut r) });
+        }
+    }
+    check_all(&g, &problems, 7);
+}
+
+/// Positions outside [0, capacity) produce zero rows (the CPU backend would reject them); others are unaffected.
+#[test]
+fn cuda_attention_out_of_range_positions_give_zeros() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mut r = rng(8);
+    let (heads, kvh, d, cap) = (8, 2, 64, 300);
+    let positions = vec![5, -1, 299, 300, 100000, 42];
+    let good: Vec<usize> = vec![0, 2, 5];
+    let p = Problem { m: positions.len(), heads, kvh, d, cap, positions: positions.clone(), scale: 0.125 };
+    // run the GPU on all rows; the CPU on the valid ones only (same random draws: run CPU part by hand)
+    let row = kvh * d;
+    let kf: Vec<f32> = (0..cap * row).map(|_| round_bf16(r.random_range(-1.0..1.0))).collect();
+    let vf: Vec<f32> = (0..cap * row).map(|_| round_bf16(r.random_range(-1.0..1.0))).collect();
+    let q = uniform(&mut r, p.m * heads * d, 1.0);
+    let shape = [cap, kvh, d];
+    let gcache = LayerKv { k: dev_bf16(&g, &shape, &bf16_bits(&kf)), v: dev_bf16(&g, &shape, &bf16_bits(&vf)) };
+    let mut gout = poisoned(&g, &[p.m, heads, d]);
+    g.attention(&dev_f32(&g, &[p.m, heads, d], &q), &gcache, &dev_i32(&g, &positions), p.scale, &mut gout).unwrap();
+    let got = read(&g, &gout);
+    let hd = heads * d;
+    let cq: Vec<f32> = good.iter().flat_map(|&i| q[i * hd..(i + 1) * hd].to_vec()).collect();
+    let cpos: Vec<i32> = good.iter().map(|&i| positions[i]).collect();
+    let ccache = LayerKv { k: Tensor::from_f32(&shape, &kf).unwrap(), v: Tensor::from_f32(&shape, &vf).unwrap() };
+    let mut cout = Tensor::zeros(&[good.len(), heads, d], DType::F32);
+    c.attention(
+        &Tensor::from_f32(&[good.len(), heads, d], &cq).unwrap(),
+        &ccache,
+        &Tensor::from_i32(&[good.len()], &cpos).unwrap(),
+        p.scale,
+        &mut cout,
+    )
+    .unwrap();
+    let want = read(&c, &cout);
+    let got_good: Vec<f32> = good.iter().flat_map(|&i| got[i * hd..(i + 1) * hd].to_vec()).collect();
+    let e = rel_err(&got_good, &want);
+    assert!(e < TOL, "valid rows: rel err {e:.3e}");
+    for i in [1usize, 3, 4] {
+        assert!(got[i * hd..(i + 1) * hd].iter().all(|&x| x == 0.0), "row {i} (position {}) not zero", positions[i]);
+    }
+}
+
+/// A prefill, decode steps and a second prefill chunk through kv_write on both backends (inputs pre-rounded
+/// to bf16, so the caches hold the same values), attention after each.
+#[test]
+fn cuda_kv_write_then_attention_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mut r = rng(9);
+    let (heads, kvh, d, cap) = (12, 4, 64, 700);
+    let shape = [cap, kvh, d];
+    let mut gcache = LayerKv { k: g.zeros(&shape, DType::BF16).unwrap(), v: g.zeros(&shape, DType::BF16).unwrap() };
+    let mut ccache = LayerKv { k: Tensor::zeros(&shape, DType::F32), v: Tensor::zeros(&shape, DType::F32) };
+    let steps: Vec<Vec<i32>> = vec![
+        (0..37).collect(),
+        vec![37],
+        vec![38],
+        vec![39],
+        (40..300).collect(),
+        vec![300],
+        (301..303).collect(),
+        (303..699).collect(),
+        vec![699],
+    ];
+    let mut worst = 0f64;
+    for pos in steps {
+        let m = pos.len();
+        let k: Vec<f32> = uniform(&mut r, m * kvh * d, 1.0).into_iter().map(round_bf16).collect();
+        let v: Vec<f32> = uniform(&mut r, m * kvh * d, 1.0).into_iter().map(round_bf16).collect();
+        let q = uniform(&mut r, m * heads * d, 1.0);
+        let gpos = dev_i32(&g, &pos);
+        g.kv_write(&dev_f32(&g, &[m, kvh, d], &k), &dev_f32(&g, &[m, kvh, d], &v), &gpos, &mut gcache).unwrap();
+        let mut gout = poisoned(&g, &[m, heads, d]);
+        g.attention(&dev_f32(&g, &[m, heads, d], &q), &gcache, &gpos, 0.125, &mut gout).unwrap();
+        let cpos = Tensor::from_i32(&[m], &pos).unwrap();
+        c.kv_write(
+            &Tensor::from_f32(&[m, kvh, d], &k).unwrap(),
+            &Tensor::from_f32(&[m, kvh, d], &v).unwrap(),
+            &cpos,
+            &mut ccache,
+        )
+        .unwrap();
+        let mut cout = Tensor::zeros(&[m, heads, d], DType::F32);
+        c.attention(&Tensor::from_f32(&[m, heads, d], &q).unwrap(), &ccache, &cpos, 0.125, &mut cout).unwrap();
+        let e = rel_err(&read(&g, &gout), &read(&c, &cout));
+        assert!(e < TOL, "positions {}..={}: rel err {e:.3e}", pos[0], pos[m - 1]);
+        worst = worst.max(e);
+    }
+    println!("kv_write + attention sequence: worst rel err {worst:.3e}");
+}
+
+/// A decode step captured as a CUDA graph reads the position from device memory: replaying it after
+/// changing the position gives the attention at the new length.
+#[test]
+fn cuda_attention_graph_replay_follows_positions() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mut r = rng(10);
+    let (heads, kvh, d, cap) = (32, 8, 128, 4096);
+    let row = kvh * d;
+    let kf: Vec<f32> = (0..cap * row).map(|_| round_bf16(r.random_range(-1.0..1.0))).collect();
+    let vf: Vec<f32> = (0..cap * row).map(|_| round_bf16(r.random_range(-1.0..1.0))).collect();
+    let q = uniform(&mut r, heads * d, 1.0);
+    let shape = [cap, kvh, d];
+    let gcache = LayerKv { k: dev_bf16(&g, &shape, &bf16_bits(&kf)), v: dev_bf16(&g, &shape, &bf16_bits(&vf)) };
+    let ccache = LayerKv { k: Tensor::from_f32(&shape, &kf).unwrap(), v: Tensor::from_f32(&shape, &vf).unwrap() };
+    let gq = dev_f32(&g, &[1, heads, d], &q);
+    let mut gpos = dev_i32(&g, &[0]);
+    let mut gout = poisoned(&g, &[1, heads, d]);
+    for (step, p) in [10i32, 700, 4095, 3, 2048, 257].into_iter().enumerate() {
+        g.write_i32(&mut gpos, &[p]).unwrap();
+        let mut f = || g.attention(&gq, &gcache, &gpos, 0.09, &mut gout);
+        g.run_graph(0xa77e, &mut f).unwrap();
+        let got = read(&g, &gout);
+        let mut cout = Tensor::zeros(&[1, heads, d], DType::F32);
+        let cq = Tensor::from_f32(&[1, heads, d], &q).unwrap();
+        c.attention(&cq, &ccache, &Tensor::from_i32(&[1], &[p]).unwrap(), 0.09, &mut cout).unwrap();
+        let e = rel_err(&got, &read(&c, &cout));
+        assert!(e < TOL, "step {step} position {p}: rel err {e:.3e} (graphs enabled: {})", g.graphs_enabled());
+    }
+}
+
+/// Decode (m = 1, 32 heads over 8 kv heads, head_dim 128) and a 512-row prefill: microseconds per call
+/// and K/V bytes per second. Caches rotate over enough layers to keep the K/V out of L2.
+#[test]
+#[ignore]
+fn cuda_attention_speed() {
+    let Some(g) = gpu() else { return };
+    println!("{}", g.name());
+    let (heads, kvh, d) = (32usize, 8usize, 128usize);
+    let mut r = rng(11);
+    let scale = 1.0 / (d as f32).sqrt();
+    let time = |f: &mut dyn FnMut(), n: usize| -> f64 {
+        f();
+        g.synchronize().unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        g.synchronize().unwrap();
+        t.elapsed().as_secs_f64() / n as f64
+    };
+    // FUSEBOX_ATTN_BENCH="m:len,..." picks cases (for a profiler); the default is the four below
+    let cases: Vec<(usize, usize)> = match std::env::var("FUSEBOX_ATTN_BENCH") {
+        Ok(v) => v
+            .split(',')
+            .map(|c| {
+                let (a, b) = c.split_once(':').expect("m:len");
+                (a.trim().parse().unwrap(), b.trim().parse().unwrap())
+            })
+            .collect(),
+        Err(_) => vec![(1, 512), (1, 4096), (1, 32768), (512, 512)],
+    };
+    // let the clocks come up before the first number (not when profiling picked cases)
+    if std::env::var("FUSEBOX_ATTN_BENCH").is_err() {
+        let mut k = g.zeros(&[4096, kvh, d], DType::BF16).unwrap();
+        g.fill_random(&mut k, 1, -1.0, 1.0).unwrap();
+        let c = LayerKv { v: k.clone(), k };
+        let q = dev_f32(&g, &[64, heads, d], &uniform(&mut r, 64 * heads * d, 1.0));
+        let pos = dev_i32(&g, &(4000..4064).collect::<Vec<i32>>());
+        let mut out = g.zeros(&[64, heads, d], DType::F32).unwrap();
+        let t = std::time::Instant::now();
+        while t.elapsed().as_secs_f64() < 0.5 {
+            g.attention(&q, &c, &pos, scale, &mut out).unwrap();
+            g.synchronize().unwrap();
+        }
+    }
+    for (m, len) in cases {
+        let cap = len;
+        let layer_bytes = 2 * cap * kvh * d * 2;
+        let layers = (512usize << 20).div_ceil(layer_bytes).clamp(2, 64);
+        let caches: Vec<LayerKv> = (0..layers)
+            .map(|i| {
+                let mut k = g.zeros(&[cap, kvh, d], DType::BF16).unwrap();
+                let mut v = g.zeros(&[cap, kvh, d], DType::BF16).unwrap();
+                g.fill_random(&mut k, 100 + 2 * i as u64, -1.0, 1.0).unwrap();
+                g.fill_random(&mut v, 101 + 2 * i as u64, -1.0, 1.0).unwrap();
+                LayerKv { k, v }
+            })
+            .collect();
+        let q = dev_f32(&g, &[m, heads, d], &uniform(&mut r, m * heads * d, 1.0));
+        let pos: Vec<i32> = (len - m..len).map(|p| p as i32).collect();
+        let gpos = dev_i32(&g, &pos);
+        let mut out = g.zeros(&[m, heads, d], DType::F32).unwrap();
+        // K/V bytes the kernels must read: every row up to the last position, once per kv head
+        let kv_bytes = (2 * len * kvh * d * 2) as f64;
+        let flops = 4.0 * (heads * d) as f64 * pos.iter().map(|&p| p as f64 + 1.0).sum::<f64>();
+        let eager = time(
+            &mut || {
+                for c in &caches {
+                    g.attention(&q, c, &gpos, scale, &mut out).unwrap();
+                }
+            },
+            20,
+        ) / layers as f64;
+        let mut graph_us = f64::NAN;
+        if g.graphs_enabled() {
+            let key = 0x5eed_0000 + (m * 1_000_000 + len) as u64;
+            let mut body = || -> anyhow::Result<()> {
+                for c in &caches {
+                    g.attention(&q, c, &gpos, scale, &mut out)?;
+                }
+                Ok(())
+            };
+            g.run_graph(key, &mut body).unwrap();
+            let mut runs: Vec<f64> =
+                (0..5).map(|_| time(&mut || g.run_graph(key, &mut body).unwrap(), 10) / layers as f64).collect();
+            runs.sort_by(f64::total_cmp);
+            graph_us = runs[2] * 1e6;
+        }
+        let best = if graph_us.is_nan() { eager } else { graph_us.min(eager * 1e6) / 1e6 };
+        println!(
+            "m {m:4} len {len:6} ({layers:2} layers): eager {:8.2} us, graph {:8.2} us, K/V {:7.1} GB/s, {:7.2} TFLOP/s",
+            eager * 1e6,
+            graph_us,
+            kv_bytes / best / 1e9,
+            flops / best / 1e12
+        );
+    }
+}

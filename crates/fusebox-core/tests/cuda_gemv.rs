@@ -1,0 +1,447 @@
+//! The CUDA matmul (GEMV for m <= 8, cuBLAS above), expert matmul and
+//! embedding against the CPU backend, for dense, MLX affine and GGUF
+//! weights. Every test skips without a GPU (`FUSEBOX_REQUIRE_CUDA=1` makes
+//! that a failure). `cuda_gemv_bandwidth` (ignored) times the decode GEMV.
+
+use fusebox_core::cpu::CpuBackend;
+use fusebox_core::cuda::{backend_for_tests, CudaBackend};
+use fusebox_core::quant::pack;
+use fusebox_core::{Backend, DType, GgmlType, Tensor, Weight};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn cpu() -> CpuBackend {
+    CpuBackend::new(0).unwrap()
+}
+
+fn randv(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.random::<f32>() * 2.0 - 1.0).collect()
+}
+
+/// Float values as a host tensor of `dtype`.
+fn host_tensor(shape: &[usize], dtype: DType, v: &[f32]) -> Tensor {
+    match dtype {
+        DType::F32 => Tensor::from_f32(shape, v).unwrap(),
+        DType::F16 => {
+            let h: Vec<u16> = v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
+            Tensor::from_bytes(shape, dtype, bytemuck::cast_slice(&h)).unwrap()
+        }
+        DType::BF16 => {
+            let h: Vec<u16> = v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+            Tensor::from_bytes(shape, dtype, bytemuck::cast_slice(&h)).unwrap()
+        }
+        d => panic!("not a float dtype: {d}"),
+    }
+}
+
+fn lead(experts: usize, rows: usize) -> Vec<usize> {
+    if experts > 1 {
+        vec![experts, rows]
+    } else {
+        vec![rows]
+    }
+}
+
+fn dense(r: &mut ChaCha8Rng, dtype: DType, experts: usize, rows: usize, cols: usize) -> Weight {
+    let shape = [lead(experts, rows), vec![cols]].concat();
+    Weight::dense(host_tensor(&shape, dtype, &randv(r, experts * rows * cols))).unwrap()
+}
+
+/// A random MLX affine weight `[experts, rows, cols]` with scales/biases of `sdt`.
+fn affine(r: &mut ChaCha8Rng, experts: usize, rows: usize, cols: usize, bits: u32, group: usize, sdt: DType) -> Weight {
+    let n = experts * rows;
+    let vals: Vec<u32> = (0..n * cols).map(|_| r.random_range(0..1u32 << bits)).collect();
+    let words: Vec<u32> = vals.chunks(cols).flat_map(|row| pack(row, bits)).collect();
+    let (wpr, ng) = (cols * bits as usize / 32, cols / group);
+    let shape = |last: usize| [lead(experts, rows), vec![last]].concat();
+    let q = Tensor::from_bytes(&shape(wpr), DType::U32, bytemuck::cast_slice(&words)).unwrap();
+    let sv: Vec<f32> = (0..n * ng).map(|_| r.random::<f32>() * 0.1).collect();
+    let bv: Vec<f32> = (0..n * ng).map(|_| r.random::<f32>() - 0.5).collect();
+    let (s, b) = (host_tensor(&shape(ng), sdt, &sv), host_tensor(&shape(ng), sdt, &bv));
+    Weight::affine(q, s, b, bits, group).unwrap()
+}
+
+/// A random ggml weight with sane f16 scale fields.
+fn ggml(r: &mut ChaCha8Rng, ty: GgmlType, experts: usize, rows: usize, cols: usize) -> Weight {
+    let nb = experts * rows * cols / ty.block_size();
+    let mut bytes = vec![0u8; nb * ty.type_size()];
+    r.fill(&mut bytes[..]);
+    let f16 = |x: f32| half::f16::from_f32(x).to_le_bytes();
+    for blk in bytes.chunks_exact_mut(ty.type_size()) {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q8_0 => blk[0..2].copy_from_slice(&f16(0.01 + r.random::<f32>() * 0.05)),
+            GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q5_K => {
+                blk[0..2].copy_from_slice(&f16(0.01 + r.random::<f32>() * 0.05));
+                blk[2..4].copy_from_slice(&f16(r.random::<f32>() * 0.05));
+            }
+            GgmlType::Q6_K => blk[208..210].copy_from_slice(&f16(0.001 + r.random::<f32>() * 0.01)),
+            _ => unreachable!(),
+        }
+    }
+    let data = Tensor::from_bytes(&[bytes.len()], DType::U8, &bytes).unwrap();
+    Weight::gguf(data, ty, experts, rows, cols).unwrap()
+}
+
+const GGUF_TYPES: [GgmlType; 6] =
+    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K];
+
+/// ||got - want|| / ||want||; NaN anywhere (an unwritten output) fails.
+fn rel_err(got: &[f32], want: &[f32], what: &str) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        panic!("{what}: non-finite output {} at {i} (want {})", got[i], want[i]);
+    }
+    let num: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn check(got: &[f32], want: &[f32], tol: f64, what: &str) -> f64 {
+    let e = rel_err(got, want, what);
+    assert!(e < tol, "{what}: relative error {e:e} (tolerance {tol:e})");
+    e
+}
+
+/// A device f32 tensor filled with NaN (so unwritten elements show).
+fn poisoned(be: &CudaBackend, shape: &[usize]) -> Tensor {
+    let mut t = be.zeros(shape, DType::F32).unwrap();
+    let n = t.numel();
+    be.write_f32(&mut t, &vec![f32::NAN; n]).unwrap();
+    t
+}
+
+fn read(be: &CudaBackend, t: &Tensor) -> Vec<f32> {
+    let mut v = vec![];
+    be.read_f32(t, &mut v).unwrap();
+    v
+}
+
+/// GPU and CPU `x @ w^T` for a random x of m rows.
+fn both_matmul(be: &CudaBackend, w: &Weight, gw: &Weight, m: usize, r: &mut ChaCha8Rng) -> (Vec<f32>, Vec<f32>) {
+    let (_, n, k) = w.dims();
+    let x = Tensor::from_f32(&[m, k], &randv(r, m * k)).unwrap();
+    let mut want = Tensor::zeros(&[m, n], DType::F32);
+    cpu().matmul(&x, w, &mut want).unwrap();
+    let mut out = poisoned(be, &[m, n]);
+    be.matmul(&be.upload(x).unwrap(), gw, &mut out).unwrap();
+    (read(be, &out), want.as_f32().unwrap().to_vec())
+}
+
+#[test]
+fn dense_matmul_matches_cpu() {
+    let Some(be) = backend_for_tests() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(11);
+    // the last ones: scalar fallback (k % 8 != 0), several row groups per warp
+    let shapes = [(1, 48), (7, 96), (64, 160), (300, 1024), (2048, 512), (5, 37), (3, 100), (20000, 64)];
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let mut worst = [0f64; 2];
+        for &(n, k) in &shapes {
+            let w = dense(&mut r, dtype, 1, n, k);
+            let gw = be.upload_weight(w.clone()).unwrap();
+            for m in [1, 2, 5, 8, 9, 33] {
+                let (got, want) = both_matmul(&be, &w, &gw, m, &mut r);
+                let gemm = m > 8;
+                let tol = if gemm && dtype == DType::BF16 { 1e-2 } else { 1e-5 };
+                let e = check(&got, &want, tol, &format!("{dtype} [{m}, {k}] x [{n}, {k}]^T"));
+                worst[gemm as usize] = worst[gemm as usize].max(e);
+            }
+        }
+        println!("dense {dtype}: worst relative error GEMV {:.2e}, cuBLAS {:.2e}", worst[0], worst[1]);
+    }
+}
+
+#[test]
+fn affine_matmul_matches_cpu() {
+    let Some(be) = backend_for_tests() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(12);
+    for bits in [2, 3, 4, 5, 6, 8] {
+        let mut worst = [0f64; 2];
+        for group in [32, 64, 128] {
+            let sdt = [DType::BF16, DType::F16, DType::F32][(bits as usize + group / 32) % 3];
+            // also: x staged in several windows (k = 14336), several row groups per warp (n = 9000)
+            let big = if group == 128 { (5, 14336) } else { (9000, 2 * group) };
+            for (n, k) in [(7, 3 * group), (300, 1024 + group), (1, 4096), big] {
+                let w = affine(&mut r, 1, n, k, bits, group, sdt);
+                let gw = be.upload_weight(w.clone()).unwrap();
+                for m in [1, 3, 8, 12] {
+                    let (got, want) = both_matmul(&be, &w, &gw, m, &mut r);
+                    let gemm = m > 8;
+                    let what = format!("{bits}-bit g{group} {sdt} scales [{m}, {k}] x [{n}, {k}]^T");
+                    let e = check(&got, &want, if gemm { 1e-2 } else { 1e-3 }, &what);
+                    worst[gemm as usize] = worst[gemm as usize].max(e);
+                }
+            }
+        }
+        println!("affine {bits}-bit: worst relative error GEMV {:.2e}, cuBLAS {:.2e}", worst[0], worst[1]);
+    }
+}
+
+#[test]
+fn gguf_matmul_matches_cpu() {
+    let Some(be) = backend_for_tests() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(13);
+    for ty in GGUF_TYPES {
+        let mut worst = [0f64; 2];
+        for (n, k) in [(19, 512), (300, 256), (64, 2816)] {
+            let w = ggml(&mut r, ty, 1, n, k);
+            let gw = be.upload_weight(w.clone()).unwrap();
+            assert!(matches!(gw, Weight::Affine { .. }), "{} should become an affine weight", ty.name());
+            for m in [1, 4, 12] {
+                let (got, want) = both_matmul(&be, &w, &gw, m, &mut r);
+                let gemm = m > 8;
+                let what = format!("{} [{m}, {k}] x [{n}, {k}]^T", ty.name());
+                let e = check(&got, &want, if gemm { 1e-2 } else { 1e-3 }, &what);
+                worst[gemm as usize] = worst[gemm as usize].max(e);
+            }
+        }
+        println!("{}: worst relative error GEMV {:.2e}, cuBLAS {:.2e}", ty.name(), worst[0], worst[1]);
+    }
+    // f32 / f16 GGUF tensors are dense weights
+    let v = randv(&mut r, 8 * 64);
+    let h: Vec<u16> = v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
+    let w = Weight::gguf(
+        Tensor::from_bytes(&[8 * 64 * 2], DType::U8, bytemuck::cast_slice(&h)).unwrap(),
+        GgmlType::F16,
+        1,
+        8,
+        64,
+    )
+    .unwrap();
+    let gw = be.upload_weight(w).unwrap();
+    let dw = Weight::dense(host_tensor(&[8, 64], DType::F16, &v)).unwrap();
+    let (got, want) = both_matmul(&be, &dw, &gw, 1, &mut r);
+    check(&got, &want, 1e-5, "F16 GGUF");
+}
+
+#[test]
+fn expert_matmul_matches_cpu() {
+    let Some(be) = backend_for_tests() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(14);
+    let (e, n, k) = (6, 40, 256);
+    let weights = vec![
+        ("bf16", dense(&mut r, DType::BF16, e, n, k)),
+        ("f32", dense(&mut r, DType::F32, e, n, k)),
+        ("4-bit g64", affine(&mut r, e, n, k, 4, 64, DType::BF16)),
+        ("3-bit g32", affine(&mut r, e, n, k, 3, 32, DType::F16)),
+        ("Q4_K", ggml(&mut r, GgmlType::Q4_K, e, n, k)),
+        ("Q6_K", ggml(&mut r, GgmlType::Q6_K, e, n, k)),
+    ];
+    for (name, w) in &weights {
+        let gw = be.upload_weight(w.clone()).unwrap();
+        for (m, slots) in [(1, 2), (3, 4), (5, 1)] {
+            let idv: Vec<i32> = (0..m * slots).map(|_| r.random_range(0..e as i32)).collect();
+            let ids = Tensor::from_i32(&[m, slots], &idv).unwrap();
+            let gids = be.upload(ids.clone()).unwrap();
+            for shared in [true, false] {
+                let xs = if shared { vec![m, k] } else { vec![m, slots, k] };
+                let x = Tensor::from_f32(&xs, &randv(&mut r, xs.iter().product())).unwrap();
+                let mut want = Tensor::zeros(&[m, slots, n], DType::F32);
+                cpu().expert_matmul(&x, w, &ids, &mut want).unwrap();
+                let mut out = poisoned(&be, &[m, slots, n]);
+                be.expert_matmul(&be.upload(x).unwrap(), &gw, &gids, &mut out).unwrap();
+                let tol = if name.contains("bit") || name.starts_with('Q') { 1e-3 } else { 1e-5 };
+                check(
+                    &read(&be, &out),
+                    want.as_f32().unwrap(),
+                    tol,
+                    &format!("{name} m={m} slots={slots} shared={shared}"),
+                );
+            }
+        }
+    }
+    // an expert id out of range gives zeros (the CPU backend reports an error)
+    let w = &weights[2].1;
+    let gw = be.upload_weight(w.clone()).unwrap();
+    let gids = be.upload(Tensor::from_i32(&[1, 2], &[1, e as i32]).unwrap()).unwrap();
+    let x = be.upload(Tensor::from_f32(&[1, k], &randv(&mut r, k)).unwrap()).unwrap();
+    let mut out = poisoned(&be, &[1, 2, n]);
+    be.expert_matmul(&x, &gw, &gids, &mut out).unwrap();
+    let got = read(&be, &out);
+    assert!(got[..n].iter().all(|v| v.is_finite()) && got[n..].iter().all(|&v| v == 0.0), "bad expert id");
+}
+
+#[test]
+fn embedding_matches_cpu() {
+    let Some(be) = backend_for_tests() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(15);
+    let (vocab, dim) = (50, 256);
+    let mut tables: Vec<(String, Weight)> = vec![];
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        tables.push((format!("dense {dt}"), dense(&mut r, dt, 1, vocab, dim)));
+    }
+    tables.push(("dense bf16 odd width".into(), dense(&mut r, DType::BF16, 1, vocab, 37)));
+    for (bits, group) in [(2, 32), (3, 64), (4, 128), (5, 32), (6, 64), (8, 128)] {
+        tables.push((format!("{bits}-bit g{group}"), affine(&mut r, 1, vocab, dim, bits, group, DType::BF16)));
+    }
+    for ty in GGUF_TYPES {
+        tables.push((ty.name().to_string(), ggml(&mut r, ty, 1, vocab, dim)));
+    }
+    for (name, w) in &tables {
+        let gw = be.upload_weight(w.clone()).unwrap();
+        let d = w.dims().2;
+        let idv: Vec<i32> =
+            (0..7).map(|i| if i == 3 { vocab as i32 - 1 } else { r.random_range(0..vocab as i32) }).collect();
+        let ids = Tensor::from_i32(&[7], &idv).unwrap();
+        let mut want = Tensor::zeros(&[7, d], DType::F32);
+        cpu().embedding(w, &ids, &mut want).unwrap();
+        let mut out = poisoned(&be, &[7, d]);
+        be.embedding(&gw, &be.upload(ids).unwrap(), &mut out).unwrap();
+        let got = read(&be, &out);
+        if name.starts_with('Q') {
+            // re-laid out GGUF rows: equal up to one rounding per value
+            check(&got, want.as_f32().unwrap(), 1e-6, name);
+        } else {
+            assert_eq!(got, want.as_f32().unwrap(), "{name}: embedding rows differ");
+        }
+    }
+}
+
+/// The decode step is captured as a graph: the GEMV and expert GEMV must
+/// read x and the expert ids from device memory on every replay.
+#[test]
+fn gemv_replays_in_a_graph() {
+    let Some(be) = backend_for_tests() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(16);
+    let (e, n, k) = (4, 96, 512);
+    let w = affine(&mut r, 1, n, k, 4, 64, DType::BF16);
+    let we = affine(&mut r, e, n, k, 4, 32, DType::BF16);
+    let (gw, gwe) = (be.upload_weight(w.clone()).unwrap(), be.upload_weight(we.clone()).unwrap());
+    let mut x = be.zeros(&[1, k], DType::F32).unwrap();
+    let mut ids = be.zeros(&[1, 2], DType::I32).unwrap();
+    let mut y = be.zeros(&[1, n], DType::F32).unwrap();
+    let mut ye = be.zeros(&[1, 2, n], DType::F32).unwrap();
+    for step in 0..4 {
+        let xv = randv(&mut r, k);
+        let idv = [r.random_range(0..e as i32), r.random_range(0..e as i32)];
+        be.write_f32(&mut x, &xv).unwrap();
+        be.write_i32(&mut ids, &idv).unwrap();
+        be.run_graph(0x6e6d76, &mut || {
+            be.matmul(&x, &gw, &mut y)?;
+            be.expert_matmul(&x, &gwe, &ids, &mut ye)
+        })
+        .unwrap();
+        let hx = Tensor::from_f32(&[1, k], &xv).unwrap();
+        let (mut want, mut wante) = (Tensor::zeros(&[1, n], DType::F32), Tensor::zeros(&[1, 2, n], DType::F32));
+        cpu().matmul(&hx, &w, &mut want).unwrap();
+        cpu().expert_matmul(&hx, &we, &Tensor::from_i32(&[1, 2], &idv).unwrap(), &mut wante).unwrap();
+        check(&read(&be, &y), want.as_f32().unwrap(), 1e-3, &format!("graph step {step}"));
+        check(&read(&be, &ye), wante.as_f32().unwrap(), 1e-3, &format!("graph expert step {step}"));
+    }
+}
+
+#[test]
+fn bad_matmul_arguments_are_errors() {
+    let Some(be) = backend_for_tests() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(17);
+    let gw = be.upload_weight(dense(&mut r, DType::BF16, 1, 8, 64)).unwrap();
+    let x = be.upload(Tensor::from_f32(&[2, 64], &randv(&mut r, 128)).unwrap()).unwrap();
+    let mut small = be.zeros(&[2, 7], DType::F32).unwrap();
+    assert!(be.matmul(&x, &gw, &mut small).is_err());
+    let x48 = be.upload(Tensor::from_f32(&[1, 48], &randv(&mut r, 48)).unwrap()).unwrap();
+    let mut out = be.zeros(&[1, 8], DType::F32).unwrap();
+    assert!(be.matmul(&x48, &gw, &mut out).is_err());
+    // a host input is refused, not read
+    let hx = Tensor::from_f32(&[1, 64], &randv(&mut r, 64)).unwrap();
+    assert!(be.matmul(&hx, &gw, &mut out).is_err());
+    // a GGUF weight that skipped upload_weight
+    let raw = ggml(&mut r, GgmlType::Q4_0, 1, 8, 64);
+    assert!(be
+        .matmul(&be.upload(Tensor::from_f32(&[1, 64], &randv(&mut r, 64)).unwrap()).unwrap(), &raw, &mut out)
+        .is_err());
+}
+
+/// A device weight of random values: bf16 dense (`bits == 16`) or affine
+/// with `bits`, `group` and scales/biases of `sdt`.
+fn device_weight(be: &CudaBackend, bits: u32, group: usize, sdt: DType, n: usize, k: usize, seed: u64) -> Weight {
+    if bits == 16 {
+        let mut t = be.zeros(&[n, k], DType::BF16).unwrap();
+        be.fill_random(&mut t, seed, -1.0, 1.0).unwrap();
+        return Weight::dense(t).unwrap();
+    }
+    let mut q = be.zeros(&[n, k * bits as usize / 32], DType::U32).unwrap();
+    let mut s = be.zeros(&[n, k / group], sdt).unwrap();
+    let mut b = be.zeros(&[n, k / group], sdt).unwrap();
+    be.fill_random(&mut q, seed, 0.0, 1.0).unwrap();
+    be.fill_random(&mut s, seed + 1, 0.001, 0.01).unwrap();
+    be.fill_random(&mut b, seed + 2, -0.1, 0.1).unwrap();
+    if group == 16 {
+        // the GGUF Q6_K layout (Weight::affine only takes MLX group sizes)
+        return Weight::Affine { q, scales: s, biases: b, bits, group_size: group, experts: 1, rows: n, cols: k };
+    }
+    Weight::affine(q, s, b, bits, group).unwrap()
+}
+
+/// Decode GEMV (m = 1) bandwidth: weight bytes per second, timed over CUDA
+/// graph replays of 100 launches that rotate over enough weight copies to
+/// spill the L2. Run with `--ignored --nocapture` on a GPU;
+/// `FUSEBOX_BENCH_ALL=1` adds more formats, `FUSEBOX_BENCH_ONLY=4-bit` (a
+/// substring of "<format> <n>x<k>") picks rows.
+#[test]
+#[ignore]
+fn cuda_gemv_bandwidth() {
+    let Some(be) = backend_for_tests() else { return };
+    let copy = be.copy_bandwidth().unwrap();
+    println!("{}: copy bandwidth {copy:.0} GB/s (read + write)", be.name());
+    let mut formats = vec![("bf16", 16, 0, DType::BF16), ("4-bit g64", 4, 64, DType::BF16)];
+    if std::env::var("FUSEBOX_BENCH_ALL").is_ok_and(|v| v == "1") {
+        formats.extend([
+            ("8-bit g32 f16", 8, 32, DType::F16),
+            ("5-bit g32 f32", 5, 32, DType::F32),
+            ("6-bit g16 f32", 6, 16, DType::F32),
+            ("3-bit g64", 3, 64, DType::BF16),
+        ]);
+    }
+    // FUSEBOX_BENCH_ONLY: time only the rows whose label contains it (profiling)
+    let only = std::env::var("FUSEBOX_BENCH_ONLY").unwrap_or_default();
+    let mut rows = vec![];
+    let mut key = 0x6762_0000u64;
+    for &(fmt, bits, group, sdt) in &formats {
+        for (n, k) in [(4096, 4096), (4096, 12288), (12288, 4096), (151936, 1024), (1024, 4096)] {
+            if !format!("{fmt} {n}x{k}").contains(only.as_str()) {
+                continue;
+            }
+            let one = device_weight(&be, bits, group, sdt, n, k, 1);
+            let bytes = one.size_bytes();
+            let copies = ((512usize << 20) / bytes).clamp(1, 64);
+            let mut ws = vec![one];
+            for c in 1..copies {
+                ws.push(device_weight(&be, bits, group, sdt, n, k, 10 * c as u64 + 1));
+            }
+            let mut x = be.zeros(&[1, k], DType::F32).unwrap();
+            be.fill_random(&mut x, 7, -1.0, 1.0).unwrap();
+            let mut out = be.zeros(&[1, n], DType::F32).unwrap();
+            const REPS: usize = 100;
+            key += 1;
+            let mut f = || {
+                for i in 0..REPS {
+                    be.matmul(&x, &ws[i % copies], &mut out)?;
+                }
+                Ok(())
+            };
+            for _ in 0..3 {
+                be.run_graph(key, &mut f).unwrap();
+            }
+            be.synchronize().unwrap();
+            let mut times = vec![];
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                for _ in 0..4 {
+                    be.run_graph(key, &mut f).unwrap();
+                }
+                be.synchronize().unwrap();
+                times.push(t.elapsed().as_secs_f64() / (4 * REPS) as f64);
+            }
+            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let s = times[times.len() / 2];
+            let gbs = bytes as f64 / s / 1e9;
+            rows.push(format!(
+                "{fmt:>14} {n:>6} x {k:<6} {:>8.1} MB {:>8.2} us {gbs:>7.0} GB/s {:>5.1}% of copy",
+                bytes as f64 / 1e6,
+                s * 1e6,
+                100.0 * gbs / copy
+            ));
+            drop(ws);
+        }
+    }
+    println!("{}", rows.join("\n"));
+}
