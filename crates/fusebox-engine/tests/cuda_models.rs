@@ -3,7 +3,7 @@
 //! and CUDA-graph decode against eager decode. Skips without a GPU; fails
 //! when `FUSEBOX_REQUIRE_CUDA=1` and no GPU is usable.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::cuda::{backend_for_tests, backend_for_tests_with_graphs};
@@ -29,7 +29,7 @@ const FIXTURES: [&str; 11] = [
     "gguf/tiny-qwen3-moe.gguf",
 ];
 
-fn load(path: &PathBuf, be: &dyn Backend) -> Model {
+fn load(path: &Path, be: &dyn Backend) -> Model {
     Model::load(path, be).unwrap_or_else(|e| panic!("loading {} on {}: {e:#}", path.display(), be.name()))
 }
 
