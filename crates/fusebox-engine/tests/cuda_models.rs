@@ -3,7 +3,7 @@
 //! and CUDA-graph decode against eager decode. Skips without a GPU; fails
 //! when `FUSEBOX_REQUIRE_CUDA=1` and no GPU is usable.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::cuda::{backend_for_tests, backend_for_tests_with_graphs};
