@@ -721,3 +721,91 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) attn_combine(const
         out[p * d + c] = o * inv;
     }
 }
+
+// ---------------------------------------------------------------------------
+// The f32 cache (`FUSEBOX_KV_DTYPE=f32`, "exact" precision): a plain kernel,
+// one block per (query row, head), for parity with the CPU's f32 path. It
+// favours simplicity over speed; the bf16 kernels above are the fast path.
+
+extern "C" __global__ void kv_write_f32(const float* __restrict__ k, const float* __restrict__ v,
+                                        const int* __restrict__ positions, float* __restrict__ kc,
+                                        float* __restrict__ vc, int row, int cap) {
+    FB_PROLOGUE();
+    int i = blockIdx.x;
+    int p = positions[i];
+    if (p < 0 || p >= cap) return;
+    const float* src = (blockIdx.y == 0 ? k : v) + (long)i * row;
+    float* dst = (blockIdx.y == 0 ? kc : vc) + (long)p * row;
+    for (int j = threadIdx.x; j < row; j += blockDim.x) dst[j] = src[j];
+}
+
+// q, out f32 [m, heads, d]; kc, vc f32 [cap, kvh, d]; 128 threads; d <= 256.
+// Each warp walks a strided subset of keys with its own online softmax; the
+// four warps merge at the end (fixed order: deterministic).
+extern "C" __global__ void __launch_bounds__(128) attn_f32cache(const float* __restrict__ q, const float* __restrict__ kc,
+                                                              const float* __restrict__ vc, const int* __restrict__ positions,
+                                                              float* __restrict__ out, int heads, int kvh, int d, int cap,
+                                                              float scale) {
+    FB_PROLOGUE();
+    __shared__ float qs[256];
+    __shared__ float wm[4], wl[4];
+    __shared__ float wacc[4][256];
+    int row = blockIdx.x / heads, h = blockIdx.x % heads;
+    int g = h / (heads / kvh);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float* qr = q + ((long)row * heads + h) * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) qs[j] = qr[j];
+    __syncthreads();
+    int p = positions[row];
+    float* o = out + ((long)row * heads + h) * d;
+    if (p < 0 || p >= cap) {
+        for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] = 0.f;
+        return;
+    }
+    int len = p + 1;
+    // per lane: up to 8 output dims (d <= 256)
+    float acc[8];
+#pragma unroll
+    for (int c = 0; c < 8; c++) acc[c] = 0.f;
+    float mx = -INFINITY, l = 0.f;
+    long stride = (long)kvh * d;
+    for (int key = warp; key < len; key += 4) {
+        const float* kr = kc + key * stride + (long)g * d;
+        float s = 0.f;
+        for (int j = lane; j < d; j += 32) s += qs[j] * kr[j];
+        s = warp_sum(s) * scale;
+        float nm = fmaxf(mx, s);
+        float corr = expf(mx - nm), e = expf(s - nm);
+        l = l * corr + e;
+        const float* vr = vc + key * stride + (long)g * d;
+#pragma unroll
+        for (int c = 0; c < 8; c++) {
+            int j = lane + 32 * c;
+            acc[c] = acc[c] * corr + (j < d ? e * vr[j] : 0.f);
+        }
+        mx = nm;
+    }
+    if (lane == 0) {
+        wm[warp] = mx;
+        wl[warp] = l;
+    }
+#pragma unroll
+    for (int c = 0; c < 8; c++) {
+        int j = lane + 32 * c;
+        if (j < d) wacc[warp][j] = acc[c];
+    }
+    __syncthreads();
+    float M = fmaxf(fmaxf(wm[0], wm[1]), fmaxf(wm[2], wm[3]));
+    float L = 0.f, f[4];
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+        f[w] = wm[w] == -INFINITY ? 0.f : expf(wm[w] - M);
+        L += wl[w] * f[w];
+    }
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float a = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) a += wacc[w][j] * f[w];
+        o[j] = a / L;
+    }
+}

@@ -53,43 +53,70 @@ fn prompt(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// Logits of a prefill of 5 tokens (the GEMV path) and of 40 tokens (the
-/// cuBLAS path), and of 24 decode steps after it, GPU vs CPU.
-#[test]
-fn fixtures_match_the_cpu_within_2e3() {
-    let Some(gpu) = backend_for_tests() else { return };
+/// Relative RMS of the GPU's logits against the CPU's for every fixture:
+/// a prefill of 5 tokens (the GEMV path), of 40 tokens (cuBLAS), and 24
+/// teacher-forced decode steps after an 8-token prefill. Returns the worst
+/// value per fixture, printing every one.
+fn fixture_errors(gpu: &dyn Backend, label: &str) -> Vec<(&'static str, f64)> {
     let cpu = CpuBackend::new(0).unwrap();
-    let mut worst_all = 0f64;
+    let mut out = vec![];
     for name in FIXTURES {
         let path = fixture(name);
-        let (mc, mg) = (load(&path, &cpu), load(&path, &gpu));
+        let (mc, mg) = (load(&path, &cpu), load(&path, gpu));
         let vocab = mc.config().vocab_size;
+        let mut worst = 0f64;
+        let mut parts = vec![];
         for n in [5, 40] {
             let ids = prompt(vocab, n, 7 + n as u64);
             let c = full_logits(&mc.decoder, &cpu, &ids).unwrap();
-            let g = full_logits(&mg.decoder, &gpu, &ids).unwrap();
+            let g = full_logits(&mg.decoder, gpu, &ids).unwrap();
             assert!(g.iter().all(|v| v.is_finite()), "{name}: non-finite GPU logits");
             let e = rel_rms(&g, &c);
-            eprintln!("{name}: prefill of {n}: relative RMS {e:.2e}");
-            worst_all = worst_all.max(e);
-            assert!(e < 2e-3, "{name}: prefill of {n} tokens: relative RMS {e:.3e} vs the CPU");
+            parts.push(format!("prefill {n}: {e:.2e}"));
+            worst = worst.max(e);
         }
         // decode: teacher-forced tokens so both sides see the same context
         let ids = prompt(vocab, 32, 99);
         let (mut sc, mut sg) =
-            (Session::new(&mc.decoder, &cpu, 64).unwrap(), Session::new(&mg.decoder, &gpu, 64).unwrap());
+            (Session::new(&mc.decoder, &cpu, 64).unwrap(), Session::new(&mg.decoder, gpu, 64).unwrap());
         let (lc, lg) = (sc.prefill(&ids[..8]).unwrap().to_vec(), sg.prefill(&ids[..8]).unwrap().to_vec());
-        let mut worst = rel_rms(&lg, &lc);
+        let mut dec = rel_rms(&lg, &lc);
         for &t in &ids[8..] {
             let lc = sc.step(t).unwrap().to_vec();
             let lg = sg.step(t).unwrap().to_vec();
-            worst = worst.max(rel_rms(&lg, &lc));
+            dec = dec.max(rel_rms(&lg, &lc));
         }
-        eprintln!("{name}: 24 decode steps: worst relative RMS {worst:.2e}");
-        worst_all = worst_all.max(worst);
-        assert!(worst < 2e-3, "{name}: decode: relative RMS {worst:.3e} vs the CPU");
+        parts.push(format!("decode: {dec:.2e}"));
+        worst = worst.max(dec);
+        eprintln!("[{label}] {name}: {}", parts.join(", "));
+        out.push((name, worst));
     }
-    eprintln!("worst relative RMS over all fixtures: {worst_all:.2e}");
+    out
+}
+
+/// With an f32 KV cache and f32 prefill GEMMs, the GPU computes what the
+/// CPU's f32 path computes, up to summation order: within RMS 2e-3 (in
+/// practice about 1e-6), for every fixture.
+#[test]
+fn fixtures_match_the_cpu_f32_path_within_2e3() {
+    let Some(gpu) = fusebox_core::cuda::backend_for_tests() else { return };
+    drop(gpu);
+    let gpu = fusebox_core::cuda::CudaBackend::with_options(0, fusebox_core::cuda::CudaOptions::exact()).unwrap();
+    let errs = fixture_errors(&gpu, "f32 KV, f32 prefill");
+    let bad: Vec<_> = errs.iter().filter(|(_, e)| *e >= 2e-3).collect();
+    assert!(bad.is_empty(), "relative RMS >= 2e-3 vs the CPU: {bad:?}");
+}
+
+/// The default configuration (bf16 KV cache, bf16 tensor-core prefill):
+/// the bf16 rounding of cached keys and values and of prefill activations
+/// costs a few 1e-3 on these tiny random models; the bound here is 1e-2, and
+/// the values are printed for the record.
+#[test]
+fn fixtures_stay_close_to_the_cpu_with_bf16_kv() {
+    let Some(gpu) = backend_for_tests() else { return };
+    let errs = fixture_errors(&gpu, "bf16 KV (default)");
+    let bad: Vec<_> = errs.iter().filter(|(_, e)| *e >= 1e-2).collect();
+    assert!(bad.is_empty(), "relative RMS >= 1e-2 vs the CPU: {bad:?}");
 }
 
 fn greedy(be: &dyn Backend, model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {

@@ -68,7 +68,12 @@ fn slug(s: &str) -> String {
     s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-")
 }
 
+/// The commit: `FUSEBOX_COMMIT` if set (a copied tree whose .git is stale),
+/// else `git rev-parse --short HEAD`.
 fn git_commit() -> String {
+    if let Ok(c) = std::env::var("FUSEBOX_COMMIT") {
+        return c;
+    }
     std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .output()

@@ -124,11 +124,6 @@ fn affine_fmt(bits: u32) -> Option<usize> {
     })
 }
 
-fn prefill_f32() -> bool {
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| std::env::var("FUSEBOX_PREFILL_F32").is_ok_and(|v| v == "1"))
-}
-
 /// `FUSEBOX_GEMV_KSPLIT` (1, 2, 4 or 8) fixes how many warps share a row's
 /// k range (tuning); unset, it follows the grid size.
 fn ksplit_override() -> Option<usize> {
@@ -614,7 +609,7 @@ impl CudaBackend {
         let (n, k) = (d.n, d.k);
         let f32t = bsys::cudaDataType::CUDA_R_32F;
         let bf16t = bsys::cudaDataType::CUDA_R_16BF;
-        if prefill_f32() || d.fmt <= 1 {
+        if self.prefill_f32 || d.fmt <= 1 {
             let w = if d.fmt == 0 {
                 d.w
             } else {

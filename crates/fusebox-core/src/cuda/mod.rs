@@ -111,6 +111,45 @@ pub struct CudaBackend {
     graphs_enabled: bool,
     /// Programmatic dependent launch (sm_90+, `FUSEBOX_PDL`, default on).
     pdl: bool,
+    /// f32 KV cache instead of bf16 (`FUSEBOX_KV_DTYPE=f32`).
+    kv_f32: bool,
+    /// f32 cuBLAS prefill for every weight format (`FUSEBOX_PREFILL_F32=1`).
+    pub(crate) prefill_f32: bool,
+}
+
+/// Precision and capture switches of the CUDA backend.
+#[derive(Clone, Copy, Debug)]
+pub struct CudaOptions {
+    /// Capture decode steps as CUDA graphs (`FUSEBOX_CUDA_GRAPH`, default on).
+    pub graphs: bool,
+    /// Keep the KV cache in f32 rather than bf16 (`FUSEBOX_KV_DTYPE=f32`):
+    /// exact parity with the CPU's f32 path, at twice the cache memory and a
+    /// slower attention kernel.
+    pub kv_f32: bool,
+    /// Run prefill GEMMs in f32 (`FUSEBOX_PREFILL_F32=1`) instead of bf16
+    /// tensor cores.
+    pub prefill_f32: bool,
+}
+
+impl CudaOptions {
+    /// The options the environment sets (unset variables take the defaults).
+    pub fn from_env() -> Result<CudaOptions> {
+        let kv_f32 = match std::env::var("FUSEBOX_KV_DTYPE").as_deref() {
+            Err(_) | Ok("bf16") => false,
+            Ok("f32") => true,
+            Ok(other) => bail!("FUSEBOX_KV_DTYPE={other}: expected bf16 or f32"),
+        };
+        Ok(CudaOptions {
+            graphs: std::env::var("FUSEBOX_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true),
+            kv_f32,
+            prefill_f32: std::env::var("FUSEBOX_PREFILL_F32").is_ok_and(|v| v == "1"),
+        })
+    }
+
+    /// f32 KV cache and f32 prefill: the GPU computes like the CPU's f32 path.
+    pub fn exact() -> CudaOptions {
+        CudaOptions { graphs: true, kv_f32: true, prefill_f32: true }
+    }
 }
 
 /// The architecture NVRTC compiles for: `sm_90a` on Hopper (for its
@@ -124,15 +163,20 @@ pub fn arch_for(cc: (i32, i32)) -> String {
 }
 
 impl CudaBackend {
-    /// Open GPU `ordinal`. Fails (never panics) without a GPU or driver.
-    /// Decode steps are captured as CUDA graphs unless `FUSEBOX_CUDA_GRAPH=0`.
+    /// Open GPU `ordinal` with the options the environment sets
+    /// ([`CudaOptions::from_env`]). Fails (never panics) without a GPU or driver.
     pub fn new(ordinal: usize) -> Result<CudaBackend> {
-        let graphs = std::env::var("FUSEBOX_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true);
-        Self::with_graphs(ordinal, graphs)
+        Self::with_options(ordinal, CudaOptions::from_env()?)
     }
 
     /// Like [`CudaBackend::new`], with CUDA graphs on or off regardless of the environment.
-    pub fn with_graphs(ordinal: usize, graphs_enabled: bool) -> Result<CudaBackend> {
+    pub fn with_graphs(ordinal: usize, graphs: bool) -> Result<CudaBackend> {
+        Self::with_options(ordinal, CudaOptions { graphs, ..CudaOptions::from_env()? })
+    }
+
+    /// Open GPU `ordinal` with explicit options.
+    pub fn with_options(ordinal: usize, opts: CudaOptions) -> Result<CudaBackend> {
+        let graphs_enabled = opts.graphs;
         let info = probe(ordinal).map_err(|e| anyhow!("no CUDA device: {e}"))?;
         let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("CUDA context on device {ordinal}: {e:?}"))?;
         // The backend orders everything on one stream itself; cudarc's
@@ -154,6 +198,8 @@ impl CudaBackend {
             scratch_epoch: std::sync::atomic::AtomicU64::new(0),
             graphs: Mutex::new(Graphs::default()),
             graphs_enabled,
+            kv_f32: opts.kv_f32,
+            prefill_f32: opts.prefill_f32,
             pdl: info.compute_capability.0 >= 9 && std::env::var("FUSEBOX_PDL").map(|v| v != "0").unwrap_or(true),
             info,
         })
@@ -459,7 +505,11 @@ impl Backend for CudaBackend {
     }
 
     fn kv_dtype(&self) -> DType {
-        DType::BF16
+        if self.kv_f32 {
+            DType::F32
+        } else {
+            DType::BF16
+        }
     }
 
     fn upload_weight(&self, w: Weight) -> Result<Weight> {
