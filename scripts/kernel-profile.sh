@@ -12,7 +12,7 @@ quant=${2:?usage: scripts/kernel-profile.sh SHAPE QUANT [OUT_CSV]}
 csv=${3:-/tmp/kernel-profile-$shape-$quant.csv}
 ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)
 [[ -n $ncu ]] || { echo "error: ncu (Nsight Compute) not found" >&2; exit 2; }
-FUSEBOX_CUDA_GRAPH=0 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+[[ ${ANALYZE_ONLY:-0} == 1 ]] || FUSEBOX_CUDA_GRAPH=0 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
     "${FUSEBOX_BIN:-fusebox}" bench --device cuda --synthetic "$shape" --quant "$quant" \
     --prompt-len 8 --gen 6 --reps 1 --out-dir /tmp/kernel-profile-bench >"$csv" 2>/dev/null
 python3 - "$csv" "$shape" "$quant" <<'PY'
@@ -20,7 +20,7 @@ import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 hdr = rows[0]; rows = rows[1:]
 ki, vi = hdr.index("Kernel Name"), hdr.index("Metric Value")
-seq = [(r[ki].split("(")[0].split("<")[0].strip(), float(r[vi]) / 1000.0) for r in rows]
+seq = [(r[ki].split("(")[0].split("<")[0].strip(), float(r[vi].replace(",", "")) / 1000.0) for r in rows]
 # a decoded token ends with the sampler's last kernel; take the last full token
 ends = [i for i, (n, _) in enumerate(seq) if n.startswith("sample_draw") or n.startswith("sample")]
 ends = sorted(set(ends))

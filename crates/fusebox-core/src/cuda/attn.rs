@@ -326,20 +326,6 @@ impl CudaBackend {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_kernel_fits_in_shared_memory() {
-        for &(dp, q, _) in KERNELS {
-            let c = cfg(dp, q);
-            assert!(c.smem <= 227 * 1024, "d{dp} q{q}: {} bytes", c.smem);
-            assert!(dp / 8 * (q / q.min(8)) <= THREADS as usize);
-        }
-    }
-}
-
 /// The f32 cache (`FUSEBOX_KV_DTYPE=f32`): plain kernels, exact against the CPU.
 impl CudaBackend {
     fn kv_write_f32(&self, k: &Tensor, v: &Tensor, positions: &Tensor, cache: &mut LayerKv) -> Result<()> {
@@ -414,5 +400,19 @@ impl CudaBackend {
             Arg::F(scale),
         ];
         self.launch(FILE, "attn_f32cache", (((m * heads) as u32, 1, 1), (128, 1, 1), 0), &args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_fits_in_shared_memory() {
+        for &(dp, q, _) in KERNELS {
+            let c = cfg(dp, q);
+            assert!(c.smem <= 227 * 1024, "d{dp} q{q}: {} bytes", c.smem);
+            assert!(dp / 8 * (q / q.min(8)) <= THREADS as usize);
+        }
     }
 }
