@@ -13,7 +13,6 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod fixtures;
-pub mod fusion;
 pub mod kv;
 pub mod quant;
 pub mod rope;
