@@ -31,6 +31,26 @@ extern "C" __global__ void rms_norm_block(const float* __restrict__ x, const flo
     for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = w[i] * (xr[i] * inv);
 }
 
+// Fused residual add + RMSNorm (site add_rms_norm): x += y, then
+// out = w * x / rms(x), one block per row, x read and written once.
+extern "C" __global__ void add_rms_norm_block(float* __restrict__ x, const float* __restrict__ y,
+                                              const float* __restrict__ w, float* __restrict__ out, int n, float eps) {
+    FB_PROLOGUE();
+    __shared__ float scratch[32];
+    float* xr = x + (long)blockIdx.x * n;
+    const float* yr = y + (long)blockIdx.x * n;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i] + yr[i];
+        xr[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    float inv = 1.0f / sqrtf(ss / n + eps);
+    float* o = out + (long)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = w[i] * (xr[i] * inv);
+}
+
 // Rotary embedding in place on x[m, heads, d]; one thread per rotated pair.
 // style 0: pairs (i, i + d/2) (HF "rotate_half"); style 1: pairs (2i, 2i+1).
 extern "C" __global__ void rope_f32(float* __restrict__ x, const int* __restrict__ positions, const float* __restrict__ inv_freq,

@@ -17,6 +17,7 @@
 use anyhow::Result;
 
 use crate::dtype::DType;
+use crate::fusion::Site;
 use crate::kv::LayerKv;
 use crate::quant::Weight;
 use crate::rope::RopeStyle;
@@ -125,6 +126,21 @@ pub trait Backend: Send + Sync {
     /// Causal attention with grouped-query heads: query row i (`q[m, heads,
     /// head_dim]`) attends to cache positions `0..=positions[i]`.
     fn attention(&self, q: &Tensor, cache: &LayerKv, positions: &Tensor, scale: f32, out: &mut Tensor) -> Result<()>;
+    /// Whether the fusible decode site `site` runs its fused kernel on this
+    /// backend ([`crate::fusion::FusionPolicy`]).
+    fn fused(&self, site: Site) -> bool {
+        self.fusion_policy().is_some_and(|p| p.is_on(site))
+    }
+    /// This backend's fusion decisions, with where each came from.
+    fn fusion_policy(&self) -> Option<&crate::fusion::FusionPolicy> {
+        None
+    }
+    /// `x += y`, then `out = rms_norm(x) * w`: the residual add fused with the
+    /// next RMSNorm (site `add_rms_norm`). The default is the graph path.
+    fn add_rms_norm(&self, x: &mut Tensor, y: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
+        self.add_assign(x, y)?;
+        self.rms_norm(x, w, eps, out)
+    }
     /// `out = silu(gate) * up`.
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()>;
     /// `x += y` (the residual add).

@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod fixtures;
+pub mod fusion;
 pub mod kv;
 pub mod quant;
 pub mod rope;

@@ -76,6 +76,15 @@ fn elementwise_norm_and_rope_match_the_cpu() {
         g.rms_norm(&xg, &wg, 1e-6, &mut og).unwrap();
         let e = rel(&read(&g, &og), oc.as_f32().unwrap());
         assert!(e < 1e-5, "rms_norm {shape:?}: {e:e}");
+        // the fused residual add + RMSNorm against the CPU's graph path
+        let (mut xc2, mut xg2) = (Tensor::from_f32(&shape, &x).unwrap(), up(&g, &shape, &x));
+        let mut og2 = poisoned(&g, &shape);
+        c.add_assign(&mut xc2, &yc).unwrap();
+        c.rms_norm(&xc2, &wc, 1e-6, &mut oc).unwrap();
+        g.add_rms_norm(&mut xg2, &yg, &wg, 1e-6, &mut og2).unwrap();
+        assert!(rel(&read(&g, &xg2), xc2.as_f32().unwrap()) < 1e-6, "add_rms_norm x {shape:?}");
+        let e = rel(&read(&g, &og2), oc.as_f32().unwrap());
+        assert!(e < 1e-5, "add_rms_norm {shape:?}: {e:e}");
         // copy_rows
         if rows > 1 {
             let mut dc = Tensor::zeros(&[1, n], DType::F32);

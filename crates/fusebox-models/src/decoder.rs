@@ -7,6 +7,7 @@
 //! single-token decode and reuses it every step, so decode allocates nothing.
 
 use anyhow::{ensure, Result};
+use fusebox_core::fusion::Site;
 use fusebox_core::{rope, Backend, DType, LayerKv, Tensor, Weight};
 
 use crate::config::ModelConfig;
@@ -294,9 +295,22 @@ impl Decoder {
         let eps = c.rms_norm_eps;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         be.embedding(&self.embed, &ws.ids, &mut ws.x)?;
-        for (layer, cache) in self.layers.iter().zip(kv.iter_mut()) {
-            // attention block
-            be.rms_norm(&ws.x, &layer.attn_norm, eps, &mut ws.h)?;
+        let fuse_add_norm = be.fused(Site::AddRmsNorm);
+        // x += y, then h = rms_norm(x): fused (one kernel) or the graph path
+        let add_norm = |x: &mut Tensor, y: &Tensor, w: &Tensor, h: &mut Tensor| -> Result<()> {
+            if fuse_add_norm {
+                be.add_rms_norm(x, y, w, eps, h)
+            } else {
+                be.add_assign(x, y)?;
+                be.rms_norm(x, w, eps, h)
+            }
+        };
+        let n_layers = self.layers.len();
+        for (i, (layer, cache)) in self.layers.iter().zip(kv.iter_mut()).enumerate() {
+            // attention block (h already holds this layer's input norm after layer 0)
+            if i == 0 {
+                be.rms_norm(&ws.x, &layer.attn_norm, eps, &mut ws.h)?;
+            }
             be.matmul(&ws.h, &layer.wq, &mut ws.q_raw)?;
             be.matmul(&ws.h, &layer.wk, &mut ws.k_raw)?;
             be.matmul(&ws.h, &layer.wv, &mut ws.v)?;
@@ -319,9 +333,8 @@ impl Decoder {
             be.kv_write(k, &ws.v, &ws.positions, cache)?;
             be.attention(q, cache, &ws.positions, scale, &mut ws.attn)?;
             be.matmul(&ws.attn, &layer.wo, &mut ws.o)?;
-            be.add_assign(&mut ws.x, &ws.o)?;
             // MLP block
-            be.rms_norm(&ws.x, &layer.mlp_norm, eps, &mut ws.h)?;
+            add_norm(&mut ws.x, &ws.o, &layer.mlp_norm, &mut ws.h)?;
             match &layer.mlp {
                 Mlp::Dense { gate, up, down } => {
                     be.matmul(&ws.h, gate, &mut ws.gate)?;
@@ -339,7 +352,12 @@ impl Decoder {
                     be.moe_combine(&ws.moe_out, &ws.expert_w, &mut ws.o)?;
                 }
             }
-            be.add_assign(&mut ws.x, &ws.o)?;
+            // the residual add, fused with the next layer's input norm
+            if i + 1 < n_layers {
+                add_norm(&mut ws.x, &ws.o, &self.layers[i + 1].attn_norm, &mut ws.h)?;
+            } else {
+                be.add_assign(&mut ws.x, &ws.o)?;
+            }
         }
         match ws.mode {
             Logits::All => {

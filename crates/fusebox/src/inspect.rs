@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::Args as ClapArgs;
+use fusebox_core::fusion::{Site, Source, SITES};
 use fusebox_core::RopeScaling;
 use fusebox_models::Model;
 use serde_json::json;
@@ -50,8 +51,35 @@ pub fn run(a: Args) -> Result<()> {
             format!("llama3 x{factor} (original context {original_max_position_embeddings})")
         }
     };
+    // fusion sites: whether each applies to this model, is on here, and why
+    let sites: Vec<(Site, bool, bool, String)> = SITES
+        .iter()
+        .map(|&site| {
+            let applies = match site {
+                Site::QkNorm => c.qk_norm,
+                Site::Moe => c.moe.is_some(),
+                Site::AddRmsNorm => true,
+                Site::RopeKvAppend => !c.qk_norm,
+            };
+            let (on, why) = match be.fusion_policy().map(|p| p.decision(site)) {
+                Some(d) => {
+                    let from = match &d.source {
+                        Source::Default => "default".to_string(),
+                        Source::Tuned(p) => format!("tuned: {}", p.display()),
+                        Source::Env(v) => format!("env {v}"),
+                        Source::Caller => "caller".to_string(),
+                    };
+                    (d.on, format!("{from}: {}", d.reason))
+                }
+                None => (false, "this backend has no fused paths".to_string()),
+            };
+            (site, applies, on, why)
+        })
+        .collect();
     if a.json {
         let v = json!({
+            "device": be.name(),
+            "fusion": sites.iter().map(|(s, applies, on, why)| json!({"site": s.name(), "applies": applies, "on": on, "why": why})).collect::<Vec<_>>(),
             "path": model.path.display().to_string(),
             "architecture": c.arch.name(),
             "layers": c.num_layers, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
@@ -101,5 +129,14 @@ pub fn run(a: Args) -> Result<()> {
         model.tokenizer.vocab_size(),
         if model.chat_template.is_some() { "yes" } else { "no" }
     );
+    println!("fusion on      {}", be.name());
+    for (site, applies, on, why) in &sites {
+        let state = match (applies, on) {
+            (false, _) => "n/a",
+            (true, true) => "fused",
+            (true, false) => "graph",
+        };
+        println!("  {:15}{state:6} ({why})", site.name());
+    }
     Ok(())
 }

@@ -17,6 +17,7 @@ pub use kernels::{axpy, dot_bf16, dot_f16, dot_f32};
 
 use crate::backend::Backend;
 use crate::dtype::{bf16_to_f32, f16_to_f32, DType};
+use crate::fusion::{BackendKind, FusionPolicy, Site};
 use crate::kv::LayerKv;
 use crate::quant::Weight;
 use crate::rope::RopeStyle;
@@ -29,6 +30,7 @@ const MAX_HEAD_DIM: usize = 1024;
 
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
+    policy: FusionPolicy,
 }
 
 impl CpuBackend {
@@ -36,7 +38,17 @@ impl CpuBackend {
     pub fn new(threads: usize) -> Result<Self> {
         let pool =
             rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("fusebox-cpu-{i}")).build()?;
-        Ok(CpuBackend { pool })
+        Ok(CpuBackend { pool, policy: FusionPolicy::resolve(BackendKind::Cpu, "cpu")? })
+    }
+
+    /// This backend's fusion decisions (defaults, tuned file, environment).
+    pub fn policy(&self) -> &FusionPolicy {
+        &self.policy
+    }
+
+    /// Change one fusion decision (A/B runs and tests).
+    pub fn set_fused(&mut self, site: Site, on: bool) {
+        self.policy.set(site, on, "set by the caller");
     }
 
     pub fn threads(&self) -> usize {
@@ -589,6 +601,37 @@ impl Backend for CpuBackend {
             })
         };
         self.pool.install(|| os.par_chunks_exact_mut(d).enumerate().for_each(f));
+        Ok(())
+    }
+
+    fn fusion_policy(&self) -> Option<&crate::fusion::FusionPolicy> {
+        Some(&self.policy)
+    }
+
+    fn add_rms_norm(&self, x: &mut Tensor, y: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
+        // one pass per row: the add, then the norm of the row just written
+        // (the same arithmetic as add_assign + rms_norm, so the same bits)
+        let n = w.numel();
+        ensure!(n > 0 && x.last_dim() == n, "add_rms_norm: input {:?} vs weight {:?}", x.shape(), w.shape());
+        same_shape(x, y, "add_rms_norm")?;
+        same_shape(x, out, "add_rms_norm")?;
+        let (ys, ws) = (y.as_f32()?, w.as_f32()?);
+        let (xs, os) = (x.as_f32_mut()?, out.as_f32_mut()?);
+        let f = |((xr, yr), or): ((&mut [f32], &[f32]), &mut [f32])| {
+            xr.iter_mut().zip(yr).for_each(|(a, b)| *a += b);
+            let ss = dot_f32(xr, xr);
+            let inv = 1.0 / (ss / n as f32 + eps).sqrt();
+            for ((o, &xv), &wv) in or.iter_mut().zip(xr.iter()).zip(ws) {
+                *o = wv * (xv * inv);
+            }
+        };
+        if xs.len() >= PAR_MIN {
+            self.pool.install(|| {
+                xs.par_chunks_exact_mut(n).zip(ys.par_chunks_exact(n)).zip(os.par_chunks_exact_mut(n)).for_each(f)
+            });
+        } else {
+            xs.chunks_exact_mut(n).zip(ys.chunks_exact(n)).zip(os.chunks_exact_mut(n)).for_each(f);
+        }
         Ok(())
     }
 

@@ -113,6 +113,8 @@ pub struct CudaBackend {
     pdl: bool,
     /// f32 KV cache instead of bf16 (`FUSEBOX_KV_DTYPE=f32`).
     kv_f32: bool,
+    /// Which decode sites run fused kernels.
+    policy: crate::fusion::FusionPolicy,
     /// f32 cuBLAS prefill for every weight format (`FUSEBOX_PREFILL_F32=1`).
     pub(crate) prefill_f32: bool,
 }
@@ -199,10 +201,21 @@ impl CudaBackend {
             graphs: Mutex::new(Graphs::default()),
             graphs_enabled,
             kv_f32: opts.kv_f32,
+            policy: crate::fusion::FusionPolicy::resolve(crate::fusion::BackendKind::Cuda, &info.name)?,
             prefill_f32: opts.prefill_f32,
             pdl: info.compute_capability.0 >= 9 && std::env::var("FUSEBOX_PDL").map(|v| v != "0").unwrap_or(true),
             info,
         })
+    }
+
+    /// This backend's fusion decisions (defaults, tuned file, environment).
+    pub fn policy(&self) -> &crate::fusion::FusionPolicy {
+        &self.policy
+    }
+
+    /// Change one fusion decision (A/B runs and tests).
+    pub fn set_fused(&mut self, site: crate::fusion::Site, on: bool) {
+        self.policy.set(site, on, "set by the caller");
     }
 
     /// The NVRTC target, e.g. `sm_90a`.
@@ -553,6 +566,12 @@ impl Backend for CudaBackend {
     }
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
         self.silu_mul_impl(gate, up, out)
+    }
+    fn fusion_policy(&self) -> Option<&crate::fusion::FusionPolicy> {
+        Some(&self.policy)
+    }
+    fn add_rms_norm(&self, x: &mut Tensor, y: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
+        self.add_rms_norm_impl(x, y, w, eps, out)
     }
     fn add_assign(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {
         self.add_assign_impl(x, y)

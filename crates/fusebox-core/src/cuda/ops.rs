@@ -115,6 +115,40 @@ impl CudaBackend {
         }
     }
 
+    pub(crate) fn add_rms_norm_impl(
+        &self,
+        x: &mut Tensor,
+        y: &Tensor,
+        w: &Tensor,
+        eps: f32,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let n = w.numel();
+        ensure!(n > 0 && x.last_dim() == n, "add_rms_norm: input {:?} vs weight {:?}", x.shape(), w.shape());
+        same_shape(x, y, "add_rms_norm")?;
+        same_shape(x, out, "add_rms_norm")?;
+        let px = check_f32(x, "add_rms_norm", "x")?;
+        let (py, pw, po) = (
+            check_f32(y, "add_rms_norm", "y")?,
+            check_f32(w, "add_rms_norm", "weight")?,
+            check_f32(out, "add_rms_norm", "out")?,
+        );
+        let threads = if n >= 4096 {
+            1024
+        } else if n >= 1024 {
+            512
+        } else {
+            256
+        };
+        let dims = ((x.rows() as u32, 1, 1), (threads, 1, 1), 0);
+        self.launch(
+            NR,
+            "add_rms_norm_block",
+            dims,
+            &[Arg::P(px), Arg::P(py), Arg::P(pw), Arg::P(po), Arg::I(n as i32), Arg::F(eps)],
+        )
+    }
+
     pub(crate) fn rope_impl(
         &self,
         x: &mut Tensor,

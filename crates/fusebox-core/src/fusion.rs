@@ -1,0 +1,243 @@
+//! Which decode sites run a fused kernel: one table, backend × site →
+//! default, each with its measured reason.
+//!
+//! A fused path becomes a backend's default only when it passed the parity
+//! gate (RMS < 5e-3 against the graph path, greedy parity, determinism) and
+//! won a same-process interleaved A/B benchmark; the evidence is in
+//! `docs/benchmark_results/fused-<site>-<gpu>.md`. Overrides, strongest
+//! first:
+//!
+//! 1. `FUSEBOX_FUSED_<SITE>=0|1` (and mlxcel's `MLXCEL_FUSED_QK_NORM`,
+//!    `MLXCEL_FUSED_MOE` as aliases);
+//! 2. the per-device file `fusebox tune` writes
+//!    (`~/.cache/fusebox/policy/<gpu-name>.json`);
+//! 3. the built-in [`TABLE`].
+//!
+//! The values are read once per process. `docs/environment-variables.md`
+//! holds the same table; a test keeps the two equal.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+/// A fusible decode site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Site {
+    /// QKV projection + per-head Q/K RMSNorm + RoPE + KV write (Qwen3; the
+    /// same kernel without the norm serves Llama).
+    QkNorm,
+    /// The MoE expert path: gate/up + SwiGLU, then down × router weight, summed.
+    Moe,
+    /// Residual add + the next RMSNorm.
+    AddRmsNorm,
+    /// RoPE on q and k + KV append (when `qk_norm` is off for the model).
+    RopeKvAppend,
+}
+
+pub const SITES: [Site; 4] = [Site::QkNorm, Site::Moe, Site::AddRmsNorm, Site::RopeKvAppend];
+
+impl Site {
+    /// The site's name in switches, files and reports (`qk_norm`, ...).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Site::QkNorm => "qk_norm",
+            Site::Moe => "moe",
+            Site::AddRmsNorm => "add_rms_norm",
+            Site::RopeKvAppend => "rope_kv_append",
+        }
+    }
+
+    /// `FUSEBOX_FUSED_<SITE>`.
+    pub fn env_var(self) -> String {
+        format!("FUSEBOX_FUSED_{}", self.name().to_ascii_uppercase())
+    }
+
+    /// Other names accepted for the switch (mlxcel's).
+    pub const fn aliases(self) -> &'static [&'static str] {
+        match self {
+            Site::QkNorm => &["MLXCEL_FUSED_QK_NORM"],
+            Site::Moe => &["MLXCEL_FUSED_MOE"],
+            _ => &[],
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Site> {
+        SITES
+            .iter()
+            .copied()
+            .find(|x| x.name() == s)
+            .with_context(|| format!("unknown fusion site \"{s}\" (known: {})", SITES.map(|x| x.name()).join(", ")))
+    }
+}
+
+/// The backends the table distinguishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+impl BackendKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// One row of the table: the default for a site on a backend, and why.
+#[derive(Clone, Copy, Debug)]
+pub struct Rule {
+    pub backend: BackendKind,
+    pub site: Site,
+    pub on: bool,
+    pub reason: &'static str,
+}
+
+/// The built-in defaults. Change a row only with a decision record in
+/// `docs/benchmark_results/` and the same change in
+/// `docs/environment-variables.md`.
+pub const TABLE: &[Rule] = &[
+    Rule { backend: BackendKind::Cuda, site: Site::QkNorm, on: false, reason: "no fused kernel yet (issue 5)" },
+    Rule { backend: BackendKind::Cuda, site: Site::Moe, on: false, reason: "no fused kernel yet (issue 5)" },
+    Rule {
+        backend: BackendKind::Cuda,
+        site: Site::AddRmsNorm,
+        on: false,
+        reason: "fused kernel exists; off until its parity gate and A/B run on a GPU (issue 5)",
+    },
+    Rule { backend: BackendKind::Cuda, site: Site::RopeKvAppend, on: false, reason: "no fused kernel yet (issue 5)" },
+    Rule { backend: BackendKind::Cpu, site: Site::QkNorm, on: false, reason: "no fused CPU path" },
+    Rule { backend: BackendKind::Cpu, site: Site::Moe, on: false, reason: "no fused CPU path" },
+    Rule {
+        backend: BackendKind::Cpu,
+        site: Site::AddRmsNorm,
+        on: false,
+        reason: "fused path exists; off until an A/B shows a gain (issue 5)",
+    },
+    Rule { backend: BackendKind::Cpu, site: Site::RopeKvAppend, on: false, reason: "no fused CPU path" },
+];
+
+/// Where a decision came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    Tuned(PathBuf),
+    Env(String),
+    /// Set by the program itself (an A/B run or a test).
+    Caller,
+}
+
+/// Whether one site is fused, and why.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub site: Site,
+    pub on: bool,
+    pub source: Source,
+    pub reason: String,
+}
+
+/// The resolved policy of one backend in this process.
+#[derive(Clone, Debug)]
+pub struct FusionPolicy {
+    pub backend: BackendKind,
+    pub decisions: Vec<Decision>,
+}
+
+fn parse_switch(var: &str, v: &str) -> Result<bool> {
+    match v.trim() {
+        "1" | "on" | "true" => Ok(true),
+        "0" | "off" | "false" => Ok(false),
+        other => bail!("{var}={other}: expected 0 or 1"),
+    }
+}
+
+/// The per-device policy file `fusebox tune` writes.
+pub fn tuned_path(device_name: &str) -> Option<PathBuf> {
+    let slug: String =
+        device_name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let base = std::env::var_os("FUSEBOX_POLICY_DIR").map(PathBuf::from).or_else(|| {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("fusebox").join("policy"))
+    })?;
+    Some(base.join(format!("{slug}.json")))
+}
+
+impl FusionPolicy {
+    /// The built-in defaults of `backend`, overridden by the tuned file of
+    /// `device_name` (if any) and then by the environment.
+    pub fn resolve(backend: BackendKind, device_name: &str) -> Result<FusionPolicy> {
+        Self::resolve_with(backend, device_name, |v| std::env::var(v).ok())
+    }
+
+    /// [`FusionPolicy::resolve`] with the environment given as a lookup (tests).
+    pub fn resolve_with(
+        backend: BackendKind,
+        device_name: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<FusionPolicy> {
+        let tuned = tuned_path(device_name).filter(|p| p.is_file());
+        let tuned_json = match &tuned {
+            Some(p) => Some(read_tuned(p)?),
+            None => None,
+        };
+        let mut decisions = vec![];
+        for site in SITES {
+            let rule = TABLE.iter().find(|r| r.backend == backend && r.site == site).expect("table covers every site");
+            let mut d = Decision { site, on: rule.on, source: Source::Default, reason: rule.reason.to_string() };
+            if let (Some(p), Some(m)) = (&tuned, &tuned_json) {
+                if let Some(&(on, ref why)) = m.get(site.name()) {
+                    d = Decision { site, on, source: Source::Tuned(p.clone()), reason: why.clone() };
+                }
+            }
+            for var in std::iter::once(site.env_var()).chain(site.aliases().iter().map(|s| s.to_string())) {
+                if let Some(v) = env(&var) {
+                    let on = parse_switch(&var, &v)?;
+                    d = Decision { site, on, source: Source::Env(var.clone()), reason: format!("{var}={}", v.trim()) };
+                    break;
+                }
+            }
+            decisions.push(d);
+        }
+        Ok(FusionPolicy { backend, decisions })
+    }
+
+    pub fn decision(&self, site: Site) -> &Decision {
+        self.decisions.iter().find(|d| d.site == site).expect("every site is decided")
+    }
+
+    pub fn is_on(&self, site: Site) -> bool {
+        self.decision(site).on
+    }
+
+    /// Override one decision in this process (A/B runs, tests).
+    pub fn set(&mut self, site: Site, on: bool, why: &str) {
+        if let Some(d) = self.decisions.iter_mut().find(|d| d.site == site) {
+            *d = Decision { site, on, source: Source::Caller, reason: why.to_string() };
+        }
+    }
+}
+
+/// Read a tuned file: `{"device": "...", "sites": {"<site>": {"on": bool, "reason": "..."}}}`.
+fn read_tuned(path: &std::path::Path) -> Result<HashMap<String, (bool, String)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let mut out = HashMap::new();
+    let Some(sites) = v.get("sites").and_then(|s| s.as_object()) else {
+        bail!("{}: no \"sites\" object", path.display())
+    };
+    for (name, d) in sites {
+        Site::parse(name).with_context(|| format!("{}", path.display()))?;
+        let Some(on) = d.get("on").and_then(|o| o.as_bool()) else {
+            bail!("{}: sites.{name} has no \"on\": true|false", path.display())
+        };
+        let reason = d.get("reason").and_then(|r| r.as_str()).unwrap_or("tuned").to_string();
+        out.insert(name.clone(), (on, reason));
+    }
+    Ok(out)
+}
