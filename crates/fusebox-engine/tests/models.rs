@@ -132,3 +132,20 @@ fn eos_stops_generation() {
     assert_eq!(out.stop, StopReason::Eos);
     assert_eq!(out.tokens, want[..want.iter().position(|&t| t == want[3]).unwrap()]);
 }
+
+/// A token id past the vocabulary is an error on the host, before any
+/// backend runs (a GPU kernel could only skip it), for prefill and decode.
+#[test]
+fn token_ids_outside_the_vocabulary_are_errors() {
+    let be = backend();
+    let model = load("tiny-qwen3", &be);
+    let v = model.config().vocab_size as u32;
+    let mut s = Session::new(&model.decoder, &be, 16).unwrap();
+    let e = s.prefill(&[1, 2, v]).unwrap_err();
+    assert!(format!("{e:#}").contains(&format!("token id {v} is outside the model's vocabulary")), "{e:#}");
+    s.prefill(&[1, 2]).unwrap();
+    let e = s.step(v + 5).unwrap_err();
+    assert!(format!("{e:#}").contains("outside the model's vocabulary"), "{e:#}");
+    // the session is still usable
+    assert!(s.step(3).is_ok());
+}

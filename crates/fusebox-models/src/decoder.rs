@@ -6,7 +6,7 @@
 //! [`Workspace`] sized for `m` tokens; the engine keeps one workspace for
 //! single-token decode and reuses it every step, so decode allocates nothing.
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use fusebox_core::fusion::Site;
 use fusebox_core::{rope, Backend, DType, LayerKv, Tensor, Weight};
 
@@ -70,6 +70,8 @@ pub enum Logits {
 pub struct Workspace {
     pub m: usize,
     pub mode: Logits,
+    /// The model's vocabulary size (token ids are checked against it).
+    vocab: usize,
     /// Token ids to run (`I32 [m]`), set with [`Workspace::set_tokens`].
     pub ids: Tensor,
     /// Their positions (`I32 [m]`).
@@ -104,6 +106,11 @@ impl Workspace {
     /// Write token ids and their positions (`start..start+m`) for the next forward.
     pub fn set_tokens(&mut self, be: &dyn Backend, ids: &[u32], start: usize) -> Result<()> {
         ensure!(ids.len() == self.m, "workspace holds {} tokens, got {}", self.m, ids.len());
+        // checked here, on the host, so every backend gives the same error (a
+        // device kernel cannot return one)
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.vocab) {
+            bail!("token id {bad} is outside the model's vocabulary of {} tokens", self.vocab);
+        }
         if let [id] = ids {
             // the decode step: no allocation
             be.write_i32(&mut self.ids, &[*id as i32])?;
@@ -252,6 +259,7 @@ impl Decoder {
         Ok(Workspace {
             m,
             mode,
+            vocab: c.vocab_size,
             ids: be.zeros(&[m], DType::I32)?,
             positions: be.zeros(&[m], DType::I32)?,
             x: z(&[m, d])?,
