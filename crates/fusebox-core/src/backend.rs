@@ -135,6 +135,13 @@ pub trait Backend: Send + Sync {
     fn fusion_policy(&self) -> Option<&crate::fusion::FusionPolicy> {
         None
     }
+    /// Switch a fusible site on or off from now on (A/B runs; no effect on a
+    /// backend without fused paths).
+    fn set_fused(&self, site: Site, on: bool) {
+        if let Some(p) = self.fusion_policy() {
+            p.override_site(site, Some(on));
+        }
+    }
     /// `x += y`, then `out = rms_norm(x) * w`: the residual add fused with the
     /// next RMSNorm (site `add_rms_norm`). The default is the graph path.
     fn add_rms_norm(&self, x: &mut Tensor, y: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {

@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use anyhow::{bail, Context, Result};
 
@@ -60,6 +61,11 @@ impl Site {
             Site::Moe => &["MLXCEL_FUSED_MOE"],
             _ => &[],
         }
+    }
+
+    /// Whether a fused kernel exists for this site (on the CPU and CUDA).
+    pub const fn has_fused_path(self) -> bool {
+        matches!(self, Site::AddRmsNorm)
     }
 
     pub fn parse(s: &str) -> Result<Site> {
@@ -126,8 +132,6 @@ pub enum Source {
     Default,
     Tuned(PathBuf),
     Env(String),
-    /// Set by the program itself (an A/B run or a test).
-    Caller,
 }
 
 /// Whether one site is fused, and why.
@@ -140,10 +144,17 @@ pub struct Decision {
 }
 
 /// The resolved policy of one backend in this process.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct FusionPolicy {
     pub backend: BackendKind,
     pub decisions: Vec<Decision>,
+    /// Run-time overrides per site (0 none, 1 off, 2 on), for A/B runs that
+    /// switch a site between decode steps of one process.
+    overrides: [AtomicU8; SITES.len()],
+}
+
+fn site_index(site: Site) -> usize {
+    SITES.iter().position(|&s| s == site).expect("every site is listed")
 }
 
 fn parse_switch(var: &str, v: &str) -> Result<bool> {
@@ -203,7 +214,7 @@ impl FusionPolicy {
             }
             decisions.push(d);
         }
-        Ok(FusionPolicy { backend, decisions })
+        Ok(FusionPolicy { backend, decisions, overrides: Default::default() })
     }
 
     pub fn decision(&self, site: Site) -> &Decision {
@@ -211,14 +222,27 @@ impl FusionPolicy {
     }
 
     pub fn is_on(&self, site: Site) -> bool {
-        self.decision(site).on
+        match self.overrides[site_index(site)].load(Ordering::Relaxed) {
+            1 => false,
+            2 => true,
+            _ => self.decision(site).on,
+        }
     }
 
-    /// Override one decision in this process (A/B runs, tests).
-    pub fn set(&mut self, site: Site, on: bool, why: &str) {
-        if let Some(d) = self.decisions.iter_mut().find(|d| d.site == site) {
-            *d = Decision { site, on, source: Source::Caller, reason: why.to_string() };
-        }
+    /// Switch a site on or off for the rest of the process (`None`: back to
+    /// the resolved decision). For A/B runs and tests.
+    pub fn override_site(&self, site: Site, on: Option<bool>) {
+        let v = match on {
+            None => 0,
+            Some(false) => 1,
+            Some(true) => 2,
+        };
+        self.overrides[site_index(site)].store(v, Ordering::Relaxed);
+    }
+
+    /// One bit per site that is on (a device backend keys captured graphs on it).
+    pub fn bits(&self) -> u64 {
+        SITES.iter().enumerate().filter(|(_, &s)| self.is_on(s)).map(|(i, _)| 1u64 << i).sum()
     }
 }
 

@@ -32,9 +32,9 @@ fn run(be: &dyn Backend, name: &str) -> (Vec<f32>, Vec<u32>) {
 
 #[test]
 fn add_rms_norm_fused_matches_the_graph_path_on_the_cpu() {
-    let mut graph = CpuBackend::new(0).unwrap();
+    let graph = CpuBackend::new(0).unwrap();
     graph.set_fused(Site::AddRmsNorm, false);
-    let mut fused = CpuBackend::new(0).unwrap();
+    let fused = CpuBackend::new(0).unwrap();
     fused.set_fused(Site::AddRmsNorm, true);
     for name in FIXTURES {
         let (lg, tg) = run(&graph, name);
@@ -46,9 +46,9 @@ fn add_rms_norm_fused_matches_the_graph_path_on_the_cpu() {
 
 #[test]
 fn add_rms_norm_fused_matches_the_graph_path_on_cuda() {
-    let Some(mut graph) = fusebox_core::cuda::backend_for_tests() else { return };
+    let Some(graph) = fusebox_core::cuda::backend_for_tests() else { return };
     graph.set_fused(Site::AddRmsNorm, false);
-    let mut fused = fusebox_core::cuda::backend_for_tests().unwrap();
+    let fused = fusebox_core::cuda::backend_for_tests().unwrap();
     fused.set_fused(Site::AddRmsNorm, true);
     for name in FIXTURES {
         let (lg, tg) = run(&graph, name);

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
+use fusebox_core::fusion::{Site, SITES};
+use fusebox_core::Backend;
 use fusebox_engine::{GenerateOptions, SamplingParams, Session};
 use fusebox_models::synthetic::{self, Quant, SyntheticSource};
 use fusebox_models::{Decoder, Model};
@@ -42,6 +44,16 @@ pub struct Args {
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub reps: usize,
+    /// A/B a fused decode site against its graph path in this process:
+    /// alternate fused and graph decode (ABAB..., --rounds each, the same
+    /// prompt) and report the median ratio and its spread. A site name
+    /// (add_rms_norm, ...) or "all" (every site with a fused kernel that
+    /// applies to the model).
+    #[arg(long, value_name = "SITE")]
+    pub ab: Option<String>,
+    /// Rounds of an --ab run (each round decodes once fused, once on the graph path).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub rounds: usize,
     /// Where the JSON results go.
     #[arg(long, default_value = "bench-results", value_name = "DIR")]
     pub out_dir: PathBuf,
@@ -107,6 +119,7 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => bail!("give -m PATH or --synthetic SHAPE"),
     };
     let cfg = &decoder.cfg;
+    let ab = a.ab.as_deref().map(|ab| ab_sites(ab, be, cfg).map(|s| (ab, s))).transpose()?;
     let ctx = a.prompt_len + a.gen;
     if ctx > cfg.max_position_embeddings {
         bail!("--prompt-len + --gen = {ctx} exceeds the model's context of {}", cfg.max_position_embeddings);
@@ -137,6 +150,41 @@ pub fn run(a: Args) -> Result<()> {
         &GenerateOptions { max_new_tokens: 8, ..opts.clone() },
         |_| Ok(true),
     )?;
+    if let Some((ab, sites)) = ab {
+        let ctx = AbRun { be, opts: &opts, prompt: &prompt, rounds: a.rounds };
+        let mut rows = vec![];
+        for site in sites {
+            rows.push(ctx.run(&mut session, site)?);
+        }
+        let device = be.device_name();
+        let commit = git_commit();
+        println!("model           {name}");
+        println!("device          {device}");
+        println!("commit          {commit}");
+        println!("| site | fused tok/s | graph tok/s | ratio (median, min-max over rounds) | fused % of roofline |");
+        println!("|---|---|---|---|---|");
+        for r in &rows {
+            println!(
+                "| {} | {:.1} | {:.1} | {:.3} ({:.3}-{:.3}) | {:.0}% |",
+                r["site"].as_str().unwrap_or("?"),
+                r["fused_tok_s"]["median"].as_f64().unwrap_or(0.0),
+                r["graph_tok_s"]["median"].as_f64().unwrap_or(0.0),
+                r["ratio"]["median"].as_f64().unwrap_or(0.0),
+                r["ratio"]["min"].as_f64().unwrap_or(0.0),
+                r["ratio"]["max"].as_f64().unwrap_or(0.0),
+                100.0 * r["fused_tok_s"]["median"].as_f64().unwrap_or(0.0) / roofline,
+            );
+        }
+        let result = json!({
+            "model": name, "device": device, "backend": be.name(), "commit": commit, "ab": rows,
+            "cuda_graphs": std::env::var("FUSEBOX_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true),
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "utc": fusebox_core::clock::Utc::now().stamp(), "prompt_len": a.prompt_len, "gen": a.gen,
+            "rounds": a.rounds, "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
+            "copy_bandwidth_bytes_s": bw, "roofline_tok_s": roofline,
+        });
+        return write_result(&a.out_dir, &device, &format!("{name}-ab-{ab}"), &result);
+    }
     let (mut pre, mut dec) = (vec![], vec![]);
     for r in 0..a.reps {
         session.reset();
@@ -170,15 +218,20 @@ pub fn run(a: Args) -> Result<()> {
         "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
         "copy_bandwidth_bytes_s": bw, "roofline_tok_s": roofline, "roofline_fraction": dmed / roofline,
     });
-    let dir = a.out_dir.join(slug(&device));
+    write_result(&a.out_dir, &device, &name, &result)
+}
+
+/// Write `result` to `out_dir/<device>/<name>-<UTC>.json`, never overwriting.
+fn write_result(out_dir: &std::path::Path, device: &str, name: &str, result: &serde_json::Value) -> Result<()> {
+    let dir = out_dir.join(slug(device));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let base = format!("{}-{}", slug(&name), fusebox_core::clock::Utc::now().stamp());
+    let base = format!("{}-{}", slug(name), fusebox_core::clock::Utc::now().stamp());
     for i in 0.. {
         let path = dir.join(if i == 0 { format!("{base}.json") } else { format!("{base}-{i}.json") });
         match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(mut f) => {
                 use std::io::Write;
-                writeln!(f, "{}", serde_json::to_string_pretty(&result)?)?;
+                writeln!(f, "{}", serde_json::to_string_pretty(result)?)?;
                 println!("wrote           {}", path.display());
                 break;
             }
@@ -187,4 +240,74 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The sites an `--ab` argument names, checked against the model and backend.
+fn ab_sites(ab: &str, be: &dyn Backend, cfg: &fusebox_models::ModelConfig) -> Result<Vec<Site>> {
+    if be.fusion_policy().is_none() {
+        bail!("--ab: {} has no fused paths", be.name());
+    }
+    let applies = |s: Site| match s {
+        Site::QkNorm => cfg.qk_norm,
+        Site::Moe => cfg.moe.is_some(),
+        Site::AddRmsNorm => true,
+        Site::RopeKvAppend => !cfg.qk_norm,
+    };
+    if ab == "all" {
+        let v: Vec<Site> = SITES.iter().copied().filter(|&s| s.has_fused_path() && applies(s)).collect();
+        if v.is_empty() {
+            bail!("--ab all: no site with a fused kernel applies to this model");
+        }
+        return Ok(v);
+    }
+    let site = Site::parse(ab)?;
+    if !site.has_fused_path() {
+        bail!("--ab {ab}: there is no fused kernel for this site yet");
+    }
+    if !applies(site) {
+        bail!("--ab {ab}: the site does not occur in this model");
+    }
+    Ok(vec![site])
+}
+
+/// One interleaved A/B: the same session and prompt, fused and graph decode
+/// alternating round by round.
+struct AbRun<'a> {
+    be: &'a dyn Backend,
+    opts: &'a GenerateOptions,
+    prompt: &'a [u32],
+    rounds: usize,
+}
+
+impl AbRun<'_> {
+    fn run(&self, session: &mut Session, site: Site) -> Result<serde_json::Value> {
+        let decode = |session: &mut Session, on: bool| -> Result<f64> {
+            self.be.set_fused(site, on);
+            session.reset();
+            Ok(session.generate(self.prompt, self.opts, |_| Ok(true))?.decode_tok_s())
+        };
+        // warm both variants (kernel compilation, graph capture)
+        decode(session, true)?;
+        decode(session, false)?;
+        let (mut fused, mut graph, mut ratio) = (vec![], vec![], vec![]);
+        for r in 0..self.rounds.max(1) {
+            let f = decode(session, true)?;
+            let g = decode(session, false)?;
+            eprintln!("  {} round {}: fused {f:.1} tok/s, graph {g:.1} tok/s, ratio {:.3}", site.name(), r + 1, f / g);
+            fused.push(f);
+            graph.push(g);
+            ratio.push(f / g);
+        }
+        if let Some(p) = self.be.fusion_policy() {
+            p.override_site(site, None);
+        }
+        let stats = |v: &[f64]| {
+            let mut s = v.to_vec();
+            let (lo, hi) = (s.iter().copied().fold(f64::MAX, f64::min), s.iter().copied().fold(0.0, f64::max));
+            json!({"median": median(&mut s), "min": lo, "max": hi, "runs": v})
+        };
+        Ok(
+            json!({"site": site.name(), "fused_tok_s": stats(&fused), "graph_tok_s": stats(&graph), "ratio": stats(&ratio)}),
+        )
+    }
 }

@@ -67,7 +67,6 @@ pub fn run(a: Args) -> Result<()> {
                         Source::Default => "default".to_string(),
                         Source::Tuned(p) => format!("tuned: {}", p.display()),
                         Source::Env(v) => format!("env {v}"),
-                        Source::Caller => "caller".to_string(),
                     };
                     (d.on, format!("{from}: {}", d.reason))
                 }

@@ -376,3 +376,53 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+#[test]
+fn bench_ab_alternates_fused_and_graph_and_writes_json() {
+    let tiny = fixture("tiny-qwen3");
+    let out = tempfile::tempdir().unwrap();
+    let o = fusebox(&[
+        "bench",
+        "-m",
+        tiny.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--ab",
+        "add_rms_norm",
+        "--rounds",
+        "2",
+        "--prompt-len",
+        "8",
+        "--gen",
+        "8",
+        "--out-dir",
+        out.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("| add_rms_norm |"), "{text}");
+    let file = walk_json(out.path());
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let row = &v["ab"][0];
+    assert_eq!(row["site"], "add_rms_norm");
+    assert_eq!(row["fused_tok_s"]["runs"].as_array().unwrap().len(), 2);
+    assert!(row["ratio"]["median"].as_f64().unwrap() > 0.0);
+    // a site without a fused kernel, or one the model lacks, is a clear error
+    let o = fusebox(&["bench", "-m", tiny.to_str().unwrap(), "--device", "cpu", "--ab", "qk_norm", "--gen", "8"]);
+    assert_clean_error(&o, &["--ab qk_norm", "no fused kernel"]);
+    let o = fusebox(&["bench", "-m", tiny.to_str().unwrap(), "--device", "cpu", "--ab", "moe", "--gen", "8"]);
+    assert_clean_error(&o, &["--ab moe"]);
+}
+
+fn walk_json(dir: &Path) -> PathBuf {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            return walk_json(&p);
+        }
+        if p.extension().is_some_and(|x| x == "json") {
+            return p;
+        }
+    }
+    panic!("no JSON under {}", dir.display())
+}

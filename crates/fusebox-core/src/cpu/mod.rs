@@ -17,7 +17,7 @@ pub use kernels::{axpy, dot_bf16, dot_f16, dot_f32};
 
 use crate::backend::Backend;
 use crate::dtype::{bf16_to_f32, f16_to_f32, DType};
-use crate::fusion::{BackendKind, FusionPolicy, Site};
+use crate::fusion::{BackendKind, FusionPolicy};
 use crate::kv::LayerKv;
 use crate::quant::Weight;
 use crate::rope::RopeStyle;
@@ -44,11 +44,6 @@ impl CpuBackend {
     /// This backend's fusion decisions (defaults, tuned file, environment).
     pub fn policy(&self) -> &FusionPolicy {
         &self.policy
-    }
-
-    /// Change one fusion decision (A/B runs and tests).
-    pub fn set_fused(&mut self, site: Site, on: bool) {
-        self.policy.set(site, on, "set by the caller");
     }
 
     pub fn threads(&self) -> usize {

@@ -213,11 +213,6 @@ impl CudaBackend {
         &self.policy
     }
 
-    /// Change one fusion decision (A/B runs and tests).
-    pub fn set_fused(&mut self, site: crate::fusion::Site, on: bool) {
-        self.policy.set(site, on, "set by the caller");
-    }
-
     /// The NVRTC target, e.g. `sm_90a`.
     pub fn arch(&self) -> &str {
         &self.arch
@@ -449,6 +444,8 @@ impl Backend for CudaBackend {
         if !self.graphs_enabled {
             return f();
         }
+        // a fused site switched on or off changes the kernels of the step
+        let key = key ^ self.policy.bits().wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut g = self.graphs.lock().unwrap();
         if g.entries.len() > 16 && !g.entries.contains_key(&key) {
             g.entries.clear();
