@@ -9,7 +9,7 @@
 //!
 //! 1. `FUSEBOX_FUSED_<SITE>=0|1` (and mlxcel's `MLXCEL_FUSED_QK_NORM`,
 //!    `MLXCEL_FUSED_MOE` as aliases);
-//! 2. the per-device file `fusebox tune` writes
+//! 2. the per-device policy file (to be written by `fusebox tune`, not built yet)
 //!    (`~/.cache/fusebox/policy/<gpu-name>.json`);
 //! 3. the built-in [`TABLE`].
 //!
@@ -165,7 +165,7 @@ fn parse_switch(var: &str, v: &str) -> Result<bool> {
     }
 }
 
-/// The per-device policy file `fusebox tune` writes.
+/// The per-device policy file (to be written by `fusebox tune`; read when present).
 pub fn tuned_path(device_name: &str) -> Option<PathBuf> {
     let slug: String =
         device_name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
