@@ -71,22 +71,7 @@ pub trait Backend: Send + Sync {
     /// Put a weight on the device, in the layout this backend's kernels
     /// read (a device backend may convert formats it has no kernel for).
     fn upload_weight(&self, w: Weight) -> Result<Weight> {
-        Ok(match w {
-            Weight::Dense(t) => Weight::Dense(self.upload(t)?),
-            Weight::Affine { q, scales, biases, bits, group_size, experts, rows, cols } => Weight::Affine {
-                q: self.upload(q)?,
-                scales: self.upload(scales)?,
-                biases: self.upload(biases)?,
-                bits,
-                group_size,
-                experts,
-                rows,
-                cols,
-            },
-            Weight::Gguf { data, ty, experts, rows, cols } => {
-                Weight::Gguf { data: self.upload(data)?, ty, experts, rows, cols }
-            }
-        })
+        upload_weight_tensors(self, w)
     }
     /// Fill a tensor with pseudo-random values from `seed` (synthetic
     /// benchmark weights): floats uniform in `[lo, hi)`, integer types with
@@ -172,4 +157,26 @@ pub trait Backend: Send + Sync {
         state: &mut Tensor,
         out: &mut Tensor,
     ) -> Result<()>;
+}
+
+/// Upload every tensor of a weight as it is (the default
+/// [`Backend::upload_weight`]; a backend that re-lays out some formats calls
+/// it for the rest).
+pub fn upload_weight_tensors<B: Backend + ?Sized>(be: &B, w: Weight) -> Result<Weight> {
+    Ok(match w {
+        Weight::Dense(t) => Weight::Dense(be.upload(t)?),
+        Weight::Affine { q, scales, biases, bits, group_size, experts, rows, cols } => Weight::Affine {
+            q: be.upload(q)?,
+            scales: be.upload(scales)?,
+            biases: be.upload(biases)?,
+            bits,
+            group_size,
+            experts,
+            rows,
+            cols,
+        },
+        Weight::Gguf { data, ty, experts, rows, cols } => {
+            Weight::Gguf { data: be.upload(data)?, ty, experts, rows, cols }
+        }
+    })
 }

@@ -129,9 +129,6 @@ impl CudaBackend {
     }
 
     pub(crate) fn kv_write_impl(&self, k: &Tensor, v: &Tensor, positions: &Tensor, cache: &mut LayerKv) -> Result<()> {
-        if cache.k.dtype() == DType::F32 {
-            return self.kv_write_f32(k, v, positions, cache);
-        }
         let cs = cache.k.shape().to_vec();
         ensure!(
             cs.len() == 3 && cache.v.shape() == cs.as_slice(),
@@ -139,12 +136,7 @@ impl CudaBackend {
             cache.k.shape(),
             cache.v.shape()
         );
-        ensure!(
-            cache.k.dtype() == DType::BF16 && cache.v.dtype() == DType::BF16,
-            "cuda kv_write: the cache must be bf16, got k {} v {}",
-            cache.k.dtype(),
-            cache.v.dtype()
-        );
+        check_cache_dtype(cache, "kv_write")?;
         ensure!(
             k.shape() == v.shape() && k.shape().len() == 3 && k.shape()[1..] == cs[1..],
             "cuda kv_write: keys {:?} / values {:?} do not match the cache {:?}",
@@ -172,6 +164,11 @@ impl CudaBackend {
         }
         let (pk, pv, pp) = (Self::ptr(k, "kv_write")?, Self::ptr(v, "kv_write")?, Self::ptr(positions, "kv_write")?);
         let (ck, cv) = (Self::ptr(&cache.k, "kv_write")?, Self::ptr(&cache.v, "kv_write")?);
+        if cache.k.dtype() == DType::F32 {
+            let args =
+                [Arg::P(pk), Arg::P(pv), Arg::P(pp), Arg::P(ck), Arg::P(cv), Arg::I(row as i32), Arg::I(cap as i32)];
+            return self.launch(FILE, "kv_write_f32", ((m as u32, 2, 1), (256, 1, 1), 0), &args);
+        }
         let vec4 = row % 4 == 0 && pk % 16 == 0 && pv % 16 == 0 && ck % 8 == 0 && cv % 8 == 0;
         let threads = if row >= 1024 { 256 } else { 128 };
         self.launch(
@@ -201,9 +198,6 @@ impl CudaBackend {
     ) -> Result<()> {
         ensure!(q.shape().len() == 3, "cuda attention: expected q [rows, heads, head_dim], got {:?}", q.shape());
         let (m, heads, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-        if cache.k.dtype() == DType::F32 {
-            return self.attention_f32(q, cache, positions, scale, out);
-        }
         let cs = cache.k.shape().to_vec();
         ensure!(
             cs.len() == 3 && cache.v.shape() == cs.as_slice() && cs[2] == d,
@@ -212,12 +206,7 @@ impl CudaBackend {
             cache.v.shape(),
             q.shape()
         );
-        ensure!(
-            cache.k.dtype() == DType::BF16 && cache.v.dtype() == DType::BF16,
-            "cuda attention: the cache must be bf16, got k {} v {}",
-            cache.k.dtype(),
-            cache.v.dtype()
-        );
+        check_cache_dtype(cache, "attention")?;
         let (cap, kvh) = (cs[0], cs[1]);
         ensure!(kvh > 0 && heads % kvh == 0, "cuda attention: {heads} heads over {kvh} kv heads");
         ensure!(
@@ -249,6 +238,22 @@ impl CudaBackend {
         let (pq, pp, po) =
             (Self::ptr(q, "attention")?, Self::ptr(positions, "attention")?, Self::ptr(out, "attention")?);
         let (ck, cv) = (Self::ptr(&cache.k, "attention")?, Self::ptr(&cache.v, "attention")?);
+        if cache.k.dtype() == DType::F32 {
+            // the exact path: one block per (query row, head)
+            let args = [
+                Arg::P(pq),
+                Arg::P(ck),
+                Arg::P(cv),
+                Arg::P(pp),
+                Arg::P(po),
+                Arg::I(heads as i32),
+                Arg::I(kvh as i32),
+                Arg::I(d as i32),
+                Arg::I(cap as i32),
+                Arg::F(scale),
+            ];
+            return self.launch(FILE, "attn_f32cache", (((m * heads) as u32, 1, 1), (128, 1, 1), 0), &args);
+        }
         let aligned = ck % 16 == 0 && cv % 16 == 0;
 
         let group = heads / kvh;
@@ -326,81 +331,15 @@ impl CudaBackend {
     }
 }
 
-/// The f32 cache (`FUSEBOX_KV_DTYPE=f32`): plain kernels, exact against the CPU.
-impl CudaBackend {
-    fn kv_write_f32(&self, k: &Tensor, v: &Tensor, positions: &Tensor, cache: &mut LayerKv) -> Result<()> {
-        let cs = cache.k.shape().to_vec();
-        ensure!(
-            cs.len() == 3 && cache.v.shape() == cs.as_slice() && cache.v.dtype() == DType::F32,
-            "cuda kv_write: cache k {:?} {} / v {:?} {}",
-            cache.k.shape(),
-            cache.k.dtype(),
-            cache.v.shape(),
-            cache.v.dtype()
-        );
-        ensure!(
-            k.shape() == v.shape() && k.shape().len() == 3 && k.shape()[1..] == cs[1..],
-            "cuda kv_write: keys {:?} / values {:?} do not match the cache {cs:?}",
-            k.shape(),
-            v.shape()
-        );
-        ensure!(k.dtype() == DType::F32 && v.dtype() == DType::F32, "cuda kv_write: k and v must be f32");
-        let m = k.shape()[0];
-        ensure!(positions.dtype() == DType::I32 && positions.numel() >= m, "cuda kv_write: positions for {m} rows");
-        let row = cs[1] * cs[2];
-        let args = [
-            Arg::P(Self::ptr(k, "kv_write")?),
-            Arg::P(Self::ptr(v, "kv_write")?),
-            Arg::P(Self::ptr(positions, "kv_write")?),
-            Arg::P(Self::ptr(&cache.k, "kv_write")?),
-            Arg::P(Self::ptr(&cache.v, "kv_write")?),
-            Arg::I(row as i32),
-            Arg::I(cs[0] as i32),
-        ];
-        self.launch(FILE, "kv_write_f32", ((m as u32, 2, 1), (256, 1, 1), 0), &args)
-    }
-
-    fn attention_f32(
-        &self,
-        q: &Tensor,
-        cache: &LayerKv,
-        positions: &Tensor,
-        scale: f32,
-        out: &mut Tensor,
-    ) -> Result<()> {
-        let (m, heads, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-        let cs = cache.k.shape().to_vec();
-        ensure!(
-            cs.len() == 3 && cache.v.shape() == cs.as_slice() && cs[2] == d && cache.v.dtype() == DType::F32,
-            "cuda attention: cache k {:?} / v {:?} vs q {:?}",
-            cache.k.shape(),
-            cache.v.shape(),
-            q.shape()
-        );
-        let kvh = cs[1];
-        ensure!(
-            d <= 256 && kvh > 0 && heads % kvh == 0,
-            "cuda attention: head_dim {d} (at most 256), {heads} heads over {kvh} kv heads"
-        );
-        ensure!(
-            q.dtype() == DType::F32 && out.shape() == q.shape() && out.dtype() == DType::F32,
-            "cuda attention: q/out must be f32 of one shape"
-        );
-        ensure!(positions.dtype() == DType::I32 && positions.numel() >= m, "cuda attention: positions for {m} rows");
-        let args = [
-            Arg::P(Self::ptr(q, "attention")?),
-            Arg::P(Self::ptr(&cache.k, "attention")?),
-            Arg::P(Self::ptr(&cache.v, "attention")?),
-            Arg::P(Self::ptr(positions, "attention")?),
-            Arg::P(Self::ptr(out, "attention")?),
-            Arg::I(heads as i32),
-            Arg::I(kvh as i32),
-            Arg::I(d as i32),
-            Arg::I(cs[0] as i32),
-            Arg::F(scale),
-        ];
-        self.launch(FILE, "attn_f32cache", (((m * heads) as u32, 1, 1), (128, 1, 1), 0), &args)
-    }
+/// The cache is bf16 (the fast kernels) or, with `FUSEBOX_KV_DTYPE=f32`, f32
+/// (plain kernels, exact against the CPU); keys and values alike.
+fn check_cache_dtype(cache: &LayerKv, op: &str) -> Result<()> {
+    let (k, v) = (cache.k.dtype(), cache.v.dtype());
+    ensure!(
+        k == v && matches!(k, DType::BF16 | DType::F32),
+        "cuda {op}: the cache must be bf16 or f32, got k {k} v {v}"
+    );
+    Ok(())
 }
 
 #[cfg(test)]

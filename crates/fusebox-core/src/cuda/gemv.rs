@@ -27,7 +27,6 @@ use rayon::prelude::*;
 
 use super::ops::grid_1d;
 use super::{dtype_tag, Arg, CudaBackend};
-use crate::backend::Backend;
 use crate::dtype::{f16_to_f32, DType};
 use crate::quant::{ggml, pack, GgmlType, Weight};
 use crate::tensor::Tensor;
@@ -405,37 +404,18 @@ impl CudaBackend {
     /// Upload with 16 spare bytes after the data: the GEMV copies 16-bit
     /// scales as the aligned 32-bit words that hold them, which for the last
     /// element of an odd-length tensor reaches two bytes past its end.
-    fn upload_padded(&self, t: Tensor) -> Result<Tensor> {
-        if t.is_device() {
-            return Ok(t);
-        }
-        let buf = self.alloc(t.size_bytes() + 16)?;
-        self.copy_htod(buf.ptr, t.host_bytes()?)?;
-        Tensor::from_device(t.shape(), t.dtype(), buf)
-    }
-
     pub(crate) fn upload_weight_impl(&self, w: Weight) -> Result<Weight> {
-        Ok(match w {
-            Weight::Dense(t) => {
-                ensure!(t.dtype().is_float(), "cuda upload_weight: dense weight of dtype {}", t.dtype());
-                Weight::Dense(self.upload(t)?)
-            }
-            Weight::Affine { q, scales, biases, bits, group_size, experts, rows, cols } => Weight::Affine {
-                q: self.upload(q)?,
-                scales: self.upload_padded(scales)?,
-                biases: self.upload_padded(biases)?,
-                bits,
-                group_size,
-                experts,
-                rows,
-                cols,
-            },
+        // GGUF blocks are re-laid out as weights the GEMV reads; the rest go up
+        // as they are (device allocations are padded, so reading a 16-bit scale
+        // as part of a 4-byte word never leaves the buffer)
+        match w {
             Weight::Gguf { data, ty, experts, rows, cols } => {
                 let host = gguf_to_gpu_layout(data.host_bytes()?, ty, experts, rows, cols)?;
                 drop(data);
-                return self.upload_weight_impl(host);
+                crate::backend::upload_weight_tensors(self, host)
             }
-        })
+            w => crate::backend::upload_weight_tensors(self, w),
+        }
     }
 
     /// `out[p + r] = w[ids[p]] @ x[p / x_div + r]` for pairs `p < pairs` and
