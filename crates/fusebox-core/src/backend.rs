@@ -127,11 +127,37 @@ pub trait Backend: Send + Sync {
             p.override_site(site, Some(on));
         }
     }
+    /// Put every fusible site on the graph path while `on` (the reference
+    /// pass of `FUSEBOX_FUSED_PARITY_CHECK`), without losing the decisions.
+    fn force_graph_path(&self, on: bool) {
+        if let Some(p) = self.fusion_policy() {
+            p.force_graph(on);
+        }
+    }
     /// `x += y`, then `out = rms_norm(x) * w`: the residual add fused with the
     /// next RMSNorm (site `add_rms_norm`). The default is the graph path.
     fn add_rms_norm(&self, x: &mut Tensor, y: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
         self.add_assign(x, y)?;
         self.rms_norm(x, w, eps, out)
+    }
+    /// Site `qk_norm`: the q, k and v projections of `h`, the per-head norms
+    /// (when the model has them), RoPE, the query into `b.q`, keys and values
+    /// appended to `cache`, in as few kernels as the backend can. The
+    /// default is the graph path ([`attn_inputs_graph`]).
+    fn qkv_rope(&self, h: &Tensor, a: &AttnIn, b: &mut AttnBufs, cache: &mut LayerKv) -> Result<()> {
+        attn_inputs_graph(self, h, a, b, cache, false)
+    }
+    /// Site `rope_kv_append`: with the projections in `b.q_raw`, `b.k_raw`
+    /// and `b.v`, the per-head norms, RoPE, the query into `b.q`, keys and
+    /// values appended to `cache`. The default is the graph path.
+    fn rope_kv_append(&self, a: &AttnIn, b: &mut AttnBufs, cache: &mut LayerKv) -> Result<()> {
+        norm_rope_append_graph(self, a, b, cache, true)
+    }
+    /// Site `moe`: the expert MLPs of the selected experts (`e.ids`) applied
+    /// to `h` and summed with the router weights into `out`. The default is
+    /// the graph path ([`moe_experts_graph`]).
+    fn moe_experts(&self, h: &Tensor, e: &MoeIn, b: &mut MoeBufs, out: &mut Tensor) -> Result<()> {
+        moe_experts_graph(self, h, e, b, out)
     }
     /// `out = silu(gate) * up`.
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()>;
@@ -157,6 +183,115 @@ pub trait Backend: Send + Sync {
         state: &mut Tensor,
         out: &mut Tensor,
     ) -> Result<()>;
+}
+
+/// What the attention inputs of one layer are made from.
+pub struct AttnIn<'a> {
+    pub wq: &'a Weight,
+    pub wk: &'a Weight,
+    pub wv: &'a Weight,
+    /// Per-head RMSNorm weights (`[head_dim]`, Qwen3); `None` for Llama.
+    pub q_norm: Option<&'a Tensor>,
+    pub k_norm: Option<&'a Tensor>,
+    pub eps: f32,
+    pub positions: &'a Tensor,
+    pub inv_freq: &'a Tensor,
+    pub style: RopeStyle,
+}
+
+/// Activation buffers of the attention inputs, `[m, heads, head_dim]` for
+/// the query and `[m, kv_heads, head_dim]` for keys and values (f32). The
+/// query for attention ends in `q`; the others are scratch.
+pub struct AttnBufs<'a> {
+    pub q_raw: &'a mut Tensor,
+    pub k_raw: &'a mut Tensor,
+    pub v: &'a mut Tensor,
+    pub q: &'a mut Tensor,
+    pub k: &'a mut Tensor,
+}
+
+/// The experts of one MoE block and the router's choice.
+pub struct MoeIn<'a> {
+    /// Stacked `[experts, width, hidden]`.
+    pub gate: &'a Weight,
+    pub up: &'a Weight,
+    /// Stacked `[experts, hidden, width]`.
+    pub down: &'a Weight,
+    /// `I32 [m, k]`: the selected experts.
+    pub ids: &'a Tensor,
+    /// `[m, k]`: their router weights.
+    pub weights: &'a Tensor,
+}
+
+/// Scratch of the MoE expert path: `gate`, `up`, `act` `[m, k, width]`,
+/// `y` `[m, k, hidden]`.
+pub struct MoeBufs<'a> {
+    pub gate: &'a mut Tensor,
+    pub up: &'a mut Tensor,
+    pub act: &'a mut Tensor,
+    pub y: &'a mut Tensor,
+}
+
+/// The graph path of the attention inputs: three projections, then (unless
+/// `fused_append`, which hands the rest to [`Backend::rope_kv_append`])
+/// [`norm_rope_append_graph`]. A projection goes straight into `q` / `k`
+/// when nothing reads it raw.
+pub fn attn_inputs_graph<B: Backend + ?Sized>(
+    be: &B,
+    h: &Tensor,
+    a: &AttnIn,
+    b: &mut AttnBufs,
+    cache: &mut LayerKv,
+    fused_append: bool,
+) -> Result<()> {
+    let q_to = if a.q_norm.is_some() || fused_append { &mut *b.q_raw } else { &mut *b.q };
+    be.matmul(h, a.wq, q_to)?;
+    let k_to = if a.k_norm.is_some() || fused_append { &mut *b.k_raw } else { &mut *b.k };
+    be.matmul(h, a.wk, k_to)?;
+    be.matmul(h, a.wv, b.v)?;
+    if fused_append {
+        be.rope_kv_append(a, b, cache)
+    } else {
+        norm_rope_append_graph(be, a, b, cache, false)
+    }
+}
+
+/// The graph path of per-head norm + RoPE + KV append, one op each. The
+/// projections are in `q_raw` / `k_raw` when the head has a norm or
+/// `from_raw`, else already in `q` / `k`.
+pub fn norm_rope_append_graph<B: Backend + ?Sized>(
+    be: &B,
+    a: &AttnIn,
+    b: &mut AttnBufs,
+    cache: &mut LayerKv,
+    from_raw: bool,
+) -> Result<()> {
+    for (norm, raw, out) in [(a.q_norm, &*b.q_raw, &mut *b.q), (a.k_norm, &*b.k_raw, &mut *b.k)] {
+        match norm {
+            Some(w) => be.rms_norm(raw, w, a.eps, out)?,
+            None if from_raw => be.copy_rows(raw, 0, out, 0, raw.rows())?,
+            None => {}
+        }
+    }
+    be.rope(b.q, a.positions, a.inv_freq, a.style)?;
+    be.rope(b.k, a.positions, a.inv_freq, a.style)?;
+    be.kv_write(b.k, b.v, a.positions, cache)
+}
+
+/// The graph path of the MoE experts: gate and up projections, SwiGLU, down
+/// projection, weighted sum; one op each.
+pub fn moe_experts_graph<B: Backend + ?Sized>(
+    be: &B,
+    h: &Tensor,
+    e: &MoeIn,
+    b: &mut MoeBufs,
+    out: &mut Tensor,
+) -> Result<()> {
+    be.expert_matmul(h, e.gate, e.ids, b.gate)?;
+    be.expert_matmul(h, e.up, e.ids, b.up)?;
+    be.silu_mul(b.gate, b.up, b.act)?;
+    be.expert_matmul(b.act, e.down, e.ids, b.y)?;
+    be.moe_combine(b.y, e.weights, out)
 }
 
 /// Upload every tensor of a weight as it is (the default

@@ -63,9 +63,13 @@ impl Site {
         }
     }
 
-    /// Whether a fused kernel exists for this site (on the CPU and CUDA).
-    pub const fn has_fused_path(self) -> bool {
-        matches!(self, Site::AddRmsNorm)
+    /// Whether `backend` has a fused kernel for this site (CUDA: every
+    /// site; the CPU: `add_rms_norm`, the others run the graph path).
+    pub const fn has_fused_path(self, backend: BackendKind) -> bool {
+        match backend {
+            BackendKind::Cuda => true,
+            BackendKind::Cpu => matches!(self, Site::AddRmsNorm),
+        }
     }
 
     pub fn parse(s: &str) -> Result<Site> {
@@ -151,6 +155,8 @@ pub struct FusionPolicy {
     /// Run-time overrides per site (0 none, 1 off, 2 on), for A/B runs that
     /// switch a site between decode steps of one process.
     overrides: [AtomicU8; SITES.len()],
+    /// Every site on the graph path for now (the parity check's reference pass).
+    graph_only: std::sync::atomic::AtomicBool,
 }
 
 fn site_index(site: Site) -> usize {
@@ -214,7 +220,7 @@ impl FusionPolicy {
             }
             decisions.push(d);
         }
-        Ok(FusionPolicy { backend, decisions, overrides: Default::default() })
+        Ok(FusionPolicy { backend, decisions, overrides: Default::default(), graph_only: Default::default() })
     }
 
     pub fn decision(&self, site: Site) -> &Decision {
@@ -222,6 +228,9 @@ impl FusionPolicy {
     }
 
     pub fn is_on(&self, site: Site) -> bool {
+        if self.graph_only.load(Ordering::Relaxed) {
+            return false;
+        }
         match self.overrides[site_index(site)].load(Ordering::Relaxed) {
             1 => false,
             2 => true,
@@ -240,10 +249,23 @@ impl FusionPolicy {
         self.overrides[site_index(site)].store(v, Ordering::Relaxed);
     }
 
+    /// Run every site on the graph path while `on` (overrides and decisions
+    /// are kept for when it is switched back).
+    pub fn force_graph(&self, on: bool) {
+        self.graph_only.store(on, Ordering::Relaxed);
+    }
+
     /// One bit per site that is on (a device backend keys captured graphs on it).
     pub fn bits(&self) -> u64 {
         SITES.iter().enumerate().filter(|(_, &s)| self.is_on(s)).map(|(i, _)| 1u64 << i).sum()
     }
+}
+
+/// `FUSEBOX_FUSED_PARITY_CHECK=1`: run every decode step on the graph path
+/// too and report the worst difference (a diagnostic; slow).
+pub fn parity_check() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("FUSEBOX_FUSED_PARITY_CHECK").is_ok_and(|v| parse_switch("", &v).unwrap_or(false)))
 }
 
 /// Read a tuned file: `{"device": "...", "sites": {"<site>": {"on": bool, "reason": "..."}}}`.

@@ -16,7 +16,9 @@ fn every_kernel_starts_with_the_prologue() {
             let after = &rest[i..];
             let name = after.split('(').next().unwrap_or("").split_whitespace().last().unwrap_or("?").to_string();
             let brace = after.find('{').expect("kernel body");
-            if !after[brace + 1..].trim_start().starts_with("FB_PROLOGUE();") {
+            // (inside a macro the body may start on the next line, after a backslash)
+            let body = after[brace + 1..].trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+            if !body.starts_with("FB_PROLOGUE();") {
                 missing.push(format!("{file}: {name}"));
             }
             rest = &after[brace..];

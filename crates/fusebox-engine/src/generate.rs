@@ -94,6 +94,31 @@ pub struct Session<'m> {
     sampler: DeviceSampler,
     /// Names this session's buffers in graph keys.
     id: u64,
+    /// `FUSEBOX_FUSED_PARITY_CHECK`: steps checked and the worst relative RMS
+    /// of fused against graph-path logits.
+    parity: Option<ParityCheck>,
+}
+
+/// The fused-path diagnostic: every decode step also runs on the graph path.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ParityCheck {
+    pub steps: usize,
+    pub worst_rms: f64,
+    /// The decode step (0-based) where the worst RMS was seen.
+    pub worst_step: usize,
+}
+
+impl ParityCheck {
+    /// One line for stderr.
+    pub fn report(&self) -> String {
+        format!(
+            "fusebox: parity check (FUSEBOX_FUSED_PARITY_CHECK): {} decode steps, fused vs graph path worst relative RMS {:.3e} (step {}){}",
+            self.steps,
+            self.worst_rms,
+            self.worst_step,
+            if self.worst_rms < 5e-3 { "" } else { " -- above the 5e-3 gate" }
+        )
+    }
 }
 
 /// The sampling op's device buffers, and what the host knows of them.
@@ -145,6 +170,7 @@ impl<'m> Session<'m> {
             tokens: Vec::with_capacity(capacity),
             sampler,
             id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+            parity: fusebox_core::fusion::parity_check().then(ParityCheck::default),
         })
     }
 
@@ -231,13 +257,52 @@ impl<'m> Session<'m> {
         Ok(&mut self.logits)
     }
 
-    /// Decode one token; returns the logits after it. Allocates nothing.
+    /// The `FUSEBOX_FUSED_PARITY_CHECK` result so far (None when it is off).
+    pub fn parity(&self) -> Option<ParityCheck> {
+        self.parity
+    }
+
+    /// The parity check's reference: the decode step on the graph path
+    /// (it writes the same KV row the real step then overwrites).
+    fn parity_reference(&mut self) -> Result<Option<Vec<f32>>> {
+        if self.parity.is_none() {
+            return Ok(None);
+        }
+        let (model, be, ws, kv) = (self.model, self.be, &mut self.decode_ws, &mut self.kv.layers);
+        be.force_graph_path(true);
+        let r = be.run(&mut || model.forward(be, ws, kv));
+        be.force_graph_path(false);
+        r?;
+        let mut v = vec![];
+        be.read_f32(&ws.logits, &mut v)?;
+        Ok(Some(v))
+    }
+
+    fn parity_compare(&mut self, reference: Option<Vec<f32>>) -> Result<()> {
+        let (Some(r), Some(p)) = (reference, self.parity.as_mut()) else { return Ok(()) };
+        let mut f = vec![];
+        self.be.read_f32(&self.decode_ws.logits, &mut f)?;
+        let num: f64 = f.iter().zip(&r).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = r.iter().map(|b| (*b as f64).powi(2)).sum();
+        let e = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+        if e > p.worst_rms || p.steps == 0 {
+            p.worst_rms = e;
+            p.worst_step = p.steps;
+        }
+        p.steps += 1;
+        Ok(())
+    }
+
+    /// Decode one token; returns the logits after it. Allocates nothing
+    /// (unless `FUSEBOX_FUSED_PARITY_CHECK` is on).
     pub fn step(&mut self, id: u32) -> Result<&mut [f32]> {
         self.check_room(1)?;
         self.decode_ws.set_tokens(self.be, &[id], self.kv.len)?;
+        let reference = self.parity_reference()?;
         let key = self.graph_key(PASS_STEP);
         let (model, be, ws, kv) = (self.model, self.be, &mut self.decode_ws, &mut self.kv.layers);
         be.run_graph(key, &mut || model.forward(be, ws, kv))?;
+        self.parity_compare(reference)?;
         self.kv.len += 1;
         self.tokens.push(id);
         self.sampler.pending = None;
@@ -305,12 +370,14 @@ impl<'m> Session<'m> {
             self.write_history(Some(id))?;
         }
         self.decode_ws.set_tokens(self.be, &[id], self.kv.len)?;
+        let reference = self.parity_reference()?;
         let key = self.graph_key(PASS_DECODE);
         let (model, be, ws, kv, s) = (self.model, self.be, &mut self.decode_ws, &mut self.kv.layers, &mut self.sampler);
         be.run_graph(key, &mut || {
             model.forward(be, ws, kv)?;
             be.sample(&ws.logits, &s.params, &mut s.history, &mut s.state, &mut s.token)
         })?;
+        self.parity_compare(reference)?;
         self.kv.len += 1;
         self.tokens.push(id);
         self.take_token()

@@ -4,6 +4,6 @@ pub mod generate;
 pub mod kv_cache;
 pub mod sampling;
 
-pub use generate::{GenerateOptions, GenerateOutput, Session, StopReason};
+pub use generate::{GenerateOptions, GenerateOutput, ParityCheck, Session, StopReason};
 pub use kv_cache::KvCache;
 pub use sampling::{Sampler, SamplingParams};

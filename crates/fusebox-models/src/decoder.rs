@@ -7,6 +7,7 @@
 //! single-token decode and reuses it every step, so decode allocates nothing.
 
 use anyhow::{bail, ensure, Result};
+use fusebox_core::backend::{attn_inputs_graph, moe_experts_graph, AttnBufs, AttnIn, MoeBufs, MoeIn};
 use fusebox_core::fusion::Site;
 use fusebox_core::{rope, Backend, DType, LayerKv, Tensor, Weight};
 
@@ -44,6 +45,33 @@ pub struct Layer {
     pub k_norm: Option<Tensor>,
     pub mlp_norm: Tensor,
     pub mlp: Mlp,
+}
+
+/// Which fused paths one forward pass takes: the backend's policy
+/// ([`Backend::fused`]) for the sites that apply. Every site is a
+/// single-token decode site; prefill (m > 1) takes the graph path.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fused {
+    pub qkv: bool,
+    pub rope_kv_append: bool,
+    pub moe: bool,
+    pub add_rms_norm: bool,
+}
+
+impl Fused {
+    pub fn of(be: &dyn Backend, m: usize) -> Fused {
+        if m != 1 {
+            return Fused::default();
+        }
+        let qkv = be.fused(Site::QkNorm);
+        Fused {
+            qkv,
+            // subsumed by qk_norm when both are on
+            rope_kv_append: !qkv && be.fused(Site::RopeKvAppend),
+            moe: be.fused(Site::Moe),
+            add_rms_norm: be.fused(Site::AddRmsNorm),
+        }
+    }
 }
 
 /// A loaded decoder: configuration plus weights on one backend.
@@ -303,7 +331,8 @@ impl Decoder {
         let eps = c.rms_norm_eps;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         be.embedding(&self.embed, &ws.ids, &mut ws.x)?;
-        let fuse_add_norm = be.fused(Site::AddRmsNorm);
+        let fuse = Fused::of(be, ws.m);
+        let fuse_add_norm = fuse.add_rms_norm;
         // x += y, then h = rms_norm(x): fused (one kernel) or the graph path
         let add_norm = |x: &mut Tensor, y: &Tensor, w: &Tensor, h: &mut Tensor| -> Result<()> {
             if fuse_add_norm {
@@ -319,27 +348,30 @@ impl Decoder {
             if i == 0 {
                 be.rms_norm(&ws.x, &layer.attn_norm, eps, &mut ws.h)?;
             }
-            be.matmul(&ws.h, &layer.wq, &mut ws.q_raw)?;
-            be.matmul(&ws.h, &layer.wk, &mut ws.k_raw)?;
-            be.matmul(&ws.h, &layer.wv, &mut ws.v)?;
-            let q = match &layer.q_norm {
-                Some(w) => {
-                    be.rms_norm(&ws.q_raw, w, eps, &mut ws.q)?;
-                    &mut ws.q
-                }
-                None => &mut ws.q_raw,
+            let a = AttnIn {
+                wq: &layer.wq,
+                wk: &layer.wk,
+                wv: &layer.wv,
+                q_norm: layer.q_norm.as_ref(),
+                k_norm: layer.k_norm.as_ref(),
+                eps,
+                positions: &ws.positions,
+                inv_freq: &self.inv_freq,
+                style: c.rope_style,
             };
-            let k = match &layer.k_norm {
-                Some(w) => {
-                    be.rms_norm(&ws.k_raw, w, eps, &mut ws.k)?;
-                    &mut ws.k
-                }
-                None => &mut ws.k_raw,
+            let mut b = AttnBufs {
+                q_raw: &mut ws.q_raw,
+                k_raw: &mut ws.k_raw,
+                v: &mut ws.v,
+                q: &mut ws.q,
+                k: &mut ws.k,
             };
-            be.rope(q, &ws.positions, &self.inv_freq, c.rope_style)?;
-            be.rope(k, &ws.positions, &self.inv_freq, c.rope_style)?;
-            be.kv_write(k, &ws.v, &ws.positions, cache)?;
-            be.attention(q, cache, &ws.positions, scale, &mut ws.attn)?;
+            if fuse.qkv {
+                be.qkv_rope(&ws.h, &a, &mut b, cache)?;
+            } else {
+                attn_inputs_graph(be, &ws.h, &a, &mut b, cache, fuse.rope_kv_append)?;
+            }
+            be.attention(&ws.q, cache, &ws.positions, scale, &mut ws.attn)?;
             be.matmul(&ws.attn, &layer.wo, &mut ws.o)?;
             // MLP block
             add_norm(&mut ws.x, &ws.o, &layer.mlp_norm, &mut ws.h)?;
@@ -353,11 +385,18 @@ impl Decoder {
                 Mlp::Moe { router, gate, up, down, renormalize, .. } => {
                     be.matmul(&ws.h, router, &mut ws.router_logits)?;
                     be.topk_router(&ws.router_logits, *renormalize, &mut ws.expert_ids, &mut ws.expert_w)?;
-                    be.expert_matmul(&ws.h, gate, &ws.expert_ids, &mut ws.moe_gate)?;
-                    be.expert_matmul(&ws.h, up, &ws.expert_ids, &mut ws.moe_up)?;
-                    be.silu_mul(&ws.moe_gate, &ws.moe_up, &mut ws.moe_act)?;
-                    be.expert_matmul(&ws.moe_act, down, &ws.expert_ids, &mut ws.moe_out)?;
-                    be.moe_combine(&ws.moe_out, &ws.expert_w, &mut ws.o)?;
+                    let e = MoeIn { gate, up, down, ids: &ws.expert_ids, weights: &ws.expert_w };
+                    let mut b = MoeBufs {
+                        gate: &mut ws.moe_gate,
+                        up: &mut ws.moe_up,
+                        act: &mut ws.moe_act,
+                        y: &mut ws.moe_out,
+                    };
+                    if fuse.moe {
+                        be.moe_experts(&ws.h, &e, &mut b, &mut ws.o)?;
+                    } else {
+                        moe_experts_graph(be, &ws.h, &e, &mut b, &mut ws.o)?;
+                    }
                 }
             }
             // the residual add, fused with the next layer's input norm

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
-use fusebox_core::fusion::{Site, SITES};
+use fusebox_core::fusion::{BackendKind, Site, SITES};
 use fusebox_core::Backend;
 use fusebox_engine::{GenerateOptions, SamplingParams, Session};
 use fusebox_models::synthetic::{self, Quant, SyntheticSource};
@@ -65,7 +65,7 @@ pub struct Args {
     pub threads: usize,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
@@ -75,14 +75,14 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-fn slug(s: &str) -> String {
+pub(crate) fn slug(s: &str) -> String {
     let s: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' }).collect();
     s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-")
 }
 
 /// The commit: `FUSEBOX_COMMIT` if set (a copied tree whose .git is stale),
 /// else `git rev-parse --short HEAD`.
-fn git_commit() -> String {
+pub(crate) fn git_commit() -> String {
     if let Ok(c) = std::env::var("FUSEBOX_COMMIT") {
         return c;
     }
@@ -93,6 +93,19 @@ fn git_commit() -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// A deterministic random prompt of `n` token ids below `vocab`.
+pub(crate) fn random_prompt(n: usize, vocab: usize) -> Vec<u32> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -132,16 +145,7 @@ pub fn run(a: Args) -> Result<()> {
     let bytes = weight_bytes + kv_bytes;
     let roofline = bw / bytes as f64;
 
-    // deterministic random prompt
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    let prompt: Vec<u32> = (0..a.prompt_len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % cfg.vocab_size as u64) as u32
-        })
-        .collect();
+    let prompt = random_prompt(a.prompt_len, cfg.vocab_size);
     let opts = GenerateOptions { max_new_tokens: a.gen, stop_ids: vec![], sampling: SamplingParams::greedy() };
     let mut session = Session::new(decoder, be, ctx)?;
     eprintln!("fusebox: warm-up...");
@@ -153,8 +157,11 @@ pub fn run(a: Args) -> Result<()> {
     if let Some((ab, sites)) = ab {
         let ctx = AbRun { be, opts: &opts, prompt: &prompt, rounds: a.rounds };
         let mut rows = vec![];
-        for site in sites {
-            rows.push(ctx.run(&mut session, site)?);
+        for &site in &sites {
+            rows.push(ctx.run(&mut session, &[site], site.name())?);
+        }
+        if sites.len() > 1 {
+            rows.push(ctx.run(&mut session, &sites, "all")?);
         }
         let device = be.device_name();
         let commit = git_commit();
@@ -247,42 +254,41 @@ fn ab_sites(ab: &str, be: &dyn Backend, cfg: &fusebox_models::ModelConfig) -> Re
     if be.fusion_policy().is_none() {
         bail!("--ab: {} has no fused paths", be.name());
     }
-    let applies = |s: Site| match s {
-        Site::QkNorm => cfg.qk_norm,
-        Site::Moe => cfg.moe.is_some(),
-        Site::AddRmsNorm => true,
-        Site::RopeKvAppend => !cfg.qk_norm,
-    };
+    let kind = be.fusion_policy().map(|p| p.backend).unwrap_or(BackendKind::Cpu);
     if ab == "all" {
-        let v: Vec<Site> = SITES.iter().copied().filter(|&s| s.has_fused_path() && applies(s)).collect();
+        let v: Vec<Site> =
+            SITES.iter().copied().filter(|&s| s.has_fused_path(kind) && cfg.has_site(s)).collect();
         if v.is_empty() {
             bail!("--ab all: no site with a fused kernel applies to this model");
         }
         return Ok(v);
     }
     let site = Site::parse(ab)?;
-    if !site.has_fused_path() {
-        bail!("--ab {ab}: there is no fused kernel for this site yet");
+    if !site.has_fused_path(kind) {
+        bail!("--ab {ab}: {} has no fused path for this site", be.name());
     }
-    if !applies(site) {
+    if !cfg.has_site(site) {
         bail!("--ab {ab}: the site does not occur in this model");
     }
     Ok(vec![site])
 }
 
-/// One interleaved A/B: the same session and prompt, fused and graph decode
-/// alternating round by round.
-struct AbRun<'a> {
-    be: &'a dyn Backend,
-    opts: &'a GenerateOptions,
-    prompt: &'a [u32],
-    rounds: usize,
+/// One interleaved A/B: the same session and prompt, decode with `sites`
+/// fused (every other site on the graph path) and decode with every site on
+/// the graph path, alternating round by round.
+pub(crate) struct AbRun<'a> {
+    pub be: &'a dyn Backend,
+    pub opts: &'a GenerateOptions,
+    pub prompt: &'a [u32],
+    pub rounds: usize,
 }
 
 impl AbRun<'_> {
-    fn run(&self, session: &mut Session, site: Site) -> Result<serde_json::Value> {
+    pub fn run(&self, session: &mut Session, sites: &[Site], label: &str) -> Result<serde_json::Value> {
         let decode = |session: &mut Session, on: bool| -> Result<f64> {
-            self.be.set_fused(site, on);
+            for s in SITES {
+                self.be.set_fused(s, on && sites.contains(&s));
+            }
             session.reset();
             Ok(session.generate(self.prompt, self.opts, |_| Ok(true))?.decode_tok_s())
         };
@@ -293,21 +299,21 @@ impl AbRun<'_> {
         for r in 0..self.rounds.max(1) {
             let f = decode(session, true)?;
             let g = decode(session, false)?;
-            eprintln!("  {} round {}: fused {f:.1} tok/s, graph {g:.1} tok/s, ratio {:.3}", site.name(), r + 1, f / g);
+            eprintln!("  {label} round {}: fused {f:.1} tok/s, graph {g:.1} tok/s, ratio {:.3}", r + 1, f / g);
             fused.push(f);
             graph.push(g);
             ratio.push(f / g);
         }
         if let Some(p) = self.be.fusion_policy() {
-            p.override_site(site, None);
+            for s in SITES {
+                p.override_site(s, None);
+            }
         }
         let stats = |v: &[f64]| {
             let mut s = v.to_vec();
             let (lo, hi) = (s.iter().copied().fold(f64::MAX, f64::min), s.iter().copied().fold(0.0, f64::max));
             json!({"median": median(&mut s), "min": lo, "max": hi, "runs": v})
         };
-        Ok(
-            json!({"site": site.name(), "fused_tok_s": stats(&fused), "graph_tok_s": stats(&graph), "ratio": stats(&ratio)}),
-        )
+        Ok(json!({"site": label, "fused_tok_s": stats(&fused), "graph_tok_s": stats(&graph), "ratio": stats(&ratio)}))
     }
 }

@@ -109,6 +109,9 @@ pub fn run(a: Args) -> Result<()> {
         Ok(true)
     })?;
     let text = model.tokenizer.decode(&out.tokens, true)?;
+    if let Some(p) = session.parity() {
+        eprintln!("{}", p.report());
+    }
     if json {
         let v = json!({
             "model": model.path.display().to_string(),

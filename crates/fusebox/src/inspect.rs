@@ -55,12 +55,7 @@ pub fn run(a: Args) -> Result<()> {
     let sites: Vec<(Site, bool, bool, String)> = SITES
         .iter()
         .map(|&site| {
-            let applies = match site {
-                Site::QkNorm => c.qk_norm,
-                Site::Moe => c.moe.is_some(),
-                Site::AddRmsNorm => true,
-                Site::RopeKvAppend => !c.qk_norm,
-            };
+            let applies = c.has_site(site);
             let (on, why) = match be.fusion_policy().map(|p| p.decision(site)) {
                 Some(d) => {
                     let from = match &d.source {

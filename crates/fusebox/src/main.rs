@@ -6,6 +6,7 @@ mod generate;
 mod inspect;
 mod quantize;
 mod run;
+mod tune;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Measure prefill and decode speed against the memory roofline.
     Bench(bench::Args),
+    /// A/B every fused decode site on this GPU and write its fusion policy file.
+    Tune(tune::Args),
     /// Quantize a Hugging Face model to an MLX affine checkpoint (like `mlx_lm.convert -q`).
     Quantize(quantize::Args),
 }
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Tune(a) => tune::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -140,6 +140,9 @@ pub fn run(a: Args) -> Result<()> {
         }
         writeln!(out)?;
         let reply = model.tokenizer.decode(&res.tokens, true)?;
+        if let Some(p) = session.parity() {
+            eprintln!("{}", p.report());
+        }
         history.push(Message::new("assistant", &reply));
         eprintln!(
             "[{} new prompt tokens, {:.1} tok/s | {} tokens, {:.1} tok/s{}]",

@@ -333,7 +333,7 @@ impl CudaBackend {
 
 /// The cache is bf16 (the fast kernels) or, with `FUSEBOX_KV_DTYPE=f32`, f32
 /// (plain kernels, exact against the CPU); keys and values alike.
-fn check_cache_dtype(cache: &LayerKv, op: &str) -> Result<()> {
+pub(super) fn check_cache_dtype(cache: &LayerKv, op: &str) -> Result<()> {
     let (k, v) = (cache.k.dtype(), cache.v.dtype());
     ensure!(
         k == v && matches!(k, DType::BF16 | DType::F32),

@@ -15,7 +15,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 
 /// Shared headers, spliced in where a source says `#include "name"`.
-const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../../kernels/common.cuh"))];
+const HEADERS: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../../kernels/common.cuh")),
+    ("gemv.cuh", include_str!("../../kernels/gemv.cuh")),
+];
 
 /// The kernel files, one per op family.
 pub const SOURCES: &[(&str, &str)] = &[
@@ -25,6 +28,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("moe.cu", include_str!("../../kernels/moe.cu")),
     ("sample.cu", include_str!("../../kernels/sample.cu")),
+    ("fused.cu", include_str!("../../kernels/fused.cu")),
 ];
 
 /// NVRTC options shared by every file (the architecture is added per device).

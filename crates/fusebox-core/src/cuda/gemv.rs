@@ -132,23 +132,39 @@ fn ksplit_override() -> Option<usize> {
     })
 }
 
+/// How one GEMV launch is laid out ([`CudaBackend::plan_gemv`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Plan {
+    pub name: &'static str,
+    /// The vector kernels (else the scalar fallback for unaligned dense rows).
+    pub vector: bool,
+    /// Output rows per warp and row group.
+    pub rows_per_warp: usize,
+    pub blocks: usize,
+    pub gy: usize,
+    pub ks: usize,
+    pub kw: usize,
+    pub gw: usize,
+    pub smem: usize,
+}
+
 /// A device weight as the kernels see it.
-struct Dev {
+pub(super) struct Dev {
     /// Index into [`GEMV`].
-    fmt: usize,
-    w: u64,
-    sc: u64,
-    bi: u64,
-    bits: u32,
-    gs: usize,
-    sdt: i32,
-    experts: usize,
-    n: usize,
-    k: usize,
+    pub fmt: usize,
+    pub w: u64,
+    pub sc: u64,
+    pub bi: u64,
+    pub bits: u32,
+    pub gs: usize,
+    pub sdt: i32,
+    pub experts: usize,
+    pub n: usize,
+    pub k: usize,
 }
 
 impl Dev {
-    fn of(w: &Weight, op: &str) -> Result<Dev> {
+    pub fn of(w: &Weight, op: &str) -> Result<Dev> {
         let (experts, n, k) = w.dims();
         ensure!(experts > 0 && n > 0 && k > 0, "cuda {op}: empty weight {:?}", w.dims());
         ensure!(n < i32::MAX as usize && k < i32::MAX as usize, "cuda {op}: weight {:?} is too large", w.dims());
@@ -224,17 +240,17 @@ impl Dev {
         }
     }
 
-    fn affine(&self) -> bool {
+    pub fn affine(&self) -> bool {
         self.fmt >= 3
     }
 
     /// Bytes from one expert to the next.
-    fn w_estride(&self) -> u64 {
+    pub fn w_estride(&self) -> u64 {
         (self.n * self.k * self.bits as usize / 8) as u64
     }
 
     /// Scale elements from one expert to the next.
-    fn sb_estride(&self) -> u64 {
+    pub fn sb_estride(&self) -> u64 {
         if self.affine() {
             (self.n * (self.k / self.gs)) as u64
         } else {
@@ -418,10 +434,11 @@ impl CudaBackend {
         }
     }
 
-    /// `out[p + r] = w[ids[p]] @ x[p / x_div + r]` for pairs `p < pairs` and
-    /// rows `r < m` (m > 1 only with one pair); `ids == 0` means expert 0.
-    #[allow(clippy::too_many_arguments)]
-    fn launch_gemv(&self, d: &Dev, x: u64, out: u64, m: usize, ids: u64, pairs: usize, x_div: usize) -> Result<()> {
+    /// How a GEMV of `d` over `m` input rows and `pairs` (expert, row) pairs
+    /// is launched: the kernel, the grid, the k split, the row groups per
+    /// warp, the x window and the shared memory. The fused kernels (fused.rs)
+    /// use the same plan, so their products equal the stand-alone ones.
+    pub(super) fn plan_gemv(&self, d: &Dev, x: u64, m: usize, pairs: usize) -> Result<Plan> {
         ensure!((1..=MAX_GEMV_ROWS).contains(&m), "cuda gemv: {m} input rows (1 to {MAX_GEMV_ROWS})");
         ensure!(pairs < i32::MAX as usize, "cuda expert_matmul: {pairs} (row, slot) pairs");
         let (n, k) = (d.n, d.k);
@@ -468,9 +485,14 @@ impl CudaBackend {
             ensure!(!d.affine(), "cuda matmul: input rows at {x:#x} are not 16-byte aligned");
             (GEMV_SCALAR[d.fmt], n.div_ceil(WARPS), 1, 0, 1, 0)
         };
+        Ok(Plan { name, vector, rows_per_warp: sh.r, blocks, gy, ks, kw, gw, smem })
+    }
+
+    /// Let `name` use `smem` bytes of dynamic shared memory (over 48 KB
+    /// with the static part needs the kernel's consent).
+    pub(super) fn allow_smem(&self, file: &'static str, name: &'static str, smem: usize) -> Result<()> {
         if smem > 40 << 10 {
-            // dynamic plus static shared memory over 48 KB needs the kernel's consent
-            let f = self.func(FILE, name)?;
+            let f = self.func(file, name)?;
             // SAFETY: a live function handle; the value is within the device's limit.
             unsafe {
                 drv::function::set_function_attribute(
@@ -481,6 +503,17 @@ impl CudaBackend {
             }
             .map_err(|e| anyhow!("cuda gemv: {name} with {smem} bytes of shared memory: {e:?}"))?;
         }
+        Ok(())
+    }
+
+    /// `out[p + r] = w[ids[p]] @ x[p / x_div + r]` for pairs `p < pairs` and
+    /// rows `r < m` (m > 1 only with one pair); `ids == 0` means expert 0.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_gemv(&self, d: &Dev, x: u64, out: u64, m: usize, ids: u64, pairs: usize, x_div: usize) -> Result<()> {
+        let Plan { name, blocks, gy, ks, kw, gw, smem, .. } = self.plan_gemv(d, x, m, pairs)?;
+        let n = d.n;
+        let k = d.k;
+        self.allow_smem(FILE, name, smem)?;
         let dims = ((blocks.min(1 << 30) as u32, gy as u32, 1), (THREADS, 1, 1), smem as u32);
         self.launch(
             FILE,

@@ -17,6 +17,7 @@
 
 mod attn;
 pub mod compile;
+mod fused;
 mod gemv;
 pub mod libs;
 mod moe_sample;
@@ -560,6 +561,32 @@ impl Backend for CudaBackend {
     }
     fn attention(&self, q: &Tensor, cache: &LayerKv, positions: &Tensor, scale: f32, out: &mut Tensor) -> Result<()> {
         self.attention_impl(q, cache, positions, scale, out)
+    }
+    fn qkv_rope(
+        &self,
+        h: &Tensor,
+        a: &crate::backend::AttnIn,
+        b: &mut crate::backend::AttnBufs,
+        cache: &mut LayerKv,
+    ) -> Result<()> {
+        self.qkv_rope_impl(h, a, b, cache)
+    }
+    fn rope_kv_append(
+        &self,
+        a: &crate::backend::AttnIn,
+        b: &mut crate::backend::AttnBufs,
+        cache: &mut LayerKv,
+    ) -> Result<()> {
+        self.rope_kv_append_impl(a, b, cache)
+    }
+    fn moe_experts(
+        &self,
+        h: &Tensor,
+        e: &crate::backend::MoeIn,
+        b: &mut crate::backend::MoeBufs,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        self.moe_experts_impl(h, e, b, out)
     }
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
         self.silu_mul_impl(gate, up, out)

@@ -1,0 +1,343 @@
+//! The fused decode kernels (`fused.cu`): sites `qk_norm`, `rope_kv_append`
+//! and `moe`. Each launcher checks that its kernel covers the call (one
+//! token, GEMV-able weight formats, head_dim <= 256, ...) and otherwise runs
+//! the graph path, so a fused site switched on never changes what is
+//! computed, only how many kernels compute it.
+//!
+//! The GEMV parts are planned by [`CudaBackend::plan_gemv`] exactly as the
+//! graph path's stand-alone launches, and the epilogues repeat the graph
+//! path's formulas in the same order: fused and graph results are bitwise
+//! equal (tests/cuda_fused.rs checks it).
+
+use std::sync::OnceLock;
+
+use anyhow::{ensure, Result};
+
+use super::attn::check_cache_dtype;
+use super::gemv::{Dev, Plan};
+use super::{Arg, CudaBackend};
+use crate::backend::{attn_inputs_graph, moe_experts_graph, norm_rope_append_graph, AttnBufs, AttnIn, MoeBufs, MoeIn};
+use crate::dtype::DType;
+use crate::kv::LayerKv;
+use crate::rope::RopeStyle;
+use crate::tensor::Tensor;
+
+const FILE: &str = "fused.cu";
+const THREADS: u32 = 256;
+/// Scratch slot of the completion counters (zeroed at allocation; every
+/// fused kernel leaves them zero).
+const COUNTER_SLOT: usize = 6;
+const COUNTERS: usize = 1 << 16;
+
+/// Kernel names by GEMV format (the order of `GEMV` in gemv.rs).
+const QKV: [&str; 10] = [
+    "fused_qkv_f32",
+    "fused_qkv_f16",
+    "fused_qkv_bf16",
+    "fused_qkv_q2",
+    "fused_qkv_q3",
+    "fused_qkv_q4",
+    "fused_qkv_q5",
+    "fused_qkv_q6",
+    "fused_qkv_q8",
+    "fused_qkv_q6g16",
+];
+const MOE_GATEUP: [&str; 10] = [
+    "fused_moe_gateup_f32",
+    "fused_moe_gateup_f16",
+    "fused_moe_gateup_bf16",
+    "fused_moe_gateup_q2",
+    "fused_moe_gateup_q3",
+    "fused_moe_gateup_q4",
+    "fused_moe_gateup_q5",
+    "fused_moe_gateup_q6",
+    "fused_moe_gateup_q8",
+    "fused_moe_gateup_q6g16",
+];
+const MOE_DOWN: [&str; 10] = [
+    "fused_moe_down_f32",
+    "fused_moe_down_f16",
+    "fused_moe_down_bf16",
+    "fused_moe_down_q2",
+    "fused_moe_down_q3",
+    "fused_moe_down_q4",
+    "fused_moe_down_q5",
+    "fused_moe_down_q6",
+    "fused_moe_down_q8",
+    "fused_moe_down_q6g16",
+];
+
+/// The widest expert MLP the fused MoE path takes
+/// (`FUSEBOX_FUSED_MOE_MAX_DFF`); wider experts take the graph path.
+pub fn moe_max_dff() -> usize {
+    static V: OnceLock<usize> = OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("FUSEBOX_FUSED_MOE_MAX_DFF").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(DEFAULT_MOE_MAX_DFF)
+    })
+}
+/// The default of [`moe_max_dff`]: the widest expert width measured
+/// (Qwen3-30B-A3B's 768 and a synthetic 1536; docs/benchmark_results).
+pub const DEFAULT_MOE_MAX_DFF: usize = 1536;
+
+/// Output rows one block of a plan covers.
+fn rows_per_block(p: &Plan) -> usize {
+    (8 / p.ks) * p.gw * p.rows_per_warp
+}
+
+fn style_tag(s: RopeStyle) -> i32 {
+    match s {
+        RopeStyle::Half => 0,
+        RopeStyle::Interleaved => 1,
+    }
+}
+
+/// The optional per-head norm weight as a pointer (0 for none), checked.
+fn norm_ptr(w: Option<&Tensor>, hd: usize, what: &str) -> Result<u64> {
+    match w {
+        None => Ok(0),
+        Some(t) => {
+            ensure!(
+                t.dtype() == DType::F32 && t.numel() == hd,
+                "cuda {what}: norm weight must be f32 [{hd}], got {} {:?}",
+                t.dtype(),
+                t.shape()
+            );
+            CudaBackend::ptr(t, what)
+        }
+    }
+}
+
+/// The shapes of one token's attention inputs, when a fused kernel covers them.
+struct Heads {
+    hd: usize,
+    nh: usize,
+    nkv: usize,
+    cap: usize,
+}
+
+fn heads(a: &AttnIn, b: &AttnBufs, cache: &LayerKv) -> Option<Heads> {
+    let cs = cache.k.shape();
+    if cs.len() != 3 || cache.v.shape() != cs || check_cache_dtype(cache, "fused").is_err() {
+        return None;
+    }
+    let (cap, nkv, hd) = (cs[0], cs[1], cs[2]);
+    let qs = b.q.shape();
+    let one_token = qs.len() == 3 && qs[0] == 1 && a.positions.numel() >= 1 && a.positions.dtype() == DType::I32;
+    let ok = one_token
+        && qs[2] == hd
+        && hd % 2 == 0
+        && hd <= 256
+        && cap <= i32::MAX as usize
+        && b.q_raw.numel() == b.q.numel()
+        && b.k_raw.numel() == nkv * hd
+        && b.v.numel() == nkv * hd
+        && a.inv_freq.numel() * 2 >= hd;
+    ok.then_some(Heads { hd, nh: qs[1], nkv, cap })
+}
+
+impl CudaBackend {
+    fn counters(&self) -> Result<u64> {
+        self.scratch(COUNTER_SLOT, COUNTERS * 4)
+    }
+
+    /// Site `qk_norm`: one launch for the three projections, norms, RoPE and
+    /// the KV append; the graph path where the kernel does not apply.
+    pub(crate) fn qkv_rope_impl(&self, h: &Tensor, a: &AttnIn, b: &mut AttnBufs, cache: &mut LayerKv) -> Result<()> {
+        if !self.qkv_fused(h, a, b, cache)? {
+            return attn_inputs_graph(self, h, a, b, cache, false);
+        }
+        Ok(())
+    }
+
+    /// Launch the fused QKV kernel if it covers the call (Ok(false) if not).
+    fn qkv_fused(&self, h: &Tensor, a: &AttnIn, b: &mut AttnBufs, cache: &mut LayerKv) -> Result<bool> {
+        let Some(Heads { hd, nh, nkv, cap }) = heads(a, b, cache) else { return Ok(false) };
+        let (Ok(dq), Ok(dk), Ok(dv)) = (Dev::of(a.wq, "qkv"), Dev::of(a.wk, "qkv"), Dev::of(a.wv, "qkv")) else {
+            return Ok(false);
+        };
+        let same = |x: &Dev, y: &Dev| x.fmt == y.fmt && x.gs == y.gs && x.sdt == y.sdt && x.k == y.k;
+        if !(same(&dq, &dk) && same(&dq, &dv) && dq.experts == 1 && dk.experts == 1 && dv.experts == 1)
+            || h.numel() != dq.k
+            || h.dtype() != DType::F32
+            || dq.n != nh * hd
+            || dk.n != nkv * hd
+            || dv.n != nkv * hd
+        {
+            return Ok(false);
+        }
+        let x = Self::ptr(h, "qkv")?;
+        let (pq, pk) = (self.plan_gemv(&dq, x, 1, 1)?, self.plan_gemv(&dk, x, 1, 1)?);
+        if !(pq.vector && pk.vector) || pq.kw != pk.kw || pq.smem != pk.smem || pq.smem < 8 * hd * 4 {
+            return Ok(false);
+        }
+        // a block completes at most 256 heads (its list in shared memory)
+        if rows_per_block(&pq).max(rows_per_block(&pk)) / hd + 2 > 256 || nh + nkv > COUNTERS {
+            return Ok(false);
+        }
+        let name = QKV[dq.fmt];
+        self.allow_smem(FILE, name, pq.smem)?;
+        let bf16 = cache.k.dtype() == DType::BF16;
+        let blocks = pq.blocks + 2 * pk.blocks;
+        let args = [
+            Arg::P(dq.w),
+            Arg::P(dq.sc),
+            Arg::P(dq.bi),
+            Arg::P(dk.w),
+            Arg::P(dk.sc),
+            Arg::P(dk.bi),
+            Arg::P(dv.w),
+            Arg::P(dv.sc),
+            Arg::P(dv.bi),
+            Arg::P(x),
+            Arg::I(dq.k as i32),
+            Arg::I(dq.gs.max(1) as i32),
+            Arg::I(dq.sdt),
+            Arg::I(pq.kw as i32),
+            Arg::I(pq.smem as i32),
+            Arg::I(dq.n as i32),
+            Arg::I(dk.n as i32),
+            Arg::I(pq.blocks as i32),
+            Arg::I(pk.blocks as i32),
+            Arg::I(pq.ks as i32),
+            Arg::I(pk.ks as i32),
+            Arg::I(pq.gw as i32),
+            Arg::I(pk.gw as i32),
+            Arg::P(Self::ptr(b.q_raw, "qkv")?),
+            Arg::P(Self::ptr(b.k_raw, "qkv")?),
+            Arg::P(Self::ptr(b.q, "qkv")?),
+            Arg::P(Self::ptr(&cache.k, "qkv")?),
+            Arg::P(Self::ptr(&cache.v, "qkv")?),
+            Arg::I(bf16 as i32),
+            Arg::I(cap as i32),
+            Arg::P(norm_ptr(a.q_norm, hd, "qkv")?),
+            Arg::P(norm_ptr(a.k_norm, hd, "qkv")?),
+            Arg::F(a.eps),
+            Arg::P(Self::ptr(a.positions, "qkv")?),
+            Arg::P(Self::ptr(a.inv_freq, "qkv")?),
+            Arg::I(style_tag(a.style)),
+            Arg::I(hd as i32),
+            Arg::P(self.counters()?),
+        ];
+        self.launch(FILE, name, ((blocks as u32, 1, 1), (THREADS, 1, 1), pq.smem as u32), &args)?;
+        Ok(true)
+    }
+
+    /// Site `rope_kv_append`: norms, RoPE and the KV append of one token in
+    /// one launch; the graph path where the kernel does not apply.
+    pub(crate) fn rope_kv_append_impl(&self, a: &AttnIn, b: &mut AttnBufs, cache: &mut LayerKv) -> Result<()> {
+        let Some(Heads { hd, nh, nkv, cap }) = heads(a, b, cache) else {
+            return norm_rope_append_graph(self, a, b, cache, true);
+        };
+        let bf16 = cache.k.dtype() == DType::BF16;
+        let args = [
+            Arg::P(Self::ptr(b.q_raw, "rope_kv_append")?),
+            Arg::P(Self::ptr(b.k_raw, "rope_kv_append")?),
+            Arg::P(Self::ptr(b.v, "rope_kv_append")?),
+            Arg::P(norm_ptr(a.q_norm, hd, "rope_kv_append")?),
+            Arg::P(norm_ptr(a.k_norm, hd, "rope_kv_append")?),
+            Arg::F(a.eps),
+            Arg::P(Self::ptr(a.positions, "rope_kv_append")?),
+            Arg::P(Self::ptr(a.inv_freq, "rope_kv_append")?),
+            Arg::I(style_tag(a.style)),
+            Arg::I(hd as i32),
+            Arg::I(nh as i32),
+            Arg::I(nkv as i32),
+            Arg::I(cap as i32),
+            Arg::P(Self::ptr(b.q, "rope_kv_append")?),
+            Arg::P(Self::ptr(&cache.k, "rope_kv_append")?),
+            Arg::P(Self::ptr(&cache.v, "rope_kv_append")?),
+            Arg::I(bf16 as i32),
+        ];
+        let blocks = (nh + 2 * nkv).div_ceil(8) as u32;
+        self.launch(FILE, "rope_kv_append", ((blocks, 1, 1), (THREADS, 1, 1), 0), &args)
+    }
+
+    /// Site `moe`: two launches (gate/up + SwiGLU; down x router weight,
+    /// summed); the graph path where the kernels do not apply.
+    pub(crate) fn moe_experts_impl(&self, h: &Tensor, e: &MoeIn, b: &mut MoeBufs, out: &mut Tensor) -> Result<()> {
+        if !self.moe_fused(h, e, b, out)? {
+            return moe_experts_graph(self, h, e, b, out);
+        }
+        Ok(())
+    }
+
+    fn moe_fused(&self, h: &Tensor, e: &MoeIn, b: &mut MoeBufs, out: &mut Tensor) -> Result<bool> {
+        let ids = e.ids.shape();
+        if ids.len() != 2 || ids[0] != 1 || e.ids.dtype() != DType::I32 || e.weights.numel() != ids[1] {
+            return Ok(false);
+        }
+        let slots = ids[1];
+        let (Ok(dg), Ok(du), Ok(dd)) = (Dev::of(e.gate, "moe"), Dev::of(e.up, "moe"), Dev::of(e.down, "moe")) else {
+            return Ok(false);
+        };
+        let (d, ff) = (dg.k, dg.n);
+        let same = dg.fmt == du.fmt && dg.gs == du.gs && dg.sdt == du.sdt && (du.n, du.k) == (ff, d);
+        if !same
+            || dg.experts != du.experts
+            || (dd.n, dd.k) != (d, ff)
+            || ff > moe_max_dff()
+            || slots == 0
+            || h.numel() != d
+            || out.numel() != d
+            || b.gate.numel() != slots * ff
+            || b.up.numel() != slots * ff
+            || b.act.numel() != slots * ff
+            || b.y.numel() != slots * d
+            || e.weights.dtype() != DType::F32
+        {
+            return Ok(false);
+        }
+        let x = Self::ptr(h, "moe")?;
+        let act = Self::ptr(b.act, "moe")?;
+        let (pg, pd) = (self.plan_gemv(&dg, x, 1, slots)?, self.plan_gemv(&dd, act, 1, slots)?);
+        if !(pg.vector && pd.vector) || pg.gy != slots || pd.gy != slots {
+            return Ok(false);
+        }
+        if slots * pg.blocks > COUNTERS || pd.blocks > COUNTERS {
+            return Ok(false);
+        }
+        let cnt = self.counters()?;
+        let ids = Self::ptr(e.ids, "moe")?;
+        let common = |dv: &Dev, p: &Plan, x: u64| {
+            [
+                Arg::P(dv.sc),
+                Arg::P(dv.bi),
+                Arg::P(x),
+                Arg::P(ids),
+                Arg::I(dv.n as i32),
+                Arg::I(dv.k as i32),
+                Arg::I(dv.gs.max(1) as i32),
+                Arg::I(dv.sdt),
+                Arg::I(slots as i32),
+                Arg::I(dv.experts as i32),
+                Arg::L(dv.w_estride()),
+                Arg::L(dv.sb_estride()),
+                Arg::I(p.ks as i32),
+                Arg::I(p.kw as i32),
+                Arg::I(p.gw as i32),
+                Arg::I(p.smem as i32),
+                Arg::I(p.blocks as i32),
+                Arg::P(cnt),
+            ]
+        };
+        let name = MOE_GATEUP[dg.fmt];
+        self.allow_smem(FILE, name, pg.smem)?;
+        let mut args = vec![Arg::P(dg.w), Arg::P(du.w), Arg::P(du.sc), Arg::P(du.bi)];
+        args.extend(common(&dg, &pg, x));
+        args.extend([Arg::P(Self::ptr(b.gate, "moe")?), Arg::P(Self::ptr(b.up, "moe")?), Arg::P(act)]);
+        let dims = (((2 * pg.blocks) as u32, slots as u32, 1), (THREADS, 1, 1), pg.smem as u32);
+        self.launch(FILE, name, dims, &args)?;
+        let name = MOE_DOWN[dd.fmt];
+        self.allow_smem(FILE, name, pd.smem)?;
+        let mut args = vec![Arg::P(dd.w)];
+        args.extend(common(&dd, &pd, act));
+        args.extend([
+            Arg::P(Self::ptr(e.weights, "moe")?),
+            Arg::P(Self::ptr(b.y, "moe")?),
+            Arg::P(Self::ptr(out, "moe")?),
+        ]);
+        let dims = ((pd.blocks as u32, slots as u32, 1), (THREADS, 1, 1), pd.smem as u32);
+        self.launch(FILE, name, dims, &args)?;
+        Ok(true)
+    }
+}
