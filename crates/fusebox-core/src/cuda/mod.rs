@@ -69,6 +69,9 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo, String> {
     Ok(DeviceInfo { ordinal, name, compute_capability: (major, minor), memory_bytes })
 }
 
+/// The most arguments a kernel launch takes.
+const MAX_ARGS: usize = 48;
+
 /// A kernel argument: device pointers and scalars, passed by value.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Arg {
@@ -254,9 +257,9 @@ impl CudaBackend {
         if gx == 0 || gy == 0 || gz == 0 {
             return Ok(());
         }
-        ensure!(args.len() <= 24, "kernel {name}: too many arguments");
-        let mut slots = [0u64; 24];
-        let mut ptrs = [std::ptr::null_mut::<std::ffi::c_void>(); 24];
+        ensure!(args.len() <= MAX_ARGS, "kernel {name}: {} arguments (at most {MAX_ARGS})", args.len());
+        let mut slots = [0u64; MAX_ARGS];
+        let mut ptrs = [std::ptr::null_mut::<std::ffi::c_void>(); MAX_ARGS];
         for (i, a) in args.iter().enumerate() {
             slots[i] = match *a {
                 Arg::P(p) | Arg::L(p) => p,
