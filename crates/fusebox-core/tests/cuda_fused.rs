@@ -130,8 +130,8 @@ fn attn_weights(
 fn fused_attention_inputs_equal_the_graph_path() {
     let Some(be) = backend_for_tests() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(11);
-    // Qwen3-0.6B's attention shape with QK-norm; SmolLM2's without, interleaved RoPE too
-    let shapes = [((1024, 16, 8, 128), true, RopeStyle::Half), ((576, 9, 3, 64), false, RopeStyle::Interleaved)];
+    // Qwen3-0.6B's attention shape with QK-norm; a Llama-like one without, interleaved RoPE (640 = whole groups of 128)
+    let shapes = [((1024, 16, 8, 128), true, RopeStyle::Half), ((640, 10, 2, 64), false, RopeStyle::Interleaved)];
     let mut cases = 0;
     for (fname, make) in FORMATS {
         for (shape, norms, style) in shapes {
