@@ -11,14 +11,20 @@
 #
 # How: per variant,
 #  1. `fusebox bench` with CUDA graphs on (as users run it) gives the decode
-#     time per token (median of 3 repetitions);
+#     time per token (median of 3 repetitions), once with programmatic
+#     dependent launch (the default) and once without (FUSEBOX_PDL=0);
 #  2. Nsight Compute (--clock-control none, one metric: gpu__time_duration)
 #     times every kernel of the same decode run eagerly, and the last full
 #     decoded token is taken (a token ends with the sampler's kernel).
-# Kernel time is what the kernels take; "between kernels" is the token time
-# minus the kernel time: launch latency, PDL hand-over and tails that leave
-# SMs idle. Without ncu the script stops after step 1 and says so.
-# FUSEBOX_BIN picks the binary (default: fusebox on PATH).
+# Kernel time is the sum of the kernels' isolated durations. Without PDL
+# kernels run back to back, so "between kernels" = token time without PDL -
+# kernel time is the GPU's idle time (launch latency, ramp-up and tails).
+# With PDL a kernel's launch and ramp-up overlap its predecessor's tail, so
+# the token is shorter than the sum of its kernels; the table shows both.
+# Without ncu the script stops after step 1 and says so.
+# FUSEBOX_BIN picks the binary (default: fusebox on PATH); TRACE_SKIP and
+# TRACE_COUNT limit ncu to a window of kernel launches (large models: the
+# weight fill and prefill kernels come first).
 set -euo pipefail
 model=${1:?usage: scripts/capture-decode-trace.sh MODEL [OUT_DIR]}
 out=${2:-/tmp/decode-trace}
@@ -36,12 +42,17 @@ variant_env() {  # variant -> env assignments
     for s in "${sites[@]}"; do printf 'FUSEBOX_FUSED_%s=%s ' "$s" "$on"; done
 }
 ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1 || true)
+window=()
+[[ -n ${TRACE_SKIP:-} ]] && window+=(--launch-skip "$TRACE_SKIP")
+[[ -n ${TRACE_COUNT:-} ]] && window+=(--launch-count "$TRACE_COUNT")
 for v in graph fused; do
-    env $(variant_env $v) "$bin" bench --device cuda "${src[@]}" --prompt-len 64 --gen 64 --reps 3 \
-        --out-dir "$out/bench" >"$out/$v-bench.txt" 2>"$out/$v-bench.err" \
-        || { cat "$out/$v-bench.err" >&2; exit 2; }
+    for pdl in 1 0; do
+        env $(variant_env $v) FUSEBOX_PDL=$pdl "$bin" bench --device cuda "${src[@]}" --prompt-len 64 --gen 64 \
+            --reps 3 --out-dir "$out/bench" >"$out/$v-pdl$pdl-bench.txt" 2>"$out/$v-bench.err" \
+            || { cat "$out/$v-bench.err" >&2; exit 2; }
+    done
     if [[ -n $ncu ]]; then
-        env $(variant_env $v) FUSEBOX_CUDA_GRAPH=0 "$ncu" --clock-control none --metrics gpu__time_duration.sum \
+        env $(variant_env $v) FUSEBOX_CUDA_GRAPH=0 "$ncu" "${window[@]}" --clock-control none --metrics gpu__time_duration.sum \
             --csv --print-units base "$bin" bench --device cuda "${src[@]}" --prompt-len 8 --gen 6 --reps 1 \
             --out-dir "$out/ncu-bench" >"$out/$v-ncu.csv" 2>"$out/$v-ncu.err" \
             || { tail -n 20 "$out/$v-ncu.err" >&2; exit 2; }
@@ -49,15 +60,15 @@ for v in graph fused; do
 done
 if [[ -z $ncu ]]; then
     echo "Nsight Compute (ncu) not found: kernel times are not available; decode speed only:"
-    grep -H "^decode" "$out"/graph-bench.txt "$out"/fused-bench.txt
+    grep -H "^decode" "$out"/*-bench.txt
     exit 0
 fi
 python3 - "$out" "$model" <<'PY'
 import csv, sys, collections, re
 out, model = sys.argv[1], sys.argv[2]
 
-def token_us(v):
-    m = re.search(r"^decode\s+([\d.]+) tok/s", open(f"{out}/{v}-bench.txt").read(), re.M)
+def token_us(v, pdl):
+    m = re.search(r"^decode\s+([\d.]+) tok/s", open(f"{out}/{v}-pdl{pdl}-bench.txt").read(), re.M)
     return 1e6 / float(m.group(1)), float(m.group(1))
 
 def family(name):
@@ -84,17 +95,19 @@ for v in ("graph", "fused"):
     for n, t in tok:
         agg[n][0] += 1
         agg[n][1] += t
-    res[v] = (tok, agg, token_us(v))
+    res[v] = (tok, agg, token_us(v, 1), token_us(v, 0))
 print(f"# decode trace: {model}")
 print()
 print("| | graph path | fused path |")
 print("|---|---|---|")
 for label, f in [
-    ("decode tok/s (CUDA graphs on)", lambda r: f"{r[2][1]:.1f}"),
-    ("time per token (us)", lambda r: f"{r[2][0]:.1f}"),
+    ("decode tok/s (CUDA graphs, PDL)", lambda r: f"{r[2][1]:.1f}"),
+    ("time per token, PDL (us)", lambda r: f"{r[2][0]:.1f}"),
+    ("time per token, no PDL (us)", lambda r: f"{r[3][0]:.1f}"),
     ("kernels per token", lambda r: f"{len(r[0])}"),
-    ("kernel time (us)", lambda r: f"{sum(t for _, t in r[0]):.1f}"),
-    ("between kernels (us)", lambda r: f"{r[2][0] - sum(t for _, t in r[0]):.1f}"),
+    ("kernel time, isolated (us)", lambda r: f"{sum(t for _, t in r[0]):.1f}"),
+    ("idle between kernels, no PDL (us)", lambda r: f"{r[3][0] - sum(t for _, t in r[0]):.1f}"),
+    ("hidden by PDL (us)", lambda r: f"{r[3][0] - r[2][0]:.1f}"),
 ]:
     print(f"| {label} | {f(res['graph'])} | {f(res['fused'])} |")
 print()

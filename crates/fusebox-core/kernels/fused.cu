@@ -8,7 +8,9 @@
 //                   projections (per-head norm, RoPE, KV append);
 //   moe             fused_moe_gateup_<fmt>: gate and up of the k selected
 //                   experts and SwiGLU; fused_moe_down_<fmt>: down of each
-//                   expert times its router weight, summed.
+//                   expert times its router weight, summed;
+//   swiglu          fused_moe_gateup_<fmt> again, for a dense MLP (one
+//                   "expert", no ids): gate and up projections and SwiGLU.
 //
 // The GEMV work is gemv.cuh's, planned exactly as the stand-alone launches of
 // the graph path (same row split, same k split), so the products are bitwise

@@ -159,6 +159,11 @@ pub trait Backend: Send + Sync {
     fn moe_experts(&self, h: &Tensor, e: &MoeIn, b: &mut MoeBufs, out: &mut Tensor) -> Result<()> {
         moe_experts_graph(self, h, e, b, out)
     }
+    /// Site `swiglu`: `b.act = silu(h @ gate^T) * (h @ up^T)` for a dense
+    /// MLP. The default is the graph path ([`swiglu_graph`]).
+    fn swiglu(&self, h: &Tensor, gate: &Weight, up: &Weight, b: &mut SwigluBufs) -> Result<()> {
+        swiglu_graph(self, h, gate, up, b)
+    }
     /// `out = silu(gate) * up`.
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()>;
     /// `x += y` (the residual add).
@@ -230,6 +235,20 @@ pub struct MoeBufs<'a> {
     pub up: &'a mut Tensor,
     pub act: &'a mut Tensor,
     pub y: &'a mut Tensor,
+}
+
+/// Scratch of the dense MLP's first half: `gate`, `up` and `act`, `[m, width]`.
+pub struct SwigluBufs<'a> {
+    pub gate: &'a mut Tensor,
+    pub up: &'a mut Tensor,
+    pub act: &'a mut Tensor,
+}
+
+/// The graph path of gate/up + SwiGLU: two projections, then `silu_mul`.
+pub fn swiglu_graph<B: Backend + ?Sized>(be: &B, h: &Tensor, gate: &Weight, up: &Weight, b: &mut SwigluBufs) -> Result<()> {
+    be.matmul(h, gate, b.gate)?;
+    be.matmul(h, up, b.up)?;
+    be.silu_mul(b.gate, b.up, b.act)
 }
 
 /// The graph path of the attention inputs: three projections, then (unless

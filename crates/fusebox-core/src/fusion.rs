@@ -32,11 +32,16 @@ pub enum Site {
     Moe,
     /// Residual add + the next RMSNorm.
     AddRmsNorm,
-    /// RoPE on q and k + KV append (when `qk_norm` is off for the model).
+    /// Per-head norm + RoPE on q and k + KV append, after unfused
+    /// projections (runs where `qk_norm` is off).
     RopeKvAppend,
+    /// The dense MLP's gate and up projections + SwiGLU (added after the
+    /// decode trace showed `silu_mul` and the separate `up` launch at 9% of a
+    /// Qwen3-0.6B token).
+    Swiglu,
 }
 
-pub const SITES: [Site; 4] = [Site::QkNorm, Site::Moe, Site::AddRmsNorm, Site::RopeKvAppend];
+pub const SITES: [Site; 5] = [Site::QkNorm, Site::Moe, Site::AddRmsNorm, Site::RopeKvAppend, Site::Swiglu];
 
 impl Site {
     /// The site's name in switches, files and reports (`qk_norm`, ...).
@@ -46,6 +51,7 @@ impl Site {
             Site::Moe => "moe",
             Site::AddRmsNorm => "add_rms_norm",
             Site::RopeKvAppend => "rope_kv_append",
+            Site::Swiglu => "swiglu",
         }
     }
 
@@ -119,6 +125,7 @@ pub const TABLE: &[Rule] = &[
         reason: "fused kernel exists; off until its parity gate and A/B run on a GPU (issue 5)",
     },
     Rule { backend: BackendKind::Cuda, site: Site::RopeKvAppend, on: false, reason: "no fused kernel yet (issue 5)" },
+    Rule { backend: BackendKind::Cuda, site: Site::Swiglu, on: false, reason: "not measured yet" },
     Rule { backend: BackendKind::Cpu, site: Site::QkNorm, on: false, reason: "no fused CPU path" },
     Rule { backend: BackendKind::Cpu, site: Site::Moe, on: false, reason: "no fused CPU path" },
     Rule {
@@ -128,6 +135,7 @@ pub const TABLE: &[Rule] = &[
         reason: "fused path exists; off until an A/B shows a gain (issue 5)",
     },
     Rule { backend: BackendKind::Cpu, site: Site::RopeKvAppend, on: false, reason: "no fused CPU path" },
+    Rule { backend: BackendKind::Cpu, site: Site::Swiglu, on: false, reason: "no fused CPU path" },
 ];
 
 /// Where a decision came from.

@@ -1,6 +1,7 @@
 //! The fused decode kernels (fused.cu) against the graph path on random
 //! inputs: QKV + norm + RoPE + KV append (site qk_norm), the epilogue alone
-//! (rope_kv_append) and the MoE expert path (moe), for dense and quantized
+//! (rope_kv_append), the MoE expert path (moe) and a dense MLP's gate/up +
+//! SwiGLU (swiglu), for dense and quantized
 //! weights, bf16 and f32 caches, both RoPE styles, Qwen3 (with QK-norm) and
 //! Llama (without). The kernels run the graph path's products and formulas,
 //! so the results must be bitwise equal; they are also replayed in a CUDA
@@ -8,7 +9,9 @@
 //! come back to zero). Skips without a GPU (`FUSEBOX_REQUIRE_CUDA=1` makes
 //! that a failure).
 
-use fusebox_core::backend::{attn_inputs_graph, moe_experts_graph, AttnBufs, AttnIn, MoeBufs, MoeIn};
+use fusebox_core::backend::{
+    attn_inputs_graph, moe_experts_graph, swiglu_graph, AttnBufs, AttnIn, MoeBufs, MoeIn, SwigluBufs,
+};
 use fusebox_core::cuda::{backend_for_tests, backend_for_tests_with_graphs, CudaBackend};
 use fusebox_core::{rope, Backend, DType, GgmlType, LayerKv, RopeStyle, Tensor, Weight};
 use rand::SeedableRng;
@@ -130,8 +133,8 @@ fn attn_weights(
 fn fused_attention_inputs_equal_the_graph_path() {
     let Some(be) = backend_for_tests() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(11);
-    // Qwen3-0.6B's attention shape with QK-norm; a Llama-like one without, interleaved RoPE (640 = whole groups of 128)
-    let shapes = [((1024, 16, 8, 128), true, RopeStyle::Half), ((640, 10, 2, 64), false, RopeStyle::Interleaved)];
+    // Qwen3-0.6B's attention shape with QK-norm; a Llama-like one without, interleaved RoPE (768 = whole Q6_K blocks of 256)
+    let shapes = [((1024, 16, 8, 128), true, RopeStyle::Half), ((768, 12, 4, 64), false, RopeStyle::Interleaved)];
     let mut cases = 0;
     for (fname, make) in FORMATS {
         for (shape, norms, style) in shapes {
@@ -251,6 +254,38 @@ fn fused_moe_equals_the_graph_path() {
         }
     }
     eprintln!("fused moe: {cases} cases bitwise equal to the graph path");
+}
+
+/// Site swiglu: a dense MLP's gate/up + SwiGLU (Qwen3-0.6B's and a Llama-like
+/// width), bitwise equal to two matmuls and silu_mul.
+#[test]
+fn fused_swiglu_equals_the_graph_path() {
+    let Some(be) = backend_for_tests() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(15);
+    let mut cases = 0;
+    for (d, ff) in [(1024, 3072), (768, 2048)] {
+        for (fname, make) in FORMATS {
+            let gate = be.upload_weight(make(&mut r, 1, ff, d)).unwrap();
+            let up = be.upload_weight(make(&mut r, 1, ff, d)).unwrap();
+            let h = be.upload(Tensor::from_f32(&[1, d], &randv(&mut r, d)).unwrap()).unwrap();
+            let mut outs = vec![];
+            for fused in [false, true] {
+                let (mut g, mut u, mut act) = (poisoned(&be, &[1, ff]), poisoned(&be, &[1, ff]), poisoned(&be, &[1, ff]));
+                let mut b = SwigluBufs { gate: &mut g, up: &mut u, act: &mut act };
+                if fused {
+                    be.swiglu(&h, &gate, &up, &mut b).unwrap();
+                } else {
+                    swiglu_graph(&be, &h, &gate, &up, &mut b).unwrap();
+                }
+                outs.push(read(&be, &act));
+            }
+            let what = format!("swiglu {fname} d={d} ff={ff}");
+            assert!(outs[0].iter().all(|v| v.is_finite()), "{what}: graph output not finite");
+            assert!(same_bits(&outs[1], &outs[0]), "{what}: fused differs (rel {:.2e})", rel_err(&outs[1], &outs[0], &what));
+            cases += 1;
+        }
+    }
+    eprintln!("fused swiglu: {cases} cases bitwise equal to the graph path");
 }
 
 #[test]

@@ -165,12 +165,13 @@ impl ModelConfig {
     /// Whether a fusible decode site occurs in this model: `qk_norm` (as
     /// `qkv_rope` without the norm for Llama), `add_rms_norm` and
     /// `rope_kv_append` in every model (the latter only runs where `qk_norm`
-    /// is off), `moe` in MoE models.
+    /// is off), `moe` in MoE models, `swiglu` in models with dense MLPs.
     pub fn has_site(&self, site: fusebox_core::fusion::Site) -> bool {
         use fusebox_core::fusion::Site;
         match site {
             Site::QkNorm | Site::AddRmsNorm | Site::RopeKvAppend => true,
             Site::Moe => self.moe.is_some(),
+            Site::Swiglu => self.layers_dense(),
         }
     }
 

@@ -7,7 +7,9 @@
 //! single-token decode and reuses it every step, so decode allocates nothing.
 
 use anyhow::{bail, ensure, Result};
-use fusebox_core::backend::{attn_inputs_graph, moe_experts_graph, AttnBufs, AttnIn, MoeBufs, MoeIn};
+use fusebox_core::backend::{
+    attn_inputs_graph, moe_experts_graph, swiglu_graph, AttnBufs, AttnIn, MoeBufs, MoeIn, SwigluBufs,
+};
 use fusebox_core::fusion::Site;
 use fusebox_core::{rope, Backend, DType, LayerKv, Tensor, Weight};
 
@@ -56,6 +58,7 @@ pub struct Fused {
     pub rope_kv_append: bool,
     pub moe: bool,
     pub add_rms_norm: bool,
+    pub swiglu: bool,
 }
 
 impl Fused {
@@ -70,6 +73,7 @@ impl Fused {
             rope_kv_append: !qkv && be.fused(Site::RopeKvAppend),
             moe: be.fused(Site::Moe),
             add_rms_norm: be.fused(Site::AddRmsNorm),
+            swiglu: be.fused(Site::Swiglu),
         }
     }
 }
@@ -377,9 +381,12 @@ impl Decoder {
             add_norm(&mut ws.x, &ws.o, &layer.mlp_norm, &mut ws.h)?;
             match &layer.mlp {
                 Mlp::Dense { gate, up, down } => {
-                    be.matmul(&ws.h, gate, &mut ws.gate)?;
-                    be.matmul(&ws.h, up, &mut ws.up)?;
-                    be.silu_mul(&ws.gate, &ws.up, &mut ws.act)?;
+                    let mut b = SwigluBufs { gate: &mut ws.gate, up: &mut ws.up, act: &mut ws.act };
+                    if fuse.swiglu {
+                        be.swiglu(&ws.h, gate, up, &mut b)?;
+                    } else {
+                        swiglu_graph(be, &ws.h, gate, up, &mut b)?;
+                    }
                     be.matmul(&ws.act, down, &mut ws.o)?;
                 }
                 Mlp::Moe { router, gate, up, down, renormalize, .. } => {

@@ -16,7 +16,11 @@ use anyhow::{ensure, Result};
 use super::attn::check_cache_dtype;
 use super::gemv::{Dev, Plan};
 use super::{Arg, CudaBackend};
-use crate::backend::{attn_inputs_graph, moe_experts_graph, norm_rope_append_graph, AttnBufs, AttnIn, MoeBufs, MoeIn};
+use crate::backend::{
+    attn_inputs_graph, moe_experts_graph, norm_rope_append_graph, swiglu_graph, AttnBufs, AttnIn, MoeBufs, MoeIn,
+    SwigluBufs,
+};
+use crate::quant::Weight;
 use crate::dtype::DType;
 use crate::kv::LayerKv;
 use crate::rope::RopeStyle;
@@ -144,7 +148,8 @@ impl CudaBackend {
     /// the KV append; the graph path where the kernel does not apply.
     pub(crate) fn qkv_rope_impl(&self, h: &Tensor, a: &AttnIn, b: &mut AttnBufs, cache: &mut LayerKv) -> Result<()> {
         if !self.qkv_fused(h, a, b, cache)? {
-            return attn_inputs_graph(self, h, a, b, cache, false);
+            let append = crate::backend::Backend::fused(self, crate::fusion::Site::RopeKvAppend);
+            return attn_inputs_graph(self, h, a, b, cache, append);
         }
         Ok(())
     }
@@ -296,41 +301,14 @@ impl CudaBackend {
         if slots * pg.blocks > COUNTERS || pd.blocks > COUNTERS {
             return Ok(false);
         }
-        let cnt = self.counters()?;
         let ids = Self::ptr(e.ids, "moe")?;
-        let common = |dv: &Dev, p: &Plan, x: u64| {
-            [
-                Arg::P(dv.sc),
-                Arg::P(dv.bi),
-                Arg::P(x),
-                Arg::P(ids),
-                Arg::I(dv.n as i32),
-                Arg::I(dv.k as i32),
-                Arg::I(dv.gs.max(1) as i32),
-                Arg::I(dv.sdt),
-                Arg::I(slots as i32),
-                Arg::I(dv.experts as i32),
-                Arg::L(dv.w_estride()),
-                Arg::L(dv.sb_estride()),
-                Arg::I(p.ks as i32),
-                Arg::I(p.kw as i32),
-                Arg::I(p.gw as i32),
-                Arg::I(p.smem as i32),
-                Arg::I(p.blocks as i32),
-                Arg::P(cnt),
-            ]
-        };
-        let name = MOE_GATEUP[dg.fmt];
-        self.allow_smem(FILE, name, pg.smem)?;
-        let mut args = vec![Arg::P(dg.w), Arg::P(du.w), Arg::P(du.sc), Arg::P(du.bi)];
-        args.extend(common(&dg, &pg, x));
-        args.extend([Arg::P(Self::ptr(b.gate, "moe")?), Arg::P(Self::ptr(b.up, "moe")?), Arg::P(act)]);
-        let dims = (((2 * pg.blocks) as u32, slots as u32, 1), (THREADS, 1, 1), pg.smem as u32);
-        self.launch(FILE, name, dims, &args)?;
+        let (g, u) = (Self::ptr(b.gate, "moe")?, Self::ptr(b.up, "moe")?);
+        self.launch_gateup(&dg, &du, &pg, x, ids, slots, [g, u, act])?;
+        let cnt = self.counters()?;
         let name = MOE_DOWN[dd.fmt];
         self.allow_smem(FILE, name, pd.smem)?;
         let mut args = vec![Arg::P(dd.w)];
-        args.extend(common(&dd, &pd, act));
+        args.extend(moe_args(&dd, &pd, act, ids, slots, cnt));
         args.extend([
             Arg::P(Self::ptr(e.weights, "moe")?),
             Arg::P(Self::ptr(b.y, "moe")?),
@@ -340,4 +318,75 @@ impl CudaBackend {
         self.launch(FILE, name, dims, &args)?;
         Ok(true)
     }
+
+    /// Gate and up of `slots` (expert, input) pairs and SwiGLU in one launch
+    /// (`fused_moe_gateup_<fmt>`): `out` = [gate scratch, up scratch, act].
+    #[allow(clippy::too_many_arguments)]
+    fn launch_gateup(&self, dg: &Dev, du: &Dev, p: &Plan, x: u64, ids: u64, slots: usize, out: [u64; 3]) -> Result<()> {
+        let name = MOE_GATEUP[dg.fmt];
+        self.allow_smem(FILE, name, p.smem)?;
+        let mut args = vec![Arg::P(dg.w), Arg::P(du.w), Arg::P(du.sc), Arg::P(du.bi)];
+        args.extend(moe_args(dg, p, x, ids, slots, self.counters()?));
+        args.extend(out.map(Arg::P));
+        let dims = (((2 * p.blocks) as u32, slots as u32, 1), (THREADS, 1, 1), p.smem as u32);
+        self.launch(FILE, name, dims, &args)
+    }
+
+    /// Site `swiglu`: a dense MLP's gate and up projections and SwiGLU of one
+    /// token in one launch; the graph path where the kernel does not apply.
+    pub(crate) fn swiglu_impl(&self, h: &Tensor, gate: &Weight, up: &Weight, b: &mut SwigluBufs) -> Result<()> {
+        if !self.swiglu_fused(h, gate, up, b)? {
+            return swiglu_graph(self, h, gate, up, b);
+        }
+        Ok(())
+    }
+
+    fn swiglu_fused(&self, h: &Tensor, gate: &Weight, up: &Weight, b: &mut SwigluBufs) -> Result<bool> {
+        let (Ok(dg), Ok(du)) = (Dev::of(gate, "swiglu"), Dev::of(up, "swiglu")) else { return Ok(false) };
+        let (ff, d) = (dg.n, dg.k);
+        let same = dg.fmt == du.fmt && dg.gs == du.gs && dg.sdt == du.sdt && (du.n, du.k) == (ff, d);
+        if !same
+            || dg.experts != 1
+            || du.experts != 1
+            || h.numel() != d
+            || h.dtype() != DType::F32
+            || b.gate.numel() != ff
+            || b.up.numel() != ff
+            || b.act.numel() != ff
+        {
+            return Ok(false);
+        }
+        let x = Self::ptr(h, "swiglu")?;
+        let p = self.plan_gemv(&dg, x, 1, 1)?;
+        if !p.vector || p.blocks > COUNTERS {
+            return Ok(false);
+        }
+        let out = [Self::ptr(b.gate, "swiglu")?, Self::ptr(b.up, "swiglu")?, Self::ptr(b.act, "swiglu")?];
+        self.launch_gateup(&dg, &du, &p, x, 0, 1, out)?;
+        Ok(true)
+    }
+}
+
+/// The arguments the MoE kernels share (`MOE_W` in fused.cu).
+fn moe_args(d: &Dev, p: &Plan, x: u64, ids: u64, slots: usize, cnt: u64) -> [Arg; 18] {
+    [
+        Arg::P(d.sc),
+        Arg::P(d.bi),
+        Arg::P(x),
+        Arg::P(ids),
+        Arg::I(d.n as i32),
+        Arg::I(d.k as i32),
+        Arg::I(d.gs.max(1) as i32),
+        Arg::I(d.sdt),
+        Arg::I(slots as i32),
+        Arg::I(d.experts as i32),
+        Arg::L(d.w_estride()),
+        Arg::L(d.sb_estride()),
+        Arg::I(p.ks as i32),
+        Arg::I(p.kw as i32),
+        Arg::I(p.gw as i32),
+        Arg::I(p.smem as i32),
+        Arg::I(p.blocks as i32),
+        Arg::P(cnt),
+    ]
 }

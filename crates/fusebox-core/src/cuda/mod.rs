@@ -591,6 +591,9 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.moe_experts_impl(h, e, b, out)
     }
+    fn swiglu(&self, h: &Tensor, gate: &Weight, up: &Weight, b: &mut crate::backend::SwigluBufs) -> Result<()> {
+        self.swiglu_impl(h, gate, up, b)
+    }
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
         self.silu_mul_impl(gate, up, out)
     }
