@@ -245,7 +245,13 @@ pub struct SwigluBufs<'a> {
 }
 
 /// The graph path of gate/up + SwiGLU: two projections, then `silu_mul`.
-pub fn swiglu_graph<B: Backend + ?Sized>(be: &B, h: &Tensor, gate: &Weight, up: &Weight, b: &mut SwigluBufs) -> Result<()> {
+pub fn swiglu_graph<B: Backend + ?Sized>(
+    be: &B,
+    h: &Tensor,
+    gate: &Weight,
+    up: &Weight,
+    b: &mut SwigluBufs,
+) -> Result<()> {
     be.matmul(h, gate, b.gate)?;
     be.matmul(h, up, b.up)?;
     be.silu_mul(b.gate, b.up, b.act)

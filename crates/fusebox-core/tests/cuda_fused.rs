@@ -209,7 +209,16 @@ impl MoeScratch {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_moe(m: &Moe, be: &CudaBackend, h: &Tensor, ids: &Tensor, w: &Tensor, s: &mut MoeScratch, out: &mut Tensor, fused: bool) {
+fn run_moe(
+    m: &Moe,
+    be: &CudaBackend,
+    h: &Tensor,
+    ids: &Tensor,
+    w: &Tensor,
+    s: &mut MoeScratch,
+    out: &mut Tensor,
+    fused: bool,
+) {
     let e = MoeIn { gate: &m.gate, up: &m.up, down: &m.down, ids, weights: w };
     let [g, u, act, y] = &mut s.0;
     let mut b = MoeBufs { gate: g, up: u, act, y };
@@ -270,7 +279,8 @@ fn fused_swiglu_equals_the_graph_path() {
             let h = be.upload(Tensor::from_f32(&[1, d], &randv(&mut r, d)).unwrap()).unwrap();
             let mut outs = vec![];
             for fused in [false, true] {
-                let (mut g, mut u, mut act) = (poisoned(&be, &[1, ff]), poisoned(&be, &[1, ff]), poisoned(&be, &[1, ff]));
+                let (mut g, mut u, mut act) =
+                    (poisoned(&be, &[1, ff]), poisoned(&be, &[1, ff]), poisoned(&be, &[1, ff]));
                 let mut b = SwigluBufs { gate: &mut g, up: &mut u, act: &mut act };
                 if fused {
                     be.swiglu(&h, &gate, &up, &mut b).unwrap();
@@ -281,7 +291,11 @@ fn fused_swiglu_equals_the_graph_path() {
             }
             let what = format!("swiglu {fname} d={d} ff={ff}");
             assert!(outs[0].iter().all(|v| v.is_finite()), "{what}: graph output not finite");
-            assert!(same_bits(&outs[1], &outs[0]), "{what}: fused differs (rel {:.2e})", rel_err(&outs[1], &outs[0], &what));
+            assert!(
+                same_bits(&outs[1], &outs[0]),
+                "{what}: fused differs (rel {:.2e})",
+                rel_err(&outs[1], &outs[0], &what)
+            );
             cases += 1;
         }
     }

@@ -84,7 +84,10 @@ fn every_fused_site_passes_the_parity_gate_on_cuda() {
             let (lf2, tf2) = decode_run(&fused, name);
             let e = rel_rms(&lf, &lg);
             let bitwise = lf.iter().zip(&lg).all(|(a, b)| a.to_bits() == b.to_bits());
-            eprintln!("{name}: {what} fused vs graph: relative RMS {e:.2e}{}", if bitwise { " (bitwise equal)" } else { "" });
+            eprintln!(
+                "{name}: {what} fused vs graph: relative RMS {e:.2e}{}",
+                if bitwise { " (bitwise equal)" } else { "" }
+            );
             assert!(e < 5e-3, "{name} {what}: relative RMS {e:.3e}");
             assert_eq!(tf, tg, "{name} {what}: greedy tokens differ");
             assert!(

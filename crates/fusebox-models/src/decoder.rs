@@ -363,13 +363,8 @@ impl Decoder {
                 inv_freq: &self.inv_freq,
                 style: c.rope_style,
             };
-            let mut b = AttnBufs {
-                q_raw: &mut ws.q_raw,
-                k_raw: &mut ws.k_raw,
-                v: &mut ws.v,
-                q: &mut ws.q,
-                k: &mut ws.k,
-            };
+            let mut b =
+                AttnBufs { q_raw: &mut ws.q_raw, k_raw: &mut ws.k_raw, v: &mut ws.v, q: &mut ws.q, k: &mut ws.k };
             if fuse.qkv {
                 be.qkv_rope(&ws.h, &a, &mut b, cache)?;
             } else {

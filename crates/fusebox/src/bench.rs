@@ -256,8 +256,7 @@ fn ab_sites(ab: &str, be: &dyn Backend, cfg: &fusebox_models::ModelConfig) -> Re
     }
     let kind = be.fusion_policy().map(|p| p.backend).unwrap_or(BackendKind::Cpu);
     if ab == "all" {
-        let v: Vec<Site> =
-            SITES.iter().copied().filter(|&s| s.has_fused_path(kind) && cfg.has_site(s)).collect();
+        let v: Vec<Site> = SITES.iter().copied().filter(|&s| s.has_fused_path(kind) && cfg.has_site(s)).collect();
         if v.is_empty() {
             bail!("--ab all: no site with a fused kernel applies to this model");
         }
@@ -265,7 +264,7 @@ fn ab_sites(ab: &str, be: &dyn Backend, cfg: &fusebox_models::ModelConfig) -> Re
     }
     let site = Site::parse(ab)?;
     if !site.has_fused_path(kind) {
-        bail!("--ab {ab}: {} has no fused path for this site", be.name());
+        bail!("--ab {ab}: {} has no fused kernel for this site", be.name());
     }
     if !cfg.has_site(site) {
         bail!("--ab {ab}: the site does not occur in this model");

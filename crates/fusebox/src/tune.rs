@@ -81,10 +81,8 @@ fn decide(m: &[Measured], min_gain: f64) -> (bool, String) {
     }
     let wins = |x: &Measured| x.median - 1.0 >= min_gain && (x.max - x.min) / 2.0 < x.median - 1.0;
     let on = m.iter().all(wins);
-    let detail: Vec<String> = m
-        .iter()
-        .map(|x| format!("{} {:.3}x ({:.3}-{:.3})", x.model, x.median, x.min, x.max))
-        .collect();
+    let detail: Vec<String> =
+        m.iter().map(|x| format!("{} {:.3}x ({:.3}-{:.3})", x.model, x.median, x.min, x.max)).collect();
     let verdict = if on { "wins on every model" } else { "does not win everywhere" };
     (on, format!("tuned: {verdict}: {}", detail.join(", ")))
 }
@@ -179,8 +177,10 @@ pub fn run(a: Args) -> Result<()> {
         decided.push((*site, on, reason.clone()));
         let runs: Vec<_> = m
             .iter()
-            .map(|x| json!({"model": x.model, "ratio_median": x.median, "ratio_min": x.min, "ratio_max": x.max,
-                            "fused_tok_s": x.fused, "graph_tok_s": x.graph}))
+            .map(|x| {
+                json!({"model": x.model, "ratio_median": x.median, "ratio_min": x.min, "ratio_max": x.max,
+                            "fused_tok_s": x.fused, "graph_tok_s": x.graph})
+            })
             .collect();
         sites.insert(site.name().into(), json!({"on": on, "reason": reason, "measured": runs}));
     }
@@ -202,7 +202,10 @@ pub fn run(a: Args) -> Result<()> {
         bail!("no place for the policy file: set FUSEBOX_POLICY_DIR or HOME")
     };
     write_atomically(&path, &serde_json::to_string_pretty(&file)?)?;
-    println!("wrote   {} (FUSEBOX_FUSED_<SITE>=0|1 still overrides it; delete it for the built-in defaults)", path.display());
+    println!(
+        "wrote   {} (FUSEBOX_FUSED_<SITE>=0|1 still overrides it; delete it for the built-in defaults)",
+        path.display()
+    );
     Ok(())
 }
 

@@ -414,6 +414,26 @@ fn bench_ab_alternates_fused_and_graph_and_writes_json() {
     assert_clean_error(&o, &["--ab moe"]);
 }
 
+/// `fusebox tune` measures a GPU: on the CPU, or with no GPU, it is a clear
+/// error and writes no policy file.
+#[test]
+fn tune_without_a_gpu_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fusebox"))
+        .args(["tune", "--device", "cpu"])
+        .env("FUSEBOX_POLICY_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["tune", "GPU"]);
+    let o = Command::new(env!("CARGO_BIN_EXE_fusebox"))
+        .args(["tune", "--rounds", "0"])
+        .env("FUSEBOX_POLICY_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["--rounds"]);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no policy file may be left behind");
+}
+
 fn walk_json(dir: &Path) -> PathBuf {
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();

@@ -15,10 +15,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 
 /// Shared headers, spliced in where a source says `#include "name"`.
-const HEADERS: &[(&str, &str)] = &[
-    ("common.cuh", include_str!("../../kernels/common.cuh")),
-    ("gemv.cuh", include_str!("../../kernels/gemv.cuh")),
-];
+const HEADERS: &[(&str, &str)] =
+    &[("common.cuh", include_str!("../../kernels/common.cuh")), ("gemv.cuh", include_str!("../../kernels/gemv.cuh"))];
 
 /// The kernel files, one per op family.
 pub const SOURCES: &[(&str, &str)] = &[

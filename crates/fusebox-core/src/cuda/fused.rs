@@ -20,9 +20,9 @@ use crate::backend::{
     attn_inputs_graph, moe_experts_graph, norm_rope_append_graph, swiglu_graph, AttnBufs, AttnIn, MoeBufs, MoeIn,
     SwigluBufs,
 };
-use crate::quant::Weight;
 use crate::dtype::DType;
 use crate::kv::LayerKv;
+use crate::quant::Weight;
 use crate::rope::RopeStyle;
 use crate::tensor::Tensor;
 
@@ -76,12 +76,16 @@ const MOE_DOWN: [&str; 10] = [
 pub fn moe_max_dff() -> usize {
     static V: OnceLock<usize> = OnceLock::new();
     *V.get_or_init(|| {
-        std::env::var("FUSEBOX_FUSED_MOE_MAX_DFF").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(DEFAULT_MOE_MAX_DFF)
+        std::env::var("FUSEBOX_FUSED_MOE_MAX_DFF")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MOE_MAX_DFF)
     })
 }
-/// The default of [`moe_max_dff`]: the widest expert width measured
-/// (Qwen3-30B-A3B's 768 and a synthetic 1536; docs/benchmark_results).
-pub const DEFAULT_MOE_MAX_DFF: usize = 1536;
+/// The default of [`moe_max_dff`]: the widest expert width measured, Qwen3-30B-A3B's
+/// 768 (1.001x there, docs/benchmark_results/fused-moe-h200.md); wider experts are
+/// unmeasured and take the graph path.
+pub const DEFAULT_MOE_MAX_DFF: usize = 768;
 
 /// Output rows one block of a plan covers.
 fn rows_per_block(p: &Plan) -> usize {

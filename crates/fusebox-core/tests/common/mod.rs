@@ -47,7 +47,15 @@ pub fn dense(r: &mut ChaCha8Rng, dtype: DType, experts: usize, rows: usize, cols
 }
 
 /// A random MLX affine weight `[experts, rows, cols]` with scales/biases of `sdt`.
-pub fn affine(r: &mut ChaCha8Rng, experts: usize, rows: usize, cols: usize, bits: u32, group: usize, sdt: DType) -> Weight {
+pub fn affine(
+    r: &mut ChaCha8Rng,
+    experts: usize,
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    group: usize,
+    sdt: DType,
+) -> Weight {
     let n = experts * rows;
     let vals: Vec<u32> = (0..n * cols).map(|_| r.random_range(0..1u32 << bits)).collect();
     let words: Vec<u32> = vals.chunks(cols).flat_map(|row| pack(row, bits)).collect();
@@ -114,4 +122,3 @@ pub fn read(be: &CudaBackend, t: &Tensor) -> Vec<f32> {
     be.read_f32(t, &mut v).unwrap();
     v
 }
-
