@@ -121,36 +121,37 @@ pub const TABLE: &[Rule] = &[
         site: Site::QkNorm,
         on: true,
         reason: "bitwise equal to the graph path; 1.05-1.16x decode on Qwen3-0.6B bf16/4-bit, Qwen3-8B 4-bit, \
-                 Qwen3-30B-A3B 4-bit and SmolLM2 (H200, docs/benchmark_results/fused-qk_norm-h200.md)",
+                 Qwen3-30B-A3B 4-bit and SmolLM2 on an H200 and an H100 \
+                 (docs/benchmark_results/fused-qk_norm-h200.md, -h100.md)",
     },
     Rule {
         backend: BackendKind::Cuda,
         site: Site::Moe,
         on: false,
-        reason: "1.001x on Qwen3-30B-A3B 4-bit (H200): the fused gate/up kernel takes as long as the two expert \
-                 GEMVs and SwiGLU it replaces (docs/benchmark_results/fused-moe-h200.md)",
+        reason: "1.001x (H200) and 0.997x (H100) on Qwen3-30B-A3B 4-bit: the fused gate/up kernel takes as long \
+                 as the two expert GEMVs and SwiGLU it replaces (docs/benchmark_results/fused-moe-h200.md)",
     },
     Rule {
         backend: BackendKind::Cuda,
         site: Site::AddRmsNorm,
         on: false,
-        reason: "bitwise equal to the graph path, but below the 2% bar on Qwen3-8B 4-bit (1.012x) and \
-                 Qwen3-30B-A3B 4-bit (1.017x); 1.04x on the small models (H200, \
-                 docs/benchmark_results/fused-add_rms_norm-h200.md)",
+        reason: "bitwise equal to the graph path, but below the 2% bar on Qwen3-8B 4-bit (1.012x H200, 1.016x \
+                 H100) and Qwen3-30B-A3B 4-bit (1.017x H200); 1.04-1.05x on the small models \
+                 (docs/benchmark_results/fused-add_rms_norm-h200.md, -h100.md)",
     },
     Rule {
         backend: BackendKind::Cuda,
         site: Site::RopeKvAppend,
         on: true,
-        reason: "bitwise equal to the graph path; 1.04-1.10x on every model measured (H200); runs where qk_norm \
-                 does not (docs/benchmark_results/fused-rope_kv_append-h200.md)",
+        reason: "bitwise equal to the graph path; 1.04-1.10x on every model measured (H200, H100); runs where \
+                 qk_norm does not (docs/benchmark_results/fused-rope_kv_append-h200.md, -h100.md)",
     },
     Rule {
         backend: BackendKind::Cuda,
         site: Site::Swiglu,
         on: false,
-        reason: "loses on Qwen3-0.6B bf16 (0.974x) though it wins 1.02-1.07x on 4-bit models (H200, \
-                 docs/benchmark_results/fused-swiglu-h200.md)",
+        reason: "loses on Qwen3-0.6B bf16 (0.974x H200, 0.967x H100) though it wins 1.02-1.07x on 4-bit models \
+                 (docs/benchmark_results/fused-swiglu-h200.md, -h100.md)",
     },
     Rule { backend: BackendKind::Cpu, site: Site::QkNorm, on: false, reason: "no fused CPU path" },
     Rule { backend: BackendKind::Cpu, site: Site::Moe, on: false, reason: "no fused CPU path" },

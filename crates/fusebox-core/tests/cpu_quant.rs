@@ -7,6 +7,8 @@ use fusebox_core::{Backend, DType, GgmlType, Tensor, Weight};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod common;
+
 fn be() -> CpuBackend {
     CpuBackend::new(3).unwrap()
 }
@@ -32,28 +34,6 @@ fn affine(r: &mut ChaCha8Rng, experts: usize, rows: usize, cols: usize, bits: u3
     Weight::affine(q, s, b, bits, group).unwrap()
 }
 
-/// A random ggml weight with sane f16 scale fields.
-fn ggml(r: &mut ChaCha8Rng, ty: GgmlType, rows: usize, cols: usize) -> Weight {
-    let nb = rows * cols / ty.block_size();
-    let mut bytes = vec![0u8; nb * ty.type_size()];
-    r.fill(&mut bytes[..]);
-    let f16 = |x: f32| half::f16::from_f32(x).to_le_bytes();
-    for blk in bytes.chunks_exact_mut(ty.type_size()) {
-        match ty {
-            GgmlType::Q4_0 | GgmlType::Q8_0 => blk[0..2].copy_from_slice(&f16(0.01 + r.random::<f32>() * 0.05)),
-            GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q5_K => {
-                blk[0..2].copy_from_slice(&f16(0.01 + r.random::<f32>() * 0.05));
-                blk[2..4].copy_from_slice(&f16(r.random::<f32>() * 0.05));
-            }
-            GgmlType::Q6_K => blk[208..210].copy_from_slice(&f16(0.001 + r.random::<f32>() * 0.01)),
-            _ => unreachable!(),
-        }
-    }
-    let data = Tensor::from_bytes(&[bytes.len()], DType::U8, &bytes).unwrap();
-    Weight::gguf(data, ty, 1, rows, cols).unwrap()
-}
-
-/// `x @ w^T` in f64 from the reference dequantizer.
 fn reference(w: &Weight, x: &[f32], expert: usize) -> Vec<f64> {
     let (_, rows, cols) = w.dims();
     let mut row = vec![0f32; cols];
@@ -122,7 +102,7 @@ fn ggml_matmul_matches_dequantized_reference() {
     for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
         for (m, rows) in [(1, 19), (4, 6)] {
             let cols = 512;
-            let w = ggml(&mut r, ty, rows, cols);
+            let w = common::ggml(&mut r, ty, 1, rows, cols);
             let x = randn(&mut r, m * cols);
             let mut out = Tensor::zeros(&[m, rows], DType::F32);
             b.matmul(&Tensor::from_f32(&[m, cols], &x).unwrap(), &w, &mut out).unwrap();
