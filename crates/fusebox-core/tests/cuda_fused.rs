@@ -22,12 +22,13 @@ use common::*;
 
 /// Weight formats under test: (name, maker of a [experts, rows, cols] weight).
 type Maker = fn(&mut ChaCha8Rng, usize, usize, usize) -> Weight;
-const FORMATS: [(&str, Maker); 7] = [
+const FORMATS: [(&str, Maker); 8] = [
     ("bf16", |r, e, n, k| dense(r, DType::BF16, e, n, k)),
     ("f32", |r, e, n, k| dense(r, DType::F32, e, n, k)),
     ("f16", |r, e, n, k| dense(r, DType::F16, e, n, k)),
     ("4-bit g64 bf16 scales", |r, e, n, k| affine(r, e, n, k, 4, 64, DType::BF16)),
     ("8-bit g32 f32 scales", |r, e, n, k| affine(r, e, n, k, 8, 32, DType::F32)),
+    ("6-bit g64 bf16 scales", |r, e, n, k| affine(r, e, n, k, 6, 64, DType::BF16)),
     ("3-bit g128 f16 scales", |r, e, n, k| affine(r, e, n, k, 3, 128, DType::F16)),
     ("Q6_K (6-bit g16)", |r, e, n, k| ggml(r, GgmlType::Q6_K, e, n, k)),
 ];

@@ -22,6 +22,7 @@ mod gemv;
 pub mod libs;
 mod moe_sample;
 mod ops;
+mod timing;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -121,6 +122,18 @@ pub struct CudaBackend {
     policy: crate::fusion::FusionPolicy,
     /// f32 cuBLAS prefill for every weight format (`FUSEBOX_PREFILL_F32=1`).
     pub(crate) prefill_f32: bool,
+    /// Per-kernel event timing (`FUSEBOX_KERNEL_TIMING`).
+    timing: Option<timing::KernelTiming>,
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if let Some(t) = &self.timing {
+            if let Err(e) = t.flush() {
+                eprintln!("fusebox: {e:#}");
+            }
+        }
+    }
 }
 
 /// Precision and capture switches of the CUDA backend.
@@ -192,7 +205,14 @@ impl CudaBackend {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| anyhow!("{e:?}"))? as u32;
+        let timing = timing::KernelTiming::from_env()?;
+        // timing brackets each kernel alone: eager launches, no overlap
+        let graphs_enabled = graphs_enabled && timing.is_none();
+        let pdl = timing.is_none()
+            && info.compute_capability.0 >= 9
+            && std::env::var("FUSEBOX_PDL").map(|v| v != "0").unwrap_or(true);
         Ok(CudaBackend {
+            timing,
             arch: arch_for(info.compute_capability),
             ctx,
             stream,
@@ -207,7 +227,7 @@ impl CudaBackend {
             kv_f32: opts.kv_f32,
             policy: crate::fusion::FusionPolicy::resolve(crate::fusion::BackendKind::Cuda, &info.name)?,
             prefill_f32: opts.prefill_f32,
-            pdl: info.compute_capability.0 >= 9 && std::env::var("FUSEBOX_PDL").map(|v| v != "0").unwrap_or(true),
+            pdl,
             info,
         })
     }
@@ -252,6 +272,13 @@ impl CudaBackend {
 
     /// Queue a kernel on the backend's stream.
     pub(crate) fn launch(&self, file: &'static str, name: &'static str, dims: Dims, args: &[Arg]) -> Result<()> {
+        let Some(t) = &self.timing else { return self.launch_untimed(file, name, dims, args) };
+        let start = t.start(self.stream.cu_stream())?;
+        self.launch_untimed(file, name, dims, args)?;
+        t.end(name, start, self.stream.cu_stream())
+    }
+
+    fn launch_untimed(&self, file: &'static str, name: &'static str, dims: Dims, args: &[Arg]) -> Result<()> {
         let f = self.func(file, name)?;
         let ((gx, gy, gz), block, smem) = dims;
         if gx == 0 || gy == 0 || gz == 0 {
@@ -515,7 +542,11 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.sync()
+        self.sync()?;
+        match &self.timing {
+            Some(t) => t.flush(),
+            None => Ok(()),
+        }
     }
 
     fn kv_dtype(&self) -> DType {
