@@ -254,7 +254,11 @@ fn sample_greedy_equals_argmax() {
         let mut d = Dev::new(&g, &p, &[best, best], 4, 0);
         let (want, _, _) = host(&l, &p, &[best, best], 4, 0, 1);
         assert_eq!(d.sample(&g, &logits), want[0]);
-        assert_ne!(want[0], best);
+        // a penalty divides a positive logit and multiplies a negative one, so the
+        // winner keeps its place when it is the only positive logit (seen with vocab 5)
+        if l.iter().filter(|&&x| x > 0.0).count() > 1 {
+            assert_ne!(want[0], best, "vocab {v}");
+        }
     }
 }
 
