@@ -14,8 +14,10 @@
 #     time per token (median of 3 repetitions), once with programmatic
 #     dependent launch (the default) and once without (FUSEBOX_PDL=0);
 #  2. Nsight Compute (--clock-control none, one metric: gpu__time_duration)
-#     times every kernel of the same decode run eagerly, and the last full
-#     decoded token is taken (a token ends with the sampler's kernel).
+#     times every kernel of a decode run eagerly (prompt 120 + 8 tokens, so
+#     the KV capacity, and with it the attention split, is the 128 of step 1),
+#     and the last full decoded token is taken (a token ends with the
+#     sampler's kernel).
 # Kernel time is the sum of the kernels' isolated durations. Without PDL
 # kernels run back to back, so "between kernels" = token time without PDL -
 # kernel time is the GPU's idle time (launch latency, ramp-up and tails).
@@ -57,12 +59,12 @@ for v in graph fused; do
     done
     if [[ -n $ncu ]]; then
         env $(variant_env $v) FUSEBOX_CUDA_GRAPH=0 "$ncu" "${window[@]}" --clock-control none --metrics gpu__time_duration.sum \
-            --csv --print-units base "$bin" bench --device cuda "${src[@]}" --prompt-len 8 --gen 6 --reps 1 \
+            --csv --print-units base "$bin" bench --device cuda "${src[@]}" --prompt-len 120 --gen 8 --reps 1 \
             --out-dir "$out/ncu-bench" >"$out/$v-ncu.csv" 2>"$out/$v-ncu.err" \
             || { tail -n 20 "$out/$v-ncu.err" >&2; exit 2; }
     else
         env $(variant_env $v) FUSEBOX_KERNEL_TIMING="$out/$v-events.csv" "$bin" bench --device cuda "${src[@]}" \
-            --prompt-len 8 --gen 6 --reps 1 --out-dir "$out/events-bench" >/dev/null 2>"$out/$v-events.err" \
+            --prompt-len 120 --gen 8 --reps 1 --out-dir "$out/events-bench" >/dev/null 2>"$out/$v-events.err" \
             || { tail -n 20 "$out/$v-events.err" >&2; exit 2; }
     fi
 done

@@ -45,10 +45,12 @@ pub struct Args {
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub reps: usize,
     /// A/B a fused decode site against its graph path in this process:
-    /// alternate fused and graph decode (ABAB..., --rounds each, the same
-    /// prompt) and report the median ratio and its spread. A site name
-    /// (add_rms_norm, ...) or "all" (every site with a fused kernel that
-    /// applies to the model).
+    /// alternate decode with the site fused (every other site on the graph
+    /// path) and decode with every site on the graph path (ABAB..., --rounds
+    /// each, the same prompt), and report the median ratio and its spread.
+    /// A site name (qk_norm, moe, add_rms_norm, rope_kv_append, swiglu) or
+    /// "all": every site with a fused kernel that occurs in the model, one
+    /// by one, then all of them together.
     #[arg(long, value_name = "SITE")]
     pub ab: Option<String>,
     /// Rounds of an --ab run (each round decodes once fused, once on the graph path).

@@ -37,6 +37,15 @@ enum Command {
     /// Measure prefill and decode speed against the memory roofline.
     Bench(bench::Args),
     /// A/B every fused decode site on this GPU and write its fusion policy file.
+    ///
+    /// For every model and every fusible site that occurs in it, decode alternates between the site
+    /// fused (all other sites on the graph path) and every site on the graph path, --rounds times
+    /// each, with CUDA graphs on. A site is switched on only if it wins on every model where it
+    /// occurs: a median speed-up of at least --min-gain, with the spread of the rounds' ratios
+    /// ((max - min) / 2) below the gain; otherwise it stays on the graph path. The decisions go to
+    /// ~/.cache/fusebox/policy/<gpu>.json (or $FUSEBOX_POLICY_DIR/<gpu>.json), which every later run
+    /// on this GPU reads: it sits between the built-in defaults and FUSEBOX_FUSED_<SITE>=0|1, which
+    /// still overrides it. Delete the file to return to the built-in defaults.
     Tune(tune::Args),
     /// Quantize a Hugging Face model to an MLX affine checkpoint (like `mlx_lm.convert -q`).
     Quantize(quantize::Args),

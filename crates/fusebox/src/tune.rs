@@ -18,20 +18,7 @@ use crate::common::{backend, DeviceArg};
 /// users run, in the formats they run them.
 const DEFAULT_MODELS: [&str; 3] = ["qwen3-0.6b:bf16", "qwen3-8b:q4g64", "qwen3-30b-a3b:q4g64"];
 
-/// Decide each fused site's default on this GPU from a same-process A/B, and
-/// write the decisions to the per-device policy file
-/// (~/.cache/fusebox/policy/<gpu>.json, or $FUSEBOX_POLICY_DIR/<gpu>.json).
-///
-/// For every model and every fusible site that occurs in it, decode
-/// alternates between the site fused (all other sites on the graph path)
-/// and every site on the graph path, --rounds times each, with CUDA graphs
-/// on. A site is switched on only if it wins on every model where it occurs:
-/// median speed-up at least --min-gain, and the spread of the rounds' ratios
-/// ((max - min) / 2) below the gain. Otherwise it stays on the graph path.
-///
-/// The policy file sits between the built-in defaults and the environment:
-/// FUSEBOX_FUSED_<SITE>=0|1 still overrides it. Delete the file to return to
-/// the built-in defaults.
+/// `fusebox tune` arguments (the command's help is on `Command::Tune` in main.rs).
 #[derive(ClapArgs, Debug)]
 #[command(
     after_help = "Examples:\n  fusebox tune\n  fusebox tune --model qwen3-8b:q4g64 --rounds 7\n  fusebox tune --model ./Qwen3-0.6B --dry-run"
