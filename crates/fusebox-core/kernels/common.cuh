@@ -20,8 +20,20 @@ typedef unsigned long long u64;
         asm volatile("griddepcontrol.wait;" ::: "memory");     \
         asm volatile("griddepcontrol.launch_dependents;" ::); \
     } while (0)
+// FB_PROLOGUE_DEFERRED(): the first half only (the next kernel may be
+// scheduled); the kernel must call fb_grid_wait() before it reads anything an
+// earlier kernel wrote or writes anything an earlier kernel reads. For kernels
+// that prefetch read-only data (weights) while the previous kernel finishes
+// (the GEMV core in gemv.cuh).
+#define FB_PROLOGUE_DEFERRED()                                 \
+    do {                                                       \
+        asm volatile("griddepcontrol.launch_dependents;" ::); \
+    } while (0)
+__device__ __forceinline__ void fb_grid_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 #else
 #define FB_PROLOGUE() do { } while (0)
+#define FB_PROLOGUE_DEFERRED() do { } while (0)
+__device__ __forceinline__ void fb_grid_wait() {}
 #endif
 
 __device__ __forceinline__ float bf16_to_f32(bf16_t x) { return __uint_as_float(((u32)x) << 16); }

@@ -167,7 +167,7 @@ __device__ __forceinline__ void qkv_impl(QKV_ARGS) {
         q_out, kc, vc, kv_bf16, cap, qn, kn, eps, positions, inv_freq, style, hd, cnt
 #define QKV(NAME, FMT)                                                                                               \
     extern "C" __global__ void __launch_bounds__(256, 2) NAME(QKV_ARGS) {                                            \
-        FB_PROLOGUE();                                                                                               \
+        FB_PROLOGUE_DEFERRED();                                                                                      \
         qkv_impl<FMT>(QKV_PASS);                                                                                     \
     }
 QKV(fused_qkv_f32, 0)
@@ -294,13 +294,13 @@ __device__ __forceinline__ void moe_down_impl(const char* __restrict__ w, MOE_W,
         const char* __restrict__ wg, const char* __restrict__ wu, const void* __restrict__ su,                       \
         const void* __restrict__ bu, MOE_W, float* __restrict__ graw, float* __restrict__ uraw,                      \
         float* __restrict__ act) {                                                                                   \
-        FB_PROLOGUE();                                                                                               \
+        FB_PROLOGUE_DEFERRED();                                                                                      \
         moe_gateup_impl<FMT>(wg, wu, su, bu, sc, bi, MOE_PASS, graw, uraw, act);                                     \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(256, 2) fused_moe_down_##SUFFIX(                                    \
         const char* __restrict__ w, MOE_W, const float* __restrict__ rw, float* __restrict__ y,                      \
         float* __restrict__ out) {                                                                                   \
-        FB_PROLOGUE();                                                                                               \
+        FB_PROLOGUE_DEFERRED();                                                                                      \
         moe_down_impl<FMT>(w, sc, bi, MOE_PASS, rw, y, out);                                                         \
     }
 MOE(f32, 0)

@@ -53,8 +53,8 @@
         gw, smem, blockIdx.x
 // NAME_m1: one input row; NAME_mn: up to 8 (m at run time).
 #define GEMV(NAME, FMT)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256, 2) NAME##_m1(GEMV_ARGS) { FB_PROLOGUE(); gemv_impl<FMT, 1>(GEMV_PASS_PLAIN); } \
-    extern "C" __global__ void __launch_bounds__(256, 1) NAME##_mn(GEMV_ARGS) { FB_PROLOGUE(); gemv_impl<FMT, 8>(GEMV_PASS_PLAIN); }
+    extern "C" __global__ void __launch_bounds__(256, 2) NAME##_m1(GEMV_ARGS) { FB_PROLOGUE_DEFERRED(); gemv_impl<FMT, 1>(GEMV_PASS_PLAIN); } \
+    extern "C" __global__ void __launch_bounds__(256, 1) NAME##_mn(GEMV_ARGS) { FB_PROLOGUE_DEFERRED(); gemv_impl<FMT, 8>(GEMV_PASS_PLAIN); }
 GEMV(gemv_f32, 0)
 GEMV(gemv_f16, 1)
 GEMV(gemv_bf16, 2)

@@ -282,6 +282,7 @@ __device__ __forceinline__ void gemv_impl(const char* __restrict__ w, const void
         // a launch with too little shared memory is a bug in the launcher: make it loud
         const long long need = 4ll * CF::RING + (SX ? 4ll * mr * (xs + nsum) : 0);
         if (blockDim.x != 256 || need > smem) {
+            fb_grid_wait();
             for (int i = bx * blockDim.x + threadIdx.x; i < n * mr; i += gridDim.x * blockDim.x)
                 out.store(i / n, i % n, __int_as_float(0x7fc00000));
             return;
@@ -297,6 +298,10 @@ __device__ __forceinline__ void gemv_impl(const char* __restrict__ w, const void
     const long long rowbytes = (long long)k * F::BITS / 8;
     const int gpr = F::AFF ? k / gs : 0;
     const int lgs = __ffs(gs) - 1;  // group sizes are powers of two
+    // Kernels calling this start with FB_PROLOGUE_DEFERRED(): the previous grid is
+    // waited for below, once the first weight stages are in flight; expert ids
+    // come from an earlier kernel, so with ids it is waited for first.
+    if (ids) fb_grid_wait();
     for (int p = blockIdx.y; p < pairs; p += gridDim.y) {
         const int e = ids ? __ldg(ids + p) : 0;
         if (e < 0 || e >= experts) {
@@ -382,6 +387,12 @@ __device__ __forceinline__ void gemv_impl(const char* __restrict__ w, const void
                 }
                 cp_async_commit();
             };
+            // the first stages of weights are read-only: copy them before waiting for
+            // the previous kernel (programmatic dependent launch), so their latency
+            // overlaps its tail; x and everything written comes after the wait
+#pragma unroll
+            for (int t = 0; t < D - 1; t++) issue();
+            fb_grid_wait();  // (returns at once after the first time)
             if constexpr (SX) {
                 __syncthreads();  // the previous window's readers are done
                 const int nx = min(kw, k - w0);
@@ -390,14 +401,9 @@ __device__ __forceinline__ void gemv_impl(const char* __restrict__ w, const void
                         cp_async16(smem_addr(xsm + mm * xs + c + ((c >> 5) << 2)), xb + (long long)mm * k + w0 + c);
                 }
                 cp_async_commit();
-            }
-#pragma unroll
-            for (int t = 0; t < D - 1; t++) issue();
-            if constexpr (SX) {
-                // x (the oldest group) has landed: publish it, then the sums
-                cp_async_wait<D - 1>();
+                // x (the newest group) has landed: publish it, then the sums
+                cp_async_wait<0>();
                 __syncthreads();
-                const int nx = min(kw, k - w0);
                 for (int i = threadIdx.x; i < mr * nsum; i += blockDim.x) {
                     const int mm = i / nsum, c = (i - mm * nsum) * CF::SUMG;
                     float t = 0.f;
