@@ -301,7 +301,11 @@ __device__ __forceinline__ void gemv_impl(const char* __restrict__ w, const void
     // Kernels calling this start with FB_PROLOGUE_DEFERRED(): the previous grid is
     // waited for below, once the first weight stages are in flight; expert ids
     // come from an earlier kernel, so with ids it is waited for first.
+#ifdef FB_GEMV_NO_PREFETCH
+    fb_grid_wait();  // FUSEBOX_GEMV_PREFETCH=0: wait before any load
+#else
     if (ids) fb_grid_wait();
+#endif
     for (int p = blockIdx.y; p < pairs; p += gridDim.y) {
         const int e = ids ? __ldg(ids + p) : 0;
         if (e < 0 || e >= experts) {

@@ -128,12 +128,26 @@ pub fn compile(file: &str, arch: &str, extra: &[&str], ptx: bool) -> Result<(Vec
     Ok((image, log))
 }
 
+/// Preprocessor switches the environment sets (read once):
+/// `FUSEBOX_GEMV_PREFETCH=0` defines `FB_GEMV_NO_PREFETCH` (gemv.cuh).
+fn env_defines() -> &'static [String] {
+    static D: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    D.get_or_init(|| {
+        let mut d = vec![];
+        if std::env::var("FUSEBOX_GEMV_PREFETCH").is_ok_and(|v| v.trim() == "0") {
+            d.push("-DFB_GEMV_NO_PREFETCH".to_string());
+        }
+        d
+    })
+}
+
 /// A cubin for `file` on `arch`, from the disk cache or freshly compiled.
 pub fn cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
     let src = expanded_source(file)?;
     let (va, vb) = nvrtc_version();
     let ver = format!("{va}.{vb}");
-    let opts = OPTIONS.join(" ");
+    let defines = env_defines();
+    let opts = format!("{} {}", OPTIONS.join(" "), defines.join(" "));
     let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), opts.as_bytes(), ver.as_bytes()]);
     let stem = file.trim_end_matches(".cu");
     let path = cache_dir().map(|d| d.join(format!("{stem}-{arch}-{key:016x}.cubin")));
@@ -144,7 +158,8 @@ pub fn cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
             }
         }
     }
-    let (image, _log) = compile(file, arch, &[], false)?;
+    let extra: Vec<&str> = defines.iter().map(|s| s.as_str()).collect();
+    let (image, _log) = compile(file, arch, &extra, false)?;
     if let Some(p) = &path {
         // Best effort: a read-only home directory only costs a recompile next time.
         if let Some(dir) = p.parent() {
