@@ -63,3 +63,19 @@ fn every_kernel_file_compiles_without_spills() {
     }
     assert!(spills.is_empty(), "register spills:\n{}", spills.join("\n"));
 }
+
+/// `FUSEBOX_GEMV_PREFETCH=0` compiles the GEMV core with `FB_GEMV_NO_PREFETCH`
+/// (wait for the previous kernel before any load): that variant must build too.
+#[test]
+fn the_gemv_without_prefetch_compiles() {
+    if let Err(e) = libs::ensure_nvrtc() {
+        if std::env::var("FUSEBOX_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+            panic!("NVRTC is required: {e}");
+        }
+        eprintln!("skipped: {e} (run scripts/fetch-assets.sh)");
+        return;
+    }
+    let (image, log) =
+        compile::compile("gemv.cu", "sm_90a", &["-DFB_GEMV_NO_PREFETCH"], false).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!image.is_empty(), "empty cubin: {log}");
+}
