@@ -95,3 +95,17 @@ pub fn random_f32(seed: u64, i: u64, lo: f32, hi: f32) -> f32 {
     let u = (random_bits(seed, i) >> 40) as f32 * (1.0 / 16777216.0);
     lo + (hi - lo) * u
 }
+
+/// `n` pseudo-random token ids below `vocab` from `seed` (xorshift64; benchmark
+/// prompts and test inputs, the same on every machine).
+pub fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab.max(1) as u64) as u32
+        })
+        .collect()
+}

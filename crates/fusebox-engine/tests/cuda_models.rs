@@ -42,15 +42,7 @@ fn rel_rms(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn prompt(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab as u64) as u32
-        })
-        .collect()
+    fusebox_core::dtype::random_tokens(n, vocab, seed)
 }
 
 /// Relative RMS of the GPU's logits against the CPU's for every fixture:

@@ -99,15 +99,7 @@ pub(crate) fn git_commit() -> String {
 
 /// A deterministic random prompt of `n` token ids below `vocab`.
 pub(crate) fn random_prompt(n: usize, vocab: usize) -> Vec<u32> {
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab as u64) as u32
-        })
-        .collect()
+    fusebox_core::dtype::random_tokens(n, vocab, 0x2545_F491_4F6C_DD1D)
 }
 
 pub fn run(a: Args) -> Result<()> {
