@@ -50,6 +50,30 @@ pub struct Args {
     pub device: DeviceArg,
 }
 
+/// A `--model` argument.
+enum Spec<'a> {
+    Synthetic(&'a str, Quant),
+    Path(PathBuf),
+}
+
+fn parse_spec(spec: &str) -> Result<Spec<'_>> {
+    match spec.split_once(':') {
+        Some((shape, fmt)) if synthetic::SHAPES.contains(&shape) => {
+            Ok(Spec::Synthetic(shape, Quant::parse(fmt).with_context(|| format!("--model {spec}"))?))
+        }
+        _ if synthetic::SHAPES.contains(&spec) => {
+            bail!("--model {spec}: give the weight format too, e.g. {spec}:bf16 or {spec}:q4g64")
+        }
+        _ => {
+            let p = PathBuf::from(spec);
+            if !p.exists() {
+                bail!("--model {spec}: no such file or directory (synthetic shapes: {})", synthetic::SHAPES.join(", "));
+            }
+            Ok(Spec::Path(p))
+        }
+    }
+}
+
 /// One site's A/B on one model.
 struct Measured {
     model: String,
@@ -81,6 +105,12 @@ pub fn run(a: Args) -> Result<()> {
     if !(0.0..1.0).contains(&a.min_gain) {
         bail!("--min-gain {} must be a fraction in [0, 1)", a.min_gain);
     }
+    let models: Vec<String> =
+        if a.model.is_empty() { DEFAULT_MODELS.iter().map(|s| s.to_string()).collect() } else { a.model.clone() };
+    // every --model is checked before the GPU is opened and the first (long) measurement
+    for spec in &models {
+        parse_spec(spec)?;
+    }
     let be = backend(a.device, 0)?;
     let be = &*be;
     let Some(policy) = be.fusion_policy() else { bail!("{} has no fused paths to tune", be.name()) };
@@ -88,30 +118,17 @@ pub fn run(a: Args) -> Result<()> {
         bail!("tune measures a GPU; {} is not one (use --device cuda)", be.name());
     }
     let device = be.device_name();
-    let models: Vec<String> =
-        if a.model.is_empty() { DEFAULT_MODELS.iter().map(|s| s.to_string()).collect() } else { a.model.clone() };
     let mut results: Vec<(Site, Vec<Measured>)> = SITES.iter().map(|&s| (s, vec![])).collect();
     for spec in &models {
         let loaded;
         let synth;
-        let decoder: &Decoder = match spec.split_once(':') {
-            Some((shape, fmt)) if synthetic::SHAPES.contains(&shape) => {
-                let quant = Quant::parse(fmt)?;
-                eprintln!("fusebox: building random {shape} weights ({fmt}) on {}...", be.name());
+        let decoder: &Decoder = match parse_spec(spec)? {
+            Spec::Synthetic(shape, quant) => {
+                eprintln!("fusebox: building random {spec} weights on {}...", be.name());
                 synth = Decoder::load(synthetic::config(shape)?, &SyntheticSource::new(quant, be), be)?;
                 &synth
             }
-            _ if synthetic::SHAPES.contains(&spec.as_str()) => {
-                bail!("--model {spec}: give the weight format too, e.g. {spec}:bf16 or {spec}:q4g64")
-            }
-            _ => {
-                let p = PathBuf::from(spec);
-                if !p.exists() {
-                    bail!(
-                        "--model {spec}: no such file or directory (synthetic shapes: {})",
-                        synthetic::SHAPES.join(", ")
-                    );
-                }
+            Spec::Path(p) => {
                 loaded = Model::load(&p, be)?;
                 &loaded.decoder
             }

@@ -431,6 +431,15 @@ fn tune_without_a_gpu_is_a_clear_error() {
         .output()
         .unwrap();
     assert_clean_error(&o, &["--rounds"]);
+    // a bad --model is named before any GPU is opened
+    for (m, needle) in [("qwen3-0.6b:bf17", "bf17"), ("/no/such/model", "no such file"), ("qwen3-8b", "format")] {
+        let o = Command::new(env!("CARGO_BIN_EXE_fusebox"))
+            .args(["tune", "--model", m])
+            .env("FUSEBOX_POLICY_DIR", dir.path())
+            .output()
+            .unwrap();
+        assert_clean_error(&o, &[m, needle]);
+    }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no policy file may be left behind");
 }
 

@@ -14,7 +14,6 @@
 use std::sync::Mutex;
 
 use anyhow::{ensure, Result};
-use cudarc::driver::{result as drv, sys};
 
 use super::{Arg, CudaBackend};
 use crate::dtype::DType;
@@ -108,17 +107,7 @@ impl CudaBackend {
             .func(FILE, name)
             .ok()
             .and_then(|f| {
-                if smem > 48 * 1024 {
-                    // SAFETY: a valid function handle and attribute; the launch sets the same value.
-                    unsafe {
-                        drv::function::set_function_attribute(
-                            f.cu_function(),
-                            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            smem as i32,
-                        )
-                    }
-                    .ok()?;
-                }
+                super::allow_dynamic_smem(&f, name, smem).ok()?;
                 f.occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None).ok()
             })
             .map(|n| n as usize)

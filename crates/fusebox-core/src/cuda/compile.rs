@@ -134,8 +134,10 @@ fn env_defines() -> &'static [String] {
     static D: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     D.get_or_init(|| {
         let mut d = vec![];
-        if std::env::var("FUSEBOX_GEMV_PREFETCH").is_ok_and(|v| v.trim() == "0") {
-            d.push("-DFB_GEMV_NO_PREFETCH".to_string());
+        match std::env::var("FUSEBOX_GEMV_PREFETCH").as_deref().map(str::trim) {
+            Ok("0") => d.push("-DFB_GEMV_NO_PREFETCH".to_string()),
+            Ok("1") | Err(_) => {}
+            Ok(v) => eprintln!("fusebox: FUSEBOX_GEMV_PREFETCH={v}: expected 0 or 1; keeping the prefetch"),
         }
         d
     })

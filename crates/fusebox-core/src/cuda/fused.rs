@@ -75,11 +75,12 @@ const MOE_DOWN: [&str; 10] = [
 /// (`FUSEBOX_FUSED_MOE_MAX_DFF`); wider experts take the graph path.
 pub fn moe_max_dff() -> usize {
     static V: OnceLock<usize> = OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("FUSEBOX_FUSED_MOE_MAX_DFF")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(DEFAULT_MOE_MAX_DFF)
+    *V.get_or_init(|| match std::env::var("FUSEBOX_FUSED_MOE_MAX_DFF") {
+        Err(_) => DEFAULT_MOE_MAX_DFF,
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            eprintln!("fusebox: FUSEBOX_FUSED_MOE_MAX_DFF={v} is not a whole number; using {DEFAULT_MOE_MAX_DFF}");
+            DEFAULT_MOE_MAX_DFF
+        }),
     })
 }
 /// The default of [`moe_max_dff`]: the widest expert width measured, Qwen3-30B-A3B's
@@ -184,7 +185,6 @@ impl CudaBackend {
             return Ok(false);
         }
         let name = QKV[dq.fmt];
-        self.allow_smem(FILE, name, pq.smem)?;
         let bf16 = cache.k.dtype() == DType::BF16;
         let blocks = pq.blocks + 2 * pk.blocks;
         let args = [
@@ -310,16 +310,10 @@ impl CudaBackend {
         self.launch_gateup(&dg, &du, &pg, x, ids, slots, [g, u, act])?;
         let cnt = self.counters()?;
         let name = MOE_DOWN[dd.fmt];
-        self.allow_smem(FILE, name, pd.smem)?;
-        let mut args = vec![Arg::P(dd.w)];
-        args.extend(moe_args(&dd, &pd, act, ids, slots, cnt));
-        args.extend([
-            Arg::P(Self::ptr(e.weights, "moe")?),
-            Arg::P(Self::ptr(b.y, "moe")?),
-            Arg::P(Self::ptr(out, "moe")?),
-        ]);
+        let tail = [Self::ptr(e.weights, "moe")?, Self::ptr(b.y, "moe")?, Self::ptr(out, "moe")?];
+        let (args, n) = join_args([Arg::P(dd.w)], moe_args(&dd, &pd, act, ids, slots, cnt), tail.map(Arg::P));
         let dims = ((pd.blocks as u32, slots as u32, 1), (THREADS, 1, 1), pd.smem as u32);
-        self.launch(FILE, name, dims, &args)?;
+        self.launch(FILE, name, dims, &args[..n])?;
         Ok(true)
     }
 
@@ -328,12 +322,10 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn launch_gateup(&self, dg: &Dev, du: &Dev, p: &Plan, x: u64, ids: u64, slots: usize, out: [u64; 3]) -> Result<()> {
         let name = MOE_GATEUP[dg.fmt];
-        self.allow_smem(FILE, name, p.smem)?;
-        let mut args = vec![Arg::P(dg.w), Arg::P(du.w), Arg::P(du.sc), Arg::P(du.bi)];
-        args.extend(moe_args(dg, p, x, ids, slots, self.counters()?));
-        args.extend(out.map(Arg::P));
+        let head = [Arg::P(dg.w), Arg::P(du.w), Arg::P(du.sc), Arg::P(du.bi)];
+        let (args, n) = join_args(head, moe_args(dg, p, x, ids, slots, self.counters()?), out.map(Arg::P));
         let dims = (((2 * p.blocks) as u32, slots as u32, 1), (THREADS, 1, 1), p.smem as u32);
-        self.launch(FILE, name, dims, &args)
+        self.launch(FILE, name, dims, &args[..n])
     }
 
     /// Site `swiglu`: a dense MLP's gate and up projections and SwiGLU of one
@@ -371,6 +363,17 @@ impl CudaBackend {
     }
 }
 
+/// `head`, then the shared MoE arguments, then `tail`, without allocating
+/// (these launches are on the decode path).
+/// Returns the buffer and how many of its arguments are used.
+fn join_args<const H: usize, const T: usize>(head: [Arg; H], mid: [Arg; 18], tail: [Arg; T]) -> ([Arg; 32], usize) {
+    let mut a = [Arg::I(0); 32];
+    a[..H].copy_from_slice(&head);
+    a[H..H + 18].copy_from_slice(&mid);
+    a[H + 18..H + 18 + T].copy_from_slice(&tail);
+    (a, H + 18 + T)
+}
+
 /// The arguments the MoE kernels share (`MOE_W` in fused.cu).
 fn moe_args(d: &Dev, p: &Plan, x: u64, ids: u64, slots: usize, cnt: u64) -> [Arg; 18] {
     [
@@ -393,4 +396,19 @@ fn moe_args(d: &Dev, p: &Plan, x: u64, ids: u64, slots: usize, cnt: u64) -> [Arg
         Arg::I(p.blocks as i32),
         Arg::P(cnt),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The no-allocation argument buffer holds exactly head, shared, tail, in order.
+    #[test]
+    fn join_args_concatenates_in_order() {
+        let mid: [Arg; 18] = std::array::from_fn(|i| Arg::I(10 + i as i32));
+        let (a, n) = join_args([Arg::P(1), Arg::P(2)], mid, [Arg::L(3)]);
+        assert_eq!(n, 21);
+        let want: Vec<Arg> = [Arg::P(1), Arg::P(2)].into_iter().chain(mid).chain([Arg::L(3)]).collect();
+        assert_eq!(format!("{:?}", &a[..n]), format!("{want:?}"));
+    }
 }

@@ -22,7 +22,6 @@ use std::sync::{Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::cublas::{result as blas, sys as bsys};
-use cudarc::driver::{result as drv, sys};
 use rayon::prelude::*;
 
 use super::ops::grid_1d;
@@ -488,24 +487,6 @@ impl CudaBackend {
         Ok(Plan { name, vector, rows_per_warp: sh.r, blocks, gy, ks, kw, gw, smem })
     }
 
-    /// Let `name` use `smem` bytes of dynamic shared memory (over 48 KB
-    /// with the static part needs the kernel's consent).
-    pub(super) fn allow_smem(&self, file: &'static str, name: &'static str, smem: usize) -> Result<()> {
-        if smem > 40 << 10 {
-            let f = self.func(file, name)?;
-            // SAFETY: a live function handle; the value is within the device's limit.
-            unsafe {
-                drv::function::set_function_attribute(
-                    f.cu_function(),
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-            }
-            .map_err(|e| anyhow!("cuda gemv: {name} with {smem} bytes of shared memory: {e:?}"))?;
-        }
-        Ok(())
-    }
-
     /// `out[p + r] = w[ids[p]] @ x[p / x_div + r]` for pairs `p < pairs` and
     /// rows `r < m` (m > 1 only with one pair); `ids == 0` means expert 0.
     #[allow(clippy::too_many_arguments)]
@@ -513,7 +494,6 @@ impl CudaBackend {
         let Plan { name, blocks, gy, ks, kw, gw, smem, .. } = self.plan_gemv(d, x, m, pairs)?;
         let n = d.n;
         let k = d.k;
-        self.allow_smem(FILE, name, smem)?;
         let dims = ((blocks.min(1 << 30) as u32, gy as u32, 1), (THREADS, 1, 1), smem as u32);
         self.launch(
             FILE,

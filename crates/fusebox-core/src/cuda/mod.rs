@@ -73,6 +73,24 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo, String> {
 /// The most arguments a kernel launch takes.
 const MAX_ARGS: usize = 48;
 
+/// Let `f` use `smem` bytes of dynamic shared memory. Above 48 KB of dynamic
+/// plus static shared memory a kernel needs the attribute; set from 40 KB on,
+/// which leaves room for the kernels' static arrays (at most 8 KB).
+pub(crate) fn allow_dynamic_smem(f: &CudaFunction, name: &str, smem: usize) -> Result<()> {
+    if smem <= 40 << 10 {
+        return Ok(());
+    }
+    // SAFETY: a live function handle; the value is checked by the driver against the device's limit.
+    unsafe {
+        drv::function::set_function_attribute(
+            f.cu_function(),
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+    }
+    .map_err(|e| anyhow!("kernel {name}: {smem} bytes of dynamic shared memory: {e:?}"))
+}
+
 /// A kernel argument: device pointers and scalars, passed by value.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Arg {
@@ -297,16 +315,7 @@ impl CudaBackend {
         for i in 0..args.len() {
             ptrs[i] = (&mut slots[i]) as *mut u64 as *mut std::ffi::c_void;
         }
-        if smem > 48 * 1024 {
-            unsafe {
-                drv::function::set_function_attribute(
-                    f.cu_function(),
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-            }
-            .map_err(|e| anyhow!("kernel {name}: shared memory {smem}: {e:?}"))?;
-        }
+        allow_dynamic_smem(&f, name, smem as usize)?;
         if self.pdl {
             // Programmatic dependent launch (Hopper): the next kernel is
             // scheduled while this one finishes, and waits for it in

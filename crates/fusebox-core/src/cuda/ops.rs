@@ -98,14 +98,7 @@ impl CudaBackend {
                 &[Arg::P(px), Arg::P(pw), Arg::P(po), Arg::I(rows as i32), Arg::I(n as i32), Arg::F(eps)],
             )
         } else {
-            let threads = if n >= 4096 {
-                1024
-            } else if n >= 1024 {
-                512
-            } else {
-                256
-            };
-            let dims = ((rows as u32, 1, 1), (threads, 1, 1), 0);
+            let dims = ((rows as u32, 1, 1), (row_block_threads(n), 1, 1), 0);
             self.launch(
                 NR,
                 "rms_norm_block",
@@ -133,14 +126,7 @@ impl CudaBackend {
             check_f32(w, "add_rms_norm", "weight")?,
             check_f32(out, "add_rms_norm", "out")?,
         );
-        let threads = if n >= 4096 {
-            1024
-        } else if n >= 1024 {
-            512
-        } else {
-            256
-        };
-        let dims = ((x.rows() as u32, 1, 1), (threads, 1, 1), 0);
+        let dims = ((x.rows() as u32, 1, 1), (row_block_threads(n), 1, 1), 0);
         self.launch(
             NR,
             "add_rms_norm_block",
@@ -238,5 +224,16 @@ impl CudaBackend {
         let med = times[times.len() / 2];
         // read + write, four copies per timed run
         Ok(2.0 * bytes as f64 * 4.0 / (med * 1e-3) / 1e9)
+    }
+}
+
+/// Threads of a one-block-per-row norm kernel for rows of `n` values.
+fn row_block_threads(n: usize) -> u32 {
+    if n >= 4096 {
+        1024
+    } else if n >= 1024 {
+        512
+    } else {
+        256
     }
 }
