@@ -349,27 +349,11 @@ pub fn sample_into(
     state: &mut [i32; 2],
     scratch: &mut Scratch,
 ) -> i32 {
-    let v = logits.len();
-    if scratch.z.len() < v {
-        scratch.z.resize(v, 0.0);
-    }
-    let z = &mut scratch.z[..v];
     let p = decode_params(params);
     let (len, counter) = (state[0], state[1] as u32);
     let valid = (len.max(0) as usize).min(history.len());
-    let greedy = p.temperature.is_nan() || p.temperature <= 0.0 || p.top_k == 1;
-    let scale = |l: f32| if greedy { l } else { canon(l / p.temperature) };
-    for (zi, &l) in z.iter_mut().zip(logits) {
-        *zi = scale(l);
-    }
-    if p.repeat_penalty != 1.0 {
-        let start = if p.repeat_last_n == 0 { 0 } else { valid.saturating_sub(p.repeat_last_n as usize) };
-        for &t in &history[start..valid] {
-            if t >= 0 && (t as usize) < v {
-                z[t as usize] = scale(penalize(logits[t as usize], p.repeat_penalty));
-            }
-        }
-    }
+    let greedy = prepare(logits, &p, &history[..valid], scratch);
+    let z = &scratch.z[..logits.len()];
     let tok = if greedy { argmax(z) } else { draw(z, &p, counter, &mut scratch.kept) };
     let tok = tok as i32;
     if len >= 0 && (len as usize) < history.len() {
@@ -380,16 +364,88 @@ pub fn sample_into(
     tok
 }
 
+/// Steps 1 and 3's scaling: `scratch.z` gets the scaled, penalised logits
+/// (`history` is the valid context). Returns whether the settings are greedy.
+fn prepare(logits: &[f32], p: &Params, history: &[i32], scratch: &mut Scratch) -> bool {
+    let v = logits.len();
+    if scratch.z.len() < v {
+        scratch.z.resize(v, 0.0);
+    }
+    let z = &mut scratch.z[..v];
+    let greedy = p.temperature.is_nan() || p.temperature <= 0.0 || p.top_k == 1;
+    let scale = |l: f32| if greedy { l } else { canon(l / p.temperature) };
+    for (zi, &l) in z.iter_mut().zip(logits) {
+        *zi = scale(l);
+    }
+    if p.repeat_penalty != 1.0 {
+        let valid = history.len();
+        let start = if p.repeat_last_n == 0 { 0 } else { valid.saturating_sub(p.repeat_last_n as usize) };
+        for &t in &history[start..valid] {
+            if t >= 0 && (t as usize) < v {
+                z[t as usize] = scale(penalize(logits[t as usize], p.repeat_penalty));
+            }
+        }
+    }
+    greedy
+}
+
+/// The distribution the sampler draws from, as dense probabilities: for
+/// one row of `logits`, the settings of `params` and the valid context
+/// `history`, `probs[i]` is the chance that [`sample_into`] draws token `i`
+/// (up to its fixed-point rounding: each kept token's mass over the total).
+/// Greedy settings give all the mass to the (penalised) argmax. Speculative
+/// decoding's rejection rule compares these distributions.
+pub fn probabilities(
+    logits: &[f32],
+    params: &[f32; SAMPLE_PARAMS],
+    history: &[i32],
+    scratch: &mut Scratch,
+    probs: &mut Vec<f32>,
+) {
+    let p = decode_params(params);
+    let greedy = prepare(logits, &p, history, scratch);
+    let z = &scratch.z[..logits.len()];
+    probs.clear();
+    probs.resize(logits.len(), 0.0);
+    if greedy || !z.iter().copied().fold(f32::NEG_INFINITY, f32::max).is_finite() {
+        probs[argmax(z)] = 1.0;
+        return;
+    }
+    let (thr_p, total) = kept_set(z, &p, &mut scratch.kept);
+    let inv = 1.0 / total as f64;
+    for t in scratch.kept.iter().filter(|t| t.key >= thr_p) {
+        probs[t.id as usize] = (t.mass as f64 * inv) as f32;
+    }
+}
+
 /// Steps 3 and 4 on the scaled, penalised logits. The selections see only
 /// the tokens that passed top-k and min-p (a selection depends on the items
 /// and their weights, not on how many zero-weight items it skips), in id
 /// order for the draw.
 fn draw(z: &[f32], p: &Params, counter: u32, kept: &mut Vec<Kept>) -> usize {
-    let v = z.len();
     let zmax = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if !zmax.is_finite() {
         return argmax(z);
     }
+    let (thr_p, total) = kept_set(z, p, kept);
+    let r = draw_target(uniform24(p.seed, counter), total);
+    let mut cum = 0u64;
+    for t in kept.iter().filter(|t| t.key >= thr_p) {
+        cum += t.mass;
+        if cum > r {
+            return t.id as usize;
+        }
+    }
+    // unreachable: the most likely token is always kept with mass 2^40 > r
+    argmax(z)
+}
+
+/// Step 3's filters (`z` has a finite maximum): `kept` gets the tokens that
+/// pass top-k and min-p, in id order; returns the top-p key threshold and
+/// the total mass of the tokens at or above it.
+fn kept_set(z: &[f32], p: &Params, kept: &mut Vec<Kept>) -> (u32, u64) {
+    let v = z.len();
+    let zmax = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let thr_k =
         if p.top_k > 0 && (p.top_k as usize) < v { select(v, |i| (key(z[i]), 1), |_| p.top_k as u64).0 } else { 0 };
     let min_p = if p.min_p > 0.0 { p.min_p.min(1.0) } else { 0.0 };
@@ -405,21 +461,11 @@ fn draw(z: &[f32], p: &Params, counter: u32, kept: &mut Vec<Kept>) -> usize {
             kept.push(Kept { id: i as u32, key: k, mass: mass(e) });
         }
     }
-    let (thr_p, total) = if p.top_p < 1.0 {
+    if p.top_p < 1.0 {
         select(kept.len(), |j| (kept[j].key, kept[j].mass), |total| top_p_need(p.top_p, total))
     } else {
         (0, kept.iter().map(|t| t.mass).sum())
-    };
-    let r = draw_target(uniform24(p.seed, counter), total);
-    let mut cum = 0u64;
-    for t in kept.iter().filter(|t| t.key >= thr_p) {
-        cum += t.mass;
-        if cum > r {
-            return t.id as usize;
-        }
     }
-    // unreachable: the most likely token is always kept with mass 2^40 > r
-    argmax(z)
 }
 
 static SCRATCH: Mutex<Option<Scratch>> = Mutex::new(None);

@@ -84,19 +84,21 @@ impl GenerateOutput {
 
 /// One sequence being generated on one backend.
 pub struct Session<'m> {
-    model: &'m Decoder,
-    be: &'m dyn Backend,
+    pub(crate) model: &'m Decoder,
+    pub(crate) be: &'m dyn Backend,
     pub kv: KvCache,
     decode_ws: Workspace,
     logits: Vec<f32>,
     /// Every token in the KV cache, in order.
     pub tokens: Vec<u32>,
-    sampler: DeviceSampler,
+    pub(crate) sampler: DeviceSampler,
     /// Names this session's buffers in graph keys.
     id: u64,
     /// `FUSEBOX_FUSED_PARITY_CHECK`: steps checked and the worst relative RMS
     /// of fused against graph-path logits.
     parity: Option<ParityCheck>,
+    /// Speculative verify passes, by row count (made at first use).
+    pub(crate) verify: crate::verify::VerifyPasses,
 }
 
 /// The fused-path diagnostic: every decode step also runs on the graph path.
@@ -122,7 +124,7 @@ impl ParityCheck {
 }
 
 /// The sampling op's device buffers, and what the host knows of them.
-struct DeviceSampler {
+pub(crate) struct DeviceSampler {
     /// `F32 [SAMPLE_PARAMS]`.
     params: Tensor,
     /// `I32 [capacity]`: the context, then the token last drawn.
@@ -137,7 +139,7 @@ struct DeviceSampler {
     /// Draws since the parameters were set (the device counter).
     draws: u32,
     /// The token last drawn, when the device history is the context plus it.
-    pending: Option<u32>,
+    pub(crate) pending: Option<u32>,
 }
 
 /// Graph keys of the two repeating passes.
@@ -171,6 +173,7 @@ impl<'m> Session<'m> {
             sampler,
             id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
             parity: fusebox_core::fusion::parity_check().then(ParityCheck::default),
+            verify: Default::default(),
         })
     }
 
@@ -199,7 +202,7 @@ impl<'m> Session<'m> {
         self.sampler.pending = None;
     }
 
-    fn check_room(&self, n: usize) -> Result<()> {
+    pub(crate) fn check_room(&self, n: usize) -> Result<()> {
         if n > self.kv.remaining() {
             bail!(
                 "{} tokens do not fit in the context: {} of {} positions are free (raise --ctx-size, up to the model's max_position_embeddings)",
@@ -213,7 +216,7 @@ impl<'m> Session<'m> {
 
     /// The key of a repeating pass over this session's buffers: it changes
     /// with the session and whenever the KV cache is replaced.
-    fn graph_key(&self, pass: u64) -> u64 {
+    pub(crate) fn graph_key(&self, pass: u64) -> u64 {
         let kv = match self.kv.layers.first() {
             Some(l) if l.k.is_device() => l.k.device_ptr().unwrap_or(0),
             Some(l) => l.k.numel() as u64,

@@ -3,6 +3,7 @@
 pub mod generate;
 pub mod kv_cache;
 pub mod sampling;
+pub mod verify;
 
 pub use generate::{GenerateOptions, GenerateOutput, ParityCheck, Session, StopReason};
 pub use kv_cache::KvCache;

@@ -108,6 +108,9 @@ pub struct Workspace {
     pub ids: Tensor,
     /// Their positions (`I32 [m]`).
     pub positions: Tensor,
+    /// Host staging of `ids` and `positions` (capacity `m`).
+    stage_ids: Vec<i32>,
+    stage_pos: Vec<i32>,
     x: Tensor,
     h: Tensor,
     q_raw: Tensor,
@@ -143,15 +146,14 @@ impl Workspace {
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.vocab) {
             bail!("token id {bad} is outside the model's vocabulary of {} tokens", self.vocab);
         }
-        if let [id] = ids {
-            // the decode step: no allocation
-            be.write_i32(&mut self.ids, &[*id as i32])?;
-            return be.write_i32(&mut self.positions, &[start as i32]);
-        }
-        let ids: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
-        let pos: Vec<i32> = (start..start + self.m).map(|p| p as i32).collect();
-        be.write_i32(&mut self.ids, &ids)?;
-        be.write_i32(&mut self.positions, &pos)
+        // staged in buffers of the workspace's size: no allocation (decode
+        // and speculative verify passes run this every step)
+        self.stage_ids.clear();
+        self.stage_ids.extend(ids.iter().map(|&t| t as i32));
+        self.stage_pos.clear();
+        self.stage_pos.extend((start..start + self.m).map(|p| p as i32));
+        be.write_i32(&mut self.ids, &self.stage_ids)?;
+        be.write_i32(&mut self.positions, &self.stage_pos)
     }
 }
 
@@ -294,6 +296,8 @@ impl Decoder {
             vocab: c.vocab_size,
             ids: be.zeros(&[m], DType::I32)?,
             positions: be.zeros(&[m], DType::I32)?,
+            stage_ids: Vec::with_capacity(m),
+            stage_pos: Vec::with_capacity(m),
             x: z(&[m, d])?,
             h: z(&[m, d])?,
             q_raw: z(&[m, c.num_heads, hd])?,

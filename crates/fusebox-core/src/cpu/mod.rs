@@ -57,6 +57,12 @@ impl CpuBackend {
     }
 }
 
+/// Matmuls of up to this many rows compute every row with the one-row
+/// (decode) dot product, so a speculative verify pass of up to
+/// `ROW_EXACT_MAX - 1` drafts scores each position bitwise as plain
+/// decoding would; longer inputs take the blocked prefill path.
+pub const ROW_EXACT_MAX: usize = 32;
+
 /// A raw pointer that may be shared across threads writing disjoint elements.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
@@ -373,6 +379,26 @@ impl Backend for CpuBackend {
                 os.par_chunks_mut(chunk).enumerate().for_each(|(ci, oc)| {
                     for (jj, o) in oc.iter_mut().enumerate() {
                         *o = rows.dot(ci * chunk + jj, k, xs);
+                    }
+                })
+            });
+            return Ok(());
+        }
+        if m <= ROW_EXACT_MAX {
+            // A few rows (a speculative verify pass): each output is the
+            // one-token step's own dot product, so row r is bitwise what a
+            // decode step at that position computes; a weight row stays in
+            // cache while every input row reads it.
+            let chunk = self.gemv_chunk(n);
+            let optr = SharedMut(os.as_mut_ptr());
+            self.pool.install(|| {
+                (0..n.div_ceil(chunk)).into_par_iter().for_each(|ci| {
+                    for j in ci * chunk..((ci + 1) * chunk).min(n) {
+                        for r in 0..m {
+                            let v = rows.dot(j, k, &xs[r * k..(r + 1) * k]);
+                            // SAFETY: each (r, j) is written by exactly one task, inside `os`.
+                            unsafe { optr.write(r * n + j, v) };
+                        }
                     }
                 })
             });

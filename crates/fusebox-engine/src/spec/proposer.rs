@@ -1,0 +1,76 @@
+//! The one interface every draft source implements.
+//!
+//! A round of speculative decoding asks a [`Proposer`] for up to `k` tokens
+//! to follow the committed context, scores them all with the target in one
+//! verify pass, and tells the proposer how many were accepted. Prompt lookup
+//! needs only the tokens; a draft model keeps its own KV cache in step; a
+//! draft conditioned on the target's hidden states (DFlash) names the target
+//! layers it reads with [`Proposer::target_layers`] and finds them in
+//! [`ProposeCtx::hidden`].
+
+use anyhow::Result;
+use fusebox_core::sample::SamplingParams;
+
+/// What a proposer sees when asked for drafts.
+pub struct ProposeCtx<'a> {
+    /// The committed context: everything in the target's KV cache, then the
+    /// pending token (the last one, drawn but not yet run by the target).
+    pub tokens: &'a [u32],
+    /// The sampling settings of the target, which the rejection rule applies
+    /// to the draft's distribution too.
+    pub sampling: &'a SamplingParams,
+    /// The target's hidden states at the layers of [`Proposer::target_layers`]
+    /// for the positions of its last verify pass, `[layers, rows, hidden]`
+    /// row-major; `None` when the proposer asks for none.
+    pub hidden: Option<&'a [f32]>,
+}
+
+/// A proposal: the drafted tokens and, when the draft sampled them, the
+/// distribution each was drawn from.
+#[derive(Clone, Debug, Default)]
+pub struct Draft {
+    pub tokens: Vec<u32>,
+    /// `q[i]` is the draft's distribution over the vocabulary for
+    /// `tokens[i]`; empty when every token was chosen deterministically (a
+    /// point mass, as prompt lookup and greedy drafts are).
+    pub q: Vec<Vec<f32>>,
+}
+
+impl Draft {
+    pub fn clear(&mut self) {
+        self.tokens.clear();
+        self.q.clear();
+    }
+
+    /// The draft's probability of `token` at row `i`.
+    pub fn q_of(&self, i: usize, token: u32) -> f32 {
+        match self.q.get(i) {
+            Some(q) => q.get(token as usize).copied().unwrap_or(0.0),
+            None => (self.tokens.get(i) == Some(&token)) as u32 as f32,
+        }
+    }
+}
+
+/// A source of draft tokens.
+pub trait Proposer {
+    /// The method's name in reports (`ngram`, `draft`).
+    fn name(&self) -> &'static str;
+
+    /// Append up to `k` drafted tokens to follow `ctx.tokens` to `draft`
+    /// (cleared by the caller); none is a valid answer.
+    fn propose(&mut self, ctx: &ProposeCtx<'_>, k: usize, draft: &mut Draft) -> Result<()>;
+
+    /// The target accepted the first `accepted` tokens of the last
+    /// proposal; `committed` is the committed context now (its last token
+    /// is the new pending one).
+    fn accepted(&mut self, committed: &[u32], accepted: usize) -> Result<()> {
+        let _ = (committed, accepted);
+        Ok(())
+    }
+
+    /// The target layers whose hidden states this proposer reads (none by
+    /// default).
+    fn target_layers(&self) -> &[usize] {
+        &[]
+    }
+}
