@@ -70,6 +70,43 @@ pub struct GenerateOutput {
 }
 
 impl GenerateOutput {
+    pub(crate) fn new(prompt_tokens: usize, capacity: usize) -> GenerateOutput {
+        GenerateOutput {
+            prompt_tokens,
+            tokens: Vec::with_capacity(capacity),
+            stop: StopReason::MaxTokens,
+            prefill_secs: 0.0,
+            decode_secs: 0.0,
+            decode_steps: 0,
+        }
+    }
+
+    /// Emit `tok`, the next token drawn: a stop token ends generation
+    /// unseen; otherwise it is kept and shown to `on_token`, and generation
+    /// ends when the callback says so, at `max_new_tokens`, or when the
+    /// context has no room to run it (`context_full`).
+    pub(crate) fn emit(
+        &mut self,
+        tok: u32,
+        opts: &GenerateOptions,
+        context_full: bool,
+        on_token: &mut impl FnMut(u32) -> Result<bool>,
+    ) -> Result<Option<StopReason>> {
+        if opts.stop_ids.contains(&tok) {
+            return Ok(Some(StopReason::Eos));
+        }
+        self.tokens.push(tok);
+        Ok(if !on_token(tok)? {
+            Some(StopReason::Callback)
+        } else if self.tokens.len() >= opts.max_new_tokens {
+            Some(StopReason::MaxTokens)
+        } else if context_full {
+            Some(StopReason::ContextFull)
+        } else {
+            None
+        })
+    }
+
     pub fn prefill_tok_s(&self) -> f64 {
         self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
     }
@@ -398,6 +435,18 @@ impl<'m> Session<'m> {
         Ok((h, st[1] as u32))
     }
 
+    /// Run `prompt` (one token or more) after the context and draw the next
+    /// token with the sampler of [`Session::set_sampling`] (the plain and the
+    /// speculative loops start alike; a draft model drafts with it).
+    pub fn advance(&mut self, prompt: &[u32]) -> Result<u32> {
+        if let [id] = prompt {
+            self.decode(*id)
+        } else {
+            let ws = self.forward_prompt(prompt)?;
+            self.sample_from(&ws.logits)
+        }
+    }
+
     /// Generate after `prompt` (appended to the current context). `on_token`
     /// sees each new token as it is produced and returns `false` to stop.
     pub fn generate(
@@ -412,43 +461,18 @@ impl<'m> Session<'m> {
         self.check_room(prompt.len())?;
         self.set_sampling(&opts.sampling)?;
         let t0 = Instant::now();
-        let mut out = GenerateOutput {
-            prompt_tokens: prompt.len(),
-            tokens: Vec::with_capacity(opts.max_new_tokens.min(self.capacity())),
-            stop: StopReason::MaxTokens,
-            prefill_secs: 0.0,
-            decode_secs: 0.0,
-            decode_steps: 0,
-        };
+        let mut out = GenerateOutput::new(prompt.len(), opts.max_new_tokens.min(self.capacity()));
         if opts.max_new_tokens == 0 {
             self.prefill(prompt)?;
             out.prefill_secs = t0.elapsed().as_secs_f64();
             return Ok(out);
         }
-        let mut tok = if let [id] = prompt {
-            self.decode(*id)?
-        } else {
-            let ws = self.forward_prompt(prompt)?;
-            self.sample_from(&ws.logits)?
-        };
+        let mut tok = self.advance(prompt)?;
         out.prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         loop {
-            if opts.stop_ids.contains(&tok) {
-                out.stop = StopReason::Eos;
-                break;
-            }
-            out.tokens.push(tok);
-            if !on_token(tok)? {
-                out.stop = StopReason::Callback;
-                break;
-            }
-            if out.tokens.len() >= opts.max_new_tokens {
-                out.stop = StopReason::MaxTokens;
-                break;
-            }
-            if self.kv.remaining() == 0 {
-                out.stop = StopReason::ContextFull;
+            if let Some(stop) = out.emit(tok, opts, self.kv.remaining() == 0, &mut on_token)? {
+                out.stop = stop;
                 break;
             }
             tok = self.decode(tok)?;

@@ -1,10 +1,13 @@
-//! fusebox-engine: the KV cache, sampling, and the generation loop.
+//! fusebox-engine: the KV cache, sampling, the generation loop and
+//! speculative decoding.
 
 pub mod generate;
 pub mod kv_cache;
 pub mod sampling;
+pub mod spec;
 pub mod verify;
 
 pub use generate::{GenerateOptions, GenerateOutput, ParityCheck, Session, StopReason};
 pub use kv_cache::KvCache;
 pub use sampling::{Sampler, SamplingParams};
+pub use spec::{DraftModel, PromptLookup, Proposer, SpecOptions, SpecStats, Speculation};

@@ -12,6 +12,7 @@ use fusebox_models::{Decoder, Model};
 use serde_json::json;
 
 use crate::common::{backend, human, DeviceArg};
+use crate::spec::SpecArgs;
 
 /// Measure prefill and decode speed, and compare decode with the memory
 /// roofline: weight (and KV-cache) bytes read per token over the copy
@@ -53,7 +54,20 @@ pub struct Args {
     /// by one, then all of them together.
     #[arg(long, value_name = "SITE")]
     pub ab: Option<String>,
-    /// Rounds of an --ab run (each round decodes once fused, once on the graph path).
+    /// With --spec: decode plainly and speculatively, alternating --rounds
+    /// times on the same prompt, and report both tok/s and their ratio.
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// The prompt as text (tokenized raw, no chat template; needs -m)
+    /// instead of --prompt-len random tokens.
+    #[arg(long, value_name = "TEXT", requires = "model")]
+    pub prompt_text: Option<String>,
+    /// Time one verify pass of k + 1 rows against one decode step, for
+    /// k = 0..=K, at the context --prompt-len leaves (the cost curve of
+    /// speculative decoding).
+    #[arg(long, value_name = "K")]
+    pub verify_curve: Option<usize>,
+    /// Rounds of an --ab or --spec run (each round decodes once each way).
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub rounds: usize,
     /// Where the JSON results go.
@@ -106,15 +120,18 @@ pub fn run(a: Args) -> Result<()> {
     if a.prompt_len == 0 || a.gen == 0 || a.reps == 0 {
         bail!("--prompt-len, --gen and --reps must be at least 1");
     }
+    a.spec.method()?;
+    if a.spec.method()?.is_some() && (a.ab.is_some() || a.verify_curve.is_some()) {
+        bail!("--spec, --ab and --verify-curve are separate measurements: give one");
+    }
     let be = backend(a.device, a.threads)?;
     let be = &*be;
-    let loaded;
+    let loaded = a.model.as_ref().map(|p| Model::load(p, be)).transpose()?;
     let synth;
     let (decoder, name): (&Decoder, String) = match (&a.model, &a.synthetic) {
         (Some(p), _) => {
-            loaded = Model::load(p, be)?;
             let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            (&loaded.decoder, stem)
+            (&loaded.as_ref().context("loaded above")?.decoder, stem)
         }
         (None, Some(shape)) => {
             let quant = Quant::parse(&a.quant)?;
@@ -139,7 +156,11 @@ pub fn run(a: Args) -> Result<()> {
     let bytes = weight_bytes + kv_bytes;
     let roofline = bw / bytes as f64;
 
-    let prompt = random_prompt(a.prompt_len, cfg.vocab_size);
+    let prompt = match (&a.prompt_text, &loaded) {
+        (Some(t), Some(m)) => m.tokenizer.encode(t, true)?,
+        _ => random_prompt(a.prompt_len, cfg.vocab_size),
+    };
+    let ctx = ctx.max(prompt.len() + a.gen);
     let opts = GenerateOptions { max_new_tokens: a.gen, stop_ids: vec![], sampling: SamplingParams::greedy() };
     let mut session = Session::new(decoder, be, ctx)?;
     eprintln!("fusebox: warm-up...");
@@ -148,6 +169,71 @@ pub fn run(a: Args) -> Result<()> {
         &GenerateOptions { max_new_tokens: 8, ..opts.clone() },
         |_| Ok(true),
     )?;
+    if let Some(k) = a.verify_curve {
+        let rows = crate::bench_spec::verify_curve(&mut session, &prompt, k, a.rounds.max(3))?;
+        let device = be.device_name();
+        let commit = git_commit();
+        println!("model           {name}");
+        println!("device          {device}");
+        println!("commit          {commit}");
+        println!("| k | rows | verify ms | decode ms | verify / decode |");
+        println!("|---|---|---|---|---|");
+        for r in &rows {
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+            println!(
+                "| {} | {} | {:.3} | {:.3} | {:.2} |",
+                r["k"],
+                r["rows"],
+                f("secs") * 1e3,
+                f("decode_secs") * 1e3,
+                f("ratio")
+            );
+        }
+        let result = json!({
+            "model": name, "device": device, "backend": be.name(), "commit": commit, "verify_curve": rows,
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "utc": fusebox_core::clock::Utc::now().stamp(), "prompt_len": prompt.len(),
+            "weight_bytes_per_token": weight_bytes, "copy_bandwidth_bytes_s": bw, "roofline_tok_s": roofline,
+        });
+        return write_result(&a.out_dir, &device, &format!("{name}-verify-curve"), &result);
+    }
+    if a.spec.method()?.is_some() {
+        let target = loaded.as_ref().context("--spec in bench needs -m PATH (a model with a tokenizer)")?;
+        let draft = a.spec.load_draft(be)?;
+        let mut spec = a.spec.build(target, draft.as_ref(), be, ctx)?.context("--spec is set")?;
+        let r = crate::bench_spec::spec_ab(&mut session, &mut spec, &prompt, &opts, a.rounds)?;
+        let device = be.device_name();
+        let commit = git_commit();
+        let m = |k: &str| r[k]["median"].as_f64().unwrap_or(0.0);
+        println!("model           {name}");
+        println!("device          {device}");
+        println!("commit          {commit}");
+        println!(
+            "plain           {:.1} tok/s median ({:.0}% of the roofline)",
+            m("plain_tok_s"),
+            100.0 * m("plain_tok_s") / roofline
+        );
+        println!("speculative     {:.1} tok/s median ({} k={})", m("spec_tok_s"), r["spec"]["method"], r["spec"]["k"]);
+        println!(
+            "ratio           {:.3} median ({:.3}-{:.3})",
+            m("ratio"),
+            r["ratio"]["min"].as_f64().unwrap_or(0.0),
+            r["ratio"]["max"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "acceptance      {:.2} drafts accepted per round, {:.1}% of drafts",
+            r["spec"]["mean_accepted"].as_f64().unwrap_or(0.0),
+            100.0 * r["acceptance_rate"].as_f64().unwrap_or(0.0)
+        );
+        let result = json!({
+            "model": name, "device": device, "backend": be.name(), "commit": commit, "spec_ab": r,
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "utc": fusebox_core::clock::Utc::now().stamp(), "prompt_len": prompt.len(), "gen": a.gen,
+            "rounds": a.rounds, "weight_bytes_per_token": weight_bytes, "copy_bandwidth_bytes_s": bw,
+            "roofline_tok_s": roofline,
+        });
+        return write_result(&a.out_dir, &device, &format!("{name}-spec"), &result);
+    }
     if let Some((ab, sites)) = ab {
         let ctx = AbRun { be, opts: &opts, prompt: &prompt, rounds: a.rounds };
         let mut rows = vec![];

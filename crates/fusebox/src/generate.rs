@@ -9,6 +9,7 @@ use fusebox_models::{Message, Model, StreamDecoder};
 use serde_json::json;
 
 use crate::common::{context_size, ChatArgs, ModelArgs, SamplingArgs};
+use crate::spec::SpecArgs;
 
 /// Generate text from a prompt, streaming it to stdout as it is produced.
 ///
@@ -46,6 +47,8 @@ pub struct Args {
     /// Print one JSON object (token ids, text, timings) instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub spec: SpecArgs,
 }
 
 /// The prompt's token ids (chat-templated unless told otherwise).
@@ -69,9 +72,11 @@ pub fn prompt_ids(model: &Model, a: &Args) -> Result<Vec<u32>> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    a.spec.method()?;
     let be = a.model.backend()?;
     let be = &*be;
     let model = Model::load(&a.model.model, be)?;
+    let draft = a.spec.load_draft(be)?;
     let cfg = model.config();
     let ctx = context_size(a.ctx_size, &model)?;
     let seed = a.sampling.seed();
@@ -87,6 +92,7 @@ pub fn run(a: Args) -> Result<()> {
     let stop_ids = if a.ignore_eos { vec![] } else { model.eos_token_ids() };
     let opts = GenerateOptions { max_new_tokens: a.max_tokens, stop_ids, sampling: sampling.clone() };
     let mut session = Session::new(&model.decoder, be, ctx)?;
+    let mut spec = a.spec.build(&model, draft.as_ref(), be, ctx)?;
     if !a.json {
         eprintln!(
             "fusebox: {} on {} | {} prompt tokens | seed {seed}",
@@ -99,7 +105,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut stream = StreamDecoder::new();
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
-    let out = session.generate(&prompt, &opts, |tok| {
+    let (out, stats) = session.generate_with(&prompt, &opts, spec.as_mut(), |tok| {
         if !json {
             if let Some(piece) = stream.push(&model.tokenizer, tok)? {
                 stdout.write_all(piece.as_bytes()).context("writing to stdout")?;
@@ -131,6 +137,10 @@ pub fn run(a: Args) -> Result<()> {
                 "decode_secs": out.decode_secs, "decode_tok_s": out.decode_tok_s(),
             },
         });
+        let mut v = v;
+        if let Some(st) = &stats {
+            v["spec"] = st.to_json();
+        }
         writeln!(stdout, "{v}")?;
     } else {
         if let Some(rest) = stream.flush(&model.tokenizer)? {
@@ -145,6 +155,9 @@ pub fn run(a: Args) -> Result<()> {
             out.decode_tok_s(),
             out.stop.as_str()
         );
+        if let Some(st) = &stats {
+            eprintln!("{}", st.summary());
+        }
     }
     Ok(())
 }

@@ -1,11 +1,13 @@
 //! The `fusebox` command-line interface.
 
 mod bench;
+mod bench_spec;
 mod common;
 mod generate;
 mod inspect;
 mod quantize;
 mod run;
+mod spec;
 mod tune;
 
 use std::process::ExitCode;

@@ -10,6 +10,7 @@ use fusebox_engine::{GenerateOptions, Session, StopReason};
 use fusebox_models::{Message, Model, StreamDecoder};
 
 use crate::common::{backend, context_size, ChatArgs, DeviceArg, SamplingArgs};
+use crate::spec::SpecArgs;
 
 /// The model `run` uses when none is given (fetched by scripts/fetch-assets.sh).
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -49,6 +50,8 @@ pub struct Args {
     /// CPU worker threads (0 = one per core).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
+    #[command(flatten)]
+    pub spec: SpecArgs,
 }
 
 fn default_model() -> Result<PathBuf> {
@@ -67,6 +70,7 @@ pub fn run(a: Args) -> Result<()> {
         Some(p) => p.clone(),
         None => default_model()?,
     };
+    a.spec.method()?;
     let be = backend(a.device, a.threads)?;
     let be = &*be;
     let model = Model::load(&path, be)?;
@@ -78,6 +82,8 @@ pub fn run(a: Args) -> Result<()> {
     let enable_thinking = a.chat.enable_thinking();
     let opts = GenerateOptions { max_new_tokens: a.max_tokens, stop_ids: model.eos_token_ids(), sampling };
     let mut session = Session::new(&model.decoder, be, ctx)?;
+    let draft = a.spec.load_draft(be)?;
+    let mut spec = a.spec.build(&model, draft.as_ref(), be, ctx)?;
     let mut history: Vec<Message> = a.chat.system.iter().map(|s| Message::new("system", s)).collect();
     let interactive = a.prompt.is_none();
     if interactive {
@@ -128,7 +134,7 @@ pub fn run(a: Args) -> Result<()> {
         session.truncate(keep);
         let mut stream = StreamDecoder::new();
         let mut out = std::io::stdout().lock();
-        let res = session.generate(&ids[keep..], &opts, |tok| {
+        let (res, stats) = session.generate_with(&ids[keep..], &opts, spec.as_mut(), |tok| {
             if let Some(piece) = stream.push(&model.tokenizer, tok)? {
                 out.write_all(piece.as_bytes())?;
                 out.flush()?;
@@ -152,6 +158,9 @@ pub fn run(a: Args) -> Result<()> {
             res.decode_tok_s(),
             if res.stop == StopReason::ContextFull { " | context full: /clear to start over" } else { "" }
         );
+        if let Some(st) = &stats {
+            eprintln!("[{}]", st.summary());
+        }
         if !interactive {
             break;
         }

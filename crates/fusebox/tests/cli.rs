@@ -234,6 +234,11 @@ fn help_explains_every_flag() {
         "--json",
         "--ctx-size",
         "--device",
+        "--spec",
+        "--draft",
+        "--spec-k",
+        "--spec-ngram-max",
+        "--spec-trace",
     ] {
         assert!(h.contains(flag), "generate --help lacks {flag}");
     }
@@ -454,4 +459,74 @@ fn walk_json(dir: &Path) -> PathBuf {
         }
     }
     panic!("no JSON under {}", dir.display())
+}
+
+fn json_of(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", stderr(o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn speculative_generate_matches_plain_greedy_and_reports_spec() {
+    let m = fixture("tiny-qwen3");
+    let d = fixture("tiny-llama");
+    let gen = |extra: &[&str]| {
+        let mut args =
+            vec!["generate", "-m", m.to_str().unwrap(), "-p", "Hello Hello", "-n", "48", "--temp", "0", "--json"];
+        args.extend_from_slice(extra);
+        json_of(&fusebox(&args))
+    };
+    let plain = gen(&[]);
+    assert!(plain.get("spec").is_none());
+    assert_eq!(plain["tokens"].as_array().unwrap().len(), 48);
+    let ngram = gen(&["--spec", "ngram", "--spec-k", "3"]);
+    let draft = gen(&["--draft", d.to_str().unwrap(), "--spec-trace"]);
+    for (j, method, k) in [(&ngram, "ngram", 3), (&draft, "draft", 8)] {
+        assert_eq!(j["tokens"], plain["tokens"], "{method}");
+        let s = &j["spec"];
+        assert_eq!(s["method"], method);
+        assert_eq!(s["k"], k);
+        for key in ["drafted", "accepted", "mean_accepted"] {
+            assert!(s[key].is_number(), "{method}: spec.{key} in {s}");
+        }
+    }
+    assert!(ngram["spec"]["rounds"].is_u64());
+    // --spec-trace: one entry per round, each proposal at most k long
+    let rounds = draft["spec"]["rounds"].as_array().unwrap();
+    assert!(!rounds.is_empty());
+    let acc: u64 = rounds.iter().map(|r| r["accepted"].as_u64().unwrap()).sum();
+    assert_eq!(acc, draft["spec"]["accepted"].as_u64().unwrap());
+    assert!(rounds.iter().all(|r| r["proposed"].as_array().unwrap().len() <= 8));
+    // streaming mode: a summary line on stderr
+    let o = generate(&m, &["--temp", "0", "--spec", "ngram"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("spec: ngram k=4"), "{}", stderr(&o));
+}
+
+#[test]
+fn speculative_flag_errors_are_clear() {
+    let m = fixture("tiny-qwen3");
+    assert_clean_error(&generate(&m, &["--spec", "draft"]), &["--spec draft needs --draft"]);
+    assert_clean_error(&generate(&m, &["--spec", "ngram", "--spec-k", "0"]), &["--spec-k"]);
+    assert_clean_error(&generate(&m, &["--spec", "ngram", "--spec-k", "40"]), &["--spec-k", "31"]);
+    assert_clean_error(&generate(&m, &["--spec-k", "4"]), &["--spec ngram|draft"]);
+    assert_clean_error(&generate(&m, &["--spec", "ngram", "--draft", "x"]), &["--draft is for --spec draft"]);
+    assert_clean_error(&generate(&m, &["--draft", "/no/such/draft"]), &["/no/such/draft"]);
+    // a draft with another vocabulary
+    let (_tmp, other) = copy_model("tiny-qwen3");
+    let cfg = other.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["vocab_size"] = 256.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    rewrite_weights(&other, |ts| {
+        for (name, _, shape, bytes) in ts.iter_mut() {
+            if name.contains("embed_tokens") || name.contains("lm_head") {
+                let row = bytes.len() / shape[0];
+                shape[0] = 256;
+                bytes.truncate(row * 256);
+            }
+        }
+    });
+    let o = generate(&m, &["--draft", other.to_str().unwrap()]);
+    assert_clean_error(&o, &["vocabulary of 256 tokens", "512", "share the target's tokenizer"]);
 }

@@ -1,0 +1,225 @@
+//! Speculative decoding: a proposer drafts up to `k` tokens, the target
+//! scores the pending token and the drafts in one verify pass
+//! ([`Session::verify`]), keeps the drafts it agrees with plus one token of
+//! its own, and the KV cache rolls back past the rest.
+//!
+//! A round over context `C` with pending token `t` (drawn, not yet run):
+//! drafts `d1..dn` (n <= k); verify `[t, d1..dn]` gives `n + 1` rows; the
+//! acceptance rule ([`accept`]) keeps `d1..da` and adds a bonus token `b`;
+//! the cache is cut back to `C, t, d1..da` and `b` is the next pending token.
+//! A round emits `a + 1` tokens for one target pass, so greedy output is
+//! plain greedy's token for token, only sooner.
+
+mod accept;
+pub mod draft;
+pub mod ngram;
+pub mod proposer;
+
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Result};
+use serde_json::{json, Value};
+
+pub use draft::DraftModel;
+pub use ngram::PromptLookup;
+pub use proposer::{Draft, ProposeCtx, Proposer};
+
+use crate::generate::{GenerateOptions, GenerateOutput, Session, StopReason};
+use crate::verify::MAX_VERIFY_ROWS;
+
+/// The most drafts one round may propose.
+pub const MAX_SPEC_K: usize = MAX_VERIFY_ROWS - 1;
+
+/// One round, as `--spec-trace` records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Round {
+    pub proposed: Vec<u32>,
+    pub accepted: usize,
+}
+
+/// What speculation did over one generation.
+#[derive(Clone, Debug)]
+pub struct SpecStats {
+    pub method: &'static str,
+    pub k: usize,
+    /// Verify passes (a round with no drafts is a one-row pass).
+    pub rounds: usize,
+    pub drafted: usize,
+    pub accepted: usize,
+    /// Every round in order, when tracing.
+    pub trace: Option<Vec<Round>>,
+}
+
+impl SpecStats {
+    fn new(method: &'static str, k: usize, trace: bool) -> SpecStats {
+        SpecStats { method, k, rounds: 0, drafted: 0, accepted: 0, trace: trace.then(Vec::new) }
+    }
+
+    /// Drafts accepted per round.
+    pub fn mean_accepted(&self) -> f64 {
+        self.accepted as f64 / self.rounds.max(1) as f64
+    }
+
+    /// Accepted drafts over proposed ones.
+    pub fn acceptance_rate(&self) -> f64 {
+        self.accepted as f64 / self.drafted.max(1) as f64
+    }
+
+    /// `{"method", "k", "rounds", "drafted", "accepted", "mean_accepted"}`;
+    /// with tracing, `rounds` is the list of rounds.
+    pub fn to_json(&self) -> Value {
+        let rounds = match &self.trace {
+            Some(t) => t.iter().map(|r| json!({"proposed": r.proposed, "accepted": r.accepted})).collect(),
+            None => json!(self.rounds),
+        };
+        json!({
+            "method": self.method, "k": self.k, "rounds": rounds, "drafted": self.drafted,
+            "accepted": self.accepted, "mean_accepted": self.mean_accepted(),
+        })
+    }
+
+    /// One line for stderr.
+    pub fn summary(&self) -> String {
+        format!(
+            "spec: {} k={} | {} rounds, {} drafted, {} accepted ({:.1}%), {:.2} accepted per round",
+            self.method,
+            self.k,
+            self.rounds,
+            self.drafted,
+            self.accepted,
+            100.0 * self.acceptance_rate(),
+            self.mean_accepted()
+        )
+    }
+}
+
+/// How to speculate.
+#[derive(Clone, Copy, Debug)]
+pub struct SpecOptions {
+    /// Drafts per round at most (1 to [`MAX_SPEC_K`]).
+    pub k: usize,
+    /// Record every round ([`SpecStats::trace`]).
+    pub trace: bool,
+}
+
+impl Session<'_> {
+    /// [`Session::generate`] with speculative decoding: the same tokens at
+    /// temperature 0, the same distribution otherwise, fewer target passes
+    /// when the proposer's drafts are accepted.
+    pub fn generate_speculative(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        spec: &SpecOptions,
+        proposer: &mut dyn Proposer,
+        mut on_token: impl FnMut(u32) -> Result<bool>,
+    ) -> Result<(GenerateOutput, SpecStats)> {
+        ensure!((1..=MAX_SPEC_K).contains(&spec.k), "--spec-k must be between 1 and {MAX_SPEC_K}, got {}", spec.k);
+        let mut stats = SpecStats::new(proposer.name(), spec.k, spec.trace);
+        if prompt.is_empty() {
+            bail!("the prompt is empty (no tokens)");
+        }
+        self.check_room(prompt.len())?;
+        self.set_sampling(&opts.sampling)?;
+        let t0 = Instant::now();
+        let mut out = GenerateOutput::new(prompt.len(), opts.max_new_tokens.min(self.capacity()));
+        if opts.max_new_tokens == 0 {
+            self.prefill(prompt)?;
+            out.prefill_secs = t0.elapsed().as_secs_f64();
+            return Ok((out, stats));
+        }
+        let mut pending = self.advance(prompt)?;
+        out.prefill_secs = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let start = self.kv.len; // the context before the first new token
+        let mut acceptor = accept::Acceptor::new(&opts.sampling);
+        let mut committed: Vec<u32> = Vec::with_capacity(self.capacity() + 1);
+        let mut rows: Vec<u32> = Vec::with_capacity(MAX_VERIFY_ROWS);
+        let mut argmax: Vec<i32> = Vec::with_capacity(MAX_VERIFY_ROWS);
+        let mut draft = Draft::default();
+        let mut stop = out.emit(pending, opts, self.kv.remaining() == 0, &mut on_token)?;
+        while stop.is_none() {
+            // room for the pending token and the drafts, and no drafts past the
+            // last token wanted (the bonus is always one more)
+            let k = spec.k.min(self.kv.remaining() - 1).min(opts.max_new_tokens - out.tokens.len() - 1);
+            committed.clear();
+            committed.extend_from_slice(&self.tokens);
+            committed.push(pending);
+            draft.clear();
+            if k > 0 {
+                let ctx = ProposeCtx { tokens: &committed, sampling: &opts.sampling, hidden: None };
+                proposer.propose(&ctx, k, &mut draft)?;
+                draft.tokens.truncate(k);
+            }
+            let vocab = self.model.cfg.vocab_size;
+            if let Some(&bad) = draft.tokens.iter().find(|&&t| t as usize >= vocab) {
+                bail!(
+                    "the {} proposer drafted token {bad}, outside the target's vocabulary of {vocab}",
+                    proposer.name()
+                );
+            }
+            rows.clear();
+            rows.push(pending);
+            rows.extend_from_slice(&draft.tokens);
+            let base = self.kv.len;
+            argmax.clear();
+            argmax.extend_from_slice(self.verify(&rows)?);
+            let (a, bonus) = acceptor.accept(self, &argmax, &committed, &draft)?;
+            self.truncate(base + 1 + a);
+            stats.rounds += 1;
+            stats.drafted += draft.tokens.len();
+            stats.accepted += a;
+            if let Some(t) = stats.trace.as_mut() {
+                t.push(Round { proposed: draft.tokens.clone(), accepted: a });
+            }
+            committed.extend_from_slice(&draft.tokens[..a]);
+            committed.push(bonus);
+            proposer.accepted(&committed, a)?;
+            for &tok in draft.tokens[..a].iter().chain(std::iter::once(&bonus)) {
+                out.decode_steps += 1;
+                // plain decoding would have run every emitted token but the
+                // last: the context is full when that leaves no room
+                let full = start + out.tokens.len() + 1 > self.capacity();
+                stop = out.emit(tok, opts, full, &mut on_token)?;
+                if stop.is_some() {
+                    break;
+                }
+            }
+            pending = bonus;
+        }
+        let stop = stop.expect("the loop ends on a stop");
+        // leave the cache as plain decoding would: every emitted token run
+        // but the last (and after a stop token, every emitted token)
+        let keep = out.tokens.len() - usize::from(stop != StopReason::Eos);
+        self.truncate(start + keep);
+        out.stop = stop;
+        out.decode_secs = t1.elapsed().as_secs_f64();
+        Ok((out, stats))
+    }
+}
+
+/// A proposer and how to use it: speculation as one optional argument.
+pub struct Speculation<'p> {
+    pub options: SpecOptions,
+    pub proposer: Box<dyn Proposer + 'p>,
+}
+
+impl Session<'_> {
+    /// [`Session::generate`], or [`Session::generate_speculative`] when
+    /// `spec` is given.
+    pub fn generate_with(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        spec: Option<&mut Speculation<'_>>,
+        on_token: impl FnMut(u32) -> Result<bool>,
+    ) -> Result<(GenerateOutput, Option<SpecStats>)> {
+        match spec {
+            None => Ok((self.generate(prompt, opts, on_token)?, None)),
+            Some(s) => {
+                let (out, stats) = self.generate_speculative(prompt, opts, &s.options, &mut *s.proposer, on_token)?;
+                Ok((out, Some(stats)))
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The speculative decoding flags shared by `generate`, `run` and `bench`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use fusebox_core::Backend;
+use fusebox_engine::spec::MAX_SPEC_K;
+use fusebox_engine::{DraftModel, PromptLookup, SpecOptions, Speculation};
+use fusebox_models::Model;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SpecMethod {
+    /// Prompt lookup: draft the continuation of the latest earlier
+    /// occurrence of the last tokens in the prompt and output (no weights).
+    Ngram,
+    /// A draft model (--draft) sharing the target's tokenizer.
+    Draft,
+}
+
+/// Speculative decoding: a cheap proposer drafts tokens and the model checks
+/// them all in one pass. Greedy output is unchanged token for token; sampled
+/// output keeps the model's distribution (rejection sampling).
+#[derive(Args, Debug, Default)]
+pub struct SpecArgs {
+    /// Speculative decoding method: ngram (prompt lookup) or draft (a
+    /// smaller model, --draft). Off by default.
+    #[arg(long, value_enum, value_name = "METHOD")]
+    pub spec: Option<SpecMethod>,
+    /// The draft model for --spec draft (implies it): a model directory or
+    /// .gguf file with the target's tokenizer.
+    #[arg(long, value_name = "PATH")]
+    pub draft: Option<PathBuf>,
+    /// Tokens drafted per round, 1 to 31 (default: 4 for ngram, 8 for draft).
+    #[arg(long, value_name = "N")]
+    pub spec_k: Option<usize>,
+    /// --spec ngram: the longest suffix matched (tried down to 1 token).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub spec_ngram_max: usize,
+    /// Record every round: --json's spec.rounds becomes a list of
+    /// {"proposed": [ids], "accepted": n}.
+    #[arg(long)]
+    pub spec_trace: bool,
+}
+
+impl SpecArgs {
+    /// The method the flags ask for, checked (`None`: no speculation).
+    pub fn method(&self) -> Result<Option<SpecMethod>> {
+        let m = match (self.spec, &self.draft) {
+            (None, Some(_)) | (Some(SpecMethod::Draft), Some(_)) => Some(SpecMethod::Draft),
+            (Some(SpecMethod::Draft), None) => {
+                bail!("--spec draft needs --draft PATH (a model with the same tokenizer)")
+            }
+            (Some(SpecMethod::Ngram), Some(_)) => bail!("--draft is for --spec draft, not --spec ngram"),
+            (m, None) => m,
+        };
+        if m.is_none() && (self.spec_k.is_some() || self.spec_trace) {
+            bail!("--spec-k and --spec-trace need --spec ngram|draft");
+        }
+        if let Some(k) = self.spec_k {
+            if !(1..=MAX_SPEC_K).contains(&k) {
+                bail!("--spec-k must be between 1 and {MAX_SPEC_K}, got {k}");
+            }
+        }
+        if self.spec_ngram_max == 0 {
+            bail!("--spec-ngram-max must be at least 1");
+        }
+        Ok(m)
+    }
+
+    /// Load the draft model, when there is one.
+    pub fn load_draft(&self, be: &dyn Backend) -> Result<Option<Model>> {
+        match (self.method()?, &self.draft) {
+            (Some(SpecMethod::Draft), Some(p)) => {
+                Ok(Some(Model::load(p, be).with_context(|| format!("loading the draft model {}", p.display()))?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The speculation for `target` (`None` without --spec), with the draft
+    /// model [`SpecArgs::load_draft`] loaded.
+    pub fn build<'m>(
+        &self,
+        target: &Model,
+        draft: Option<&'m Model>,
+        be: &'m dyn Backend,
+        ctx: usize,
+    ) -> Result<Option<Speculation<'m>>> {
+        let Some(method) = self.method()? else { return Ok(None) };
+        let (k, proposer): (usize, Box<dyn fusebox_engine::Proposer + 'm>) = match method {
+            SpecMethod::Ngram => (4, Box::new(PromptLookup::new(self.spec_ngram_max)?)),
+            SpecMethod::Draft => {
+                let d = draft.context("--spec draft: the draft model is not loaded")?;
+                (8, Box::new(DraftModel::new(target, d, be, ctx)?))
+            }
+        };
+        Ok(Some(Speculation { options: SpecOptions { k: self.spec_k.unwrap_or(k), trace: self.spec_trace }, proposer }))
+    }
+}
