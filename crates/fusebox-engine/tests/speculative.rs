@@ -204,3 +204,184 @@ fn speculation_errors_are_clear() {
     }
     assert!(PromptLookup::new(0).is_err());
 }
+
+/// The target drafting for itself at a higher temperature: its `q` is
+/// close to the target's `p` but not equal, so the rejection rule both
+/// accepts and resamples.
+struct Hotter<'m>(DraftModel<'m>);
+
+impl Proposer for Hotter<'_> {
+    fn name(&self) -> &'static str {
+        "hot"
+    }
+    fn propose(&mut self, ctx: &ProposeCtx<'_>, k: usize, draft: &mut Draft) -> anyhow::Result<()> {
+        let sampling = SamplingParams { temperature: ctx.sampling.temperature * 1.6, ..ctx.sampling.clone() };
+        self.0.propose(&ProposeCtx { sampling: &sampling, ..*ctx }, k, draft)
+    }
+}
+
+/// Pearson's chi-square of `counts` against `probs` (buckets expected below
+/// 5 draws lumped into one), and its critical value at p = 0.001
+/// (Wilson-Hilferty).
+fn chi_square(counts: &[u64], probs: &[f64]) -> (f64, f64, usize) {
+    let n: u64 = counts.iter().sum();
+    let (mut chi, mut buckets, mut rest_o, mut rest_e) = (0f64, 0usize, 0f64, 0f64);
+    for (&c, &p) in counts.iter().zip(probs) {
+        let e = p * n as f64;
+        if e >= 5.0 {
+            chi += (c as f64 - e).powi(2) / e;
+            buckets += 1;
+        } else {
+            rest_o += c as f64;
+            rest_e += e;
+        }
+    }
+    if rest_e > 0.0 {
+        chi += (rest_o - rest_e).powi(2) / rest_e.max(1e-9);
+        buckets += 1;
+    }
+    let df = (buckets - 1) as f64;
+    let z = 3.09; // one-sided 0.001
+    let crit = df * (1.0 - 2.0 / (9.0 * df) + z * (2.0 / (9.0 * df)).sqrt()).powi(3);
+    (chi, crit, buckets)
+}
+
+#[test]
+fn sampled_first_token_follows_the_target_distribution() {
+    let be = cpu();
+    let target = load("tiny-qwen3", &be);
+    let other = load("tiny-llama", &be);
+    let vocab = target.config().vocab_size;
+    let prompt = prompt(vocab);
+    let (ctx, pending) = (&prompt[..prompt.len() - 1], prompt[prompt.len() - 1]);
+    // the target's distribution after the whole prompt, from a full forward pass
+    let logits = fusebox_engine::generate::full_logits(&target.decoder, &be, &prompt).unwrap();
+    let last = &logits[(prompt.len() - 1) * vocab..];
+    let settings = [
+        SamplingParams { temperature: 1.0, ..SamplingParams::greedy() },
+        SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, repeat_penalty: 1.3, ..SamplingParams::greedy() },
+    ];
+    const DRAWS: u64 = 3000;
+    for params in settings {
+        let mut want = Vec::new();
+        let hist: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+        fusebox_core::sample::probabilities(
+            last,
+            &params.encode(),
+            &hist,
+            &mut fusebox_core::sample::Scratch::default(),
+            &mut want,
+        );
+        let want: Vec<f64> = want.iter().map(|&p| p as f64).collect();
+        for method in ["ngram", "self", "hot", "foreign"] {
+            let mut s = Session::new(&target.decoder, &be, 128).unwrap();
+            s.prefill(ctx).unwrap();
+            let base = s.kv.len;
+            let mut ng = PromptLookup::new(3).unwrap();
+            let mut own = DraftModel::new(&target, &target, &be, 128).unwrap();
+            let mut foreign = DraftModel::new(&target, &other, &be, 128).unwrap();
+            let mut hot = Hotter(DraftModel::new(&target, &target, &be, 128).unwrap());
+            let p: &mut dyn Proposer = match method {
+                "ngram" => &mut ng,
+                "self" => &mut own,
+                "hot" => &mut hot,
+                _ => &mut foreign,
+            };
+            let mut counts = vec![0u64; vocab];
+            let mut accepted = 0;
+            for seed in 0..DRAWS {
+                s.truncate(base);
+                let sp = SamplingParams { seed, ..params.clone() };
+                let r = s.speculative_round(pending, 4, &sp, p).unwrap();
+                let first = if r.accepted > 0 { r.proposed[0] } else { r.bonus };
+                counts[first as usize] += 1;
+                accepted += r.accepted;
+            }
+            let (chi, crit, buckets) = chi_square(&counts, &want);
+            eprintln!(
+                "{method} T={} top_k={}: chi-square {chi:.1} over {buckets} buckets (critical {crit:.1}), {:.2} accepted per round",
+                params.temperature,
+                params.top_k,
+                accepted as f64 / DRAWS as f64
+            );
+            assert!(buckets >= 3, "{method}: too few buckets to test");
+            assert!(
+                chi < crit,
+                "{method}: chi-square {chi:.1} >= {crit:.1}: the first token is not distributed as the target's"
+            );
+            if method == "hot" {
+                // q overlaps p without equalling it: some drafts pass, some are resampled
+                let rate = accepted as f64 / DRAWS as f64;
+                assert!(rate > 0.3 && rate < 3.5, "{method}: {rate:.2} accepted per round");
+            }
+            if method == "self" {
+                assert!(
+                    accepted as f64 / DRAWS as f64 > 3.0,
+                    "{method}: a model drafting for itself should be accepted"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sampled_speculation_is_reproducible_with_a_seed() {
+    let be = cpu();
+    let target = load("tiny-qwen3", &be);
+    let draft = load("tiny-llama", &be);
+    let prompt = prompt(target.config().vocab_size);
+    let sampling = SamplingParams { temperature: 0.8, top_p: 0.95, seed: 42, ..SamplingParams::greedy() };
+    let opts = GenerateOptions { max_new_tokens: 64, stop_ids: vec![], sampling };
+    for draft_model in [false, true] {
+        let run = || {
+            let mut dm = DraftModel::new(&target, &draft, &be, 256).unwrap();
+            let mut ng = PromptLookup::new(3).unwrap();
+            let p: &mut dyn Proposer = if draft_model { &mut dm } else { &mut ng };
+            spec(&target, &be, &prompt, &opts, 256, 4, p).0.tokens
+        };
+        let (a, b) = (run(), run());
+        assert_eq!(a.len(), 64);
+        assert_eq!(a, b, "draft model {draft_model}: the same seed gave different tokens");
+    }
+}
+
+#[test]
+fn smollm2_prompt_lookup_on_an_edit_request_equals_plain_greedy() {
+    let Some(path) = common::smollm2("smollm2_prompt_lookup_on_an_edit_request_equals_plain_greedy") else { return };
+    let be = cpu();
+    let model = Model::load(&path, &be).unwrap();
+    let prompt = common::chat_prompt(&model, common::EDIT_PROMPT);
+    let (want, _) = plain(&model, &be, &prompt, &greedy(N), 1024);
+    for k in [1, 4, 8, 16] {
+        let mut p = PromptLookup::new(3).unwrap();
+        let (got, stats, _) = spec(&model, &be, &prompt, &greedy(N), 1024, k, &mut p);
+        let what = format!("SmolLM2 ngram k={k}");
+        assert_eq!(got.tokens, want.tokens, "{what}: tokens differ");
+        eprintln!("{what}: {}", stats.summary());
+        // the answer copies a ~60-token paragraph from the prompt (then, past
+        // its end-of-sequence token, rambles)
+        if k >= 4 {
+            assert!(stats.accepted >= 40, "{what}: the paragraph should be found in the prompt: {}", stats.summary());
+        }
+    }
+}
+
+#[test]
+fn smollm2_q4_1_drafting_for_its_f32_dequantization_equals_plain_greedy() {
+    let Some(path) = common::smollm2("smollm2_q4_1_drafting_for_its_f32_dequantization_equals_plain_greedy") else {
+        return;
+    };
+    let be = cpu();
+    let target = Model::load_with(&path, &be, true).unwrap();
+    let draft = Model::load(&path, &be).unwrap();
+    let prompt = common::chat_prompt(&target, "Write a short story about a lighthouse keeper and a storm.");
+    let (want, _) = plain(&target, &be, &prompt, &greedy(N), 1024);
+    for k in [1, 4, 8, 16] {
+        let mut p = DraftModel::new(&target, &draft, &be, 1024).unwrap();
+        let (got, stats, _) = spec(&target, &be, &prompt, &greedy(N), 1024, k, &mut p);
+        let what = format!("SmolLM2 f32 drafted by Q4_1 k={k}");
+        assert_eq!(got.tokens, want.tokens, "{what}: tokens differ");
+        eprintln!("{what}: {}", stats.summary());
+        assert!(stats.acceptance_rate() > 0.5, "{what}: {}", stats.summary());
+    }
+}

@@ -35,12 +35,18 @@ impl Model {
     /// Load a model onto a backend: a Hugging Face / MLX model directory, or
     /// a `.gguf` file.
     pub fn load(path: &Path, be: &dyn Backend) -> Result<Model> {
+        Self::load_with(path, be, false)
+    }
+
+    /// [`Model::load`], with every weight dequantized to f32 at load when
+    /// `f32` is set (a quantized checkpoint's full-precision reference).
+    pub fn load_with(path: &Path, be: &dyn Backend, f32: bool) -> Result<Model> {
         if !path.exists() {
             bail!("{}: no such file or directory", path.display());
         }
         if path.is_file() {
             if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-                return Self::load_gguf(path, be);
+                return Self::load_gguf(path, be, f32);
             }
             bail!(
                 "{}: expected a model directory (config.json, tokenizer.json, *.safetensors) or a .gguf file",
@@ -53,13 +59,17 @@ impl Model {
         let chat_template = ChatTemplate::from_tokenizer_config(&path.join("tokenizer_config.json"))?;
         let ck = safetensors::Checkpoint::open_dir(path)?;
         let src = safetensors::SafetensorsSource { ck: &ck, quant: cfg.quantization.as_ref() };
-        let decoder = Decoder::load(cfg.clone(), &src, be)?;
+        let decoder = if f32 {
+            Decoder::load(cfg.clone(), &source::Dequantized(&src), be)?
+        } else {
+            Decoder::load(cfg.clone(), &src, be)?
+        };
         Ok(Model { path: path.to_path_buf(), decoder, tokenizer, chat_template, generation })
     }
 
     /// Load a GGUF file: weights, config, tokenizer and chat template all
     /// come from the one file.
-    pub fn load_gguf(path: &Path, be: &dyn Backend) -> Result<Model> {
+    pub fn load_gguf(path: &Path, be: &dyn Backend, f32: bool) -> Result<Model> {
         let file = gguf::GgufFile::open(path)?;
         let cfg = gguf::model_config(&file)?;
         let tokenizer = gguf::tokenizer(&file)?;
@@ -72,7 +82,9 @@ impl Model {
             None => None,
         };
         // llama.cpp's `rope_freqs.weight` is already folded into cfg.rope_scaling
-        let decoder = Decoder::load(cfg, &gguf::GgufSource::new(&file), be)?;
+        let src = gguf::GgufSource::new(&file);
+        let decoder =
+            if f32 { Decoder::load(cfg, &source::Dequantized(&src), be)? } else { Decoder::load(cfg, &src, be)? };
         Ok(Model {
             path: path.to_path_buf(),
             decoder,

@@ -33,6 +33,10 @@ pub struct Args {
     /// qwen3-0.6b, qwen3-8b, qwen3-30b-a3b or llama-3.1-8b.
     #[arg(long, value_name = "SHAPE")]
     pub synthetic: Option<String>,
+    /// Dequantize every weight of -m to f32 at load (a quantized model's
+    /// full-precision reference).
+    #[arg(long, requires = "model")]
+    pub f32: bool,
     /// Weight format of a synthetic model: bf16, q4g64 or q8g64 (MLX affine).
     #[arg(long, default_value = "bf16", value_name = "FORMAT")]
     pub quant: String,
@@ -126,7 +130,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let be = backend(a.device, a.threads)?;
     let be = &*be;
-    let loaded = a.model.as_ref().map(|p| Model::load(p, be)).transpose()?;
+    let loaded = a.model.as_ref().map(|p| Model::load_with(p, be, a.f32)).transpose()?;
     let synth;
     let (decoder, name): (&Decoder, String) = match (&a.model, &a.synthetic) {
         (Some(p), _) => {

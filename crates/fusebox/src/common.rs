@@ -49,9 +49,18 @@ pub struct ModelArgs {
     /// CPU worker threads (0 = one per core).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
+    /// Dequantize every weight to f32 at load: a quantized model's
+    /// full-precision reference (4 bytes a parameter, slow).
+    #[arg(long)]
+    pub f32: bool,
 }
 
 impl ModelArgs {
+    /// Load the model on `be` (dequantized with --f32).
+    pub fn load(&self, be: &dyn Backend) -> Result<fusebox_models::Model> {
+        fusebox_models::Model::load_with(&self.model, be, self.f32)
+    }
+
     pub fn backend(&self) -> Result<Box<dyn Backend>> {
         backend(self.device, self.threads)
     }

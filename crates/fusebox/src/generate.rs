@@ -75,7 +75,7 @@ pub fn run(a: Args) -> Result<()> {
     a.spec.method()?;
     let be = a.model.backend()?;
     let be = &*be;
-    let model = Model::load(&a.model.model, be)?;
+    let model = a.model.load(be)?;
     let draft = a.spec.load_draft(be)?;
     let cfg = model.config();
     let ctx = context_size(a.ctx_size, &model)?;

@@ -4,7 +4,6 @@ use anyhow::Result;
 use clap::Args as ClapArgs;
 use fusebox_core::fusion::{Site, Source, SITES};
 use fusebox_core::RopeScaling;
-use fusebox_models::Model;
 use serde_json::json;
 
 use crate::common::{human, ModelArgs};
@@ -36,7 +35,7 @@ fn count(n: usize) -> String {
 pub fn run(a: Args) -> Result<()> {
     let be = a.model.backend()?;
     let be = &*be;
-    let model = Model::load(&a.model.model, be)?;
+    let model = a.model.load(be)?;
     let d = &model.decoder;
     let c = &d.cfg;
     let params = d.parameter_count();

@@ -18,6 +18,7 @@ pub mod proposer;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
+use fusebox_core::sample::SamplingParams;
 use serde_json::{json, Value};
 
 pub use draft::DraftModel;
@@ -102,7 +103,84 @@ pub struct SpecOptions {
     pub trace: bool,
 }
 
+/// Buffers reused round after round.
+#[derive(Default)]
+struct RoundBufs {
+    committed: Vec<u32>,
+    rows: Vec<u32>,
+    argmax: Vec<i32>,
+    draft: Draft,
+}
+
+/// What one round did ([`Session::speculative_round`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoundOutcome {
+    pub proposed: Vec<u32>,
+    pub accepted: usize,
+    /// The target's own token after the accepted drafts (the next pending one).
+    pub bonus: u32,
+}
+
 impl Session<'_> {
+    /// One round after the context with `pending` drawn but not yet run:
+    /// draft up to `k` tokens, verify, accept, roll back. The cache then
+    /// holds the context, `pending` and the accepted drafts. Returns the
+    /// number accepted and the bonus token.
+    fn round(
+        &mut self,
+        pending: u32,
+        k: usize,
+        sampling: &SamplingParams,
+        proposer: &mut dyn Proposer,
+        acceptor: &mut accept::Acceptor,
+        b: &mut RoundBufs,
+    ) -> Result<(usize, u32)> {
+        b.committed.clear();
+        b.committed.extend_from_slice(&self.tokens);
+        b.committed.push(pending);
+        b.draft.clear();
+        if k > 0 {
+            let ctx = ProposeCtx { tokens: &b.committed, sampling, hidden: None };
+            proposer.propose(&ctx, k, &mut b.draft)?;
+            b.draft.tokens.truncate(k);
+            b.draft.q.truncate(k);
+        }
+        let vocab = self.model.cfg.vocab_size;
+        if let Some(&bad) = b.draft.tokens.iter().find(|&&t| t as usize >= vocab) {
+            bail!("the {} proposer drafted token {bad}, outside the target's vocabulary of {vocab}", proposer.name());
+        }
+        b.rows.clear();
+        b.rows.push(pending);
+        b.rows.extend_from_slice(&b.draft.tokens);
+        let base = self.kv.len;
+        b.argmax.clear();
+        b.argmax.extend_from_slice(self.verify(&b.rows)?);
+        let (a, bonus) = acceptor.accept(self, &b.argmax, &b.committed, &b.draft)?;
+        self.truncate(base + 1 + a);
+        b.committed.extend_from_slice(&b.draft.tokens[..a]);
+        b.committed.push(bonus);
+        proposer.accepted(&b.committed, a)?;
+        Ok((a, bonus))
+    }
+
+    /// One speculative round on its own (for tests and tools): `pending`
+    /// follows the context, drawn but not yet run. The acceptance stream
+    /// starts afresh from `sampling.seed`.
+    pub fn speculative_round(
+        &mut self,
+        pending: u32,
+        k: usize,
+        sampling: &SamplingParams,
+        proposer: &mut dyn Proposer,
+    ) -> Result<RoundOutcome> {
+        ensure!((1..=MAX_SPEC_K).contains(&k), "--spec-k must be between 1 and {MAX_SPEC_K}, got {k}");
+        self.check_room(k + 1)?;
+        let mut b = RoundBufs::default();
+        let (accepted, bonus) =
+            self.round(pending, k, sampling, proposer, &mut accept::Acceptor::new(sampling), &mut b)?;
+        Ok(RoundOutcome { proposed: b.draft.tokens, accepted, bonus })
+    }
+
     /// [`Session::generate`] with speculative decoding: the same tokens at
     /// temperature 0, the same distribution otherwise, fewer target passes
     /// when the proposer's drafts are accepted.
@@ -133,48 +211,20 @@ impl Session<'_> {
         let t1 = Instant::now();
         let start = self.kv.len; // the context before the first new token
         let mut acceptor = accept::Acceptor::new(&opts.sampling);
-        let mut committed: Vec<u32> = Vec::with_capacity(self.capacity() + 1);
-        let mut rows: Vec<u32> = Vec::with_capacity(MAX_VERIFY_ROWS);
-        let mut argmax: Vec<i32> = Vec::with_capacity(MAX_VERIFY_ROWS);
-        let mut draft = Draft::default();
+        let mut bufs = RoundBufs::default();
         let mut stop = out.emit(pending, opts, self.kv.remaining() == 0, &mut on_token)?;
         while stop.is_none() {
             // room for the pending token and the drafts, and no drafts past the
             // last token wanted (the bonus is always one more)
             let k = spec.k.min(self.kv.remaining() - 1).min(opts.max_new_tokens - out.tokens.len() - 1);
-            committed.clear();
-            committed.extend_from_slice(&self.tokens);
-            committed.push(pending);
-            draft.clear();
-            if k > 0 {
-                let ctx = ProposeCtx { tokens: &committed, sampling: &opts.sampling, hidden: None };
-                proposer.propose(&ctx, k, &mut draft)?;
-                draft.tokens.truncate(k);
-            }
-            let vocab = self.model.cfg.vocab_size;
-            if let Some(&bad) = draft.tokens.iter().find(|&&t| t as usize >= vocab) {
-                bail!(
-                    "the {} proposer drafted token {bad}, outside the target's vocabulary of {vocab}",
-                    proposer.name()
-                );
-            }
-            rows.clear();
-            rows.push(pending);
-            rows.extend_from_slice(&draft.tokens);
-            let base = self.kv.len;
-            argmax.clear();
-            argmax.extend_from_slice(self.verify(&rows)?);
-            let (a, bonus) = acceptor.accept(self, &argmax, &committed, &draft)?;
-            self.truncate(base + 1 + a);
+            let (a, bonus) = self.round(pending, k, &opts.sampling, proposer, &mut acceptor, &mut bufs)?;
+            let draft = &bufs.draft;
             stats.rounds += 1;
             stats.drafted += draft.tokens.len();
             stats.accepted += a;
             if let Some(t) = stats.trace.as_mut() {
                 t.push(Round { proposed: draft.tokens.clone(), accepted: a });
             }
-            committed.extend_from_slice(&draft.tokens[..a]);
-            committed.push(bonus);
-            proposer.accepted(&committed, a)?;
             for &tok in draft.tokens[..a].iter().chain(std::iter::once(&bonus)) {
                 out.decode_steps += 1;
                 // plain decoding would have run every emitted token but the

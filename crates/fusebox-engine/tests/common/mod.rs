@@ -33,3 +33,19 @@ pub fn load(name: &str, be: &dyn Backend) -> Model {
 pub fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     fusebox_core::dtype::random_tokens(n, vocab, seed)
 }
+
+/// The SmolLM2-135M-Instruct Q4_1 asset, or `None` after printing why `test` skips.
+pub fn smollm2(test: &str) -> Option<std::path::PathBuf> {
+    fusebox_core::fixtures::asset_or_skip("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf", test)
+}
+
+/// `text` as a user message in the model's chat template, tokenized.
+pub fn chat_prompt(model: &Model, text: &str) -> Vec<u32> {
+    let t = model.chat_template.as_ref().expect("the model has a chat template");
+    let s = t.render(&[fusebox_models::Message::new("user", text)], true, None).unwrap();
+    model.tokenizer.encode(&s, false).unwrap()
+}
+
+/// A prompt that asks for a paragraph back with one word changed: prompt
+/// lookup's best case.
+pub const EDIT_PROMPT: &str = "Repeat the following paragraph word for word, changing only 'Tuesday' to 'Friday'. Paragraph: On Tuesday morning the library opened an hour late because the heating had failed overnight. The staff set up a table of hot drinks by the entrance, and the children's reading group moved into the sunny room upstairs, where they read stories about dragons, ships and faraway islands until lunch.";
