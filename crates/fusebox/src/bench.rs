@@ -8,7 +8,7 @@ use fusebox_core::fusion::{BackendKind, Site, SITES};
 use fusebox_core::Backend;
 use fusebox_engine::{GenerateOptions, SamplingParams, Session};
 use fusebox_models::synthetic::{self, Quant, SyntheticSource};
-use fusebox_models::{Decoder, Model};
+use fusebox_models::{Decoder, Message, Model};
 use serde_json::json;
 
 use crate::common::{backend, human, DeviceArg};
@@ -62,8 +62,8 @@ pub struct Args {
     /// times on the same prompt, and report both tok/s and their ratio.
     #[command(flatten)]
     pub spec: SpecArgs,
-    /// The prompt as text (tokenized raw, no chat template; needs -m)
-    /// instead of --prompt-len random tokens.
+    /// The prompt as text, a user message in the model's chat template
+    /// (raw when it has none; needs -m), instead of --prompt-len random tokens.
     #[arg(long, value_name = "TEXT", requires = "model")]
     pub prompt_text: Option<String>,
     /// Time one verify pass of k + 1 rows against one decode step, for
@@ -161,7 +161,10 @@ pub fn run(a: Args) -> Result<()> {
     let roofline = bw / bytes as f64;
 
     let prompt = match (&a.prompt_text, &loaded) {
-        (Some(t), Some(m)) => m.tokenizer.encode(t, true)?,
+        (Some(t), Some(m)) => match &m.chat_template {
+            Some(tpl) => m.tokenizer.encode(&tpl.render(&[Message::new("user", t)], true, None)?, false)?,
+            None => m.tokenizer.encode(t, true)?,
+        },
         _ => random_prompt(a.prompt_len, cfg.vocab_size),
     };
     let ctx = ctx.max(prompt.len() + a.gen);

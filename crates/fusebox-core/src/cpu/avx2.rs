@@ -127,3 +127,149 @@ pub unsafe fn affine_row(words: &[u32], x: &[f32], bits: u32, group: usize, sb: 
     }
     hsum(acc)
 }
+
+// Several inputs against one packed row (speculative verify passes): the row
+// is dequantized once into f32 with the very FMA the row kernels above use,
+// then [`dot_blocks`] multiplies it into each input with their accumulation,
+// so every result is bitwise the row kernel's.
+
+/// `out = q * d + bias` for a row of Q4_0 / Q4_1 blocks, as [`q4_row`] computes it.
+///
+/// # Safety
+/// As [`q4_row`]; `out.len() >= 32 * blocks`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4_dequant(row: &[u8], q4_1: bool, out: &mut [f32]) {
+    let ts = if q4_1 { 20 } else { 18 };
+    let off = if q4_1 { 4 } else { 2 };
+    let mask = _mm_set1_epi8(0x0f);
+    for (bi, blk) in row.chunks_exact(ts).enumerate() {
+        let d = f16(blk, 0);
+        let bias = if q4_1 { f16(blk, 2) } else { -8.0 * d };
+        let qs = _mm_loadu_si128(blk.as_ptr().add(off) as *const __m128i);
+        let lo = _mm_and_si128(qs, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+        let q = [u8x8(lo), u8x8(_mm_srli_si128(lo, 8)), u8x8(hi), u8x8(_mm_srli_si128(hi, 8))];
+        store(q, _mm256_set1_ps(d), _mm256_set1_ps(bias), out.as_mut_ptr().add(32 * bi));
+    }
+}
+
+/// `out = q * d` for a row of Q8_0 blocks, as [`q8_0_row`] computes it.
+///
+/// # Safety
+/// As [`q4_dequant`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_0_dequant(row: &[u8], out: &mut [f32]) {
+    let zero = _mm256_setzero_ps();
+    for (bi, blk) in row.chunks_exact(34).enumerate() {
+        let p = blk.as_ptr().add(2);
+        let mut q = [zero; 4];
+        for (k, qk) in q.iter_mut().enumerate() {
+            let v = _mm_loadl_epi64(p.add(8 * k) as *const __m128i);
+            *qk = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        }
+        store(q, _mm256_set1_ps(f16(blk, 0)), zero, out.as_mut_ptr().add(32 * bi));
+    }
+}
+
+/// `out = q * s + b` for a row of MLX affine 4- or 8-bit words, as [`affine_row`] computes it.
+///
+/// # Safety
+/// As [`affine_row`]; `out.len() >= cols`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn affine_dequant(
+    words: &[u32],
+    bits: u32,
+    group: usize,
+    sb: impl Fn(usize) -> (f32, f32),
+    out: &mut [f32],
+) {
+    let mask = _mm_set1_epi8(0x0f);
+    let bytes = words.as_ptr() as *const u8;
+    let chunks = words.len() * 32 / bits as usize / 32;
+    let per_group = group / 32;
+    for g in 0..chunks / per_group {
+        let (sc, bi) = sb(g);
+        let (s, b) = (_mm256_set1_ps(sc), _mm256_set1_ps(bi));
+        for c in g * per_group..(g + 1) * per_group {
+            let q = if bits == 4 {
+                let v = _mm_loadu_si128(bytes.add(16 * c) as *const __m128i);
+                let lo = _mm_and_si128(v, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                let a = _mm_unpacklo_epi8(lo, hi);
+                let z = _mm_unpackhi_epi8(lo, hi);
+                [u8x8(a), u8x8(_mm_srli_si128(a, 8)), u8x8(z), u8x8(_mm_srli_si128(z, 8))]
+            } else {
+                let p = bytes.add(32 * c);
+                [
+                    u8x8(_mm_loadl_epi64(p as *const __m128i)),
+                    u8x8(_mm_loadl_epi64(p.add(8) as *const __m128i)),
+                    u8x8(_mm_loadl_epi64(p.add(16) as *const __m128i)),
+                    u8x8(_mm_loadl_epi64(p.add(24) as *const __m128i)),
+                ]
+            };
+            store(q, s, b, out.as_mut_ptr().add(32 * c));
+        }
+    }
+}
+
+/// The dequantized values of one block: `out[8k..8k+8] = q[k] * s + b`.
+#[inline(always)]
+unsafe fn store(q: [__m256; 4], s: __m256, b: __m256, out: *mut f32) {
+    for (k, &qk) in q.iter().enumerate() {
+        _mm256_storeu_ps(out.add(8 * k), _mm256_fmadd_ps(qk, s, b));
+    }
+}
+
+/// The row kernels' accumulation over dequantized values `w` (blocks of 32;
+/// part k of every block into accumulator k, then [`hsum`]).
+///
+/// # Safety
+/// AVX2 and FMA are present; `w` and `x` hold at least `w.len() / 32 * 32` values.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_blocks(w: &[f32], x: &[f32]) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    for bi in 0..w.len() / 32 {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let o = 32 * bi + 8 * k;
+            *a = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
+        }
+    }
+    hsum(acc)
+}
+
+/// [`dot_blocks`] for two inputs at once: eight independent FMA chains keep
+/// both FMA units busy; each result is bitwise [`dot_blocks`]'s.
+///
+/// # Safety
+/// As [`dot_blocks`], for both inputs.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_blocks2(w: &[f32], x0: &[f32], x1: &[f32]) -> (f32, f32) {
+    let (mut a, mut b) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+    let (wp, p0, p1) = (w.as_ptr(), x0.as_ptr(), x1.as_ptr());
+    for bi in 0..w.len() / 32 {
+        for k in 0..4 {
+            let o = 32 * bi + 8 * k;
+            let wv = _mm256_loadu_ps(wp.add(o));
+            a[k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p0.add(o)), a[k]);
+            b[k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p1.add(o)), b[k]);
+        }
+    }
+    (hsum(a), hsum(b))
+}
+
+/// `out[i] = dot_blocks(w, xs[i])`, two inputs at a time.
+///
+/// # Safety
+/// As [`dot_blocks`], for every input.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_blocks_all(w: &[f32], xs: &[&[f32]], out: &mut [f32]) {
+    let mut i = 0;
+    while i + 1 < xs.len() {
+        (out[i], out[i + 1]) = dot_blocks2(w, xs[i], xs[i + 1]);
+        i += 2;
+    }
+    if i < xs.len() {
+        out[i] = dot_blocks(w, xs[i]);
+    }
+}

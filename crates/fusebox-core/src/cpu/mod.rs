@@ -118,6 +118,20 @@ impl<'a> Rows<'a> {
         }
     }
 
+    /// [`Rows::dot`] of row `j` with each of `xs`, bitwise the same values;
+    /// the packed formats dequantize the row once for several inputs.
+    fn dot_rows(&self, j: usize, k: usize, xs: &[&[f32]], buf: &mut [f32], out: &mut [f32]) {
+        match self {
+            Rows::Affine(a) => a.dot_rows(j, xs, buf, out),
+            Rows::Ggml(g) => g.dot_rows(j, xs, buf, out),
+            _ => {
+                for (x, o) in xs.iter().zip(out) {
+                    *o = self.dot(j, k, x);
+                }
+            }
+        }
+    }
+
     #[inline]
     fn row_into(&self, j: usize, k: usize, out: &mut [f32]) {
         let r = j * k..(j + 1) * k;
@@ -391,15 +405,23 @@ impl Backend for CpuBackend {
             // cache while every input row reads it.
             let chunk = self.gemv_chunk(n);
             let optr = SharedMut(os.as_mut_ptr());
+            let mut inputs: [&[f32]; ROW_EXACT_MAX] = [&[]; ROW_EXACT_MAX];
+            for (i, x) in xs.chunks_exact(k).enumerate() {
+                inputs[i] = x;
+            }
+            let inputs = &inputs[..m];
             self.pool.install(|| {
                 (0..n.div_ceil(chunk)).into_par_iter().for_each(|ci| {
-                    for j in ci * chunk..((ci + 1) * chunk).min(n) {
-                        for r in 0..m {
-                            let v = rows.dot(j, k, &xs[r * k..(r + 1) * k]);
-                            // SAFETY: each (r, j) is written by exactly one task, inside `os`.
-                            unsafe { optr.write(r * n + j, v) };
+                    let mut v = [0f32; ROW_EXACT_MAX];
+                    with_scratch(k, |buf| {
+                        for j in ci * chunk..((ci + 1) * chunk).min(n) {
+                            rows.dot_rows(j, k, inputs, buf, &mut v[..m]);
+                            for (r, &x) in v[..m].iter().enumerate() {
+                                // SAFETY: each (r, j) is written by exactly one task, inside `os`.
+                                unsafe { optr.write(r * n + j, x) };
+                            }
                         }
-                    }
+                    })
                 })
             });
             return Ok(());

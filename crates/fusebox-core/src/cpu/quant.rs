@@ -177,6 +177,28 @@ impl<'a> AffineRows<'a> {
         }
     }
 
+    /// [`Self::dot`] of row `j` with each of `xs` (bitwise the same values),
+    /// dequantizing the row once into `buf` (`cols` values).
+    pub fn dot_rows(&self, j: usize, xs: &[&[f32]], buf: &mut [f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.bits, 4 | 8) && super::kernels::has_avx2_fma() {
+            let wpr = self.cols * self.bits as usize / 32;
+            let gpr = self.cols / self.group;
+            let words = &self.words[j * wpr..(j + 1) * wpr];
+            let sb = |g: usize| (self.scales.get(j * gpr + g), self.biases.get(j * gpr + g));
+            let w = &mut buf[..self.cols];
+            assert!(xs.iter().all(|x| x.len() >= self.cols), "dot_rows: inputs shorter than a row");
+            // SAFETY: AVX2/FMA/F16C are present; the row, w and every x hold `cols` values.
+            unsafe { super::avx2::affine_dequant(words, self.bits, self.group, sb, w) };
+            // SAFETY: as above
+            unsafe { super::avx2::dot_blocks_all(w, xs, out) };
+            return;
+        }
+        for (x, o) in xs.iter().zip(out) {
+            *o = self.dot(j, x);
+        }
+    }
+
     pub fn row_into(&self, j: usize, out: &mut [f32]) {
         let b = self.bits as usize;
         let wpr = self.cols * b / 32;
@@ -286,6 +308,31 @@ impl<'a> GgmlRows<'a> {
             GgmlType::Q4_1 => ggml_dot_any::<Q41>(self, j, x),
             GgmlType::Q8_0 => ggml_dot_any::<Q80>(self, j, x),
             _ => ggml_dot_any::<0>(self, j, x),
+        }
+    }
+
+    /// [`Self::dot`] of row `j` with each of `xs` (bitwise the same values),
+    /// dequantizing the row once into `buf` (`cols` values).
+    pub fn dot_rows(&self, j: usize, xs: &[&[f32]], buf: &mut [f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) && super::kernels::has_avx2_fma() {
+            let rb = self.ty.row_bytes(self.cols);
+            let row = &self.bytes[j * rb..(j + 1) * rb];
+            let w = &mut buf[..self.cols];
+            assert!(xs.iter().all(|x| x.len() >= self.cols), "dot_rows: inputs shorter than a row");
+            // SAFETY: AVX2/FMA/F16C are present; the row, w and every x hold `cols` values.
+            unsafe {
+                match self.ty {
+                    GgmlType::Q8_0 => super::avx2::q8_0_dequant(row, w),
+                    t => super::avx2::q4_dequant(row, t == GgmlType::Q4_1, w),
+                }
+            }
+            // SAFETY: as above
+            unsafe { super::avx2::dot_blocks_all(w, xs, out) };
+            return;
+        }
+        for (x, o) in xs.iter().zip(out) {
+            *o = self.dot(j, x);
         }
     }
 
