@@ -118,12 +118,13 @@ template <int D, int Q> struct AttnCfg {
 // q f32 [m, heads, d]; kc, vc bf16 [cap, kvh, d]; out f32 [m, heads, d] (used when gridDim.x == 1);
 // part_acc f32 [m * heads, splits, d], part_ml f32 [m * heads, splits, 2] (used when gridDim.x > 1).
 // scale_log2 = scale * log2(e). aligned: kc, vc 16-byte aligned (else synchronous 2-byte loads).
+// row_tiles: query tiles per row when rows are taken one at a time (gridDim.z = m * row_tiles), 0 when packed.
 template <int D, int Q>
 __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf16_t* __restrict__ kc,
                                           const bf16_t* __restrict__ vc, const int* __restrict__ positions,
                                           float* __restrict__ out, float* __restrict__ part_acc,
                                           float* __restrict__ part_ml, int m, int heads, int kvh, int d, int cap,
-                                          float scale_log2, int aligned) {
+                                          float scale_log2, int aligned, int row_tiles) {
     typedef AttnCfg<D, Q> C;
     extern __shared__ __attribute__((aligned(16))) unsigned char smem[];
     bf16_t* kv = (bf16_t*)smem;                                     // [2 stages][K, V][TK][KROW]
@@ -140,8 +141,18 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf1
     const int g = blockIdx.y;
     const int tile = gridDim.z - 1 - blockIdx.z;  // longest (latest) query tiles first
     const int G = heads / kvh;
-    const long n_u = (long)m * G;
-    const long u0 = (long)tile * Q;
+    // row_tiles > 0 (rows taken one at a time): block z takes query tile z % row_tiles of row z / row_tiles
+    // only, so each row's blocks (key range, splits, tiles) are those of a one-row launch at its position;
+    // else the m * G query vectors are packed Q to a block
+    long n_u, u0;
+    if (row_tiles > 0) {
+        const long row = tile / row_tiles;
+        u0 = row * G + (long)(tile % row_tiles) * Q;
+        n_u = row * G + G;
+    } else {
+        u0 = (long)tile * Q;
+        n_u = (long)m * G;
+    }
 
     if (dynamic_smem_size() < (u32)C::SMEM) {
         // launched with too little shared memory: make the failure loud (NaN output) instead of corrupting
@@ -633,8 +644,9 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf1
         attn_d##D##_q##Q(const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc, \
                          const int* __restrict__ positions, float* __restrict__ out, float* __restrict__ part_acc, \
                          float* __restrict__ part_ml, int m, int heads, int kvh, int d, int cap, float scale_log2,  \
-                         int aligned) { FB_PROLOGUE();                                                           \
-        attn_body<D, Q>(q, kc, vc, positions, out, part_acc, part_ml, m, heads, kvh, d, cap, scale_log2, aligned); \
+                         int aligned, int row_tiles) { FB_PROLOGUE();                                            \
+        attn_body<D, Q>(q, kc, vc, positions, out, part_acc, part_ml, m, heads, kvh, d, cap, scale_log2, aligned,  \
+                        row_tiles);                                                                                 \
     }
 
 // decode kernels: 4 blocks per SM (3 where 128 registers would spill)

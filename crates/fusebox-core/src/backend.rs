@@ -23,6 +23,14 @@ use crate::quant::Weight;
 use crate::rope::RopeStyle;
 use crate::tensor::Tensor;
 
+/// Inputs of up to this many rows are computed row by row exactly as a
+/// one-row (decode) step computes them, on every backend: matmuls, expert
+/// matmuls and attention give each row bitwise the values a one-token step
+/// at that position gives. So a speculative verify pass of up to
+/// `ROW_EXACT_MAX - 1` drafts scores each position as plain decoding would;
+/// longer inputs (prefill) take the faster blocked paths.
+pub const ROW_EXACT_MAX: usize = 32;
+
 pub trait Backend: Send + Sync {
     /// Human-readable name, e.g. `cpu (2 threads)`.
     fn name(&self) -> String;

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{cpu, load, tokens, ALL_MODELS};
+use common::{assert_verify_rows_equal_steps, cpu, load, tokens, ALL_MODELS};
 use fusebox_engine::Session;
 
 #[test]
@@ -17,21 +17,7 @@ fn verify_rows_equal_decode_steps_bitwise() {
         let prompt = tokens(7, vocab, 11);
         for m in [1usize, 2, 5, 17] {
             let run = tokens(m, vocab, 100 + m as u64);
-            // reference: one decode step per token
-            let mut a = Session::new(&model.decoder, &be, 64).unwrap();
-            a.prefill(&prompt).unwrap();
-            let want: Vec<Vec<f32>> = run.iter().map(|&t| a.step(t).unwrap().to_vec()).collect();
-            // one verify pass over all of them
-            let mut b = Session::new(&model.decoder, &be, 64).unwrap();
-            b.prefill(&prompt).unwrap();
-            let am = b.verify(&run).unwrap().to_vec();
-            assert_eq!(b.kv.len, prompt.len() + m);
-            let got = b.verify_logits().unwrap().to_vec();
-            assert_eq!(got.len(), m * vocab, "{name}: m={m}");
-            for (i, (g, w)) in got.chunks(vocab).zip(&want).enumerate() {
-                assert!(g == &w[..], "{name}: m={m}: row {i} differs from the decode step");
-                assert_eq!(am[i] as u32, fusebox_engine::sampling::argmax(w), "{name}: m={m}: argmax of row {i}");
-            }
+            assert_verify_rows_equal_steps(&model.decoder, &be, name, &prompt, &run, 64, 1);
         }
     }
 }

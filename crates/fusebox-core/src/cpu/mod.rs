@@ -58,10 +58,10 @@ impl CpuBackend {
 }
 
 /// Matmuls of up to this many rows compute every row with the one-row
-/// (decode) dot product, so a speculative verify pass of up to
-/// `ROW_EXACT_MAX - 1` drafts scores each position bitwise as plain
-/// decoding would; longer inputs take the blocked prefill path.
-pub const ROW_EXACT_MAX: usize = 32;
+/// (decode) dot product (the bound every backend shares, see
+/// [`crate::backend::ROW_EXACT_MAX`]); longer inputs take the blocked
+/// prefill path.
+pub use crate::backend::ROW_EXACT_MAX;
 
 /// A raw pointer that may be shared across threads writing disjoint elements.
 #[derive(Clone, Copy)]

@@ -9,20 +9,24 @@
 //! `attn_combine` merges. The grid comes from the shapes, the capacity and
 //! the GPU's size only; the length is read by the kernels from `positions`,
 //! so the ops are graph-capturable, and the only buffers they need
-//! (partials, scratch slots 2 and 3) are sized from the capacity.
+//! (partials, scratch slots 2 and 3) are sized from the capacity. Up to
+//! `ROW_EXACT_MAX` rows are taken one row at a time, each with exactly the
+//! blocks and splits of a one-row (decode) launch, so a speculative verify
+//! pass gives every row the decode step's output bit for bit.
 
 use std::sync::Mutex;
 
 use anyhow::{ensure, Result};
 
 use super::{Arg, CudaBackend};
+use crate::backend::ROW_EXACT_MAX;
 use crate::dtype::DType;
 use crate::kv::LayerKv;
 use crate::tensor::Tensor;
 
 const FILE: &str = "attention.cu";
 const THREADS: u32 = 128;
-/// Calls with at most this many rows take their partials from scratch slot 2 (see `attention_impl`).
+/// Rows the one-row (decode) call sizes scratch slot 2 for (see `attention_impl`).
 const DECODE_ROWS: usize = 4;
 
 /// Kernel names by padded head dim and queries per block.
@@ -247,7 +251,12 @@ impl CudaBackend {
 
         let group = heads / kvh;
         let dp = d.next_power_of_two().max(8);
-        let n = m * group; // query vectors per kv head
+        // Up to ROW_EXACT_MAX rows (decode, speculative verify) are taken one at a time: every row gets
+        // the blocks a one-row launch at its position gets (the kernel, the query tiles of its G heads,
+        // the key splits and their boundaries, from its own length), so each row is bitwise the decode
+        // step's; K/V are read once per row. Longer inputs (prefill) pack m * G query vectors per kv head.
+        let by_row = m <= ROW_EXACT_MAX;
+        let n = if by_row { group } else { m * group }; // query vectors per kv head (and row, by_row)
         let qb = if n <= 8 {
             n.next_power_of_two()
         } else if n <= 32 {
@@ -262,19 +271,24 @@ impl CudaBackend {
             .expect("a kernel for every (padded head_dim, query block)");
         let c = cfg(dp, qb);
         let tiles = n.div_ceil(qb);
-        ensure!(tiles <= 65535 && kvh <= 65535, "cuda attention: {m} rows x {heads} heads is too many");
+        let grid_z = if by_row { m * tiles } else { tiles };
+        ensure!(grid_z <= 65535 && kvh <= 65535, "cuda attention: {m} rows x {heads} heads is too many");
         // Split the key range so that one full wave of resident blocks covers the GPU, but never into more
-        // splits than the capacity has tiles. Depends on shapes only, so scratch sizes stay fixed in a decode loop.
+        // splits than the capacity has tiles. Depends on shapes only (by_row: those of one row), so scratch
+        // sizes stay fixed in a decode loop and every row splits as a decode step does.
         let base = kvh * tiles;
         let target = self.attn_blocks_per_sm(name, c.smem) * self.sm_count as usize;
         // (rounded down: a second split of work that already fills the GPU costs a combine pass for nothing)
         let splits = (target / base).clamp(1, cap.div_ceil(c.tk).clamp(1, 256));
         let (pacc, pml) = if splits > 1 {
-            // Partials [acc | (max, sum)] in one scratch slot. Small m (decode, the graph-captured case) uses
-            // slot 2, sized for the worst m <= DECODE_ROWS so that it never grows between decode steps (a
-            // captured graph keeps the address); prefill uses slot 3, so growing it never moves slot 2.
-            let (slot, rows) = if m <= DECODE_ROWS {
+            // Partials [acc | (max, sum)] in one scratch slot. One row (decode, the graph-captured case) and
+            // up to ROW_EXACT_MAX rows (verify, captured too) use slot 2: one row sizes it as before, any
+            // other row count for ROW_EXACT_MAX rows, so it never grows between passes (a captured graph
+            // keeps the address); prefill uses slot 3, so growing it never moves slot 2.
+            let (slot, rows) = if m == 1 {
                 (2, DECODE_ROWS * heads * cap.div_ceil(32).clamp(splits, 256))
+            } else if by_row {
+                (2, ROW_EXACT_MAX * heads * splits)
             } else {
                 (3, m * heads * splits)
             };
@@ -287,7 +301,7 @@ impl CudaBackend {
         self.launch(
             FILE,
             name,
-            ((splits as u32, kvh as u32, tiles as u32), (THREADS, 1, 1), c.smem as u32),
+            ((splits as u32, kvh as u32, grid_z as u32), (THREADS, 1, 1), c.smem as u32),
             &[
                 Arg::P(pq),
                 Arg::P(ck),
@@ -303,6 +317,7 @@ impl CudaBackend {
                 Arg::I(cap as i32),
                 Arg::F(scale_log2),
                 Arg::I(aligned as i32),
+                Arg::I(if by_row { tiles as i32 } else { 0 }),
             ],
         )?;
         if splits > 1 {

@@ -1,11 +1,14 @@
 //! Matmul (decode GEMV and cuBLAS prefill), expert matmul, embedding, and
 //! weight upload (kernels: `gemv.cu`).
 //!
-//! * `m <= 8` input rows: one GEMV launch that reads the weight once for all
-//!   rows (`gemv_<fmt>_m1` for one row, `gemv_<fmt>_mn` for up to 8); see
-//!   gemv.cu for the design. `FUSEBOX_GEMV_KSPLIT=1|2|4|8` fixes how many
-//!   warps split each row's k range (tuning; normally chosen per shape).
-//! * `m > 8`: cuBLAS. bf16 and affine weights run bf16 x bf16 -> f32 (the
+//! * one input row (decode): `gemv_<fmt>_m1`; see gemv.cu for the design.
+//!   `FUSEBOX_GEMV_KSPLIT=1|2|4|8` fixes how many warps split each row's k
+//!   range (tuning; normally chosen per shape).
+//! * 2 to `ROW_EXACT_MAX` (32) rows (speculative verify, short prompts):
+//!   `gemv_<fmt>_mn` launches of up to 8 rows, each reading the weight once,
+//!   planned with the one-row launch's k split and x window so that every
+//!   row is bitwise the decode step's ([`CudaBackend::plan_gemv_split`]).
+//! * `m > ROW_EXACT_MAX`: cuBLAS. bf16 and affine weights run bf16 x bf16 -> f32 (the
 //!   affine weight dequantized to bf16 in scratch, x rounded to bf16); f32 and
 //!   f16 weights run f32 SGEMM (f16 widened to f32 in scratch).
 //!   `FUSEBOX_PREFILL_F32=1` takes the f32 path for every format.
@@ -26,6 +29,7 @@ use rayon::prelude::*;
 
 use super::ops::grid_1d;
 use super::{dtype_tag, Arg, CudaBackend};
+use crate::backend::ROW_EXACT_MAX;
 use crate::dtype::{f16_to_f32, DType};
 use crate::quant::{ggml, pack, GgmlType, Weight};
 use crate::tensor::Tensor;
@@ -438,60 +442,116 @@ impl CudaBackend {
     /// warp, the x window and the shared memory. The fused kernels (fused.rs)
     /// use the same plan, so their products equal the stand-alone ones.
     pub(super) fn plan_gemv(&self, d: &Dev, x: u64, m: usize, pairs: usize) -> Result<Plan> {
+        self.plan_gemv_split(d, x, m, pairs, pairs)
+    }
+
+    /// [`CudaBackend::plan_gemv`], with the k split and the x window planned
+    /// as for a one-row launch over `split_pairs` pairs, whatever `m` and
+    /// `pairs` are. Those two decide which lane sums which k-steps and in
+    /// which order (within a lane, across the warps of a split, and the
+    /// warp's butterfly, whose tree does not depend on how many values it
+    /// reduces at once); the rows per warp and row groups per warp only
+    /// decide which warp does it. So every output of an `m`-row `mn` launch,
+    /// or of a launch over more pairs, is bitwise what the one-row launch
+    /// (`split_pairs` pairs, the decode step) computes for that row.
+    fn plan_gemv_split(&self, d: &Dev, x: u64, m: usize, pairs: usize, split_pairs: usize) -> Result<Plan> {
         ensure!((1..=MAX_GEMV_ROWS).contains(&m), "cuda gemv: {m} input rows (1 to {MAX_GEMV_ROWS})");
         ensure!(pairs < i32::MAX as usize, "cuda expert_matmul: {pairs} (row, slot) pairs");
+        ensure!(m == 1 || pairs == 1, "cuda gemv: {m} input rows over {pairs} pairs");
         let (n, k) = (d.n, d.k);
         let one = m == 1;
-        let sh = shape(d.fmt, one, self.info.compute_capability.0 < 9);
+        let pre_hopper = self.info.compute_capability.0 < 9;
+        let sh = shape(d.fmt, one, pre_hopper);
+        // the one-row shape, which the k split is planned for
+        let sh1 = shape(d.fmt, true, pre_hopper);
         // rows of k dense values start 16-byte aligned only when k fills whole vectors
         let vector = (d.affine() || (k % sh.lu == 0 && d.w % 16 == 0)) && x % 16 == 0;
         let gy = pairs.min(65535);
-        let (name, blocks, ks, kw, gw, smem) = if vector {
-            let groups = n.div_ceil(sh.r);
-            let steps = (k / sh.lu).div_ceil(32);
-            // affine kernels stage kw values of each x row (and their sums) in
-            // shared memory next to the ring: as much of k as fits
-            let (kw, smem) = if d.affine() {
-                let budget: usize = if one { 112 << 10 } else { 200 << 10 };
-                let per_kilo = m * (1024 * 9 / 2 + 4 * 1024 / sh.sumg);
-                let kw = k.next_multiple_of(1024).min(budget.saturating_sub(sh.ring) / per_kilo * 1024);
-                ensure!(kw >= 1024, "cuda gemv: no room for x in shared memory");
-                (kw, sh.ring + m * (kw + kw / 8 + kw / sh.sumg) * 4)
-            } else {
-                (k, sh.ring)
-            };
-            // Split k over up to 8 warps when there are few row groups: dense rows
-            // (memory-bound) want about 12 warps an SM, affine ones (heavier on the
-            // ALUs, and each block stages x) about 4 (tuned on an H200). With many
-            // row groups each warp takes several, so the grid is one wave: 8 warps
-            // a block, 2 blocks an SM (1 for m > 1).
-            let sms = self.sm_count as usize;
-            let split_below = sms * if d.affine() { 4 } else { 12 };
-            let wave = sms * WARPS * if one { 2 } else { 1 };
-            let (ks, gw) = if let Some(ks) = ksplit_override() {
-                (ks, 1)
-            } else if groups * gy < split_below || kw < k {
-                let mut ks = 1;
-                while ks < WARPS && groups * gy * ks < split_below && ks * 2 <= steps {
-                    ks *= 2;
-                }
-                (ks, 1)
-            } else {
-                (1, (groups * gy).div_ceil(wave))
-            };
-            (GEMV[d.fmt][usize::from(!one)], groups.div_ceil(WARPS / ks * gw), ks, kw, gw, smem)
-        } else {
+        if !vector {
+            // a warp per output row, every input row alike: exact for any m
             ensure!(!d.affine(), "cuda matmul: input rows at {x:#x} are not 16-byte aligned");
-            (GEMV_SCALAR[d.fmt], n.div_ceil(WARPS), 1, 0, 1, 0)
+            let name = GEMV_SCALAR[d.fmt];
+            return Ok(Plan {
+                name,
+                vector: false,
+                rows_per_warp: sh.r,
+                blocks: n.div_ceil(WARPS),
+                gy,
+                ks: 1,
+                kw: 0,
+                gw: 1,
+                smem: 0,
+            });
+        }
+        let groups = n.div_ceil(sh.r);
+        let steps = (k / sh.lu).div_ceil(32);
+        // affine kernels stage kw values of each x row (and their sums) in
+        // shared memory next to the ring: as much of k as fits one row's
+        // budget (the one-row value for every m, so the windows match)
+        let (kw, smem) = if d.affine() {
+            let per_kilo = 1024 * 9 / 2 + 4 * 1024 / sh.sumg;
+            let kw = k.next_multiple_of(1024).min(((112usize << 10).saturating_sub(sh1.ring)) / per_kilo * 1024);
+            ensure!(kw >= 1024, "cuda gemv: no room for x in shared memory");
+            (kw, sh.ring + m * (kw + kw / 8 + kw / sh.sumg) * 4)
+        } else {
+            (k, sh.ring)
         };
-        Ok(Plan { name, vector, rows_per_warp: sh.r, blocks, gy, ks, kw, gw, smem })
+        // Split k over up to 8 warps when there are few row groups: dense rows
+        // (memory-bound) want about 12 warps an SM, affine ones (heavier on the
+        // ALUs, and each block stages x) about 4 (tuned on an H200). With many
+        // row groups each warp takes several, so the grid is one wave: 8 warps
+        // a block, 2 blocks an SM (1 for m > 1). Decided on the one-row launch
+        // over split_pairs pairs.
+        let sms = self.sm_count as usize;
+        let split_below = sms * if d.affine() { 4 } else { 12 };
+        let wave = sms * WARPS * if one { 2 } else { 1 };
+        let work1 = n.div_ceil(sh1.r) * split_pairs.min(65535);
+        let (ks, gw) = if let Some(ks) = ksplit_override() {
+            (ks, 1)
+        } else if work1 < split_below || kw < k {
+            let mut ks = 1;
+            while ks < WARPS && work1 * ks < split_below && ks * 2 <= steps {
+                ks *= 2;
+            }
+            (ks, 1)
+        } else {
+            (1, (groups * gy).div_ceil(wave))
+        };
+        let name = GEMV[d.fmt][usize::from(!one)];
+        Ok(Plan { name, vector, rows_per_warp: sh.r, blocks: groups.div_ceil(WARPS / ks * gw), gy, ks, kw, gw, smem })
+    }
+
+    /// Input rows one `mn` launch of `d` takes within the device's shared
+    /// memory, with the one-row x window ([`CudaBackend::plan_gemv_split`]):
+    /// 8, fewer for affine weights with a long window, 1 (the one-row kernel
+    /// for each row) if not even two rows fit.
+    fn gemv_rows_per_launch(&self, d: &Dev, x: u64) -> Result<usize> {
+        // static shared memory of the kernels (the split sums) stays below 1 KB
+        let room = self.smem_optin.saturating_sub(1 << 10);
+        for m in (2..=MAX_GEMV_ROWS).rev() {
+            if self.plan_gemv(d, x, m, 1)?.smem <= room {
+                return Ok(m);
+            }
+        }
+        Ok(1)
     }
 
     /// `out[p + r] = w[ids[p]] @ x[p / x_div + r]` for pairs `p < pairs` and
     /// rows `r < m` (m > 1 only with one pair); `ids == 0` means expert 0.
+    /// The k split is planned for `split_pairs` pairs ([`CudaBackend::plan_gemv_split`]).
     #[allow(clippy::too_many_arguments)]
-    fn launch_gemv(&self, d: &Dev, x: u64, out: u64, m: usize, ids: u64, pairs: usize, x_div: usize) -> Result<()> {
-        let Plan { name, blocks, gy, ks, kw, gw, smem, .. } = self.plan_gemv(d, x, m, pairs)?;
+    fn launch_gemv(
+        &self,
+        d: &Dev,
+        x: u64,
+        out: u64,
+        m: usize,
+        ids: u64,
+        pairs: usize,
+        x_div: usize,
+        split_pairs: usize,
+    ) -> Result<()> {
+        let Plan { name, blocks, gy, ks, kw, gw, smem, .. } = self.plan_gemv_split(d, x, m, pairs, split_pairs)?;
         let n = d.n;
         let k = d.k;
         let dims = ((blocks.min(1 << 30) as u32, gy as u32, 1), (THREADS, 1, 1), smem as u32);
@@ -522,6 +582,26 @@ impl CudaBackend {
                 Arg::I(smem as i32),
             ],
         )
+    }
+
+    /// `m <= ROW_EXACT_MAX` rows, each bitwise as the one-row (decode) GEMV
+    /// computes it: `mn` launches of up to 8 rows (balanced chunks, each
+    /// reading the weight once) with the one-row plan's k split and window.
+    fn gemv_rows(&self, d: &Dev, x: u64, out: u64, m: usize) -> Result<()> {
+        if m == 1 {
+            return self.launch_gemv(d, x, out, 1, 0, 1, 1, 1);
+        }
+        let per = self.gemv_rows_per_launch(d, x)?;
+        let launches = m.div_ceil(per);
+        let chunk = m.div_ceil(launches);
+        let mut r = 0;
+        while r < m {
+            let rows = chunk.min(m - r);
+            let (xr, or) = (x + (r * d.k * 4) as u64, out + (r * d.n * 4) as u64);
+            self.launch_gemv(d, xr, or, rows, 0, 1, 1, 1)?;
+            r += rows;
+        }
+        Ok(())
     }
 
     /// Rows (`ids[r]`, or `r` without ids) of expert 0 of a weight,
@@ -597,7 +677,7 @@ impl CudaBackend {
         .map_err(|e| anyhow!("cuda matmul: cuBLAS GemmEx [{m}, {k}] x [{n}, {k}]^T: {e:?}"))
     }
 
-    /// The prefill product (m > 8 rows) through cuBLAS.
+    /// The prefill product (m > ROW_EXACT_MAX rows) through cuBLAS.
     fn gemm(&self, d: &Dev, x: u64, out: u64, m: usize) -> Result<()> {
         let (n, k) = (d.n, d.k);
         let f32t = bsys::cudaDataType::CUDA_R_32F;
@@ -637,8 +717,8 @@ impl CudaBackend {
         if m == 0 {
             return Ok(());
         }
-        if m <= MAX_GEMV_ROWS {
-            self.launch_gemv(&d, px, po, m, 0, 1, 1)
+        if m <= ROW_EXACT_MAX {
+            self.gemv_rows(&d, px, po, m)
         } else {
             self.gemm(&d, px, po, m)
         }
@@ -670,7 +750,10 @@ impl CudaBackend {
         if m * slots == 0 {
             return Ok(());
         }
-        self.launch_gemv(&d, px, po, 1, pi, m * slots, if shared { slots.max(1) } else { 1 })
+        // up to ROW_EXACT_MAX rows: the k split of one row's slots, so each
+        // row's products are bitwise the decode step's
+        let split_pairs = if m <= ROW_EXACT_MAX { slots } else { m * slots };
+        self.launch_gemv(&d, px, po, 1, pi, m * slots, if shared { slots.max(1) } else { 1 }, split_pairs)
     }
 
     pub(crate) fn embedding_impl(&self, table: &Weight, ids: &Tensor, out: &mut Tensor) -> Result<()> {

@@ -103,8 +103,15 @@ pub(crate) enum Arg {
 /// A grid launch: `(grid, block, shared bytes)`.
 pub(crate) type Dims = ((u32, u32, u32), (u32, u32, u32), u32);
 
+/// Captured graphs kept at once: the decode steps of a target and a draft
+/// model and every verify size (1 to 32 rows) fit; past it the least
+/// recently replayed graph is dropped.
+const MAX_GRAPHS: usize = 64;
+
 struct GraphEntry {
     runs: u32,
+    /// When the entry was last used (a counter of run_graph calls).
+    last_use: u64,
     graph: Option<CudaGraph>,
     /// The scratch epoch the graph was captured in: a graph holds scratch
     /// addresses, so it is re-captured after any scratch buffer moved.
@@ -114,6 +121,8 @@ struct GraphEntry {
 #[derive(Default)]
 struct Graphs {
     entries: HashMap<u64, GraphEntry>,
+    /// run_graph calls so far (the clock of `last_use`).
+    clock: u64,
 }
 // SAFETY: the graph handles are only used under the backend's mutex, on the backend's stream.
 unsafe impl Send for Graphs {}
@@ -124,12 +133,16 @@ pub struct CudaBackend {
     pub(crate) stream: Arc<CudaStream>,
     arch: String,
     pub(crate) sm_count: u32,
+    /// Dynamic plus static shared memory one block may opt in to (bytes).
+    pub(crate) smem_optin: usize,
     modules: Vec<OnceLock<Result<Arc<CudaModule>, String>>>,
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
     blas: OnceLock<Result<CudaBlas, String>>,
     scratch: Mutex<Vec<Option<CudaSlice<u8>>>>,
     /// Bumped whenever a scratch buffer is reallocated.
     scratch_epoch: std::sync::atomic::AtomicU64,
+    /// A graph capture is in progress (scratch must not grow: that waits for the device).
+    capturing: std::sync::atomic::AtomicBool,
     graphs: Mutex<Graphs>,
     graphs_enabled: bool,
     /// Programmatic dependent launch (sm_90+, `FUSEBOX_PDL`, default on).
@@ -223,6 +236,9 @@ impl CudaBackend {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| anyhow!("{e:?}"))? as u32;
+        let smem_optin = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| anyhow!("{e:?}"))? as usize;
         let timing = timing::KernelTiming::from_env()?;
         // timing brackets each kernel alone: eager launches, no overlap
         let graphs_enabled = graphs_enabled && timing.is_none();
@@ -235,11 +251,13 @@ impl CudaBackend {
             ctx,
             stream,
             sm_count,
+            smem_optin,
             modules: compile::SOURCES.iter().map(|_| OnceLock::new()).collect(),
             funcs: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             scratch: Mutex::new(vec![]),
             scratch_epoch: std::sync::atomic::AtomicU64::new(0),
+            capturing: std::sync::atomic::AtomicBool::new(false),
             graphs: Mutex::new(Graphs::default()),
             graphs_enabled,
             kv_f32: opts.kv_f32,
@@ -381,6 +399,12 @@ impl CudaBackend {
         }
         let small = s[i].as_ref().is_none_or(|b| b.len() < bytes);
         if small {
+            // the first run of every graph key is eager and sizes what it uses, so a
+            // capture that needs more is a bug: say so rather than break the capture
+            ensure!(
+                !self.capturing.load(std::sync::atomic::Ordering::SeqCst),
+                "scratch slot {i} would grow to {bytes} bytes inside a CUDA graph capture"
+            );
             s[i] = None;
             self.stream.synchronize().map_err(|e| anyhow!("{e:?}"))?;
             s[i] = Some(self.stream.alloc_zeros::<u8>(bytes).map_err(|e| anyhow!("scratch of {bytes} bytes: {e:?}"))?);
@@ -487,14 +511,20 @@ impl Backend for CudaBackend {
         // a fused site switched on or off changes the kernels of the step
         let key = key ^ self.policy.bits().wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut g = self.graphs.lock().unwrap();
-        if g.entries.len() > 16 && !g.entries.contains_key(&key) {
-            g.entries.clear();
+        if g.entries.len() >= MAX_GRAPHS && !g.entries.contains_key(&key) {
+            // evict the least recently used graph
+            if let Some(old) = g.entries.iter().min_by_key(|(_, e)| e.last_use).map(|(&k, _)| k) {
+                g.entries.remove(&old);
+            }
         }
+        g.clock += 1;
+        let now = g.clock;
         let epoch = self.scratch_epoch.load(std::sync::atomic::Ordering::SeqCst);
-        let e = g.entries.entry(key).or_insert(GraphEntry { runs: 0, graph: None, epoch });
+        let e = g.entries.entry(key).or_insert(GraphEntry { runs: 0, last_use: now, graph: None, epoch });
+        e.last_use = now;
         if e.epoch != epoch {
             // a scratch buffer the graph points into was reallocated
-            *e = GraphEntry { runs: 0, graph: None, epoch };
+            *e = GraphEntry { runs: 0, last_use: now, graph: None, epoch };
         }
         if let Some(graph) = &e.graph {
             return graph.launch().map_err(|e| anyhow!("CUDA graph replay: {e:?}"));
@@ -507,7 +537,9 @@ impl Backend for CudaBackend {
         self.stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| anyhow!("CUDA graph capture: {e:?}"))?;
+        self.capturing.store(true, std::sync::atomic::Ordering::SeqCst);
         let r = f();
+        self.capturing.store(false, std::sync::atomic::Ordering::SeqCst);
         let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
         r?;
         let graph = graph

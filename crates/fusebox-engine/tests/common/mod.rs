@@ -4,7 +4,8 @@
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::fixtures::fixture;
 use fusebox_core::Backend;
-use fusebox_models::Model;
+use fusebox_engine::Session;
+use fusebox_models::{Decoder, Model};
 
 /// Every tiny fixture model: safetensors, GGUF and MLX-quantized, dense and MoE.
 pub const ALL_MODELS: [&str; 9] = [
@@ -49,3 +50,59 @@ pub fn chat_prompt(model: &Model, text: &str) -> Vec<u32> {
 /// A prompt that asks for a paragraph back with one word changed: prompt
 /// lookup's best case.
 pub const EDIT_PROMPT: &str = "Repeat the following paragraph word for word, changing only 'Tuesday' to 'Friday'. Paragraph: On Tuesday morning the library opened an hour late because the heating had failed overnight. The staff set up a table of hot drinks by the entrance, and the children's reading group moved into the sunny room upstairs, where they read stories about dragons, ships and faraway islands until lunch.";
+/// A prompt that repeats itself (12 tokens, twice, then 6 of them again), so
+/// prompt lookup finds matches.
+pub fn repeating_prompt(vocab: usize, seed: u64) -> Vec<u32> {
+    let p = tokens(12, vocab, seed);
+    [&p[..], &p[..], &p[..6]].concat()
+}
+
+/// Every row of a verify pass over `run` (after `prompt`) equals, bit for
+/// bit, the logits of a one-token decode step at that position, and its
+/// argmax the step's. The pass runs `passes` times (rolled back in between),
+/// so a backend that captures graphs checks its eager run, its capture and
+/// its replay. `what` names the case in failures, which say how many values
+/// of the first bad row differ and by how much.
+pub fn assert_verify_rows_equal_steps(
+    model: &Decoder,
+    be: &dyn Backend,
+    what: &str,
+    prompt: &[u32],
+    run: &[u32],
+    ctx: usize,
+    passes: usize,
+) {
+    let m = run.len();
+    let vocab = model.cfg.vocab_size;
+    let mut a = Session::new(model, be, ctx).unwrap();
+    a.prefill(prompt).unwrap();
+    let want: Vec<Vec<f32>> = run.iter().map(|&t| a.step(t).unwrap().to_vec()).collect();
+    let mut b = Session::new(model, be, ctx).unwrap();
+    b.prefill(prompt).unwrap();
+    for pass in 0..passes {
+        b.truncate(prompt.len());
+        let am = b.verify(run).unwrap().to_vec();
+        assert_eq!(b.kv.len, prompt.len() + m, "{what}: m={m}");
+        let got = b.verify_logits().unwrap().to_vec();
+        assert_eq!(got.len(), m * vocab, "{what}: m={m}");
+        for (i, (g, w)) in got.chunks(vocab).zip(&want).enumerate() {
+            let bad: Vec<usize> = (0..vocab).filter(|&j| g[j].to_bits() != w[j].to_bits()).collect();
+            if !bad.is_empty() {
+                let worst = bad.iter().map(|&j| (g[j] - w[j]).abs()).fold(0f32, f32::max);
+                panic!(
+                    "{what}: m={m} pass {pass}: row {i} differs from the decode step in {} of {vocab} logits \
+                     (first at {}: {} vs {}; largest difference {worst:e})",
+                    bad.len(),
+                    bad[0],
+                    g[bad[0]],
+                    w[bad[0]]
+                );
+            }
+            assert_eq!(
+                am[i] as u32,
+                fusebox_engine::sampling::argmax(w),
+                "{what}: m={m} pass {pass}: argmax of row {i}"
+            );
+        }
+    }
+}
