@@ -167,7 +167,8 @@ pub fn run(a: Args) -> Result<()> {
         },
         _ => random_prompt(a.prompt_len, cfg.vocab_size),
     };
-    let ctx = ctx.max(prompt.len() + a.gen);
+    // room for the generation, and for a verify pass of --verify-curve K + 1 rows
+    let ctx = ctx.max(prompt.len() + a.gen).max(prompt.len() + a.verify_curve.map_or(0, |k| k + 2));
     let opts = GenerateOptions { max_new_tokens: a.gen, stop_ids: vec![], sampling: SamplingParams::greedy() };
     let mut session = Session::new(decoder, be, ctx)?;
     eprintln!("fusebox: warm-up...");
