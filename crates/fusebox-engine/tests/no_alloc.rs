@@ -6,7 +6,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fusebox_core::{cpu::CpuBackend, fixtures::fixture};
-use fusebox_engine::{SamplingParams, Session};
+use fusebox_engine::{DraftModel, GenerateOptions, PromptLookup, Proposer, SamplingParams, Session, SpecOptions};
 use fusebox_models::Model;
 
 struct Counting;
@@ -29,12 +29,16 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The counter sees the whole process: the tests take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn decode_steps_do_not_allocate() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     for name in ["tiny-qwen3", "tiny-llama"] {
         let be = CpuBackend::new(2).unwrap();
         let model = Model::load(&fixture(name), &be).unwrap();
-        let mut s = Session::new(&model.decoder, &be, 128).unwrap();
+        let mut s = Session::new(&model.decoder, &be, 256).unwrap();
         s.prefill(&[1, 2, 3, 4]).unwrap();
         // warm-up: thread-local scratch grows to its working size
         for t in 0..40 {
@@ -92,6 +96,50 @@ fn decode_steps_do_not_allocate() {
             n
         });
         assert_eq!(counts.last(), Some(&0), "{name}: allocations in windows of 40 sampled decode steps: {counts:?}");
+    }
+}
+
+/// Allocations of one speculative generation of `n` tokens, counted inside one
+/// `run` (see above).
+fn spec_allocs(be: &CpuBackend, s: &mut Session, p: &mut (dyn Proposer + Send), prompt: &[u32], n: usize) -> usize {
+    let opts = GenerateOptions { max_new_tokens: n, stop_ids: vec![], sampling: SamplingParams::greedy() };
+    let mut count = 0;
+    fusebox_core::Backend::run(be, &mut || {
+        s.reset();
+        let before = ALLOCS.load(Ordering::SeqCst);
+        let (out, _) = s.generate_speculative(prompt, &opts, &SpecOptions { k: 4, trace: false }, p, |_| Ok(true))?;
+        count = ALLOCS.load(Ordering::SeqCst) - before;
+        assert_eq!(out.tokens.len(), n);
+        Ok(())
+    })
+    .unwrap();
+    count
+}
+
+/// A speculative round (propose, verify, accept, roll back) allocates nothing
+/// once warm: a generation of 200 tokens allocates no more than one of 60
+/// (the same fixed set-up of the output and the round buffers).
+#[test]
+fn speculative_rounds_do_not_allocate() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let be = CpuBackend::new(2).unwrap();
+    let model = Model::load(&fixture("tiny-qwen3"), &be).unwrap();
+    let other = Model::load(&fixture("tiny-llama"), &be).unwrap();
+    let p: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 500).collect();
+    let prompt = [&p[..], &p[..], &p[..6]].concat();
+    for method in ["ngram", "draft"] {
+        let mut s = Session::new(&model.decoder, &be, 512).unwrap();
+        let mut ng = PromptLookup::new(3).unwrap();
+        let mut dm = DraftModel::new(&model, &other, &be, 512).unwrap();
+        let p: &mut (dyn Proposer + Send) = if method == "ngram" { &mut ng } else { &mut dm };
+        // warm-up: every verify size and scratch buffer reaches its working size
+        spec_allocs(&be, &mut s, p, &prompt, 200);
+        spec_allocs(&be, &mut s, p, &prompt, 200);
+        let counts = up_to_three_windows(|| {
+            let (short, long) = (spec_allocs(&be, &mut s, p, &prompt, 60), spec_allocs(&be, &mut s, p, &prompt, 200));
+            long.saturating_sub(short)
+        });
+        assert_eq!(counts.last(), Some(&0), "{method}: allocations that grow with the rounds: {counts:?}");
     }
 }
 

@@ -16,6 +16,7 @@ use fusebox_models::Model;
 use super::proposer::{Draft, ProposeCtx, Proposer};
 use super::MAX_SPEC_K;
 use crate::generate::Session;
+use crate::verify::MAX_VERIFY_ROWS;
 
 /// Separates the draft's sampling stream from the target's, for one seed.
 const STREAM: u64 = 0x4452_4146_5453_414d;
@@ -31,6 +32,7 @@ pub struct DraftModel<'m> {
     params: Option<SamplingParams>,
     scratch: Scratch,
     history: Vec<i32>,
+    logits: Vec<f32>,
     seed: u64,
     counter: u64,
 }
@@ -65,6 +67,7 @@ impl<'m> DraftModel<'m> {
             params: None,
             scratch: Scratch::default(),
             history: Vec::new(),
+            logits: Vec::new(),
             seed: 0,
             counter: 0,
         })
@@ -113,8 +116,15 @@ impl Proposer for DraftModel<'_> {
         let room = self.session.capacity() - c;
         ensure!(room > t.len() - c, "the draft model's context ({} tokens) is full", self.session.capacity());
         let k = k.min(room - (t.len() - c));
+        let feed = &t[c..];
         if ctx.sampling.is_greedy() {
-            let mut tok = self.session.advance(&t[c..])?;
+            // a short feed (the usual one: the bonus token, perhaps the last
+            // draft) through a cached verify pass, a long one (the prompt) as a prefill
+            let mut tok = if feed.len() > 1 && feed.len() <= MAX_VERIFY_ROWS {
+                *self.session.verify(feed)?.last().expect("one row per token") as u32
+            } else {
+                self.session.advance(feed)?
+            };
             for i in 0..k {
                 draft.tokens.push(tok);
                 if i + 1 < k {
@@ -126,10 +136,18 @@ impl Proposer for DraftModel<'_> {
         let block = ctx.sampling.encode();
         self.history.clear();
         self.history.extend(t.iter().map(|&x| x as i32));
-        let mut logits = self.session.prefill(&t[c..])?.to_vec();
+        let mut logits = std::mem::take(&mut self.logits);
+        logits.clear();
+        if feed.len() > 1 && feed.len() <= MAX_VERIFY_ROWS {
+            self.session.verify(feed)?;
+            let rows = self.session.verify_logits()?;
+            logits.extend_from_slice(&rows[rows.len() / feed.len() * (feed.len() - 1)..]);
+        } else {
+            logits.extend_from_slice(self.session.prefill(feed)?);
+        }
         for i in 0..k {
-            let mut q = Vec::new();
-            probabilities(&logits, &block, &self.history, &mut self.scratch, &mut q);
+            let q = draft.next_q();
+            probabilities(&logits, &block, &self.history, &mut self.scratch, q);
             let total: f64 = q.iter().map(|&x| x as f64).sum();
             let r = self.uniform() * total;
             let (mut cum, mut x) = (0f64, 0u32);
@@ -143,13 +161,13 @@ impl Proposer for DraftModel<'_> {
                 }
             }
             draft.tokens.push(x);
-            draft.q.push(q);
             self.history.push(x as i32);
             if i + 1 < k {
                 logits.clear();
                 logits.extend_from_slice(self.session.step(x)?);
             }
         }
+        self.logits = logits;
         Ok(())
     }
 }

@@ -142,8 +142,7 @@ impl Session<'_> {
         if k > 0 {
             let ctx = ProposeCtx { tokens: &b.committed, sampling, hidden: None };
             proposer.propose(&ctx, k, &mut b.draft)?;
-            b.draft.tokens.truncate(k);
-            b.draft.q.truncate(k);
+            b.draft.truncate(k);
         }
         let vocab = self.model.cfg.vocab_size;
         if let Some(&bad) = b.draft.tokens.iter().find(|&&t| t as usize >= vocab) {
@@ -212,6 +211,11 @@ impl Session<'_> {
         let start = self.kv.len; // the context before the first new token
         let mut acceptor = accept::Acceptor::new(&opts.sampling);
         let mut bufs = RoundBufs::default();
+        // sized once, so rounds allocate nothing
+        bufs.committed.reserve(self.capacity() + MAX_VERIFY_ROWS);
+        bufs.rows.reserve(MAX_VERIFY_ROWS);
+        bufs.argmax.reserve(MAX_VERIFY_ROWS);
+        bufs.draft.tokens.reserve(MAX_VERIFY_ROWS);
         let mut stop = out.emit(pending, opts, self.kv.remaining() == 0, &mut on_token)?;
         while stop.is_none() {
             // room for the pending token and the drafts, and no drafts past the

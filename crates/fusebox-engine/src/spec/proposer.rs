@@ -26,27 +26,47 @@ pub struct ProposeCtx<'a> {
 }
 
 /// A proposal: the drafted tokens and, when the draft sampled them, the
-/// distribution each was drawn from.
+/// distribution each was drawn from. Its buffers are kept from round to
+/// round, so proposing allocates nothing once warm.
 #[derive(Clone, Debug, Default)]
 pub struct Draft {
     pub tokens: Vec<u32>,
-    /// `q[i]` is the draft's distribution over the vocabulary for
-    /// `tokens[i]`; empty when every token was chosen deterministically (a
-    /// point mass, as prompt lookup and greedy drafts are).
-    pub q: Vec<Vec<f32>>,
+    /// `q[i]` (for `i < q_rows`) is the draft's distribution over the
+    /// vocabulary for `tokens[i]`; rows past `q_rows` are spare buffers.
+    q: Vec<Vec<f32>>,
+    q_rows: usize,
 }
 
 impl Draft {
     pub fn clear(&mut self) {
         self.tokens.clear();
-        self.q.clear();
+        self.q_rows = 0;
     }
 
-    /// The draft's probability of `token` at row `i`.
+    /// Keep the first `k` tokens (and their distributions).
+    pub fn truncate(&mut self, k: usize) {
+        self.tokens.truncate(k);
+        self.q_rows = self.q_rows.min(k);
+    }
+
+    /// A buffer for the distribution of the next token a sampling draft
+    /// pushes (call it once per token, before pushing the token).
+    pub fn next_q(&mut self) -> &mut Vec<f32> {
+        if self.q.len() == self.q_rows {
+            self.q.push(Vec::new());
+        }
+        self.q_rows += 1;
+        &mut self.q[self.q_rows - 1]
+    }
+
+    /// The draft's probability of `token` at row `i`: from its distribution
+    /// when it sampled, else 1 for the drafted token (a point mass, as
+    /// prompt lookup and greedy drafts are).
     pub fn q_of(&self, i: usize, token: u32) -> f32 {
-        match self.q.get(i) {
-            Some(q) => q.get(token as usize).copied().unwrap_or(0.0),
-            None => (self.tokens.get(i) == Some(&token)) as u32 as f32,
+        if i < self.q_rows {
+            self.q[i].get(token as usize).copied().unwrap_or(0.0)
+        } else {
+            (self.tokens.get(i) == Some(&token)) as u32 as f32
         }
     }
 }
