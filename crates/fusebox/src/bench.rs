@@ -59,7 +59,8 @@ pub struct Args {
     #[arg(long, value_name = "SITE")]
     pub ab: Option<String>,
     /// With --spec: decode plainly and speculatively, alternating --rounds
-    /// times on the same prompt, and report both tok/s and their ratio.
+    /// times on the same prompt, and report both tok/s and their ratio
+    /// (--spec ngram also runs on --synthetic weights; a draft needs -m).
     #[command(flatten)]
     pub spec: SpecArgs,
     /// The prompt as text, a user message in the model's chat template
@@ -206,9 +207,8 @@ pub fn run(a: Args) -> Result<()> {
         return write_result(&a.out_dir, &device, &format!("{name}-verify-curve"), &result);
     }
     if a.spec.method()?.is_some() {
-        let target = loaded.as_ref().context("--spec in bench needs -m PATH (a model with a tokenizer)")?;
         let draft = a.spec.load_draft(be)?;
-        let mut spec = a.spec.build(target, draft.as_ref(), be, ctx)?.context("--spec is set")?;
+        let mut spec = a.spec.build(loaded.as_ref(), draft.as_ref(), be, ctx)?.context("--spec is set")?;
         let r = crate::bench_spec::spec_ab(&mut session, &mut spec, &prompt, &opts, a.rounds)?;
         let device = be.device_name();
         let commit = git_commit();

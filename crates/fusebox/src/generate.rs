@@ -92,7 +92,7 @@ pub fn run(a: Args) -> Result<()> {
     let stop_ids = if a.ignore_eos { vec![] } else { model.eos_token_ids() };
     let opts = GenerateOptions { max_new_tokens: a.max_tokens, stop_ids, sampling: sampling.clone() };
     let mut session = Session::new(&model.decoder, be, ctx)?;
-    let mut spec = a.spec.build(&model, draft.as_ref(), be, ctx)?;
+    let mut spec = a.spec.build(Some(&model), draft.as_ref(), be, ctx)?;
     if !a.json {
         eprintln!(
             "fusebox: {} on {} | {} prompt tokens | seed {seed}",

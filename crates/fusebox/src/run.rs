@@ -83,7 +83,7 @@ pub fn run(a: Args) -> Result<()> {
     let opts = GenerateOptions { max_new_tokens: a.max_tokens, stop_ids: model.eos_token_ids(), sampling };
     let mut session = Session::new(&model.decoder, be, ctx)?;
     let draft = a.spec.load_draft(be)?;
-    let mut spec = a.spec.build(&model, draft.as_ref(), be, ctx)?;
+    let mut spec = a.spec.build(Some(&model), draft.as_ref(), be, ctx)?;
     let mut history: Vec<Message> = a.chat.system.iter().map(|s| Message::new("system", s)).collect();
     let interactive = a.prompt.is_none();
     if interactive {

@@ -79,10 +79,11 @@ impl SpecArgs {
     }
 
     /// The speculation for `target` (`None` without --spec), with the draft
-    /// model [`SpecArgs::load_draft`] loaded.
+    /// model [`SpecArgs::load_draft`] loaded. Prompt lookup needs no target
+    /// model (a synthetic one in `bench`); a draft model does.
     pub fn build<'m>(
         &self,
-        target: &Model,
+        target: Option<&Model>,
         draft: Option<&'m Model>,
         be: &'m dyn Backend,
         ctx: usize,
@@ -92,7 +93,8 @@ impl SpecArgs {
             SpecMethod::Ngram => (4, Box::new(PromptLookup::new(self.spec_ngram_max)?)),
             SpecMethod::Draft => {
                 let d = draft.context("--spec draft: the draft model is not loaded")?;
-                (8, Box::new(DraftModel::new(target, d, be, ctx)?))
+                let t = target.context("--spec draft needs a target model with a tokenizer (-m PATH)")?;
+                (8, Box::new(DraftModel::new(t, d, be, ctx)?))
             }
         };
         Ok(Some(Speculation { options: SpecOptions { k: self.spec_k.unwrap_or(k), trace: self.spec_trace }, proposer }))
