@@ -153,3 +153,29 @@ fn cuda_greedy_speculative_equals_greedy_on_every_fixture() {
         eprintln!("{name}: speculative == plain greedy for ngram, self and foreign drafts, k in 1/4/8/16");
     }
 }
+
+/// SmolLM2 (the asset, when fetched) on the GPU: prompt lookup on an edit
+/// request and the model drafting for itself give plain greedy decoding's
+/// 256 tokens.
+#[test]
+fn cuda_smollm2_speculative_equals_greedy() {
+    let Some(gpu) = backend_for_tests() else { return };
+    let Some(path) = common::smollm2("cuda_smollm2_speculative_equals_greedy") else { return };
+    let model = fusebox_models::Model::load(&path, &gpu).unwrap();
+    let prompt = common::chat_prompt(&model, common::EDIT_PROMPT);
+    let opts = GenerateOptions { max_new_tokens: 256, stop_ids: vec![], sampling: SamplingParams::greedy() };
+    let ctx = prompt.len() + 256 + 32;
+    let want = Session::new(&model.decoder, &gpu, ctx).unwrap().generate(&prompt, &opts, |_| Ok(true)).unwrap();
+    for k in [1, 4, 8, 16] {
+        let mut ngram = PromptLookup::new(3).unwrap();
+        let mut own = fusebox_engine::DraftModel::new(&model, &model, &gpu, ctx).unwrap();
+        let proposers: [(&str, &mut dyn fusebox_engine::Proposer); 2] = [("ngram", &mut ngram), ("self", &mut own)];
+        for (what, p) in proposers {
+            let mut s = Session::new(&model.decoder, &gpu, ctx).unwrap();
+            let so = SpecOptions { k, trace: false };
+            let (out, stats) = s.generate_speculative(&prompt, &opts, &so, p, |_| Ok(true)).unwrap();
+            assert_eq!(out.tokens, want.tokens, "SmolLM2 {what} k={k}: differs from plain greedy");
+            eprintln!("SmolLM2 {what} k={k}: {}", stats.summary());
+        }
+    }
+}
