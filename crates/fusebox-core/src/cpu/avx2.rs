@@ -43,26 +43,76 @@ unsafe fn f16(b: &[u8], i: usize) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
 }
 
+/// Block `blk` of Q4_0 (`bias = -8 d`) or Q4_1 (`bias = m`): its 32 values as
+/// four 8-lane parts (values 8k..8k+8 in part k), the scale and the bias.
+#[inline(always)]
+unsafe fn q4_block(blk: &[u8], q4_1: bool) -> ([__m256; 4], __m256, __m256) {
+    let mask = _mm_set1_epi8(0x0f);
+    let d = f16(blk, 0);
+    let bias = if q4_1 { f16(blk, 2) } else { -8.0 * d };
+    let qs = _mm_loadu_si128(blk.as_ptr().add(if q4_1 { 4 } else { 2 }) as *const __m128i);
+    let lo = _mm_and_si128(qs, mask); // values 0..15
+    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask); // values 16..31
+    let q = [u8x8(lo), u8x8(_mm_srli_si128(lo, 8)), u8x8(hi), u8x8(_mm_srli_si128(hi, 8))];
+    (q, _mm256_set1_ps(d), _mm256_set1_ps(bias))
+}
+
+/// Block `blk` of Q8_0: its 32 values as four 8-lane parts and the scale.
+#[inline(always)]
+unsafe fn q8_0_block(blk: &[u8]) -> ([__m256; 4], __m256) {
+    let p = blk.as_ptr().add(2);
+    let mut q = [_mm256_setzero_ps(); 4];
+    for (k, qk) in q.iter_mut().enumerate() {
+        let v = _mm_loadl_epi64(p.add(8 * k) as *const __m128i);
+        *qk = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    }
+    (q, _mm256_set1_ps(f16(blk, 0)))
+}
+
+/// Values 32c..32c+32 of an MLX affine 4- or 8-bit row as four 8-lane parts.
+#[inline(always)]
+unsafe fn affine_chunk(bytes: *const u8, c: usize, bits: u32) -> [__m256; 4] {
+    if bits == 4 {
+        // byte k holds values 2k (low nibble) and 2k+1 (high nibble)
+        let mask = _mm_set1_epi8(0x0f);
+        let v = _mm_loadu_si128(bytes.add(16 * c) as *const __m128i);
+        let lo = _mm_and_si128(v, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        let a = _mm_unpacklo_epi8(lo, hi); // values 0..15
+        let z = _mm_unpackhi_epi8(lo, hi); // values 16..31
+        [u8x8(a), u8x8(_mm_srli_si128(a, 8)), u8x8(z), u8x8(_mm_srli_si128(z, 8))]
+    } else {
+        let p = bytes.add(32 * c);
+        [
+            u8x8(_mm_loadl_epi64(p as *const __m128i)),
+            u8x8(_mm_loadl_epi64(p.add(8) as *const __m128i)),
+            u8x8(_mm_loadl_epi64(p.add(16) as *const __m128i)),
+            u8x8(_mm_loadl_epi64(p.add(24) as *const __m128i)),
+        ]
+    }
+}
+
+/// Q4_0 / Q4_1 block size in bytes.
+fn q4_block_bytes(q4_1: bool) -> usize {
+    if q4_1 {
+        20
+    } else {
+        18
+    }
+}
+
 /// One row of Q4_0 (`bias = -8 d`) or Q4_1 (`bias = m`) blocks.
 ///
 /// # Safety
 /// The processor supports AVX2, FMA and F16C; `x.len() >= 32 * blocks`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4_row(row: &[u8], x: &[f32], q4_1: bool) -> f32 {
-    let ts = if q4_1 { 20 } else { 18 };
-    let off = if q4_1 { 4 } else { 2 };
-    let mask = _mm_set1_epi8(0x0f);
     let mut acc = [_mm256_setzero_ps(); 4];
-    for (bi, blk) in row.chunks_exact(ts).enumerate() {
+    for (bi, blk) in row.chunks_exact(q4_block_bytes(q4_1)).enumerate() {
         // the hardware prefetcher alone leaves these loads waiting on memory
         _mm_prefetch::<_MM_HINT_T0>(blk.as_ptr().wrapping_add(PREFETCH) as *const i8);
-        let d = f16(blk, 0);
-        let bias = if q4_1 { f16(blk, 2) } else { -8.0 * d };
-        let qs = _mm_loadu_si128(blk.as_ptr().add(off) as *const __m128i);
-        let lo = _mm_and_si128(qs, mask); // values 0..15
-        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask); // values 16..31
-        let q = [u8x8(lo), u8x8(_mm_srli_si128(lo, 8)), u8x8(hi), u8x8(_mm_srli_si128(hi, 8))];
-        accum(&mut acc, q, _mm256_set1_ps(d), _mm256_set1_ps(bias), x.as_ptr().add(32 * bi));
+        let (q, d, bias) = q4_block(blk, q4_1);
+        accum(&mut acc, q, d, bias, x.as_ptr().add(32 * bi));
     }
     hsum(acc)
 }
@@ -74,16 +124,10 @@ pub unsafe fn q4_row(row: &[u8], x: &[f32], q4_1: bool) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q8_0_row(row: &[u8], x: &[f32]) -> f32 {
     let mut acc = [_mm256_setzero_ps(); 4];
-    let zero = _mm256_setzero_ps();
     for (bi, blk) in row.chunks_exact(34).enumerate() {
         _mm_prefetch::<_MM_HINT_T0>(blk.as_ptr().wrapping_add(PREFETCH) as *const i8);
-        let p = blk.as_ptr().add(2);
-        let mut q = [zero; 4];
-        for (k, qk) in q.iter_mut().enumerate() {
-            let v = _mm_loadl_epi64(p.add(8 * k) as *const __m128i);
-            *qk = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-        }
-        accum(&mut acc, q, _mm256_set1_ps(f16(blk, 0)), zero, x.as_ptr().add(32 * bi));
+        let (q, d) = q8_0_block(blk);
+        accum(&mut acc, q, d, _mm256_setzero_ps(), x.as_ptr().add(32 * bi));
     }
     hsum(acc)
 }
@@ -95,7 +139,6 @@ pub unsafe fn q8_0_row(row: &[u8], x: &[f32]) -> f32 {
 /// As [`q4_row`]; `words` holds `cols * bits / 32` words, `group % 32 == 0`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn affine_row(words: &[u32], x: &[f32], bits: u32, group: usize, sb: impl Fn(usize) -> (f32, f32)) -> f32 {
-    let mask = _mm_set1_epi8(0x0f);
     let mut acc = [_mm256_setzero_ps(); 4];
     let bytes = words.as_ptr() as *const u8;
     let chunks = words.len() * 32 / bits as usize / 32;
@@ -105,33 +148,16 @@ pub unsafe fn affine_row(words: &[u32], x: &[f32], bits: u32, group: usize, sb: 
         let (s, b) = (_mm256_set1_ps(sc), _mm256_set1_ps(bi));
         for c in g * per_group..(g + 1) * per_group {
             _mm_prefetch::<_MM_HINT_T0>(bytes.wrapping_add(bits as usize * 4 * c + PREFETCH) as *const i8);
-            let q = if bits == 4 {
-                // byte k holds values 2k (low nibble) and 2k+1 (high nibble)
-                let v = _mm_loadu_si128(bytes.add(16 * c) as *const __m128i);
-                let lo = _mm_and_si128(v, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-                let a = _mm_unpacklo_epi8(lo, hi); // values 0..15
-                let z = _mm_unpackhi_epi8(lo, hi); // values 16..31
-                [u8x8(a), u8x8(_mm_srli_si128(a, 8)), u8x8(z), u8x8(_mm_srli_si128(z, 8))]
-            } else {
-                let p = bytes.add(32 * c);
-                [
-                    u8x8(_mm_loadl_epi64(p as *const __m128i)),
-                    u8x8(_mm_loadl_epi64(p.add(8) as *const __m128i)),
-                    u8x8(_mm_loadl_epi64(p.add(16) as *const __m128i)),
-                    u8x8(_mm_loadl_epi64(p.add(24) as *const __m128i)),
-                ]
-            };
-            accum(&mut acc, q, s, b, x.as_ptr().add(32 * c));
+            accum(&mut acc, affine_chunk(bytes, c, bits), s, b, x.as_ptr().add(32 * c));
         }
     }
     hsum(acc)
 }
 
 // Several inputs against one packed row (speculative verify passes): the row
-// is dequantized once into f32 with the very FMA the row kernels above use,
-// then [`dot_blocks`] multiplies it into each input with their accumulation,
-// so every result is bitwise the row kernel's.
+// is dequantized once into f32 with the very FMA the row kernels above use
+// (the same block decoders), then [`dot_blocks`] multiplies it into each
+// input with their accumulation, so every result is bitwise the row kernel's.
 
 /// `out = q * d + bias` for a row of Q4_0 / Q4_1 blocks, as [`q4_row`] computes it.
 ///
@@ -139,17 +165,9 @@ pub unsafe fn affine_row(words: &[u32], x: &[f32], bits: u32, group: usize, sb: 
 /// As [`q4_row`]; `out.len() >= 32 * blocks`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4_dequant(row: &[u8], q4_1: bool, out: &mut [f32]) {
-    let ts = if q4_1 { 20 } else { 18 };
-    let off = if q4_1 { 4 } else { 2 };
-    let mask = _mm_set1_epi8(0x0f);
-    for (bi, blk) in row.chunks_exact(ts).enumerate() {
-        let d = f16(blk, 0);
-        let bias = if q4_1 { f16(blk, 2) } else { -8.0 * d };
-        let qs = _mm_loadu_si128(blk.as_ptr().add(off) as *const __m128i);
-        let lo = _mm_and_si128(qs, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-        let q = [u8x8(lo), u8x8(_mm_srli_si128(lo, 8)), u8x8(hi), u8x8(_mm_srli_si128(hi, 8))];
-        store(q, _mm256_set1_ps(d), _mm256_set1_ps(bias), out.as_mut_ptr().add(32 * bi));
+    for (bi, blk) in row.chunks_exact(q4_block_bytes(q4_1)).enumerate() {
+        let (q, d, bias) = q4_block(blk, q4_1);
+        store(q, d, bias, out.as_mut_ptr().add(32 * bi));
     }
 }
 
@@ -159,15 +177,9 @@ pub unsafe fn q4_dequant(row: &[u8], q4_1: bool, out: &mut [f32]) {
 /// As [`q4_dequant`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q8_0_dequant(row: &[u8], out: &mut [f32]) {
-    let zero = _mm256_setzero_ps();
     for (bi, blk) in row.chunks_exact(34).enumerate() {
-        let p = blk.as_ptr().add(2);
-        let mut q = [zero; 4];
-        for (k, qk) in q.iter_mut().enumerate() {
-            let v = _mm_loadl_epi64(p.add(8 * k) as *const __m128i);
-            *qk = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-        }
-        store(q, _mm256_set1_ps(f16(blk, 0)), zero, out.as_mut_ptr().add(32 * bi));
+        let (q, d) = q8_0_block(blk);
+        store(q, d, _mm256_setzero_ps(), out.as_mut_ptr().add(32 * bi));
     }
 }
 
@@ -183,7 +195,6 @@ pub unsafe fn affine_dequant(
     sb: impl Fn(usize) -> (f32, f32),
     out: &mut [f32],
 ) {
-    let mask = _mm_set1_epi8(0x0f);
     let bytes = words.as_ptr() as *const u8;
     let chunks = words.len() * 32 / bits as usize / 32;
     let per_group = group / 32;
@@ -191,23 +202,7 @@ pub unsafe fn affine_dequant(
         let (sc, bi) = sb(g);
         let (s, b) = (_mm256_set1_ps(sc), _mm256_set1_ps(bi));
         for c in g * per_group..(g + 1) * per_group {
-            let q = if bits == 4 {
-                let v = _mm_loadu_si128(bytes.add(16 * c) as *const __m128i);
-                let lo = _mm_and_si128(v, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-                let a = _mm_unpacklo_epi8(lo, hi);
-                let z = _mm_unpackhi_epi8(lo, hi);
-                [u8x8(a), u8x8(_mm_srli_si128(a, 8)), u8x8(z), u8x8(_mm_srli_si128(z, 8))]
-            } else {
-                let p = bytes.add(32 * c);
-                [
-                    u8x8(_mm_loadl_epi64(p as *const __m128i)),
-                    u8x8(_mm_loadl_epi64(p.add(8) as *const __m128i)),
-                    u8x8(_mm_loadl_epi64(p.add(16) as *const __m128i)),
-                    u8x8(_mm_loadl_epi64(p.add(24) as *const __m128i)),
-                ]
-            };
-            store(q, s, b, out.as_mut_ptr().add(32 * c));
+            store(affine_chunk(bytes, c, bits), s, b, out.as_mut_ptr().add(32 * c));
         }
     }
 }
