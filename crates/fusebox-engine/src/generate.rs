@@ -447,6 +447,27 @@ impl<'m> Session<'m> {
         }
     }
 
+    /// The start every generation loop shares: check the prompt, set the
+    /// sampler, run the prompt and draw the first new token (none when
+    /// `max_new_tokens` is 0: then only the prompt runs), timing the prefill.
+    pub(crate) fn start(&mut self, prompt: &[u32], opts: &GenerateOptions) -> Result<(GenerateOutput, Option<u32>)> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty (no tokens)");
+        }
+        self.check_room(prompt.len())?;
+        self.set_sampling(&opts.sampling)?;
+        let t0 = Instant::now();
+        let mut out = GenerateOutput::new(prompt.len(), opts.max_new_tokens.min(self.capacity()));
+        let first = if opts.max_new_tokens == 0 {
+            self.prefill(prompt)?;
+            None
+        } else {
+            Some(self.advance(prompt)?)
+        };
+        out.prefill_secs = t0.elapsed().as_secs_f64();
+        Ok((out, first))
+    }
+
     /// Generate after `prompt` (appended to the current context). `on_token`
     /// sees each new token as it is produced and returns `false` to stop.
     pub fn generate(
@@ -455,20 +476,8 @@ impl<'m> Session<'m> {
         opts: &GenerateOptions,
         mut on_token: impl FnMut(u32) -> Result<bool>,
     ) -> Result<GenerateOutput> {
-        if prompt.is_empty() {
-            bail!("the prompt is empty (no tokens)");
-        }
-        self.check_room(prompt.len())?;
-        self.set_sampling(&opts.sampling)?;
-        let t0 = Instant::now();
-        let mut out = GenerateOutput::new(prompt.len(), opts.max_new_tokens.min(self.capacity()));
-        if opts.max_new_tokens == 0 {
-            self.prefill(prompt)?;
-            out.prefill_secs = t0.elapsed().as_secs_f64();
-            return Ok(out);
-        }
-        let mut tok = self.advance(prompt)?;
-        out.prefill_secs = t0.elapsed().as_secs_f64();
+        let (mut out, first) = self.start(prompt, opts)?;
+        let Some(mut tok) = first else { return Ok(out) };
         let t1 = Instant::now();
         loop {
             if let Some(stop) = out.emit(tok, opts, self.kv.remaining() == 0, &mut on_token)? {

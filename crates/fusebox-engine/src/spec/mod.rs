@@ -193,20 +193,8 @@ impl Session<'_> {
     ) -> Result<(GenerateOutput, SpecStats)> {
         ensure!((1..=MAX_SPEC_K).contains(&spec.k), "--spec-k must be between 1 and {MAX_SPEC_K}, got {}", spec.k);
         let mut stats = SpecStats::new(proposer.name(), spec.k, spec.trace);
-        if prompt.is_empty() {
-            bail!("the prompt is empty (no tokens)");
-        }
-        self.check_room(prompt.len())?;
-        self.set_sampling(&opts.sampling)?;
-        let t0 = Instant::now();
-        let mut out = GenerateOutput::new(prompt.len(), opts.max_new_tokens.min(self.capacity()));
-        if opts.max_new_tokens == 0 {
-            self.prefill(prompt)?;
-            out.prefill_secs = t0.elapsed().as_secs_f64();
-            return Ok((out, stats));
-        }
-        let mut pending = self.advance(prompt)?;
-        out.prefill_secs = t0.elapsed().as_secs_f64();
+        let (mut out, first) = self.start(prompt, opts)?;
+        let Some(mut pending) = first else { return Ok((out, stats)) };
         let t1 = Instant::now();
         let start = self.kv.len; // the context before the first new token
         let mut acceptor = accept::Acceptor::new(&opts.sampling);
