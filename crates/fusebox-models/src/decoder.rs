@@ -161,48 +161,14 @@ impl Decoder {
     /// Load the weights `cfg` names from a source (any format), checking
     /// every shape, and place them on `be`.
     pub fn load(cfg: ModelConfig, src: &dyn WeightSource, be: &dyn Backend) -> Result<Decoder> {
-        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-        let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
+        let (hd, d) = (cfg.head_dim, cfg.hidden_size);
         let lin = |name: &str, rows: usize, cols: usize| -> Result<Weight> {
             be.upload_weight(src.linear(name, rows, cols)?)
         };
         let norm = |name: &str, n: usize| -> Result<Tensor> { be.upload(src.norm(name, n)?) };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let p = format!("model.layers.{i}");
-            let mlp = match &cfg.moe {
-                Some(moe) if moe.is_sparse(i) => {
-                    let (e, mff) = (moe.num_experts, moe.intermediate_size);
-                    let m = format!("{p}.mlp");
-                    Mlp::Moe {
-                        router: lin(&format!("{m}.gate"), e, d)?,
-                        gate: be.upload_weight(src.experts(&m, "gate_proj", e, mff, d)?)?,
-                        up: be.upload_weight(src.experts(&m, "up_proj", e, mff, d)?)?,
-                        down: be.upload_weight(src.experts(&m, "down_proj", e, d, mff)?)?,
-                        top_k: moe.top_k,
-                        renormalize: moe.norm_topk_prob,
-                    }
-                }
-                _ => {
-                    ensure!(ff > 0, "config: intermediate_size is required for the dense MLP of layer {i}");
-                    Mlp::Dense {
-                        gate: lin(&format!("{p}.mlp.gate_proj"), ff, d)?,
-                        up: lin(&format!("{p}.mlp.up_proj"), ff, d)?,
-                        down: lin(&format!("{p}.mlp.down_proj"), d, ff)?,
-                    }
-                }
-            };
-            layers.push(Layer {
-                attn_norm: norm(&format!("{p}.input_layernorm"), d)?,
-                wq: lin(&format!("{p}.self_attn.q_proj"), nh * hd, d)?,
-                wk: lin(&format!("{p}.self_attn.k_proj"), nkv * hd, d)?,
-                wv: lin(&format!("{p}.self_attn.v_proj"), nkv * hd, d)?,
-                wo: lin(&format!("{p}.self_attn.o_proj"), d, nh * hd)?,
-                q_norm: cfg.qk_norm.then(|| norm(&format!("{p}.self_attn.q_norm"), hd)).transpose()?,
-                k_norm: cfg.qk_norm.then(|| norm(&format!("{p}.self_attn.k_norm"), hd)).transpose()?,
-                mlp_norm: norm(&format!("{p}.post_attention_layernorm"), d)?,
-                mlp,
-            });
+            layers.push(load_layer(&cfg, src, be, &format!("model.layers.{i}"), i)?);
         }
         let embed = lin("model.embed_tokens", cfg.vocab_size, d)?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(lin("lm_head", cfg.vocab_size, d)?) };
@@ -424,4 +390,53 @@ impl Decoder {
             }
         }
     }
+}
+
+/// Load the weights of decoder layer `i` (module prefix `p`, e.g.
+/// `model.layers.3`) that `cfg` describes, checking every shape.
+pub(crate) fn load_layer(
+    cfg: &ModelConfig,
+    src: &dyn WeightSource,
+    be: &dyn Backend,
+    p: &str,
+    i: usize,
+) -> Result<Layer> {
+    let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+    let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
+    let lin =
+        |name: &str, rows: usize, cols: usize| -> Result<Weight> { be.upload_weight(src.linear(name, rows, cols)?) };
+    let norm = |name: &str, n: usize| -> Result<Tensor> { be.upload(src.norm(name, n)?) };
+    let mlp = match &cfg.moe {
+        Some(moe) if moe.is_sparse(i) => {
+            let (e, mff) = (moe.num_experts, moe.intermediate_size);
+            let m = format!("{p}.mlp");
+            Mlp::Moe {
+                router: lin(&format!("{m}.gate"), e, d)?,
+                gate: be.upload_weight(src.experts(&m, "gate_proj", e, mff, d)?)?,
+                up: be.upload_weight(src.experts(&m, "up_proj", e, mff, d)?)?,
+                down: be.upload_weight(src.experts(&m, "down_proj", e, d, mff)?)?,
+                top_k: moe.top_k,
+                renormalize: moe.norm_topk_prob,
+            }
+        }
+        _ => {
+            ensure!(ff > 0, "config: intermediate_size is required for the dense MLP of layer {i}");
+            Mlp::Dense {
+                gate: lin(&format!("{p}.mlp.gate_proj"), ff, d)?,
+                up: lin(&format!("{p}.mlp.up_proj"), ff, d)?,
+                down: lin(&format!("{p}.mlp.down_proj"), d, ff)?,
+            }
+        }
+    };
+    Ok(Layer {
+        attn_norm: norm(&format!("{p}.input_layernorm"), d)?,
+        wq: lin(&format!("{p}.self_attn.q_proj"), nh * hd, d)?,
+        wk: lin(&format!("{p}.self_attn.k_proj"), nkv * hd, d)?,
+        wv: lin(&format!("{p}.self_attn.v_proj"), nkv * hd, d)?,
+        wo: lin(&format!("{p}.self_attn.o_proj"), d, nh * hd)?,
+        q_norm: cfg.qk_norm.then(|| norm(&format!("{p}.self_attn.q_norm"), hd)).transpose()?,
+        k_norm: cfg.qk_norm.then(|| norm(&format!("{p}.self_attn.k_norm"), hd)).transpose()?,
+        mlp_norm: norm(&format!("{p}.post_attention_layernorm"), d)?,
+        mlp,
+    })
 }

@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod config;
 pub mod decoder;
+pub mod dflash;
 pub mod gguf;
 pub mod mlx_quant;
 pub mod safetensors;
@@ -53,7 +54,16 @@ impl Model {
                 path.display()
             );
         }
-        let cfg = ModelConfig::from_file(&path.join("config.json"))?;
+        let cfg_path = path.join("config.json");
+        if cfg_path.exists() && dflash::is_dflash(&config::read_json(&cfg_path)?) {
+            bail!(
+                "{}: a DFlash draft ({}), which drafts for a target model and has no embedding or lm_head of its own; it cannot run by itself (`fusebox inspect -m {} --target TARGET` checks that it fits a target)",
+                path.display(),
+                dflash::ARCHITECTURE,
+                path.display()
+            );
+        }
+        let cfg = ModelConfig::from_file(&cfg_path)?;
         let generation = GenerationConfig::from_file(&path.join("generation_config.json"))?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let chat_template = ChatTemplate::from_tokenizer_config(&path.join("tokenizer_config.json"))?;
@@ -92,6 +102,15 @@ impl Model {
             chat_template,
             generation: GenerationConfig::default(),
         })
+    }
+
+    /// The configuration of the model at `path` (a directory's config.json
+    /// or a GGUF file's metadata) without loading its weights.
+    pub fn config_at(path: &Path) -> Result<ModelConfig> {
+        if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            return gguf::model_config(&gguf::GgufFile::open(path)?);
+        }
+        ModelConfig::from_file(&path.join("config.json"))
     }
 
     pub fn config(&self) -> &ModelConfig {

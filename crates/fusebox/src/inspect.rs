@@ -6,6 +6,10 @@ use fusebox_core::fusion::{Site, Source, SITES};
 use fusebox_core::RopeScaling;
 use serde_json::json;
 
+use fusebox_models::config::read_json;
+use fusebox_models::dflash::{self, DFlashDraft};
+use fusebox_models::Model;
+
 use crate::common::{human, ModelArgs};
 
 /// Describe a model: architecture, parameter count, dtypes, the weight bytes
@@ -17,6 +21,10 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// With a DFlash draft as -m: check that it fits this target model
+    /// (a model directory or .gguf file).
+    #[arg(long, value_name = "PATH")]
+    pub target: Option<std::path::PathBuf>,
 }
 
 fn count(n: usize) -> String {
@@ -33,6 +41,13 @@ fn count(n: usize) -> String {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let cfg_path = a.model.model.join("config.json");
+    if a.model.model.is_dir() && cfg_path.exists() && dflash::is_dflash(&read_json(&cfg_path)?) {
+        return inspect_dflash(&a);
+    }
+    if a.target.is_some() {
+        anyhow::bail!("--target is for a DFlash draft as -m; {} is not one", a.model.model.display());
+    }
     let be = a.model.backend()?;
     let be = &*be;
     let model = a.model.load(be)?;
@@ -130,6 +145,58 @@ pub fn run(a: Args) -> Result<()> {
             (true, false) => "graph",
         };
         println!("  {:15}{state:6} ({why})", site.name());
+    }
+    Ok(())
+}
+
+/// `inspect` of a DFlash draft: its drafting settings, its layers, and
+/// whether it fits `--target`.
+fn inspect_dflash(a: &Args) -> Result<()> {
+    let be = a.model.backend()?;
+    let draft = DFlashDraft::load(&a.model.model, &*be)?;
+    let c = &draft.cfg;
+    let fit = a.target.as_ref().map(|t| -> Result<String> {
+        let tc = Model::config_at(t)?;
+        c.check_target(&tc).map_err(|e| anyhow::anyhow!("{}: {e:#}", t.display()))?;
+        Ok(t.display().to_string())
+    });
+    let fit = fit.transpose()?;
+    let b = &c.base;
+    if a.json {
+        let v = json!({
+            "architecture": dflash::ARCHITECTURE, "family": b.arch.name(), "parameters": draft.parameter_count(),
+            "layers": b.num_layers, "hidden_size": b.hidden_size, "heads": b.num_heads, "kv_heads": b.num_kv_heads,
+            "head_dim": b.head_dim, "intermediate_size": b.intermediate_size, "vocab_size": b.vocab_size,
+            "block_size": c.block_size, "mask_token_id": c.mask_token_id, "target_layer_ids": c.target_layer_ids,
+            "num_target_layers": c.num_target_layers, "sliding_window": c.sliding_window, "is_causal": c.is_causal,
+            "fits_target": fit,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("model             {}", a.model.model.display());
+    println!("architecture      {} ({} layers)", dflash::ARCHITECTURE, b.arch.name());
+    println!("parameters        {}", count(draft.parameter_count()));
+    println!(
+        "layers            {} x (hidden {}, {} heads / {} kv heads of {}, mlp {})",
+        b.num_layers, b.hidden_size, b.num_heads, b.num_kv_heads, b.head_dim, b.intermediate_size
+    );
+    println!(
+        "block             {} tokens (drafts {} a round), mask token {}",
+        c.block_size,
+        c.block_size - 1,
+        c.mask_token_id
+    );
+    println!("target layers     {:?} of {} (their outputs make the context)", c.target_layer_ids, c.num_target_layers);
+    println!(
+        "attention         {}{}",
+        if c.is_causal { "causal" } else { "bidirectional in the block" },
+        c.sliding_window.map(|w| format!(", context window {w}")).unwrap_or_default()
+    );
+    println!("vocabulary        {} (the target's embedding and lm_head are used)", b.vocab_size);
+    match fit {
+        Some(t) => println!("target            {t}: fits"),
+        None => println!("target            (give --target PATH to check a target)"),
     }
     Ok(())
 }
