@@ -125,8 +125,8 @@ pub fn run(a: Args) -> Result<()> {
     if a.prompt_len == 0 || a.gen == 0 || a.reps == 0 {
         bail!("--prompt-len, --gen and --reps must be at least 1");
     }
-    a.spec.method()?;
-    if a.spec.method()?.is_some() && (a.ab.is_some() || a.verify_curve.is_some()) {
+    let spec_method = a.spec.method()?;
+    if spec_method.is_some() && (a.ab.is_some() || a.verify_curve.is_some()) {
         bail!("--spec, --ab and --verify-curve are separate measurements: give one");
     }
     let be = backend(a.device, a.threads)?;
@@ -206,7 +206,7 @@ pub fn run(a: Args) -> Result<()> {
         });
         return write_result(&a.out_dir, &device, &format!("{name}-verify-curve"), &result);
     }
-    if a.spec.method()?.is_some() {
+    if spec_method.is_some() {
         let draft = a.spec.load_draft(be)?;
         let mut spec = a.spec.build(loaded.as_ref(), draft.as_ref(), be, ctx)?.context("--spec is set")?;
         let r = crate::bench_spec::spec_ab(&mut session, &mut spec, &prompt, &opts, a.rounds)?;

@@ -73,11 +73,6 @@ impl<'m> DraftModel<'m> {
         })
     }
 
-    /// The draft's own session (its context is what it has run).
-    pub fn session(&self) -> &Session<'m> {
-        &self.session
-    }
-
     fn set_params(&mut self, p: &SamplingParams) -> Result<()> {
         if self.params.as_ref() != Some(p) {
             let mut own = p.clone();
