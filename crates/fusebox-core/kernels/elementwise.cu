@@ -22,6 +22,14 @@ extern "C" __global__ void copy_words(const u32* __restrict__ src, u32* __restri
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < words; i += (long)gridDim.x * blockDim.x) dst[i] = src[i];
 }
 
+// dst[r, col + j] = src[r, j] for src [m, n] into dst [m, wide] (one slot of a row-wise concat).
+extern "C" __global__ void copy_cols_f32(const float* __restrict__ src, float* __restrict__ dst, long m, long n,
+                                         long wide, long col) {
+    FB_PROLOGUE();
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < m * n; i += (long)gridDim.x * blockDim.x)
+        dst[(i / n) * wide + col + i % n] = src[i];
+}
+
 extern "C" __global__ void f32_to_bf16_k(const float* __restrict__ x, bf16_t* __restrict__ y, long n) {
     FB_PROLOGUE();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) y[i] = f32_to_bf16(x[i]);

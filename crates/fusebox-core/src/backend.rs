@@ -14,7 +14,7 @@
 //! * a linear weight `w` is `[out_features, in_features]` and `matmul`
 //!   computes `x @ w^T`.
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 
 use crate::dtype::DType;
 use crate::fusion::Site;
@@ -182,6 +182,10 @@ pub trait Backend: Send + Sync {
     fn argmax(&self, x: &Tensor, out: &mut Tensor) -> Result<()>;
     /// Copy `n` rows of `src` starting at `src_row` into `dst` starting at `dst_row`.
     fn copy_rows(&self, src: &Tensor, src_row: usize, dst: &mut Tensor, dst_row: usize, n: usize) -> Result<()>;
+    /// `dst[r, col..col + n] = src[r, :]` for every row `r` of `src [m, n]`
+    /// into `dst [m, N]` (f32): one slot of a row-wise concatenation (the
+    /// target hidden states a DFlash draft reads).
+    fn copy_cols(&self, src: &Tensor, dst: &mut Tensor, col: usize) -> Result<()>;
     /// Draw one token from the last row of `logits` (see [`crate::sample`]).
     /// `params` is the `F32 [SAMPLE_PARAMS]` block written by
     /// [`crate::sample::encode_params`]; `history` (`I32 [cap]`) holds the
@@ -287,6 +291,20 @@ pub fn attn_inputs_graph<B: Backend + ?Sized>(
     } else {
         norm_rope_append_graph(be, a, b, cache, false)
     }
+}
+
+/// Check [`Backend::copy_cols`]' operands: `(rows, src width, dst width)`.
+pub fn copy_cols_dims(src: &Tensor, dst: &Tensor, col: usize) -> Result<(usize, usize, usize)> {
+    ensure!(
+        src.dtype() == DType::F32 && dst.dtype() == DType::F32,
+        "copy_cols: {} into {} (f32 only)",
+        src.dtype(),
+        dst.dtype()
+    );
+    let (m, n, wide) = (src.rows(), src.last_dim(), dst.last_dim());
+    ensure!(dst.rows() == m, "copy_cols: {m} rows into {} rows", dst.rows());
+    ensure!(col + n <= wide, "copy_cols: columns {col}..{} of rows of {wide}", col + n);
+    Ok((m, n, wide))
 }
 
 /// The graph path of per-head norm + RoPE + KV append, one op each. The

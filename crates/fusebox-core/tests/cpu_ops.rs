@@ -513,6 +513,27 @@ fn copy_rows_copies_exactly_the_requested_rows() {
 }
 
 #[test]
+fn copy_cols_writes_one_slot_of_every_row() {
+    let (b, mut r) = (backend(), rng(11));
+    for (m, n, wide, col) in [(1, 8, 24, 16), (5, 7, 21, 0), (5, 7, 21, 7), (3, 64, 64, 0)] {
+        let src_v = uniform(&mut r, m * n, 1.0);
+        let mut want = uniform(&mut r, m * wide, 1.0);
+        let mut dst = tf(&[m, wide], &want);
+        b.copy_cols(&tf(&[m, n], &src_v), &mut dst, col).unwrap();
+        for row in 0..m {
+            want[row * wide + col..row * wide + col + n].copy_from_slice(&src_v[row * n..(row + 1) * n]);
+        }
+        let what = format!("copy_cols [{m},{n}] -> [{m},{wide}] at {col}");
+        check_close(&what, &read(&b, &dst), &to_f64(&want), Tol::Exact);
+    }
+    // columns past the end, row count mismatch, non-f32
+    let src = tf(&[2, 8], &[1.0; 16]);
+    assert!(b.copy_cols(&src, &mut zf(&[2, 16]), 9).is_err());
+    assert!(b.copy_cols(&src, &mut zf(&[3, 16]), 0).is_err());
+    assert!(b.copy_cols(&src, &mut Tensor::zeros(&[2, 16], DType::BF16), 0).is_err());
+}
+
+#[test]
 fn kv_write_failure_leaves_cache_untouched_and_layouts_are_checked() {
     let b = backend();
     let mut cache = new_cache(8, 2, 16);

@@ -93,6 +93,17 @@ fn elementwise_norm_and_rope_match_the_cpu() {
             g.copy_rows(&xg, rows - 1, &mut dg, 0, 1).unwrap();
             assert_eq!(read(&g, &dg), dc.as_f32().unwrap(), "copy_rows {shape:?}");
         }
+        // copy_cols: the rows into the second slot of a three-slot concat
+        let m = shape[0];
+        let (mut dc, mut dg) = (Tensor::zeros(&[m, 3 * n], DType::F32), poisoned(&g, &[m, 3 * n]));
+        let (xc2d, xg2d) = (Tensor::from_f32(&[m, n], &x).unwrap(), up(&g, &[m, n], &x));
+        c.copy_cols(&xc2d, &mut dc, n).unwrap();
+        g.copy_cols(&xg2d, &mut dg, n).unwrap();
+        let got = read(&g, &dg);
+        for row in 0..m {
+            let s = row * 3 * n + n;
+            assert_eq!(got[s..s + n], dc.as_f32().unwrap()[s..s + n], "copy_cols {shape:?} row {row}");
+        }
     }
     for (m, heads, d, style) in [
         (1, 4, 8, RopeStyle::Half),

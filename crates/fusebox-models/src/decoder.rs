@@ -135,9 +135,36 @@ pub struct Workspace {
     moe_out: Tensor,
     /// `[m, vocab]` for [`Logits::All`], `[1, vocab]` for [`Logits::Last`].
     pub logits: Tensor,
+    /// Hidden states captured during the pass ([`Workspace::with_taps`]).
+    taps: Option<Taps>,
+}
+
+/// The outputs of some layers, captured for a draft that reads them.
+struct Taps {
+    /// Layer indices, in slot order.
+    layers: Vec<usize>,
+    /// `[m, layers.len() * hidden]`: row r is the concatenation of row r of
+    /// every listed layer's output.
+    out: Tensor,
 }
 
 impl Workspace {
+    /// Also capture the outputs of decoder `layers` (0-based, in this order)
+    /// for every row of each pass, concatenated per row ([`Workspace::taps`]).
+    /// Layer `i`'s output is transformers' `hidden_states[i + 1]`: the last
+    /// layer's is taken after the final norm, as there.
+    pub fn with_taps(mut self, be: &dyn Backend, layers: &[usize]) -> Result<Workspace> {
+        let d = self.x.last_dim();
+        let out = be.zeros(&[self.m, layers.len() * d], DType::F32)?;
+        self.taps = Some(Taps { layers: layers.to_vec(), out });
+        Ok(self)
+    }
+
+    /// The captured layer outputs of the last pass, `[m, layers * hidden]`.
+    pub fn taps(&self) -> Option<&Tensor> {
+        self.taps.as_ref().map(|t| &t.out)
+    }
+
     /// Write token ids and their positions (`start..start+m`) for the next forward.
     pub fn set_tokens(&mut self, be: &dyn Backend, ids: &[u32], start: usize) -> Result<()> {
         ensure!(ids.len() == self.m, "workspace holds {} tokens, got {}", self.m, ids.len());
@@ -183,7 +210,8 @@ impl Decoder {
         })
     }
 
-    fn lm_head(&self) -> &Weight {
+    /// The output projection (the embedding when tied).
+    pub fn lm_head(&self) -> &Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
@@ -286,6 +314,7 @@ impl Decoder {
             moe_act: z(&[m, top_k, mff])?,
             moe_out: z(&[m, top_k, d])?,
             logits: z(&[if mode == Logits::All { m } else { 1 }, c.vocab_size])?,
+            taps: None,
         })
     }
 
@@ -302,6 +331,9 @@ impl Decoder {
     pub fn forward(&self, be: &dyn Backend, ws: &mut Workspace, kv: &mut [LayerKv]) -> Result<()> {
         let c = &self.cfg;
         ensure!(kv.len() == self.layers.len(), "{} KV layers for {} model layers", kv.len(), self.layers.len());
+        if let Some(&bad) = ws.taps.iter().flat_map(|t| &t.layers).find(|&&l| l >= self.layers.len()) {
+            bail!("cannot capture layer {bad}: the model has {} layers", self.layers.len());
+        }
         let eps = c.rms_norm_eps;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         be.embedding(&self.embed, &ws.ids, &mut ws.x)?;
@@ -376,6 +408,21 @@ impl Decoder {
                 add_norm(&mut ws.x, &ws.o, &self.layers[i + 1].attn_norm, &mut ws.h)?;
             } else {
                 be.add_assign(&mut ws.x, &ws.o)?;
+            }
+            // ws.x now holds this layer's output; the last layer's is taken
+            // after the final norm below
+            if let Some(t) = ws.taps.as_mut().filter(|_| i + 1 < n_layers) {
+                for (slot, _) in t.layers.iter().enumerate().filter(|(_, &l)| l == i) {
+                    be.copy_cols(&ws.x, &mut t.out, slot * c.hidden_size)?;
+                }
+            }
+        }
+        // as transformers' `hidden_states[-1]` (what DFlash drafts were
+        // trained on), the last layer's tap is the final-normed output
+        if let Some(t) = ws.taps.as_mut() {
+            for (slot, _) in t.layers.iter().enumerate().filter(|(_, &l)| l + 1 == n_layers) {
+                be.rms_norm(&ws.x, &self.norm, eps, &mut ws.h)?;
+                be.copy_cols(&ws.h, &mut t.out, slot * c.hidden_size)?;
             }
         }
         match ws.mode {

@@ -5,17 +5,19 @@
 //! the target's hidden states at `target_layer_ids`, projects their
 //! concatenation with `fc` and normalises it with `hidden_norm`, and drafts
 //! `block_size - 1` tokens in one pass (docs/notes/dflash-reference.md).
-//! This module loads and checks a draft; drafting with it is the DFlash
-//! issue's next slice.
+//! This module loads and checks a draft and runs its forward pass: the
+//! context (target hidden states) goes into the draft's own KV cache once,
+//! as it is committed; a block is drafted against it.
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Result};
-use fusebox_core::{Backend, Tensor, Weight};
+use fusebox_core::backend::{attn_inputs_graph, swiglu_graph, AttnBufs, AttnIn, SwigluBufs};
+use fusebox_core::{rope, Backend, DType, LayerKv, Tensor, Weight};
 use serde_json::Value;
 
 use crate::config::{read_json, ModelConfig};
-use crate::decoder::{load_layer, Layer};
+use crate::decoder::{load_layer, Decoder, Layer, Mlp};
 use crate::safetensors::{Checkpoint, SafetensorsSource};
 use crate::source::WeightSource;
 
@@ -145,6 +147,7 @@ pub struct DFlashDraft {
     pub hidden_norm: Tensor,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
+    pub inv_freq: Tensor,
 }
 
 impl DFlashDraft {
@@ -161,6 +164,8 @@ impl DFlashDraft {
     pub fn load_from(cfg: DFlashConfig, src: &dyn WeightSource, be: &dyn Backend) -> Result<DFlashDraft> {
         let d = cfg.base.hidden_size;
         let taps = cfg.target_layer_ids.len();
+        ensure!(cfg.base.moe.is_none(), "DFlash drafts with mixture-of-experts layers are not supported");
+        let inv = rope::inv_freq(cfg.base.head_dim, cfg.base.rope_theta, cfg.base.rope_scaling);
         let layers = (0..cfg.base.num_layers)
             .map(|i| load_layer(&cfg.base, src, be, &format!("layers.{i}"), i))
             .collect::<Result<Vec<_>>>()?;
@@ -168,6 +173,7 @@ impl DFlashDraft {
             fc: be.upload_weight(src.linear("fc", d, taps * d)?)?,
             hidden_norm: be.upload(src.norm("hidden_norm", d)?)?,
             norm: be.upload(src.norm("norm", d)?)?,
+            inv_freq: be.upload(Tensor::from_f32(&[inv.len()], &inv)?)?,
             layers,
             cfg,
         })
@@ -185,5 +191,214 @@ impl DFlashDraft {
             }
         }
         n
+    }
+}
+
+/// Buffers to add `n` rows of context (target hidden states) to the draft's
+/// KV cache.
+pub struct ContextBufs {
+    pub n: usize,
+    /// `[n, taps * hidden]`: the target's captured layer outputs, written by
+    /// the caller before [`DFlashDraft::add_context`].
+    pub taps: Tensor,
+    fc_out: Tensor,
+    ctx: Tensor,
+    k_raw: Tensor,
+    k: Tensor,
+    v: Tensor,
+    positions: Tensor,
+    stage: Vec<i32>,
+}
+
+/// Buffers to draft one block of `block_size` rows; the logits of block
+/// rows `1..block_size` (the drafts) end in `logits`.
+pub struct BlockBufs {
+    ids: Tensor,
+    positions: Tensor,
+    /// The last key position each query row sees.
+    limits: Tensor,
+    stage_ids: Vec<i32>,
+    stage_pos: Vec<i32>,
+    stage_lim: Vec<i32>,
+    x: Tensor,
+    h: Tensor,
+    q_raw: Tensor,
+    q: Tensor,
+    k_raw: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn: Tensor,
+    o: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+    out_h: Tensor,
+    /// `[block_size - 1, vocab]`: row i drafts the token at `start + 1 + i`.
+    pub logits: Tensor,
+}
+
+fn stage_positions(
+    be: &dyn Backend,
+    t: &mut Tensor,
+    stage: &mut Vec<i32>,
+    vals: impl Iterator<Item = usize>,
+) -> Result<()> {
+    stage.clear();
+    stage.extend(vals.map(|p| p as i32));
+    be.write_i32(t, stage)
+}
+
+impl DFlashDraft {
+    /// One KV cache layer per draft layer, of `capacity` positions (the
+    /// context plus one block).
+    pub fn kv_layers(&self, be: &dyn Backend, capacity: usize) -> Result<Vec<LayerKv>> {
+        let b = &self.cfg.base;
+        let shape = [capacity, b.num_kv_heads, b.head_dim];
+        let dt = be.kv_dtype();
+        (0..self.layers.len()).map(|_| Ok(LayerKv { k: be.zeros(&shape, dt)?, v: be.zeros(&shape, dt)? })).collect()
+    }
+
+    /// Buffers to add `n` context rows at a time.
+    pub fn context_bufs(&self, be: &dyn Backend, n: usize) -> Result<ContextBufs> {
+        let b = &self.cfg.base;
+        let (d, kvw) = (b.hidden_size, [n, b.num_kv_heads, b.head_dim]);
+        let z = |shape: &[usize]| be.zeros(shape, DType::F32);
+        Ok(ContextBufs {
+            n,
+            taps: z(&[n, self.cfg.target_layer_ids.len() * d])?,
+            fc_out: z(&[n, d])?,
+            ctx: z(&[n, d])?,
+            k_raw: z(&kvw)?,
+            k: z(&kvw)?,
+            v: z(&kvw)?,
+            positions: be.zeros(&[n], DType::I32)?,
+            stage: Vec::with_capacity(n),
+        })
+    }
+
+    /// Buffers to draft a block, with the target's vocabulary of `vocab`.
+    pub fn block_bufs(&self, be: &dyn Backend, vocab: usize) -> Result<BlockBufs> {
+        let b = &self.cfg.base;
+        let m = self.cfg.block_size;
+        let (d, ff, hd) = (b.hidden_size, b.intermediate_size, b.head_dim);
+        let z = |shape: &[usize]| be.zeros(shape, DType::F32);
+        let i32s = || be.zeros(&[m], DType::I32);
+        Ok(BlockBufs {
+            ids: i32s()?,
+            positions: i32s()?,
+            limits: i32s()?,
+            stage_ids: Vec::with_capacity(m),
+            stage_pos: Vec::with_capacity(m),
+            stage_lim: Vec::with_capacity(m),
+            x: z(&[m, d])?,
+            h: z(&[m, d])?,
+            q_raw: z(&[m, b.num_heads, hd])?,
+            q: z(&[m, b.num_heads, hd])?,
+            k_raw: z(&[m, b.num_kv_heads, hd])?,
+            k: z(&[m, b.num_kv_heads, hd])?,
+            v: z(&[m, b.num_kv_heads, hd])?,
+            attn: z(&[m, b.num_heads, hd])?,
+            o: z(&[m, d])?,
+            gate: z(&[m, ff])?,
+            up: z(&[m, ff])?,
+            act: z(&[m, ff])?,
+            out_h: z(&[m - 1, d])?,
+            logits: z(&[m - 1, vocab])?,
+        })
+    }
+
+    /// Project the `cb.n` context rows in `cb.taps` (target positions
+    /// `start..start + n`) with `fc` and `hidden_norm`, and store every draft
+    /// layer's keys and values for them in `kv`. The context gets no input
+    /// norm and never enters the residual stream.
+    pub fn add_context(&self, be: &dyn Backend, cb: &mut ContextBufs, start: usize, kv: &mut [LayerKv]) -> Result<()> {
+        let b = &self.cfg.base;
+        ensure!(kv.len() == self.layers.len(), "{} KV layers for {} draft layers", kv.len(), self.layers.len());
+        stage_positions(be, &mut cb.positions, &mut cb.stage, start..start + cb.n)?;
+        be.matmul(&cb.taps, &self.fc, &mut cb.fc_out)?;
+        be.rms_norm(&cb.fc_out, &self.hidden_norm, b.rms_norm_eps, &mut cb.ctx)?;
+        for (layer, cache) in self.layers.iter().zip(kv.iter_mut()) {
+            let k_to = if layer.k_norm.is_some() { &mut cb.k_raw } else { &mut cb.k };
+            be.matmul(&cb.ctx, &layer.wk, k_to)?;
+            if let Some(w) = &layer.k_norm {
+                be.rms_norm(&cb.k_raw, w, b.rms_norm_eps, &mut cb.k)?;
+            }
+            be.matmul(&cb.ctx, &layer.wv, &mut cb.v)?;
+            be.rope(&mut cb.k, &cb.positions, &self.inv_freq, b.rope_style)?;
+            be.kv_write(&cb.k, &cb.v, &cb.positions, cache)?;
+        }
+        Ok(())
+    }
+
+    /// Draft one block: `first` (the last committed token) at position
+    /// `start`, then `block_size - 1` mask tokens, embedded with the target's
+    /// embedding, attending to the context already in `kv` (positions
+    /// `0..start`) and to the whole block; the target's lm_head turns block
+    /// rows `1..` into `bb.logits`.
+    pub fn draft(
+        &self,
+        be: &dyn Backend,
+        target: &Decoder,
+        bb: &mut BlockBufs,
+        first: u32,
+        start: usize,
+        kv: &mut [LayerKv],
+    ) -> Result<()> {
+        let (b, bs) = (&self.cfg.base, self.cfg.block_size);
+        ensure!(kv.len() == self.layers.len(), "{} KV layers for {} draft layers", kv.len(), self.layers.len());
+        ensure!((first as usize) < target.cfg.vocab_size, "token id {first} is outside the target's vocabulary");
+        if let Some(w) = self.cfg.sliding_window {
+            ensure!(
+                start < w,
+                "a context of {start} tokens is longer than the DFlash draft's sliding window of {w}, which fusebox does not implement yet"
+            );
+        }
+        let mask = self.cfg.mask_token_id as usize;
+        bb.stage_ids.clear();
+        bb.stage_ids.push(first as i32);
+        bb.stage_ids.extend(std::iter::repeat_n(mask as i32, bs - 1));
+        be.write_i32(&mut bb.ids, &bb.stage_ids)?;
+        stage_positions(be, &mut bb.positions, &mut bb.stage_pos, start..start + bs)?;
+        let last = start + bs - 1;
+        let causal = self.cfg.is_causal;
+        stage_positions(
+            be,
+            &mut bb.limits,
+            &mut bb.stage_lim,
+            (start..start + bs).map(|p| if causal { p } else { last }),
+        )?;
+
+        let eps = b.rms_norm_eps;
+        let scale = 1.0 / (b.head_dim as f32).sqrt();
+        be.embedding(&target.embed, &bb.ids, &mut bb.x)?;
+        for (layer, cache) in self.layers.iter().zip(kv.iter_mut()) {
+            be.rms_norm(&bb.x, &layer.attn_norm, eps, &mut bb.h)?;
+            let a = AttnIn {
+                wq: &layer.wq,
+                wk: &layer.wk,
+                wv: &layer.wv,
+                q_norm: layer.q_norm.as_ref(),
+                k_norm: layer.k_norm.as_ref(),
+                eps,
+                positions: &bb.positions,
+                inv_freq: &self.inv_freq,
+                style: b.rope_style,
+            };
+            let mut ab =
+                AttnBufs { q_raw: &mut bb.q_raw, k_raw: &mut bb.k_raw, v: &mut bb.v, q: &mut bb.q, k: &mut bb.k };
+            attn_inputs_graph(be, &bb.h, &a, &mut ab, cache, false)?;
+            be.attention(&bb.q, cache, &bb.limits, scale, &mut bb.attn)?;
+            be.matmul(&bb.attn, &layer.wo, &mut bb.o)?;
+            be.add_assign(&mut bb.x, &bb.o)?;
+            be.rms_norm(&bb.x, &layer.mlp_norm, eps, &mut bb.h)?;
+            let Mlp::Dense { gate, up, down } = &layer.mlp else { bail!("a DFlash draft layer has no dense MLP") };
+            let mut sb = SwigluBufs { gate: &mut bb.gate, up: &mut bb.up, act: &mut bb.act };
+            swiglu_graph(be, &bb.h, gate, up, &mut sb)?;
+            be.matmul(&bb.act, down, &mut bb.o)?;
+            be.add_assign(&mut bb.x, &bb.o)?;
+        }
+        be.rms_norm(&bb.x, &self.norm, eps, &mut bb.h)?;
+        be.copy_rows(&bb.h, 1, &mut bb.out_h, 0, bs - 1)?;
+        be.matmul(&bb.out_h, target.lm_head(), &mut bb.logits)
     }
 }

@@ -5,7 +5,10 @@ use std::path::Path;
 
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::fixtures::fixture;
+use fusebox_core::Backend;
+use fusebox_models::decoder::Logits;
 use fusebox_models::dflash::{DFlashConfig, DFlashDraft};
+use fusebox_models::safetensors::Checkpoint;
 use fusebox_models::Model;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
@@ -131,4 +134,90 @@ fn bad_draft_configs_are_clear_errors() {
     let be = CpuBackend::new(1).unwrap();
     let e = DFlashDraft::load(tmp.path(), &be).err().unwrap().to_string();
     assert!(e.contains("fc"), "{e}");
+}
+
+/// max |a - b| / max |b| over one row.
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let num = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    num / b.iter().map(|y| y.abs()).fold(0f32, f32::max)
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn read(be: &CpuBackend, t: &fusebox_core::Tensor) -> Vec<f32> {
+    let mut v = vec![];
+    be.read_f32(t, &mut v).unwrap();
+    v
+}
+
+/// tests/fixtures/tiny-dflash (tools/fixtures/make_dflash_fixture.py): the
+/// target's captured layer outputs and the draft's logits for blocks at six
+/// starts match the torch reference, whether the context goes into the
+/// draft's cache all at once or a few rows per round (bitwise the same).
+#[test]
+fn draft_logits_match_the_reference_from_scratch_and_with_a_cache() {
+    let be = CpuBackend::new(0).unwrap();
+    let target = Model::load(&fixture("tiny-qwen3"), &be).unwrap();
+    let dir = fixture("tiny-dflash");
+    let draft = DFlashDraft::load(&dir, &be).unwrap();
+    draft.cfg.check_target(target.config()).unwrap();
+    let exp: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let ck = Checkpoint::open_files(&[dir.join("expected.safetensors")]).unwrap();
+    let seq = ids(&exp["sequence"]);
+    let (dec, vocab, bs) = (&target.decoder, target.config().vocab_size, draft.cfg.block_size);
+    let width = draft.cfg.target_layer_ids.len() * target.config().hidden_size;
+
+    // the target's taps over the whole sequence
+    let ws = dec.workspace(&be, seq.len(), Logits::Last).unwrap();
+    let mut ws = ws.with_taps(&be, &draft.cfg.target_layer_ids).unwrap();
+    let mut kv: Vec<_> = (0..dec.layers.len()).map(|_| dec.kv_layer(&be, 64).unwrap()).collect();
+    ws.set_tokens(&be, &seq, 0).unwrap();
+    dec.forward(&be, &mut ws, &mut kv).unwrap();
+    let taps = ws.taps().unwrap();
+    let want_taps = ck.get("taps").unwrap().to_f32_vec().unwrap();
+    for (p, (g, w)) in read(&be, taps).chunks(width).zip(want_taps.chunks(width)).enumerate() {
+        assert!(rel_err(g, w) < 1e-4, "taps at position {p}: relative error {:e}", rel_err(g, w));
+    }
+
+    let mut bb = draft.block_bufs(&be, vocab).unwrap();
+    // the incremental cache: context added in chunks of 1..=block_size rows
+    let mut inc_kv = draft.kv_layers(&be, 64).unwrap();
+    let mut cached = 0;
+    let mut chunk = 1;
+    for case in exp["cases"].as_array().unwrap() {
+        let s = case["start"].as_u64().unwrap() as usize;
+        let block = ids(&case["block"]);
+        assert_eq!(block[0], seq[s]);
+        // from scratch
+        let mut cb = draft.context_bufs(&be, s).unwrap();
+        be.copy_rows(taps, 0, &mut cb.taps, 0, s).unwrap();
+        let mut dkv = draft.kv_layers(&be, 64).unwrap();
+        draft.add_context(&be, &mut cb, 0, &mut dkv).unwrap();
+        draft.draft(&be, dec, &mut bb, seq[s], s, &mut dkv).unwrap();
+        let got = read(&be, &bb.logits);
+        let want = ck.get(case["logits_tensor"].as_str().unwrap()).unwrap().to_f32_vec().unwrap();
+        assert_eq!(got.len(), (bs - 1) * vocab);
+        for (row, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+            let e = rel_err(g, w);
+            assert!(e < 1e-4, "start {s}, block row {}: relative error {e:e}", row + 1);
+        }
+        let argmax: Vec<u32> = got
+            .chunks(vocab)
+            .map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32)
+            .collect();
+        assert_eq!(argmax, ids(&case["drafts"]), "start {s}: greedy drafts");
+        // incrementally, over the blocks drafted before
+        while cached < s {
+            let n = chunk.min(s - cached).min(bs);
+            chunk = chunk % bs + 1;
+            let mut cb = draft.context_bufs(&be, n).unwrap();
+            be.copy_rows(taps, cached, &mut cb.taps, 0, n).unwrap();
+            draft.add_context(&be, &mut cb, cached, &mut inc_kv).unwrap();
+            cached += n;
+        }
+        draft.draft(&be, dec, &mut bb, seq[s], s, &mut inc_kv).unwrap();
+        assert_eq!(read(&be, &bb.logits), got, "start {s}: the cached context drafts differently");
+    }
 }

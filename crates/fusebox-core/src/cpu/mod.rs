@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 pub use kernels::{axpy, dot_bf16, dot_f16, dot_f32};
 
-use crate::backend::Backend;
+use crate::backend::{copy_cols_dims, Backend};
 use crate::dtype::{bf16_to_f32, f16_to_f32, DType};
 use crate::fusion::{BackendKind, FusionPolicy};
 use crate::kv::LayerKv;
@@ -741,6 +741,15 @@ impl Backend for CpuBackend {
         let es = src.dtype().size();
         let s = &src.host_bytes()?[src_row * w * es..(src_row + n) * w * es];
         dst.host_bytes_mut()?[dst_row * w * es..(dst_row + n) * w * es].copy_from_slice(s);
+        Ok(())
+    }
+    fn copy_cols(&self, src: &Tensor, dst: &mut Tensor, col: usize) -> Result<()> {
+        let (m, n, wide) = copy_cols_dims(src, dst, col)?;
+        let s = src.as_f32()?;
+        let d = dst.as_f32_mut()?;
+        for r in 0..m {
+            d[r * wide + col..r * wide + col + n].copy_from_slice(&s[r * n..(r + 1) * n]);
+        }
         Ok(())
     }
 }

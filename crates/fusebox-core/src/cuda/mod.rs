@@ -687,6 +687,9 @@ impl Backend for CudaBackend {
     fn copy_rows(&self, src: &Tensor, src_row: usize, dst: &mut Tensor, dst_row: usize, n: usize) -> Result<()> {
         self.copy_rows_impl(src, src_row, dst, dst_row, n)
     }
+    fn copy_cols(&self, src: &Tensor, dst: &mut Tensor, col: usize) -> Result<()> {
+        self.copy_cols_impl(src, dst, col)
+    }
     fn sample(
         &self,
         logits: &Tensor,

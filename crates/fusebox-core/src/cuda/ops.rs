@@ -76,6 +76,13 @@ impl CudaBackend {
         unsafe { drv::memcpy_dtod_async(d, s, bytes, self.stream.cu_stream()) }.map_err(|e| anyhow!("copy_rows: {e:?}"))
     }
 
+    pub(crate) fn copy_cols_impl(&self, src: &Tensor, dst: &mut Tensor, col: usize) -> Result<()> {
+        let (m, n, wide) = crate::backend::copy_cols_dims(src, dst, col)?;
+        let (s, d) = (Self::ptr(src, "copy_cols")?, Self::ptr(dst, "copy_cols")?);
+        let args = [Arg::P(s), Arg::P(d), Arg::L(m as u64), Arg::L(n as u64), Arg::L(wide as u64), Arg::L(col as u64)];
+        self.launch(EW, "copy_cols_f32", grid_1d(m * n, self.sm_count), &args)
+    }
+
     /// `x` (f32) to bf16 into device memory at `dst`.
     pub(crate) fn to_bf16(&self, x: u64, n: usize, dst: u64) -> Result<()> {
         self.launch(EW, "f32_to_bf16_k", grid_1d(n, self.sm_count), &[Arg::P(x), Arg::P(dst), Arg::L(n as u64)])
