@@ -19,6 +19,7 @@ use fusebox_models::{Decoder, Logits, Workspace};
 
 use crate::kv_cache::KvCache;
 use crate::sampling::SamplingParams;
+use crate::spec::Proposer;
 
 /// Prompts longer than this are prefilled in chunks of this many tokens,
 /// which bounds the activation memory of a prefill.
@@ -136,6 +137,9 @@ pub struct Session<'m> {
     parity: Option<ParityCheck>,
     /// Speculative verify passes, by row count (made at first use).
     pub(crate) verify: crate::verify::VerifyPasses,
+    /// Target layers whose outputs prompt and verify passes capture for a
+    /// proposer that reads them (empty: none).
+    pub(crate) tap_layers: Vec<usize>,
 }
 
 /// The fused-path diagnostic: every decode step also runs on the graph path.
@@ -211,6 +215,7 @@ impl<'m> Session<'m> {
             id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
             parity: fusebox_core::fusion::parity_check().then(ParityCheck::default),
             verify: Default::default(),
+            tap_layers: Vec::new(),
         })
     }
 
@@ -262,22 +267,46 @@ impl<'m> Session<'m> {
         splitmix64(splitmix64(self.id ^ splitmix64(kv)) ^ pass)
     }
 
-    /// Run `ids` (more than one) after what is already in the context, in
-    /// chunks of at most [`PREFILL_CHUNK`]; the workspace of the last chunk
-    /// holds the logits after the last token.
-    fn forward_prompt(&mut self, ids: &[u32]) -> Result<Workspace> {
+    /// Capture the outputs of target `layers` in verify passes (and in
+    /// prompt passes that a proposer observes) from now on.
+    pub(crate) fn set_tap_layers(&mut self, layers: &[usize]) {
+        if self.tap_layers != layers {
+            self.tap_layers = layers.to_vec();
+            self.verify.rebuild();
+        }
+    }
+
+    /// A workspace of `m` rows, capturing [`Session::tap_layers`] when `taps`.
+    pub(crate) fn workspace(&self, m: usize, mode: Logits, taps: bool) -> Result<Workspace> {
+        let ws = self.model.workspace(self.be, m, mode)?;
+        if taps && !self.tap_layers.is_empty() {
+            return ws.with_taps(self.be, &self.tap_layers);
+        }
+        Ok(ws)
+    }
+
+    /// Run `ids` after what is already in the context, in chunks of at
+    /// most [`PREFILL_CHUNK`]; the workspace of the last chunk holds the
+    /// logits after the last token. `observer` sees each chunk's captured
+    /// target layers.
+    fn forward_prompt<'p>(&mut self, ids: &[u32], mut observer: Option<&mut (dyn Proposer + 'p)>) -> Result<Workspace> {
         let chunk = ids.len().min(PREFILL_CHUNK);
-        let mut ws = self.model.workspace(self.be, chunk, Logits::Last)?;
+        let taps = observer.is_some();
+        let mut ws = self.workspace(chunk, Logits::Last, taps)?;
         self.sampler.pending = None;
         for part in ids.chunks(chunk) {
             if part.len() != ws.m {
-                ws = self.model.workspace(self.be, part.len(), Logits::Last)?;
+                ws = self.workspace(part.len(), Logits::Last, taps)?;
             }
-            ws.set_tokens(self.be, part, self.kv.len)?;
+            let first = self.kv.len;
+            ws.set_tokens(self.be, part, first)?;
             let (model, be, kv) = (self.model, self.be, &mut self.kv.layers);
             be.run(&mut || model.forward(be, &mut ws, kv))?;
             self.kv.len += part.len();
             self.tokens.extend_from_slice(part);
+            if let (Some(p), Some(t)) = (observer.as_deref_mut(), ws.taps()) {
+                p.observe(t, first, part.len())?;
+            }
         }
         Ok(ws)
     }
@@ -292,7 +321,7 @@ impl<'m> Session<'m> {
         if ids.len() == 1 {
             return self.step(ids[0]);
         }
-        let ws = self.forward_prompt(ids)?;
+        let ws = self.forward_prompt(ids, None)?;
         self.be.read_f32(&ws.logits, &mut self.logits)?;
         Ok(&mut self.logits)
     }
@@ -442,7 +471,7 @@ impl<'m> Session<'m> {
         if let [id] = prompt {
             self.decode(*id)
         } else {
-            let ws = self.forward_prompt(prompt)?;
+            let ws = self.forward_prompt(prompt, None)?;
             self.sample_from(&ws.logits)
         }
     }
@@ -450,7 +479,13 @@ impl<'m> Session<'m> {
     /// The start every generation loop shares: check the prompt, set the
     /// sampler, run the prompt and draw the first new token (none when
     /// `max_new_tokens` is 0: then only the prompt runs), timing the prefill.
-    pub(crate) fn start(&mut self, prompt: &[u32], opts: &GenerateOptions) -> Result<(GenerateOutput, Option<u32>)> {
+    /// `observer` (a proposer that reads target layers) sees the prompt's.
+    pub(crate) fn start<'p>(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        observer: Option<&mut (dyn Proposer + 'p)>,
+    ) -> Result<(GenerateOutput, Option<u32>)> {
         if prompt.is_empty() {
             bail!("the prompt is empty (no tokens)");
         }
@@ -458,7 +493,14 @@ impl<'m> Session<'m> {
         self.set_sampling(&opts.sampling)?;
         let t0 = Instant::now();
         let mut out = GenerateOutput::new(prompt.len(), opts.max_new_tokens.min(self.capacity()));
-        let first = if opts.max_new_tokens == 0 {
+        let first = if let Some(p) = observer {
+            let ws = self.forward_prompt(prompt, Some(p))?;
+            if opts.max_new_tokens == 0 {
+                None
+            } else {
+                Some(self.sample_from(&ws.logits)?)
+            }
+        } else if opts.max_new_tokens == 0 {
             self.prefill(prompt)?;
             None
         } else {
@@ -476,7 +518,7 @@ impl<'m> Session<'m> {
         opts: &GenerateOptions,
         mut on_token: impl FnMut(u32) -> Result<bool>,
     ) -> Result<GenerateOutput> {
-        let (mut out, first) = self.start(prompt, opts)?;
+        let (mut out, first) = self.start(prompt, opts, None)?;
         let Some(mut tok) = first else { return Ok(out) };
         let t1 = Instant::now();
         loop {

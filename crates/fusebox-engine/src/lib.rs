@@ -10,4 +10,4 @@ pub mod verify;
 pub use generate::{GenerateOptions, GenerateOutput, ParityCheck, Session, StopReason};
 pub use kv_cache::KvCache;
 pub use sampling::{Sampler, SamplingParams};
-pub use spec::{DraftModel, PromptLookup, Proposer, SpecOptions, SpecStats, Speculation};
+pub use spec::{DFlash, DraftModel, PromptLookup, Proposer, SpecOptions, SpecStats, Speculation};

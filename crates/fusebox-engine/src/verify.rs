@@ -40,6 +40,17 @@ pub struct VerifyPasses {
     argmax: Vec<i32>,
     /// Each row's logits, read back on request (`[m, vocab]`).
     logits: Vec<f32>,
+    /// Bumped whenever the passes are rebuilt (their graphs are keyed by it).
+    generation: u64,
+}
+
+impl VerifyPasses {
+    /// Drop every pass (they are made again at first use).
+    pub(crate) fn rebuild(&mut self) {
+        self.passes.clear();
+        self.last_m = 0;
+        self.generation += 1;
+    }
 }
 
 impl Session<'_> {
@@ -58,11 +69,11 @@ impl Session<'_> {
             self.verify.passes.resize_with(m + 1, || None);
         }
         if self.verify.passes[m].is_none() {
-            let ws = self.model.workspace(self.be, m, Logits::All)?;
+            let ws = self.workspace(m, Logits::All, true)?;
             let argmax = self.be.zeros(&[m], DType::I32)?;
             self.verify.passes[m] = Some(VerifyPass { ws, argmax });
         }
-        let key = self.graph_key(PASS_VERIFY + m as u64);
+        let key = self.graph_key(PASS_VERIFY + m as u64 + (self.verify.generation << 8));
         let (model, be) = (self.model, self.be);
         let pass = self.verify.passes[m].as_mut().expect("made above");
         pass.ws.set_tokens(be, ids, self.kv.len)?;
@@ -77,6 +88,12 @@ impl Session<'_> {
         self.verify.last_m = m;
         be.read_i32(&pass.argmax, &mut self.verify.argmax)?;
         Ok(&self.verify.argmax)
+    }
+
+    /// The captured target layers of the last verify pass (`[m, layers *
+    /// hidden]`), when [`Session::tap_layers`] names any.
+    pub(crate) fn verify_taps(&self) -> Option<&Tensor> {
+        self.verify.passes.get(self.verify.last_m)?.as_ref()?.ws.taps()
     }
 
     /// The logits of every row of the last verify pass (`[m, vocab]`,

@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use fusebox_core::Backend;
 use fusebox_engine::spec::MAX_SPEC_K;
-use fusebox_engine::{DraftModel, PromptLookup, SpecOptions, Speculation};
+use fusebox_engine::{DFlash, DraftModel, PromptLookup, SpecOptions, Speculation};
+use fusebox_models::dflash::{is_dflash, DFlashDraft};
 use fusebox_models::Model;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -16,6 +17,9 @@ pub enum SpecMethod {
     Ngram,
     /// A draft model (--draft) sharing the target's tokenizer.
     Draft,
+    /// A z-lab DFlash block-diffusion draft (--draft DIR) trained for the
+    /// target: it drafts a block at once from the target's hidden states.
+    Dflash,
 }
 
 /// Speculative decoding: a cheap proposer drafts tokens and the model checks
@@ -23,15 +27,18 @@ pub enum SpecMethod {
 /// output keeps the model's distribution (rejection sampling).
 #[derive(Args, Debug, Default)]
 pub struct SpecArgs {
-    /// Speculative decoding method: ngram (prompt lookup) or draft (a
-    /// smaller model, --draft). Off by default.
+    /// Speculative decoding method: ngram (prompt lookup), draft (a
+    /// smaller model, --draft) or dflash (a DFlash draft, --draft). Off by
+    /// default.
     #[arg(long, value_enum, value_name = "METHOD")]
     pub spec: Option<SpecMethod>,
-    /// The draft model for --spec draft (implies it): a model directory or
-    /// .gguf file with the target's tokenizer.
+    /// The draft for --spec draft (a model directory or .gguf file with the
+    /// target's tokenizer) or --spec dflash (a DFlash draft directory made
+    /// for the target). Alone it implies the method its config.json names.
     #[arg(long, value_name = "PATH")]
     pub draft: Option<PathBuf>,
-    /// Tokens drafted per round, 1 to 31 (default: 4 for ngram, 8 for draft).
+    /// Tokens drafted per round, 1 to 31 (default: 4 for ngram, 8 for draft,
+    /// block_size - 1 for dflash).
     #[arg(long, value_name = "N")]
     pub spec_k: Option<usize>,
     /// --spec ngram: the longest suffix matched (tried down to 1 token).
@@ -47,15 +54,20 @@ impl SpecArgs {
     /// The method the flags ask for, checked (`None`: no speculation).
     pub fn method(&self) -> Result<Option<SpecMethod>> {
         let m = match (self.spec, &self.draft) {
+            (None, Some(p)) if is_dflash_dir(p) => Some(SpecMethod::Dflash),
             (None, Some(_)) | (Some(SpecMethod::Draft), Some(_)) => Some(SpecMethod::Draft),
+            (Some(SpecMethod::Dflash), Some(_)) => Some(SpecMethod::Dflash),
             (Some(SpecMethod::Draft), None) => {
                 bail!("--spec draft needs --draft PATH (a model with the same tokenizer)")
+            }
+            (Some(SpecMethod::Dflash), None) => {
+                bail!("--spec dflash needs --draft DIR (a DFlash draft made for this model)")
             }
             (Some(SpecMethod::Ngram), Some(_)) => bail!("--draft is for --spec draft, not --spec ngram"),
             (m, None) => m,
         };
         if m.is_none() && (self.spec_k.is_some() || self.spec_trace) {
-            bail!("--spec-k and --spec-trace need --spec ngram|draft");
+            bail!("--spec-k and --spec-trace need --spec ngram|draft|dflash");
         }
         if let Some(k) = self.spec_k {
             if !(1..=MAX_SPEC_K).contains(&k) {
@@ -83,7 +95,7 @@ impl SpecArgs {
     /// model (a synthetic one in `bench`); a draft model does.
     pub fn build<'m>(
         &self,
-        target: Option<&Model>,
+        target: Option<&'m Model>,
         draft: Option<&'m Model>,
         be: &'m dyn Backend,
         ctx: usize,
@@ -96,7 +108,26 @@ impl SpecArgs {
                 let t = target.context("--spec draft needs a target model with a tokenizer (-m PATH)")?;
                 (8, Box::new(DraftModel::new(t, d, be, ctx)?))
             }
+            SpecMethod::Dflash => {
+                let t = target.context("--spec dflash needs a target model (-m PATH)")?;
+                let p = self.draft.as_ref().context("--spec dflash needs --draft DIR")?;
+                let d =
+                    DFlashDraft::load(p, be).with_context(|| format!("loading the DFlash draft {}", p.display()))?;
+                d.cfg
+                    .check_target(t.config())
+                    .with_context(|| format!("the DFlash draft {} does not fit {}", p.display(), t.path.display()))?;
+                let d = DFlash::new(d, &t.decoder, be, ctx)?;
+                ((d.block_size() - 1).min(MAX_SPEC_K), Box::new(d))
+            }
         };
         Ok(Some(Speculation { options: SpecOptions { k: self.spec_k.unwrap_or(k), trace: self.spec_trace }, proposer }))
     }
+}
+
+/// Whether `path` is a directory whose config.json names a DFlash draft.
+fn is_dflash_dir(path: &std::path::Path) -> bool {
+    std::fs::read_to_string(path.join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .is_some_and(|v| is_dflash(&v))
 }

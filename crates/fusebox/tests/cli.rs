@@ -481,7 +481,9 @@ fn speculative_generate_matches_plain_greedy_and_reports_spec() {
     assert_eq!(plain["tokens"].as_array().unwrap().len(), 48);
     let ngram = gen(&["--spec", "ngram", "--spec-k", "3"]);
     let draft = gen(&["--draft", d.to_str().unwrap(), "--spec-trace"]);
-    for (j, method, k) in [(&ngram, "ngram", 3), (&draft, "draft", 8)] {
+    // a DFlash draft directory implies --spec dflash; k defaults to block_size - 1
+    let dflash = gen(&["--draft", fixture("tiny-dflash").to_str().unwrap()]);
+    for (j, method, k) in [(&ngram, "ngram", 3), (&draft, "draft", 8), (&dflash, "dflash", 3)] {
         assert_eq!(j["tokens"], plain["tokens"], "{method}");
         let s = &j["spec"];
         assert_eq!(s["method"], method);
@@ -509,7 +511,12 @@ fn speculative_flag_errors_are_clear() {
     assert_clean_error(&generate(&m, &["--spec", "draft"]), &["--spec draft needs --draft"]);
     assert_clean_error(&generate(&m, &["--spec", "ngram", "--spec-k", "0"]), &["--spec-k"]);
     assert_clean_error(&generate(&m, &["--spec", "ngram", "--spec-k", "40"]), &["--spec-k", "31"]);
-    assert_clean_error(&generate(&m, &["--spec-k", "4"]), &["--spec ngram|draft"]);
+    assert_clean_error(&generate(&m, &["--spec-k", "4"]), &["--spec ngram|draft|dflash"]);
+    assert_clean_error(&generate(&m, &["--spec", "dflash"]), &["--spec dflash needs --draft"]);
+    let dflash = fixture("tiny-dflash");
+    let llama = fixture("tiny-llama");
+    let o = fusebox(&["generate", "-m", llama.to_str().unwrap(), "-p", "Hi", "--draft", dflash.to_str().unwrap()]);
+    assert_clean_error(&o, &["tiny-dflash", "does not fit", "layers"]);
     assert_clean_error(&generate(&m, &["--spec", "ngram", "--draft", "x"]), &["--draft is for --spec draft"]);
     assert_clean_error(&generate(&m, &["--draft", "/no/such/draft"]), &["/no/such/draft"]);
     // a draft with another vocabulary

@@ -13,7 +13,7 @@ use fusebox_core::sample::{probabilities, SamplingParams, Scratch};
 use fusebox_core::Backend;
 use fusebox_models::Model;
 
-use super::proposer::{Draft, ProposeCtx, Proposer};
+use super::proposer::{draw, Draft, ProposeCtx, Proposer};
 use super::MAX_SPEC_K;
 use crate::generate::Session;
 use crate::verify::MAX_VERIFY_ROWS;
@@ -143,18 +143,7 @@ impl Proposer for DraftModel<'_> {
         for i in 0..k {
             let q = draft.next_q();
             probabilities(&logits, &block, &self.history, &mut self.scratch, q);
-            let total: f64 = q.iter().map(|&x| x as f64).sum();
-            let r = self.uniform() * total;
-            let (mut cum, mut x) = (0f64, 0u32);
-            for (id, &pq) in q.iter().enumerate() {
-                if pq > 0.0 {
-                    cum += pq as f64;
-                    x = id as u32;
-                    if cum > r {
-                        break;
-                    }
-                }
-            }
+            let x = draw(q, self.uniform());
             draft.tokens.push(x);
             self.history.push(x as i32);
             if i + 1 < k {

@@ -11,6 +11,7 @@
 //! plain greedy's token for token, only sooner.
 
 mod accept;
+pub mod dflash;
 pub mod draft;
 pub mod ngram;
 pub mod proposer;
@@ -21,6 +22,7 @@ use anyhow::{bail, ensure, Result};
 use fusebox_core::sample::SamplingParams;
 use serde_json::{json, Value};
 
+pub use dflash::DFlash;
 pub use draft::DraftModel;
 pub use ngram::PromptLookup;
 pub use proposer::{Draft, ProposeCtx, Proposer};
@@ -140,7 +142,7 @@ impl Session<'_> {
         b.committed.push(pending);
         b.draft.clear();
         if k > 0 {
-            let ctx = ProposeCtx { tokens: &b.committed, sampling, hidden: None };
+            let ctx = ProposeCtx { tokens: &b.committed, sampling };
             proposer.propose(&ctx, k, &mut b.draft)?;
             b.draft.truncate(k);
         }
@@ -156,6 +158,9 @@ impl Session<'_> {
         b.argmax.extend_from_slice(self.verify(&b.rows)?);
         let (a, bonus) = acceptor.accept(self, &b.argmax, &b.committed, &b.draft)?;
         self.truncate(base + 1 + a);
+        if let Some(taps) = self.verify_taps() {
+            proposer.observe(taps, base, a + 1)?;
+        }
         b.committed.extend_from_slice(&b.draft.tokens[..a]);
         b.committed.push(bonus);
         proposer.accepted(&b.committed, a)?;
@@ -193,7 +198,9 @@ impl Session<'_> {
     ) -> Result<(GenerateOutput, SpecStats)> {
         ensure!((1..=MAX_SPEC_K).contains(&spec.k), "--spec-k must be between 1 and {MAX_SPEC_K}, got {}", spec.k);
         let mut stats = SpecStats::new(proposer.name(), spec.k, spec.trace);
-        let (mut out, first) = self.start(prompt, opts)?;
+        self.set_tap_layers(proposer.target_layers());
+        let observer = (!proposer.target_layers().is_empty()).then_some(&mut *proposer);
+        let (mut out, first) = self.start(prompt, opts, observer)?;
         let Some(mut pending) = first else { return Ok((out, stats)) };
         let t1 = Instant::now();
         let start = self.kv.len; // the context before the first new token

@@ -5,11 +5,12 @@
 //! verify pass, and tells the proposer how many were accepted. Prompt lookup
 //! needs only the tokens; a draft model keeps its own KV cache in step; a
 //! draft conditioned on the target's hidden states (DFlash) names the target
-//! layers it reads with [`Proposer::target_layers`] and finds them in
-//! [`ProposeCtx::hidden`].
+//! layers it reads with [`Proposer::target_layers`] and is shown them for
+//! every committed position through [`Proposer::observe`].
 
 use anyhow::Result;
 use fusebox_core::sample::SamplingParams;
+use fusebox_core::Tensor;
 
 /// What a proposer sees when asked for drafts.
 pub struct ProposeCtx<'a> {
@@ -19,10 +20,6 @@ pub struct ProposeCtx<'a> {
     /// The sampling settings of the target, which the rejection rule applies
     /// to the draft's distribution too.
     pub sampling: &'a SamplingParams,
-    /// The target's hidden states at the layers of [`Proposer::target_layers`]
-    /// for the positions of its last verify pass, `[layers, rows, hidden]`
-    /// row-major; `None` when the proposer asks for none.
-    pub hidden: Option<&'a [f32]>,
 }
 
 /// A proposal: the drafted tokens and, when the draft sampled them, the
@@ -71,6 +68,24 @@ impl Draft {
     }
 }
 
+/// The token a uniform draw `u` in `[0, 1)` picks from the (unnormalised)
+/// distribution `q`: the first id whose cumulative mass passes `u` times
+/// the total.
+pub(crate) fn draw(q: &[f32], u: f64) -> u32 {
+    let r = u * q.iter().map(|&x| x as f64).sum::<f64>();
+    let (mut cum, mut x) = (0f64, 0u32);
+    for (id, &pq) in q.iter().enumerate() {
+        if pq > 0.0 {
+            cum += pq as f64;
+            x = id as u32;
+            if cum > r {
+                break;
+            }
+        }
+    }
+    x
+}
+
 /// A source of draft tokens.
 pub trait Proposer {
     /// The method's name in reports (`ngram`, `draft`).
@@ -92,5 +107,16 @@ pub trait Proposer {
     /// default).
     fn target_layers(&self) -> &[usize] {
         &[]
+    }
+
+    /// The target ran positions `first..first + rows` of the committed
+    /// context; rows `0..rows` of `taps` (`[m, layers * hidden]` on the
+    /// target's backend) are its outputs at [`Proposer::target_layers`].
+    /// Called after each prompt chunk and after each verify pass (for the
+    /// pending token and the accepted drafts), only for a proposer that
+    /// names target layers.
+    fn observe(&mut self, taps: &Tensor, first: usize, rows: usize) -> Result<()> {
+        let _ = (taps, first, rows);
+        Ok(())
     }
 }

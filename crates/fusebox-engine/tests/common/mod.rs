@@ -106,3 +106,44 @@ pub fn assert_verify_rows_equal_steps(
         }
     }
 }
+
+/// DFlash whose drafts are swapped for the target's own continuation, so
+/// rounds accept several tokens and the draft's context grows by several
+/// verify rows at a time; it must stay in step (DFlash checks that its
+/// context ends where the target's does) and the output stays plain greedy.
+pub struct Oracle<'a> {
+    pub inner: fusebox_engine::DFlash<'a>,
+    /// The target's greedy sequence (prompt, then output).
+    pub truth: Vec<u32>,
+}
+
+impl fusebox_engine::Proposer for Oracle<'_> {
+    fn name(&self) -> &'static str {
+        "oracle"
+    }
+    fn target_layers(&self) -> &[usize] {
+        self.inner.target_layers()
+    }
+    fn observe(&mut self, taps: &fusebox_core::Tensor, first: usize, rows: usize) -> anyhow::Result<()> {
+        self.inner.observe(taps, first, rows)
+    }
+    fn propose(
+        &mut self,
+        ctx: &fusebox_engine::spec::ProposeCtx<'_>,
+        k: usize,
+        draft: &mut fusebox_engine::spec::Draft,
+    ) -> anyhow::Result<()> {
+        self.inner.propose(ctx, k, draft)?;
+        let n = draft.tokens.len();
+        draft.clear();
+        // every other round a wrong last draft, so rollback happens too
+        let at = ctx.tokens.len();
+        let wrong = (at % 2 == 0) as usize;
+        draft.tokens.extend(self.truth.iter().skip(at).take(n));
+        if wrong == 1 && !draft.tokens.is_empty() {
+            let last = draft.tokens.len() - 1;
+            draft.tokens[last] = (draft.tokens[last] + 1) % 400;
+        }
+        Ok(())
+    }
+}
