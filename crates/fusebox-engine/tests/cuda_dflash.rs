@@ -39,15 +39,28 @@ fn block_logits(be: &dyn Backend) -> Vec<f32> {
     out
 }
 
+fn rel_rms(g: &[f32], c: &[f32]) -> f64 {
+    let num: f64 = g.iter().zip(c).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = c.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// With an f32 KV cache and f32 prefill GEMMs the GPU computes the CPU's f32
+/// path up to summation order (gate 2e-3); with the default bf16 KV cache
+/// the rounding of the target's and the draft's cached keys and values
+/// compounds (H100, 0dff2cc: 4.3e-3; bound 2e-2, as for the fixtures in
+/// cuda_models.rs).
 #[test]
 fn cuda_dflash_draft_logits_match_the_cpu() {
     let Some(gpu) = backend_for_tests() else { return };
-    let (g, c) = (block_logits(&gpu), block_logits(&cpu()));
-    let num: f64 = g.iter().zip(&c).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-    let den: f64 = c.iter().map(|b| (*b as f64).powi(2)).sum();
-    let rms = (num / den).sqrt();
-    eprintln!("DFlash draft logits, CUDA (bf16 KV) vs CPU f32: relative RMS {rms:.2e}");
-    assert!(rms < 2e-3, "relative RMS {rms:e}");
+    let c = block_logits(&cpu());
+    let rms = rel_rms(&block_logits(&gpu), &c);
+    drop(gpu);
+    let exact = fusebox_core::cuda::CudaBackend::with_options(0, fusebox_core::cuda::CudaOptions::exact()).unwrap();
+    let rms_exact = rel_rms(&block_logits(&exact), &c);
+    eprintln!("DFlash draft logits vs CPU f32: relative RMS {rms_exact:.2e} (f32 KV), {rms:.2e} (bf16 KV, default)");
+    assert!(rms_exact < 2e-3, "f32 KV: relative RMS {rms_exact:e}");
+    assert!(rms < 2e-2, "bf16 KV: relative RMS {rms:e}");
 }
 
 #[test]
