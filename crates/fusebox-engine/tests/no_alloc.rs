@@ -6,7 +6,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fusebox_core::{cpu::CpuBackend, fixtures::fixture};
-use fusebox_engine::{DraftModel, GenerateOptions, PromptLookup, Proposer, SamplingParams, Session, SpecOptions};
+use fusebox_engine::{
+    DFlash, DraftModel, GenerateOptions, PromptLookup, Proposer, SamplingParams, Session, SpecOptions,
+};
+use fusebox_models::dflash::DFlashDraft;
 use fusebox_models::Model;
 
 struct Counting;
@@ -127,11 +130,17 @@ fn speculative_rounds_do_not_allocate() {
     let other = Model::load(&fixture("tiny-llama"), &be).unwrap();
     let p: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 500).collect();
     let prompt = [&p[..], &p[..], &p[..6]].concat();
-    for method in ["ngram", "draft"] {
+    for method in ["ngram", "draft", "dflash"] {
         let mut s = Session::new(&model.decoder, &be, 512).unwrap();
         let mut ng = PromptLookup::new(3).unwrap();
         let mut dm = DraftModel::new(&model, &other, &be, 512).unwrap();
-        let p: &mut (dyn Proposer + Send) = if method == "ngram" { &mut ng } else { &mut dm };
+        let df = DFlashDraft::load(&fixture("tiny-dflash"), &be).unwrap();
+        let mut df = DFlash::new(df, &model.decoder, &be, 512).unwrap();
+        let p: &mut (dyn Proposer + Send) = match method {
+            "ngram" => &mut ng,
+            "draft" => &mut dm,
+            _ => &mut df,
+        };
         // warm-up: every verify size and scratch buffer reaches its working size
         spec_allocs(&be, &mut s, p, &prompt, 200);
         spec_allocs(&be, &mut s, p, &prompt, 200);

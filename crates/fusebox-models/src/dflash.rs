@@ -334,7 +334,8 @@ impl DFlashDraft {
     /// `start`, then `block_size - 1` mask tokens, embedded with the target's
     /// embedding, attending to the context already in `kv` (positions
     /// `0..start`) and to the whole block; the target's lm_head turns block
-    /// rows `1..` into `bb.logits`.
+    /// rows `1..` into `bb.logits`. [`DFlashDraft::set_block`], then
+    /// [`DFlashDraft::run_block`].
     pub fn draft(
         &self,
         be: &dyn Backend,
@@ -344,8 +345,22 @@ impl DFlashDraft {
         start: usize,
         kv: &mut [LayerKv],
     ) -> Result<()> {
-        let (b, bs) = (&self.cfg.base, self.cfg.block_size);
-        ensure!(kv.len() == self.layers.len(), "{} KV layers for {} draft layers", kv.len(), self.layers.len());
+        self.set_block(be, target, bb, first, start)?;
+        self.run_block(be, target, bb, kv)
+    }
+
+    /// Write the block's token ids, positions and key limits into `bb`'s
+    /// device buffers (so [`DFlashDraft::run_block`] can be replayed as a
+    /// graph).
+    pub fn set_block(
+        &self,
+        be: &dyn Backend,
+        target: &Decoder,
+        bb: &mut BlockBufs,
+        first: u32,
+        start: usize,
+    ) -> Result<()> {
+        let bs = self.cfg.block_size;
         ensure!((first as usize) < target.cfg.vocab_size, "token id {first} is outside the target's vocabulary");
         if let Some(w) = self.cfg.sliding_window {
             ensure!(
@@ -366,8 +381,13 @@ impl DFlashDraft {
             &mut bb.limits,
             &mut bb.stage_lim,
             (start..start + bs).map(|p| if causal { p } else { last }),
-        )?;
+        )
+    }
 
+    /// The block pass over the inputs [`DFlashDraft::set_block`] wrote.
+    pub fn run_block(&self, be: &dyn Backend, target: &Decoder, bb: &mut BlockBufs, kv: &mut [LayerKv]) -> Result<()> {
+        let (b, bs) = (&self.cfg.base, self.cfg.block_size);
+        ensure!(kv.len() == self.layers.len(), "{} KV layers for {} draft layers", kv.len(), self.layers.len());
         let eps = b.rms_norm_eps;
         let scale = 1.0 / (b.head_dim as f32).sqrt();
         be.embedding(&target.embed, &bb.ids, &mut bb.x)?;

@@ -10,7 +10,9 @@
 //! under the target's settings, which the rejection rule then uses.
 
 use anyhow::{ensure, Result};
-use fusebox_core::dtype::random_bits;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fusebox_core::dtype::{random_bits, splitmix64};
 use fusebox_core::sample::{probabilities, Scratch};
 use fusebox_core::{Backend, DType, LayerKv, Tensor};
 use fusebox_models::dflash::{BlockBufs, ContextBufs, DFlashDraft};
@@ -42,7 +44,11 @@ pub struct DFlash<'m> {
     scratch: Scratch,
     seed: u64,
     counter: u64,
+    /// Graph key of the block pass (its buffers are this proposer's own).
+    key: u64,
 }
+
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
 impl<'m> DFlash<'m> {
     /// A DFlash proposer drafting for `target` on `be`, for contexts of up
@@ -61,6 +67,7 @@ impl<'m> DFlash<'m> {
             scratch: Scratch::default(),
             seed: 0,
             counter: 0,
+            key: splitmix64(0x4446_4c41_5348_424c ^ NEXT_KEY.fetch_add(1, Ordering::Relaxed)),
             ctx_len: 0,
             draft,
             target,
@@ -129,8 +136,11 @@ impl Proposer for DFlash<'_> {
                 self.context[n] = Some(self.draft.context_bufs(self.be, n)?);
             }
             let cb = self.context[n].as_mut().expect("made above");
-            self.be.copy_rows(taps, done, &mut cb.taps, 0, n)?;
-            self.draft.add_context(self.be, cb, first + done, &mut self.kv)?;
+            let (d, be, kv, at) = (&self.draft, self.be, &mut self.kv, first + done);
+            be.run(&mut || {
+                be.copy_rows(taps, done, &mut cb.taps, 0, n)?;
+                d.add_context(be, cb, at, kv)
+            })?;
             done += n;
         }
         self.ctx_len = first + rows;
@@ -148,12 +158,19 @@ impl Proposer for DFlash<'_> {
             "the DFlash draft holds {} positions of context but the target {start}: they are out of step",
             self.ctx_len
         );
-        self.draft.draft(self.be, self.target, &mut self.block, t[start], start, &mut self.kv)?;
+        self.draft.set_block(self.be, self.target, &mut self.block, t[start], start)?;
+        // one repeating pass (a CUDA graph replay once warm): the block, then
+        // each row's argmax
+        let (d, be, target) = (&self.draft, self.be, self.target);
+        let (bb, kv, am) = (&mut self.block, &mut self.kv, &mut self.argmax);
+        be.run_graph(self.key, &mut || {
+            d.run_block(be, target, bb, kv)?;
+            be.argmax(&bb.logits, am)
+        })?;
         let n = k.min(self.block_size() - 1);
         if !ctx.sampling.is_greedy() {
             return self.sample(ctx, n, draft);
         }
-        self.be.argmax(&self.block.logits, &mut self.argmax)?;
         self.be.read_i32(&self.argmax, &mut self.ids)?;
         draft.tokens.extend(self.ids[..n].iter().map(|&x| x as u32));
         Ok(())
