@@ -138,6 +138,36 @@ impl DFlashConfig {
     }
 }
 
+impl DFlashConfig {
+    /// The layout of the published drafts for `target`, for a synthetic
+    /// draft (benchmarks): `layers` layers of the target's shapes, five
+    /// taps spread over the target's layers as the reference's
+    /// `build_target_layer_ids` spreads them, the last token as the mask.
+    pub fn synthetic(target: &ModelConfig, layers: usize, block_size: usize) -> DFlashConfig {
+        let n = target.num_layers;
+        let taps = 5.min(n);
+        let target_layer_ids = if taps == 1 {
+            vec![n / 2]
+        } else {
+            // evenly from 1 to n - 3, rounded (the reference's spread)
+            let (lo, hi) = (1.0f64.min((n - 1) as f64), (n as f64 - 3.0).max(1.0));
+            (0..taps).map(|i| (lo + (hi - lo) * i as f64 / (taps - 1) as f64).round() as usize).collect()
+        };
+        let mut base = target.clone();
+        base.num_layers = layers;
+        base.moe = None;
+        DFlashConfig {
+            block_size,
+            num_target_layers: n,
+            mask_token_id: target.vocab_size as u32 - 1,
+            target_layer_ids,
+            sliding_window: None,
+            is_causal: false,
+            base,
+        }
+    }
+}
+
 /// A loaded DFlash draft (its own weights only; the target's embedding and
 /// lm_head are used with it).
 pub struct DFlashDraft {

@@ -221,3 +221,18 @@ fn draft_logits_match_the_reference_from_scratch_and_with_a_cache() {
         assert_eq!(read(&be, &bb.logits), got, "start {s}: the cached context drafts differently");
     }
 }
+
+/// The synthetic drafts of `bench --spec dflash` spread their taps as the
+/// reference's `build_target_layer_ids` does (36 and 52 layers: the
+/// published drafts' ids).
+#[test]
+fn synthetic_drafts_spread_their_taps_like_the_reference() {
+    let mut target = Model::config_at(&fixture("tiny-qwen3")).unwrap();
+    for (layers, want) in [(36, vec![1, 9, 17, 25, 33]), (52, vec![1, 13, 25, 37, 49]), (28, vec![1, 7, 13, 19, 25])] {
+        target.num_layers = layers;
+        let c = DFlashConfig::synthetic(&target, 5, 16);
+        assert_eq!(c.target_layer_ids, want, "{layers} layers");
+        assert_eq!((c.base.num_layers, c.block_size, c.num_target_layers), (5, 16, layers));
+        c.check_target(&target).unwrap();
+    }
+}

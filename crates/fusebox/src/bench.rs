@@ -12,7 +12,7 @@ use fusebox_models::{Decoder, Message, Model};
 use serde_json::json;
 
 use crate::common::{backend, human, DeviceArg};
-use crate::spec::SpecArgs;
+use crate::spec::{SpecArgs, SpecMethod};
 
 /// Measure prefill and decode speed, and compare decode with the memory
 /// roofline: weight (and KV-cache) bytes read per token over the copy
@@ -60,9 +60,15 @@ pub struct Args {
     pub ab: Option<String>,
     /// With --spec: decode plainly and speculatively, alternating --rounds
     /// times on the same prompt, and report both tok/s and their ratio
-    /// (--spec ngram also runs on --synthetic weights; a draft needs -m).
+    /// (--spec ngram also runs on --synthetic weights; --spec dflash there
+    /// makes a random DFlash draft of --draft-layers layers and blocks of 16,
+    /// whose drafts are rejected: it measures a round's cost; a draft model
+    /// needs -m).
     #[command(flatten)]
     pub spec: SpecArgs,
+    /// Layers of the random DFlash draft of `--synthetic ... --spec dflash`.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub draft_layers: usize,
     /// The prompt as text, a user message in the model's chat template
     /// (raw when it has none; needs -m), instead of --prompt-len random tokens.
     #[arg(long, value_name = "TEXT", requires = "model")]
@@ -125,7 +131,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.prompt_len == 0 || a.gen == 0 || a.reps == 0 {
         bail!("--prompt-len, --gen and --reps must be at least 1");
     }
-    let spec_method = a.spec.method()?;
+    let spec_method = a.spec.method_for(a.synthetic.is_some())?;
     if spec_method.is_some() && (a.ab.is_some() || a.verify_curve.is_some()) {
         bail!("--spec, --ab and --verify-curve are separate measurements: give one");
     }
@@ -208,7 +214,13 @@ pub fn run(a: Args) -> Result<()> {
     }
     if spec_method.is_some() {
         let draft = a.spec.load_draft(be)?;
-        let mut spec = a.spec.build(loaded.as_ref(), draft.as_ref(), be, ctx)?.context("--spec is set")?;
+        let synthetic_dflash = a.synthetic.is_some() && a.spec.draft.is_none();
+        let mut spec = if synthetic_dflash && spec_method == Some(SpecMethod::Dflash) {
+            eprintln!("fusebox: building a random {}-layer DFlash draft ({})...", a.draft_layers, a.quant);
+            a.spec.synthetic_dflash(decoder, Quant::parse(&a.quant)?, a.draft_layers, be, ctx)?
+        } else {
+            a.spec.build(loaded.as_ref(), draft.as_ref(), be, ctx)?.context("--spec is set")?
+        };
         let r = crate::bench_spec::spec_ab(&mut session, &mut spec, &prompt, &opts, a.rounds)?;
         let device = be.device_name();
         let commit = git_commit();

@@ -7,8 +7,9 @@ use clap::{Args, ValueEnum};
 use fusebox_core::Backend;
 use fusebox_engine::spec::MAX_SPEC_K;
 use fusebox_engine::{DFlash, DraftModel, PromptLookup, SpecOptions, Speculation};
-use fusebox_models::dflash::{is_dflash, DFlashDraft};
-use fusebox_models::Model;
+use fusebox_models::dflash::{is_dflash, DFlashConfig, DFlashDraft};
+use fusebox_models::synthetic::{Quant, SyntheticSource};
+use fusebox_models::{Decoder, Model};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SpecMethod {
@@ -53,7 +54,14 @@ pub struct SpecArgs {
 impl SpecArgs {
     /// The method the flags ask for, checked (`None`: no speculation).
     pub fn method(&self) -> Result<Option<SpecMethod>> {
+        self.method_for(false)
+    }
+
+    /// [`SpecArgs::method`], where `synthetic` allows `--spec dflash`
+    /// without `--draft` (`bench --synthetic` makes a random draft).
+    pub fn method_for(&self, synthetic: bool) -> Result<Option<SpecMethod>> {
         let m = match (self.spec, &self.draft) {
+            (Some(SpecMethod::Dflash), None) if synthetic => Some(SpecMethod::Dflash),
             (None, Some(p)) if is_dflash_dir(p) => Some(SpecMethod::Dflash),
             (None, Some(_)) | (Some(SpecMethod::Draft), Some(_)) => Some(SpecMethod::Draft),
             (Some(SpecMethod::Dflash), Some(_)) => Some(SpecMethod::Dflash),
@@ -69,6 +77,11 @@ impl SpecArgs {
         if m.is_none() && (self.spec_k.is_some() || self.spec_trace) {
             bail!("--spec-k and --spec-trace need --spec ngram|draft|dflash");
         }
+        self.check_k()?;
+        Ok(m)
+    }
+
+    fn check_k(&self) -> Result<()> {
         if let Some(k) = self.spec_k {
             if !(1..=MAX_SPEC_K).contains(&k) {
                 bail!("--spec-k must be between 1 and {MAX_SPEC_K}, got {k}");
@@ -77,12 +90,30 @@ impl SpecArgs {
         if self.spec_ngram_max == 0 {
             bail!("--spec-ngram-max must be at least 1");
         }
-        Ok(m)
+        Ok(())
+    }
+
+    /// `bench --synthetic --spec dflash`: a random DFlash draft of the
+    /// published layout (`layers` layers, blocks of 16) for `target`.
+    pub fn synthetic_dflash<'m>(
+        &self,
+        target: &'m Decoder,
+        quant: Quant,
+        layers: usize,
+        be: &'m dyn Backend,
+        ctx: usize,
+    ) -> Result<Speculation<'m>> {
+        let cfg = DFlashConfig::synthetic(&target.cfg, layers, 16);
+        let d = DFlashDraft::load_from(cfg, &SyntheticSource::new(quant, be), be)?;
+        let d = DFlash::new(d, target, be, ctx)?;
+        let k = self.spec_k.unwrap_or(d.block_size() - 1);
+        Ok(Speculation { options: SpecOptions { k, trace: self.spec_trace }, proposer: Box::new(d) })
     }
 
     /// Load the draft model, when there is one.
     pub fn load_draft(&self, be: &dyn Backend) -> Result<Option<Model>> {
-        match (self.method()?, &self.draft) {
+        // (a missing DFlash draft is `bench --synthetic`'s to make or to refuse)
+        match (self.method_for(true)?, &self.draft) {
             (Some(SpecMethod::Draft), Some(p)) => {
                 Ok(Some(Model::load(p, be).with_context(|| format!("loading the draft model {}", p.display()))?))
             }
