@@ -108,3 +108,26 @@ fn dflash_context_stays_in_step_when_drafts_are_accepted() {
     assert_eq!(got.tokens, want.tokens);
     assert!(stats.mean_accepted() > 1.5, "{}", stats.summary());
 }
+
+/// The MLX-quantized form of a draft (`fusebox quantize` of the z-lab
+/// layout, 4-bit groups of 32) loads, fits and keeps greedy output exact.
+#[test]
+fn an_mlx_quantized_dflash_draft_drafts_exactly() {
+    let be = cpu();
+    let target = load("tiny-qwen3", &be);
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q4");
+    let opts = fusebox_models::mlx_quant::QuantizeOptions { bits: 4, group_size: 32, ..Default::default() };
+    fusebox_models::mlx_quant::quantize_dir(&fixture("tiny-dflash"), &q, &opts, &mut |_| {}).unwrap();
+    let draft = DFlashDraft::load(&q, &be).unwrap();
+    assert!(draft.layers[0].wq.format().contains("4"), "{}", draft.layers[0].wq.format());
+    let prompt = tokens(30, target.config().vocab_size, 21);
+    let mut plain = Session::new(&target.decoder, &be, 256).unwrap();
+    let want = plain.generate(&prompt, &greedy(64), |_| Ok(true)).unwrap();
+    let mut d = DFlash::new(draft, &target.decoder, &be, 256).unwrap();
+    let mut s = Session::new(&target.decoder, &be, 256).unwrap();
+    let so = SpecOptions { k: 3, trace: false };
+    let (got, stats) = s.generate_speculative(&prompt, &greedy(64), &so, &mut d, |_| Ok(true)).unwrap();
+    assert_eq!(got.tokens, want.tokens);
+    assert!(stats.drafted > 0);
+}
