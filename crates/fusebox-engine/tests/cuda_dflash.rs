@@ -5,17 +5,13 @@
 
 mod common;
 
-use common::{cpu, load, tokens};
+use common::{cpu, greedy, load, tokens};
 use fusebox_core::cuda::backend_for_tests;
 use fusebox_core::fixtures::fixture;
 use fusebox_core::Backend;
-use fusebox_engine::{DFlash, GenerateOptions, SamplingParams, Session, SpecOptions};
+use fusebox_engine::{DFlash, Session, SpecOptions};
 use fusebox_models::dflash::DFlashDraft;
 use fusebox_models::Logits;
-
-fn greedy(n: usize) -> GenerateOptions {
-    GenerateOptions { max_new_tokens: n, stop_ids: vec![], sampling: SamplingParams::greedy() }
-}
 
 /// The draft's logits for one block after a 20-token context, on `be`.
 fn block_logits(be: &dyn Backend) -> Vec<f32> {

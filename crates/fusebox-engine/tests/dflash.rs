@@ -5,14 +5,10 @@
 
 mod common;
 
-use common::{cpu, load, tokens};
+use common::{cpu, greedy, load, tokens};
 use fusebox_core::fixtures::fixture;
 use fusebox_engine::{DFlash, GenerateOptions, SamplingParams, Session, SpecOptions};
 use fusebox_models::dflash::DFlashDraft;
-
-fn greedy(n: usize) -> GenerateOptions {
-    GenerateOptions { max_new_tokens: n, stop_ids: vec![], sampling: SamplingParams::greedy() }
-}
 
 #[test]
 fn dflash_greedy_equals_plain_greedy() {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{cpu, load, tokens, ALL_MODELS};
+use common::{cpu, greedy, load, tokens, ALL_MODELS};
 use fusebox_core::Backend;
 use fusebox_engine::spec::{Draft, ProposeCtx, Round};
 use fusebox_engine::{
@@ -20,10 +20,6 @@ const N: usize = 256;
 fn prompt(vocab: usize) -> Vec<u32> {
     let p = tokens(12, vocab, 7);
     [&p[..], &p[..], &p[..6]].concat()
-}
-
-fn greedy(n: usize) -> GenerateOptions {
-    GenerateOptions { max_new_tokens: n, stop_ids: vec![], sampling: SamplingParams::greedy() }
 }
 
 fn plain(

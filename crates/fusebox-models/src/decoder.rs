@@ -321,9 +321,7 @@ impl Decoder {
     /// A KV cache layer of `capacity` positions, in the backend's KV dtype
     /// (f32 on the CPU, bf16 on CUDA).
     pub fn kv_layer(&self, be: &dyn Backend, capacity: usize) -> Result<LayerKv> {
-        let shape = [capacity, self.cfg.num_kv_heads, self.cfg.head_dim];
-        let dt = be.kv_dtype();
-        Ok(LayerKv { k: be.zeros(&shape, dt)?, v: be.zeros(&shape, dt)? })
+        kv_layer(&self.cfg, be, capacity)
     }
 
     /// Run the tokens in `ws.ids` at `ws.positions`, appending their keys and
@@ -437,6 +435,14 @@ impl Decoder {
             }
         }
     }
+}
+
+/// A KV cache layer of `capacity` positions for layers shaped by `cfg`, in
+/// the backend's KV dtype.
+pub(crate) fn kv_layer(cfg: &ModelConfig, be: &dyn Backend, capacity: usize) -> Result<LayerKv> {
+    let shape = [capacity, cfg.num_kv_heads, cfg.head_dim];
+    let dt = be.kv_dtype();
+    Ok(LayerKv { k: be.zeros(&shape, dt)?, v: be.zeros(&shape, dt)? })
 }
 
 /// Load the weights of decoder layer `i` (module prefix `p`, e.g.

@@ -17,7 +17,7 @@ use fusebox_core::{rope, Backend, DType, LayerKv, Tensor, Weight};
 use serde_json::Value;
 
 use crate::config::{read_json, ModelConfig};
-use crate::decoder::{load_layer, Decoder, Layer, Mlp};
+use crate::decoder::{kv_layer, load_layer, Decoder, Layer, Mlp};
 use crate::safetensors::{Checkpoint, SafetensorsSource};
 use crate::source::WeightSource;
 
@@ -195,6 +195,7 @@ impl DFlashDraft {
         let d = cfg.base.hidden_size;
         let taps = cfg.target_layer_ids.len();
         ensure!(cfg.base.moe.is_none(), "DFlash drafts with mixture-of-experts layers are not supported");
+        ensure!(cfg.base.num_layers > 0, "a DFlash draft needs at least one layer (`num_hidden_layers` is 0)");
         let inv = rope::inv_freq(cfg.base.head_dim, cfg.base.rope_theta, cfg.base.rope_scaling);
         let layers = (0..cfg.base.num_layers)
             .map(|i| load_layer(&cfg.base, src, be, &format!("layers.{i}"), i))
@@ -282,10 +283,7 @@ impl DFlashDraft {
     /// One KV cache layer per draft layer, of `capacity` positions (the
     /// context plus one block).
     pub fn kv_layers(&self, be: &dyn Backend, capacity: usize) -> Result<Vec<LayerKv>> {
-        let b = &self.cfg.base;
-        let shape = [capacity, b.num_kv_heads, b.head_dim];
-        let dt = be.kv_dtype();
-        (0..self.layers.len()).map(|_| Ok(LayerKv { k: be.zeros(&shape, dt)?, v: be.zeros(&shape, dt)? })).collect()
+        (0..self.layers.len()).map(|_| kv_layer(&self.cfg.base, be, capacity)).collect()
     }
 
     /// Buffers to add `n` context rows at a time.

@@ -30,6 +30,15 @@ pub fn load(name: &str, be: &dyn Backend) -> Model {
     Model::load(&path, be).unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
 }
 
+/// Greedy decoding of `n` new tokens, no stop tokens.
+pub fn greedy(n: usize) -> fusebox_engine::GenerateOptions {
+    fusebox_engine::GenerateOptions {
+        max_new_tokens: n,
+        stop_ids: vec![],
+        sampling: fusebox_engine::SamplingParams::greedy(),
+    }
+}
+
 /// `n` token ids below `vocab`, the same for a seed.
 pub fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     fusebox_core::dtype::random_tokens(n, vocab, seed)
