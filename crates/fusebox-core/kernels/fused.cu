@@ -5,7 +5,8 @@
 //                   per-head RMSNorm of q and k (Qwen3; skipped for Llama),
 //                   RoPE, q to its buffer, k and v into the KV cache;
 //   rope_kv_append  rope_kv_append: the same epilogue after unfused
-//                   projections (per-head norm, RoPE, KV append);
+//                   projections (per-head norm, RoPE, KV append); it takes
+//                   every row of a DFlash draft block too (dflash_attn);
 //   moe             fused_moe_gateup_<fmt>: gate and up of the k selected
 //                   experts and SwiGLU; fused_moe_down_<fmt>: down of each
 //                   expert times its router weight, summed;
@@ -182,9 +183,11 @@ QKV(fused_qkv_q8, 8)
 QKV(fused_qkv_q6g16, 9)
 
 // ----------------------------------------------------------- rope_kv_append
-// The qk_norm epilogue after unfused projections, for one token: one warp per
-// head; warps [0, nh) finish q heads into q_out, [nh, nh + nkv) k heads into
-// the cache, [nh + nkv, nh + 2 nkv) copy v heads into the cache. 256 threads.
+// The qk_norm epilogue after unfused projections: one warp per head of one
+// row (blockIdx.y; a decode step has one, a DFlash block one per block row);
+// warps [0, nh) finish q heads into q_out, [nh, nh + nkv) k heads into the
+// cache, [nh + nkv, nh + 2 nkv) copy v heads into the cache. 256 threads.
+// qraw, q_out [rows, nh, hd]; kraw, v [rows, nkv, hd]; positions[row].
 extern "C" __global__ void __launch_bounds__(256) rope_kv_append(
     const float* __restrict__ qraw, const float* __restrict__ kraw, const float* __restrict__ v,
     const float* __restrict__ qn, const float* __restrict__ kn, float eps, const int* __restrict__ positions,
@@ -194,10 +197,13 @@ extern "C" __global__ void __launch_bounds__(256) rope_kv_append(
     __shared__ float sm[8][256];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int h = blockIdx.x * 8 + warp;
-    const int pos = __ldg(positions);
+    const int row = blockIdx.y;
+    const int pos = __ldg(positions + row);
     const bool ok = pos >= 0 && pos < cap;
+    const long long qrow = (long long)row * nh * hd, kvrow = (long long)row * nkv * hd;
     if (h < nh) {
-        finish_head<false>(qraw + h * hd, qn, eps, hd, pos, inv_freq, style, sm[warp], q_out + h * hd, false, lane);
+        finish_head<false>(qraw + qrow + h * hd, qn, eps, hd, pos, inv_freq, style, sm[warp], q_out + qrow + h * hd,
+                           false, lane);
         return;
     }
     if (!ok || h >= nh + 2 * nkv) return;
@@ -205,12 +211,13 @@ extern "C" __global__ void __launch_bounds__(256) rope_kv_append(
     if (kh < nkv) {
         const long long o = (long long)pos * nkv * hd + kh * hd;
         void* dst = kv_bf16 ? (void*)((bf16_t*)kc + o) : (void*)((float*)kc + o);
-        finish_head<false>(kraw + kh * hd, kn, eps, hd, pos, inv_freq, style, sm[warp], dst, kv_bf16 != 0, lane);
+        finish_head<false>(kraw + kvrow + kh * hd, kn, eps, hd, pos, inv_freq, style, sm[warp], dst, kv_bf16 != 0,
+                           lane);
     } else {
         const int vh = kh - nkv;
         const long long o = (long long)pos * nkv * hd + vh * hd;
         for (int i = lane; i < hd; i += 32) {
-            const float t = v[vh * hd + i];
+            const float t = v[kvrow + vh * hd + i];
             if (kv_bf16) ((bf16_t*)vc)[o + i] = f32_to_bf16(t);
             else ((float*)vc)[o + i] = t;
         }

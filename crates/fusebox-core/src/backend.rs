@@ -172,6 +172,14 @@ pub trait Backend: Send + Sync {
     fn swiglu(&self, h: &Tensor, gate: &Weight, up: &Weight, b: &mut SwigluBufs) -> Result<()> {
         swiglu_graph(self, h, gate, up, b)
     }
+    /// Site `dflash_attn`: one layer of a DFlash draft block: the q/k/v
+    /// projections of the block rows `h`, per-head norms, RoPE, the block's
+    /// keys and values into `c.cache` at the block positions, and attention
+    /// of every block row to keys `0..=c.limits[i]` into `c.out`. The
+    /// default is the graph path ([`dflash_attn_graph`]).
+    fn dflash_attn(&self, h: &Tensor, a: &AttnIn, b: &mut AttnBufs, c: &mut DraftAttn) -> Result<()> {
+        dflash_attn_graph(self, h, a, b, c)
+    }
     /// `out = silu(gate) * up`.
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()>;
     /// `x += y` (the residual add).
@@ -225,6 +233,17 @@ pub struct AttnBufs<'a> {
     pub v: &'a mut Tensor,
     pub q: &'a mut Tensor,
     pub k: &'a mut Tensor,
+}
+
+/// What a DFlash draft layer's attention works on besides its inputs: the
+/// draft's KV cache (the context, then the block appended at its
+/// positions), the last key each block row sees, the score scale, and the
+/// output `[rows, heads, head_dim]`.
+pub struct DraftAttn<'a> {
+    pub cache: &'a mut LayerKv,
+    pub limits: &'a Tensor,
+    pub scale: f32,
+    pub out: &'a mut Tensor,
 }
 
 /// The experts of one MoE block and the router's choice.
@@ -291,6 +310,19 @@ pub fn attn_inputs_graph<B: Backend + ?Sized>(
     } else {
         norm_rope_append_graph(be, a, b, cache, false)
     }
+}
+
+/// The graph path of site `dflash_attn`: the attention inputs one op each
+/// ([`attn_inputs_graph`]), then [`Backend::attention`].
+pub fn dflash_attn_graph<B: Backend + ?Sized>(
+    be: &B,
+    h: &Tensor,
+    a: &AttnIn,
+    b: &mut AttnBufs,
+    c: &mut DraftAttn,
+) -> Result<()> {
+    attn_inputs_graph(be, h, a, b, c.cache, false)?;
+    be.attention(b.q, c.cache, c.limits, c.scale, c.out)
 }
 
 /// Check [`Backend::copy_cols`]' operands: `(rows, src width, dst width)`.

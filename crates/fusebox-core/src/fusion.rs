@@ -39,9 +39,16 @@ pub enum Site {
     /// decode trace showed `silu_mul` and the separate `up` launch at 9% of a
     /// Qwen3-0.6B token).
     Swiglu,
+    /// A DFlash draft layer's attention over [context; block]: per-head
+    /// norms, RoPE and the block's KV append for every block row in one
+    /// launch after the projections, then one attention launch that reads
+    /// the keys and values once for the whole block (the graph path: one op
+    /// per step, and attention row by row).
+    DflashAttn,
 }
 
-pub const SITES: [Site; 5] = [Site::QkNorm, Site::Moe, Site::AddRmsNorm, Site::RopeKvAppend, Site::Swiglu];
+pub const SITES: [Site; 6] =
+    [Site::QkNorm, Site::Moe, Site::AddRmsNorm, Site::RopeKvAppend, Site::Swiglu, Site::DflashAttn];
 
 impl Site {
     /// The site's name in switches, files and reports (`qk_norm`, ...).
@@ -52,6 +59,7 @@ impl Site {
             Site::AddRmsNorm => "add_rms_norm",
             Site::RopeKvAppend => "rope_kv_append",
             Site::Swiglu => "swiglu",
+            Site::DflashAttn => "dflash_attn",
         }
     }
 
@@ -153,6 +161,7 @@ pub const TABLE: &[Rule] = &[
         reason: "loses on Qwen3-0.6B bf16 (0.974x H200, 0.967x H100) though it wins 1.02-1.07x on 4-bit models \
                  (docs/benchmark_results/fused-swiglu-h200.md, -h100.md)",
     },
+    Rule { backend: BackendKind::Cuda, site: Site::DflashAttn, on: false, reason: "not yet measured" },
     Rule { backend: BackendKind::Cpu, site: Site::QkNorm, on: false, reason: "no fused CPU path" },
     Rule { backend: BackendKind::Cpu, site: Site::Moe, on: false, reason: "no fused CPU path" },
     Rule {
@@ -164,6 +173,7 @@ pub const TABLE: &[Rule] = &[
     },
     Rule { backend: BackendKind::Cpu, site: Site::RopeKvAppend, on: false, reason: "no fused CPU path" },
     Rule { backend: BackendKind::Cpu, site: Site::Swiglu, on: false, reason: "no fused CPU path" },
+    Rule { backend: BackendKind::Cpu, site: Site::DflashAttn, on: false, reason: "no fused CPU path" },
 ];
 
 /// Where a decision came from.

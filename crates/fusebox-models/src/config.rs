@@ -172,6 +172,8 @@ impl ModelConfig {
             Site::QkNorm | Site::AddRmsNorm | Site::RopeKvAppend => true,
             Site::Moe => self.moe.is_some(),
             Site::Swiglu => self.layers_dense(),
+            // in a DFlash draft's layers, not the model's own
+            Site::DflashAttn => false,
         }
     }
 

@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Result};
-use fusebox_core::backend::{attn_inputs_graph, swiglu_graph, AttnBufs, AttnIn, SwigluBufs};
+use fusebox_core::backend::{swiglu_graph, AttnBufs, AttnIn, DraftAttn, SwigluBufs};
 use fusebox_core::{rope, Backend, DType, LayerKv, Tensor, Weight};
 use serde_json::Value;
 
@@ -434,8 +434,8 @@ impl DFlashDraft {
             };
             let mut ab =
                 AttnBufs { q_raw: &mut bb.q_raw, k_raw: &mut bb.k_raw, v: &mut bb.v, q: &mut bb.q, k: &mut bb.k };
-            attn_inputs_graph(be, &bb.h, &a, &mut ab, cache, false)?;
-            be.attention(&bb.q, cache, &bb.limits, scale, &mut bb.attn)?;
+            let mut c = DraftAttn { cache, limits: &bb.limits, scale, out: &mut bb.attn };
+            be.dflash_attn(&bb.h, &a, &mut ab, &mut c)?;
             be.matmul(&bb.attn, &layer.wo, &mut bb.o)?;
             be.add_assign(&mut bb.x, &bb.o)?;
             be.rms_norm(&bb.x, &layer.mlp_norm, eps, &mut bb.h)?;

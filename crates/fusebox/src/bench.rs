@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use fusebox_core::fusion::{BackendKind, Site, SITES};
 use fusebox_core::Backend;
-use fusebox_engine::{GenerateOptions, SamplingParams, Session};
+use fusebox_engine::{GenerateOptions, SamplingParams, Session, Speculation};
 use fusebox_models::synthetic::{self, Quant, SyntheticSource};
 use fusebox_models::{Decoder, Message, Model};
 use serde_json::json;
@@ -53,9 +53,12 @@ pub struct Args {
     /// alternate decode with the site fused (every other site on the graph
     /// path) and decode with every site on the graph path (ABAB..., --rounds
     /// each, the same prompt), and report the median ratio and its spread.
-    /// A site name (qk_norm, moe, add_rms_norm, rope_kv_append, swiglu) or
-    /// "all": every site with a fused kernel that occurs in the model, one
-    /// by one, then all of them together.
+    /// A site name (qk_norm, moe, add_rms_norm, rope_kv_append, swiglu,
+    /// dflash_attn) or "all": every site with a fused kernel that occurs in
+    /// the model, one by one, then all of them together. dflash_attn goes
+    /// with --spec dflash: DFlash generation with the draft's attention
+    /// fused against its graph path (the target's sites at their defaults),
+    /// with the drafting time per round of each.
     #[arg(long, value_name = "SITE")]
     pub ab: Option<String>,
     /// With --spec: decode plainly and speculatively, alternating --rounds
@@ -132,8 +135,14 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--prompt-len, --gen and --reps must be at least 1");
     }
     let spec_method = a.spec.method_for(a.synthetic.is_some())?;
-    if spec_method.is_some() && (a.ab.is_some() || a.verify_curve.is_some()) {
-        bail!("--spec, --ab and --verify-curve are separate measurements: give one");
+    let dflash_ab = a.ab.as_deref() == Some(Site::DflashAttn.name());
+    if dflash_ab && spec_method != Some(SpecMethod::Dflash) {
+        bail!(
+            "--ab dflash_attn measures DFlash drafting: add --spec dflash (--draft DIR, or a random draft with --synthetic)"
+        );
+    }
+    if spec_method.is_some() && ((a.ab.is_some() && !dflash_ab) || a.verify_curve.is_some()) {
+        bail!("--spec, --ab and --verify-curve are separate measurements: give one (--spec dflash --ab dflash_attn is one)");
     }
     let be = backend(a.device, a.threads)?;
     let be = &*be;
@@ -154,7 +163,7 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => bail!("give -m PATH or --synthetic SHAPE"),
     };
     let cfg = &decoder.cfg;
-    let ab = a.ab.as_deref().map(|ab| ab_sites(ab, be, cfg).map(|s| (ab, s))).transpose()?;
+    let ab = a.ab.as_deref().map(|ab| ab_sites(ab, be, cfg, dflash_ab).map(|s| (ab, s))).transpose()?;
     let ctx = a.prompt_len + a.gen;
     if ctx > cfg.max_position_embeddings {
         bail!("--prompt-len + --gen = {ctx} exceeds the model's context of {}", cfg.max_position_embeddings);
@@ -212,16 +221,17 @@ pub fn run(a: Args) -> Result<()> {
         });
         return write_result(&a.out_dir, &device, &format!("{name}-verify-curve"), &result);
     }
-    if spec_method.is_some() {
-        let draft = a.spec.load_draft(be)?;
-        let synthetic_dflash = a.synthetic.is_some() && a.spec.draft.is_none();
-        let mut spec = if synthetic_dflash && spec_method == Some(SpecMethod::Dflash) {
+    let draft = a.spec.load_draft(be)?;
+    let mut spec = match spec_method {
+        None => None,
+        Some(SpecMethod::Dflash) if a.synthetic.is_some() && a.spec.draft.is_none() => {
             eprintln!("fusebox: building a random {}-layer DFlash draft ({})...", a.draft_layers, a.quant);
-            a.spec.synthetic_dflash(decoder, Quant::parse(&a.quant)?, a.draft_layers, be, ctx)?
-        } else {
-            a.spec.build(loaded.as_ref(), draft.as_ref(), be, ctx)?.context("--spec is set")?
-        };
-        let r = crate::bench_spec::spec_ab(&mut session, &mut spec, &prompt, &opts, a.rounds)?;
+            Some(a.spec.synthetic_dflash(decoder, Quant::parse(&a.quant)?, a.draft_layers, be, ctx)?)
+        }
+        Some(_) => Some(a.spec.build(loaded.as_ref(), draft.as_ref(), be, ctx)?.context("--spec is set")?),
+    };
+    if let (Some(spec), None) = (spec.as_mut(), &ab) {
+        let r = crate::bench_spec::spec_ab(&mut session, spec, &prompt, &opts, a.rounds)?;
         let device = be.device_name();
         let commit = git_commit();
         let m = |k: &str| r[k]["median"].as_f64().unwrap_or(0.0);
@@ -258,7 +268,7 @@ pub fn run(a: Args) -> Result<()> {
         let ctx = AbRun { be, opts: &opts, prompt: &prompt, rounds: a.rounds };
         let mut rows = vec![];
         for &site in &sites {
-            rows.push(ctx.run(&mut session, &[site], site.name())?);
+            rows.push(ctx.run_with(&mut session, spec.as_mut(), &[site], site.name())?);
         }
         if sites.len() > 1 {
             rows.push(ctx.run(&mut session, &sites, "all")?);
@@ -280,6 +290,15 @@ pub fn run(a: Args) -> Result<()> {
                 r["ratio"]["min"].as_f64().unwrap_or(0.0),
                 r["ratio"]["max"].as_f64().unwrap_or(0.0),
                 100.0 * r["fused_tok_s"]["median"].as_f64().unwrap_or(0.0) / roofline,
+            );
+        }
+        for r in rows.iter().filter(|r| r.get("fused_draft_ms").is_some()) {
+            let f = |k: &str| r[k]["median"].as_f64().unwrap_or(0.0);
+            println!(
+                "draft block     {:.3} ms fused, {:.3} ms graph per round (median); ratio {:.3}",
+                f("fused_draft_ms"),
+                f("graph_draft_ms"),
+                f("graph_draft_ms") / f("fused_draft_ms").max(1e-12)
             );
         }
         let result = json!({
@@ -350,7 +369,7 @@ fn write_result(out_dir: &std::path::Path, device: &str, name: &str, result: &se
 }
 
 /// The sites an `--ab` argument names, checked against the model and backend.
-fn ab_sites(ab: &str, be: &dyn Backend, cfg: &fusebox_models::ModelConfig) -> Result<Vec<Site>> {
+fn ab_sites(ab: &str, be: &dyn Backend, cfg: &fusebox_models::ModelConfig, dflash: bool) -> Result<Vec<Site>> {
     if be.fusion_policy().is_none() {
         bail!("--ab: {} has no fused paths", be.name());
     }
@@ -366,7 +385,8 @@ fn ab_sites(ab: &str, be: &dyn Backend, cfg: &fusebox_models::ModelConfig) -> Re
     if !site.has_fused_path(kind) {
         bail!("--ab {ab}: {} has no fused kernel for this site", be.name());
     }
-    if !cfg.has_site(site) {
+    let applies = cfg.has_site(site) || (dflash && site == Site::DflashAttn);
+    if !applies {
         bail!("--ab {ab}: the site does not occur in this model");
     }
     Ok(vec![site])
@@ -384,24 +404,47 @@ pub(crate) struct AbRun<'a> {
 
 impl AbRun<'_> {
     pub fn run(&self, session: &mut Session, sites: &[Site], label: &str) -> Result<serde_json::Value> {
-        let decode = |session: &mut Session, on: bool| -> Result<f64> {
+        self.run_with(session, None, sites, label)
+    }
+
+    /// [`AbRun::run`], generating with `spec` when given: then only `sites`
+    /// switch (the target's own sites keep their decisions: they are not
+    /// under test), and each variant's drafting time per round is reported
+    /// too (`fused_draft_ms`, `graph_draft_ms`).
+    pub fn run_with(
+        &self,
+        session: &mut Session,
+        mut spec: Option<&mut Speculation>,
+        sites: &[Site],
+        label: &str,
+    ) -> Result<serde_json::Value> {
+        let speculative = spec.is_some();
+        let mut decode = |session: &mut Session, on: bool| -> Result<(f64, f64)> {
             for s in SITES {
-                self.be.set_fused(s, on && sites.contains(&s));
+                if !speculative || sites.contains(&s) {
+                    self.be.set_fused(s, on && sites.contains(&s));
+                }
             }
             session.reset();
-            Ok(session.generate(self.prompt, self.opts, |_| Ok(true))?.decode_tok_s())
+            let (out, stats) = session.generate_with(self.prompt, self.opts, spec.as_deref_mut(), |_| Ok(true))?;
+            let draft_ms = stats.map_or(0.0, |s| 1e3 * s.draft_secs / s.rounds.max(1) as f64);
+            Ok((out.decode_tok_s(), draft_ms))
         };
         // warm both variants (kernel compilation, graph capture)
         decode(session, true)?;
         decode(session, false)?;
-        let (mut fused, mut graph, mut ratio) = (vec![], vec![], vec![]);
+        let (mut fused, mut graph, mut ratio, mut fd, mut gd) = (vec![], vec![], vec![], vec![], vec![]);
         for r in 0..self.rounds.max(1) {
-            let f = decode(session, true)?;
-            let g = decode(session, false)?;
-            eprintln!("  {label} round {}: fused {f:.1} tok/s, graph {g:.1} tok/s, ratio {:.3}", r + 1, f / g);
+            let (f, fdm) = decode(session, true)?;
+            let (g, gdm) = decode(session, false)?;
+            let drafts =
+                if speculative { format!(" | drafting {fdm:.3} / {gdm:.3} ms a round") } else { String::new() };
+            eprintln!("  {label} round {}: fused {f:.1} tok/s, graph {g:.1} tok/s, ratio {:.3}{drafts}", r + 1, f / g);
             fused.push(f);
             graph.push(g);
             ratio.push(f / g);
+            fd.push(fdm);
+            gd.push(gdm);
         }
         if let Some(p) = self.be.fusion_policy() {
             for s in SITES {
@@ -413,6 +456,12 @@ impl AbRun<'_> {
             let (lo, hi) = (s.iter().copied().fold(f64::MAX, f64::min), s.iter().copied().fold(0.0, f64::max));
             json!({"median": median(&mut s), "min": lo, "max": hi, "runs": v})
         };
-        Ok(json!({"site": label, "fused_tok_s": stats(&fused), "graph_tok_s": stats(&graph), "ratio": stats(&ratio)}))
+        let mut r =
+            json!({"site": label, "fused_tok_s": stats(&fused), "graph_tok_s": stats(&graph), "ratio": stats(&ratio)});
+        if speculative {
+            r["fused_draft_ms"] = stats(&fd);
+            r["graph_draft_ms"] = stats(&gd);
+        }
+        Ok(r)
     }
 }

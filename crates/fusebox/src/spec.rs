@@ -103,11 +103,9 @@ impl SpecArgs {
         be: &'m dyn Backend,
         ctx: usize,
     ) -> Result<Speculation<'m>> {
-        let cfg = DFlashConfig::synthetic(&target.cfg, layers, 16);
-        let d = DFlashDraft::load_from(cfg, &SyntheticSource::new(quant, be), be)?;
-        let d = DFlash::new(d, target, be, ctx)?;
-        let k = self.spec_k.unwrap_or(d.block_size() - 1);
-        Ok(Speculation { options: SpecOptions { k, trace: self.spec_trace }, proposer: Box::new(d) })
+        let mut s = random_dflash(target, quant, layers, be, ctx)?;
+        s.options = SpecOptions { k: self.spec_k.unwrap_or(s.options.k), trace: self.spec_trace };
+        Ok(s)
     }
 
     /// Load the draft model, when there is one.
@@ -161,4 +159,21 @@ fn is_dflash_dir(path: &std::path::Path) -> bool {
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())
         .is_some_and(|v| is_dflash(&v))
+}
+
+/// A random DFlash draft of `layers` layers and blocks of 16 for `target`
+/// (the published layout), drafting a whole block a round (k = 15): it
+/// measures what a round costs, since its drafts are rejected.
+pub fn random_dflash<'m>(
+    target: &'m Decoder,
+    quant: Quant,
+    layers: usize,
+    be: &'m dyn Backend,
+    ctx: usize,
+) -> Result<Speculation<'m>> {
+    let cfg = DFlashConfig::synthetic(&target.cfg, layers, 16);
+    let d = DFlashDraft::load_from(cfg, &SyntheticSource::new(quant, be), be)?;
+    let d = DFlash::new(d, target, be, ctx)?;
+    let k = d.block_size() - 1;
+    Ok(Speculation { options: SpecOptions { k, trace: false }, proposer: Box::new(d) })
 }

@@ -13,6 +13,11 @@ use serde_json::json;
 
 use crate::bench::{git_commit, random_prompt, AbRun};
 use crate::common::{backend, DeviceArg};
+use crate::spec::random_dflash;
+
+/// Layers of the random DFlash draft `dflash_attn` is measured with (the
+/// published Qwen3-8B draft's).
+const DFLASH_LAYERS: usize = 5;
 
 /// The models `tune` measures by default: synthetic weights of the shapes
 /// users run, in the formats they run them.
@@ -122,15 +127,15 @@ pub fn run(a: Args) -> Result<()> {
     for spec in &models {
         let loaded;
         let synth;
-        let decoder: &Decoder = match parse_spec(spec)? {
+        let (decoder, quant): (&Decoder, Quant) = match parse_spec(spec)? {
             Spec::Synthetic(shape, quant) => {
                 eprintln!("fusebox: building random {spec} weights on {}...", be.name());
                 synth = Decoder::load(synthetic::config(shape)?, &SyntheticSource::new(quant, be), be)?;
-                &synth
+                (&synth, quant)
             }
             Spec::Path(p) => {
                 loaded = Model::load(&p, be)?;
-                &loaded.decoder
+                (&loaded.decoder, Quant::Bf16)
             }
         };
         let cfg = &decoder.cfg;
@@ -142,11 +147,18 @@ pub fn run(a: Args) -> Result<()> {
         let mut session = Session::new(decoder, be, a.prompt_len + a.gen)?;
         let ab = AbRun { be, opts: &opts, prompt: &prompt, rounds: a.rounds };
         for (site, m) in results.iter_mut() {
-            if !cfg.has_site(*site) || !site.has_fused_path(BackendKind::Cuda) {
+            let dflash = *site == Site::DflashAttn;
+            if !(cfg.has_site(*site) || (dflash && cfg.moe.is_none())) || !site.has_fused_path(BackendKind::Cuda) {
                 continue;
             }
             eprintln!("fusebox: {spec}: A/B of {}", site.name());
-            let r = ab.run(&mut session, &[*site], site.name())?;
+            let r = if dflash {
+                // DFlash generation with a random draft of the published shape
+                let mut s = random_dflash(decoder, quant, DFLASH_LAYERS, be, a.prompt_len + a.gen)?;
+                ab.run_with(&mut session, Some(&mut s), &[*site], site.name())?
+            } else {
+                ab.run(&mut session, &[*site], site.name())?
+            };
             let f = |k: &str, s: &str| r[k][s].as_f64().unwrap_or(0.0);
             m.push(Measured {
                 model: spec.clone(),

@@ -189,6 +189,22 @@ impl CudaBackend {
         scale: f32,
         out: &mut Tensor,
     ) -> Result<()> {
+        self.attention_with(q, cache, positions, scale, out, false)
+    }
+
+    /// [`Backend::attention`](crate::Backend::attention); `pack` takes every
+    /// row count as prefill does (all rows' query vectors of a kv head in
+    /// one block, the keys read once), where the op keeps up to
+    /// `ROW_EXACT_MAX` rows one by one for decode-exact verify rows.
+    pub(crate) fn attention_with(
+        &self,
+        q: &Tensor,
+        cache: &LayerKv,
+        positions: &Tensor,
+        scale: f32,
+        out: &mut Tensor,
+        pack: bool,
+    ) -> Result<()> {
         ensure!(q.shape().len() == 3, "cuda attention: expected q [rows, heads, head_dim], got {:?}", q.shape());
         let (m, heads, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
         let cs = cache.k.shape().to_vec();
@@ -255,7 +271,7 @@ impl CudaBackend {
         // the blocks a one-row launch at its position gets (the kernel, the query tiles of its G heads,
         // the key splits and their boundaries, from its own length), so each row is bitwise the decode
         // step's; K/V are read once per row. Longer inputs (prefill) pack m * G query vectors per kv head.
-        let by_row = m <= ROW_EXACT_MAX;
+        let by_row = !pack && m <= ROW_EXACT_MAX;
         let n = if by_row { group } else { m * group }; // query vectors per kv head (and row, by_row)
         let qb = if n <= 8 {
             n.next_power_of_two()

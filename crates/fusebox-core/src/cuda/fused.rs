@@ -1,5 +1,5 @@
-//! The fused decode kernels (`fused.cu`): sites `qk_norm`, `rope_kv_append`
-//! and `moe`. Each launcher checks that its kernel covers the call (one
+//! The fused decode kernels (`fused.cu`): sites `qk_norm`, `rope_kv_append`,
+//! `moe`, `swiglu` and `dflash_attn`. Each launcher checks that its kernel covers the call (one
 //! token, GEMV-able weight formats, head_dim <= 256, ...) and otherwise runs
 //! the graph path, so a fused site switched on never changes what is
 //! computed, only how many kernels compute it.
@@ -17,8 +17,8 @@ use super::attn::check_cache_dtype;
 use super::gemv::{Dev, Plan};
 use super::{Arg, CudaBackend};
 use crate::backend::{
-    attn_inputs_graph, moe_experts_graph, norm_rope_append_graph, swiglu_graph, AttnBufs, AttnIn, MoeBufs, MoeIn,
-    SwigluBufs,
+    attn_inputs_graph, dflash_attn_graph, moe_experts_graph, norm_rope_append_graph, swiglu_graph, AttnBufs, AttnIn,
+    DraftAttn, MoeBufs, MoeIn, SwigluBufs,
 };
 use crate::dtype::DType;
 use crate::kv::LayerKv;
@@ -117,6 +117,7 @@ fn norm_ptr(w: Option<&Tensor>, hd: usize, what: &str) -> Result<u64> {
 }
 
 /// The shapes of one token's attention inputs, when a fused kernel covers them.
+#[derive(Clone, Copy)]
 struct Heads {
     hd: usize,
     nh: usize,
@@ -124,24 +125,36 @@ struct Heads {
     cap: usize,
 }
 
+/// The shapes the fused kernels need, for `rows` rows of queries (`None`
+/// where a kernel does not cover the call).
 fn heads(a: &AttnIn, b: &AttnBufs, cache: &LayerKv) -> Option<Heads> {
+    heads_rows(a, b, cache).filter(|(_, rows)| *rows == 1).map(|(h, _)| h)
+}
+
+/// [`heads`] for any number of rows: `(heads, rows)`.
+fn heads_rows(a: &AttnIn, b: &AttnBufs, cache: &LayerKv) -> Option<(Heads, usize)> {
     let cs = cache.k.shape();
     if cs.len() != 3 || cache.v.shape() != cs || check_cache_dtype(cache, "fused").is_err() {
         return None;
     }
     let (cap, nkv, hd) = (cs[0], cs[1], cs[2]);
     let qs = b.q.shape();
-    let one_token = qs.len() == 3 && qs[0] == 1 && a.positions.numel() >= 1 && a.positions.dtype() == DType::I32;
-    let ok = one_token
+    if qs.len() != 3 {
+        return None;
+    }
+    let rows = qs[0];
+    let ok = (1..=65535).contains(&rows)
+        && a.positions.numel() >= rows
+        && a.positions.dtype() == DType::I32
         && qs[2] == hd
         && hd % 2 == 0
         && hd <= 256
         && cap <= i32::MAX as usize
         && b.q_raw.numel() == b.q.numel()
-        && b.k_raw.numel() == nkv * hd
-        && b.v.numel() == nkv * hd
+        && b.k_raw.numel() == rows * nkv * hd
+        && b.v.numel() == rows * nkv * hd
         && a.inv_freq.numel() * 2 >= hd;
-    ok.then_some(Heads { hd, nh: qs[1], nkv, cap })
+    ok.then_some((Heads { hd, nh: qs[1], nkv, cap }, rows))
 }
 
 impl CudaBackend {
@@ -234,9 +247,40 @@ impl CudaBackend {
     /// Site `rope_kv_append`: norms, RoPE and the KV append of one token in
     /// one launch; the graph path where the kernel does not apply.
     pub(crate) fn rope_kv_append_impl(&self, a: &AttnIn, b: &mut AttnBufs, cache: &mut LayerKv) -> Result<()> {
-        let Some(Heads { hd, nh, nkv, cap }) = heads(a, b, cache) else {
-            return norm_rope_append_graph(self, a, b, cache, true);
-        };
+        match heads(a, b, cache) {
+            Some(h) => self.launch_rope_kv_append(a, b, cache, &h, 1),
+            None => norm_rope_append_graph(self, a, b, cache, true),
+        }
+    }
+
+    /// Site `dflash_attn`: a DFlash draft block's attention. The three
+    /// projections, then norms, RoPE and the KV append of every block row in
+    /// one launch, then attention of all rows in one pass over the keys;
+    /// the graph path ([`dflash_attn_graph`]) where the site is off.
+    pub(crate) fn dflash_attn_impl(&self, h: &Tensor, a: &AttnIn, b: &mut AttnBufs, c: &mut DraftAttn) -> Result<()> {
+        if !crate::backend::Backend::fused(self, crate::fusion::Site::DflashAttn) {
+            return dflash_attn_graph(self, h, a, b, c);
+        }
+        let be: &dyn crate::backend::Backend = self;
+        be.matmul(h, a.wq, b.q_raw)?;
+        be.matmul(h, a.wk, b.k_raw)?;
+        be.matmul(h, a.wv, b.v)?;
+        match heads_rows(a, b, c.cache) {
+            Some((hs, rows)) => self.launch_rope_kv_append(a, b, c.cache, &hs, rows)?,
+            None => norm_rope_append_graph(self, a, b, c.cache, true)?,
+        }
+        self.attention_with(b.q, c.cache, c.limits, c.scale, c.out, true)
+    }
+
+    fn launch_rope_kv_append(
+        &self,
+        a: &AttnIn,
+        b: &mut AttnBufs,
+        cache: &mut LayerKv,
+        hs: &Heads,
+        rows: usize,
+    ) -> Result<()> {
+        let Heads { hd, nh, nkv, cap } = *hs;
         let bf16 = cache.k.dtype() == DType::BF16;
         let args = [
             Arg::P(Self::ptr(b.q_raw, "rope_kv_append")?),
@@ -258,7 +302,7 @@ impl CudaBackend {
             Arg::I(bf16 as i32),
         ];
         let blocks = (nh + 2 * nkv).div_ceil(8) as u32;
-        self.launch(FILE, "rope_kv_append", ((blocks, 1, 1), (THREADS, 1, 1), 0), &args)
+        self.launch(FILE, "rope_kv_append", ((blocks, rows as u32, 1), (THREADS, 1, 1), 0), &args)
     }
 
     /// Site `moe`: two launches (gate/up + SwiGLU; down x router weight,

@@ -666,6 +666,15 @@ impl Backend for CudaBackend {
     fn swiglu(&self, h: &Tensor, gate: &Weight, up: &Weight, b: &mut crate::backend::SwigluBufs) -> Result<()> {
         self.swiglu_impl(h, gate, up, b)
     }
+    fn dflash_attn(
+        &self,
+        h: &Tensor,
+        a: &crate::backend::AttnIn,
+        b: &mut crate::backend::AttnBufs,
+        c: &mut crate::backend::DraftAttn,
+    ) -> Result<()> {
+        self.dflash_attn_impl(h, a, b, c)
+    }
     fn silu_mul(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
         self.silu_mul_impl(gate, up, out)
     }

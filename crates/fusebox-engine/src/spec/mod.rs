@@ -49,13 +49,15 @@ pub struct SpecStats {
     pub rounds: usize,
     pub drafted: usize,
     pub accepted: usize,
+    /// Wall time spent drafting (the proposer's `propose` calls), seconds.
+    pub draft_secs: f64,
     /// Every round in order, when tracing.
     pub trace: Option<Vec<Round>>,
 }
 
 impl SpecStats {
     fn new(method: &'static str, k: usize, trace: bool) -> SpecStats {
-        SpecStats { method, k, rounds: 0, drafted: 0, accepted: 0, trace: trace.then(Vec::new) }
+        SpecStats { method, k, rounds: 0, drafted: 0, accepted: 0, draft_secs: 0.0, trace: trace.then(Vec::new) }
     }
 
     /// Drafts accepted per round.
@@ -77,7 +79,7 @@ impl SpecStats {
         };
         json!({
             "method": self.method, "k": self.k, "rounds": rounds, "drafted": self.drafted,
-            "accepted": self.accepted, "mean_accepted": self.mean_accepted(),
+            "accepted": self.accepted, "mean_accepted": self.mean_accepted(), "draft_secs": self.draft_secs,
         })
     }
 
@@ -112,6 +114,8 @@ struct RoundBufs {
     rows: Vec<u32>,
     argmax: Vec<i32>,
     draft: Draft,
+    /// Wall time of the proposals so far.
+    draft_secs: f64,
 }
 
 /// What one round did ([`Session::speculative_round`]).
@@ -143,7 +147,9 @@ impl Session<'_> {
         b.draft.clear();
         if k > 0 {
             let ctx = ProposeCtx { tokens: &b.committed, sampling };
+            let t = Instant::now();
             proposer.propose(&ctx, k, &mut b.draft)?;
+            b.draft_secs += t.elapsed().as_secs_f64();
             b.draft.truncate(k);
         }
         let vocab = self.model.cfg.vocab_size;
@@ -243,6 +249,7 @@ impl Session<'_> {
         self.truncate(start + keep);
         out.stop = stop;
         out.decode_secs = t1.elapsed().as_secs_f64();
+        stats.draft_secs = bufs.draft_secs;
         Ok((out, stats))
     }
 }
