@@ -7,6 +7,7 @@ mod generate;
 mod inspect;
 mod quantize;
 mod run;
+mod serve;
 mod spec;
 mod tune;
 
@@ -51,6 +52,16 @@ enum Command {
     Tune(tune::Args),
     /// Quantize a Hugging Face model to an MLX affine checkpoint (like `mlx_lm.convert -q`).
     Quantize(quantize::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
+    ///
+    /// Endpoints: GET /health, GET /v1/models, POST /v1/completions and POST /v1/chat/completions
+    /// (not streaming yet). The model's id is its directory or file name. One worker thread runs
+    /// one request at a time on a fresh context; the others wait in a queue of --max-queue, and a
+    /// request that finds the queue full gets 429 with Retry-After. Sampling fields a request
+    /// leaves out come from the model's generation_config.json (greedy if it has none); requests
+    /// without max_tokens get 16 new tokens (completions) or all that fit in the context (chat).
+    /// Errors are OpenAI error objects. Ctrl-C stops the server.
+    Serve(serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +84,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Tune(a) => tune::run(a),
+        Command::Serve(a) => serve::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

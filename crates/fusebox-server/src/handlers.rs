@@ -1,0 +1,121 @@
+//! The HTTP handlers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::collect::collect;
+use crate::error::{ApiError, ApiJson};
+use crate::openai::{
+    AssistantMessage, ChatChoice, ChatRequest, ChatResponse, CompletionChoice, CompletionRequest, CompletionResponse,
+    ModelCard, ModelList,
+};
+use crate::prepare;
+use crate::state::{unix_now, AppState};
+
+/// `GET /health`
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /v1/models`
+pub async fn models(State(st): State<AppState>) -> Json<ModelList> {
+    let card = ModelCard { id: st.model_id.clone(), object: "model", created: st.created, owned_by: "fusebox" };
+    Json(ModelList { object: "list", data: vec![card] })
+}
+
+/// `POST /v1/completions` (not streaming)
+pub async fn completions(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Json<CompletionResponse>, ApiError> {
+    st.check_model(req.model.as_deref())?;
+    prepare::check_unsupported(&req.unsupported)?;
+    let sampling = prepare::sampling(&st.info, &req.sampling)?;
+    let prompt = prepare::completion_prompt(&st.info, &req.prompt)?;
+    let gen = prepare::gen_request(&st.info, prompt, Some(req.max_tokens.unwrap_or(16)), sampling)?;
+    let stops = stop_strings(req.stop.as_ref())?;
+    let done = collect(&*st.engine, gen, &stops).await?;
+    Ok(Json(CompletionResponse {
+        id: new_id("cmpl"),
+        object: "text_completion",
+        created: unix_now(),
+        model: st.model_id.clone(),
+        choices: vec![CompletionChoice {
+            text: done.text,
+            index: 0,
+            logprobs: None,
+            finish_reason: done.finish_reason.as_str().into(),
+        }],
+        usage: done.usage,
+    }))
+}
+
+/// `POST /v1/chat/completions` (not streaming)
+pub async fn chat_completions(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> Result<Json<ChatResponse>, ApiError> {
+    st.check_model(req.model.as_deref())?;
+    prepare::check_unsupported(&req.unsupported)?;
+    let sampling = prepare::sampling(&st.info, &req.sampling)?;
+    let thinking = req.chat_template_kwargs.as_ref().and_then(|k| k.enable_thinking);
+    let prompt = prepare::chat_prompt(&st.info, &req.messages, thinking)?;
+    let gen = prepare::gen_request(&st.info, prompt, req.max_completion_tokens.or(req.max_tokens), sampling)?;
+    let stops = stop_strings(req.stop.as_ref())?;
+    let done = collect(&*st.engine, gen, &stops).await?;
+    Ok(Json(ChatResponse {
+        id: new_id("chatcmpl"),
+        object: "chat.completion",
+        created: unix_now(),
+        model: st.model_id.clone(),
+        choices: vec![ChatChoice {
+            index: 0,
+            message: AssistantMessage { role: "assistant", content: done.text },
+            logprobs: None,
+            finish_reason: done.finish_reason.as_str().into(),
+        }],
+        usage: done.usage,
+    }))
+}
+
+/// Requests to /v1/ need `Authorization: Bearer <key>` when the server has a key.
+pub async fn require_key(State(st): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+    if let Some(key) = &st.options.api_key {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if given.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim) != Some(key.as_str()) {
+            return Err(ApiError::unauthorized());
+        }
+    }
+    Ok(next.run(req).await)
+}
+
+pub async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(req.uri().path())
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}
+
+/// `stop`, checked: at most 4 non-empty strings.
+fn stop_strings(stop: Option<&crate::openai::Stop>) -> Result<Vec<String>, ApiError> {
+    let v = stop.map(|s| s.strings()).unwrap_or_default();
+    if v.len() > 4 || v.iter().any(String::is_empty) {
+        return Err(ApiError::invalid("stop takes at most 4 non-empty strings").param("stop"));
+    }
+    Ok(v)
+}
+
+/// A response id: `prefix-` and a number unique in this process.
+fn new_id(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    format!("{prefix}-{t:x}{n:04x}")
+}

@@ -1,0 +1,72 @@
+//! fusebox-server: an OpenAI-compatible HTTP API (`fusebox serve`).
+//!
+//! `GET /health`, `GET /v1/models`, `POST /v1/completions` and
+//! `POST /v1/chat/completions` (not streaming yet). The handlers talk to an
+//! [`Engine`]; today that is a [`Worker`]: one thread that owns the model and
+//! runs one request at a time from a bounded queue.
+
+pub mod collect;
+pub mod error;
+pub mod handlers;
+pub mod openai;
+pub mod prepare;
+pub mod state;
+pub mod worker;
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::routing::{get, post};
+use axum::{middleware, Router};
+use tokio::net::TcpListener;
+
+pub use state::{AppState, ServerOptions};
+pub use worker::{Engine, Event, Events, FinishReason, GenRequest, Loaded, ModelInfo, SubmitError, Usage, Worker};
+
+/// The routes.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/models", get(handlers::models))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), handlers::require_key));
+    Router::new()
+        .route("/health", get(handlers::health))
+        .merge(v1)
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .with_state(state)
+}
+
+/// Serve on `listener` until the future is dropped.
+pub async fn serve(listener: TcpListener, state: AppState) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).await
+}
+
+/// Start a worker that loads the model with `load`, bind `host:port` and
+/// serve until Ctrl-C, blocking. Says on stderr what it serves and where.
+pub fn run<F>(load: F, max_queue: usize, host: &str, port: u16, options: ServerOptions) -> Result<()>
+where
+    F: FnOnce() -> Result<Loaded> + Send + 'static,
+{
+    let (worker, info) = Worker::spawn(load, max_queue)?;
+    let state = AppState::new(Arc::new(worker), info, options);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind((host, port)).await.with_context(|| format!("binding {host}:{port}"))?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "fusebox: serving {} ({}) on {} at http://{addr} (context {} tokens, queue {max_queue})",
+            state.model_id,
+            state.info.path.display(),
+            state.info.device,
+            state.info.ctx,
+        );
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("serving HTTP")
+    })
+}

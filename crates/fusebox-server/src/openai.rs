@@ -1,0 +1,172 @@
+//! OpenAI API request and response bodies (the fields this server reads and
+//! writes; unknown request fields are ignored).
+
+use serde::{Deserialize, Serialize};
+
+use crate::worker::Usage;
+
+/// Sampling fields shared by completions and chat completions. Absent ones
+/// come from the model's generation_config.json (greedy when it has none).
+#[derive(Debug, Default, Deserialize)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// 0 or negative: off.
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<i64>,
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn strings(&self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s.clone()],
+            Stop::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// `prompt`: text or token ids; the batch forms hold one prompt at most here.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+    Texts(Vec<String>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// Fields that name features this server does not have yet; a request that
+/// turns one on is refused rather than silently answered without it.
+#[derive(Debug, Default, Deserialize)]
+pub struct Unsupported {
+    pub stream: Option<bool>,
+    pub n: Option<u32>,
+    pub echo: Option<bool>,
+    pub logprobs: Option<serde_json::Value>,
+    pub best_of: Option<u32>,
+}
+
+/// `POST /v1/completions`
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    /// Default 16, as OpenAI's.
+    pub max_tokens: Option<usize>,
+    pub stop: Option<Stop>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+    #[serde(flatten)]
+    pub unsupported: Unsupported,
+}
+
+/// Message content: a string, or parts of which only text is understood.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: Option<Content>,
+}
+
+/// `chat_template_kwargs` (vLLM's extension): what the template may read.
+#[derive(Debug, Default, Deserialize)]
+pub struct ChatTemplateKwargs {
+    pub enable_thinking: Option<bool>,
+}
+
+/// `POST /v1/chat/completions`
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub stop: Option<Stop>,
+    pub chat_template_kwargs: Option<ChatTemplateKwargs>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+    #[serde(flatten)]
+    pub unsupported: Unsupported,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CompletionChoice {
+    pub text: String,
+    pub index: usize,
+    pub logprobs: Option<serde_json::Value>,
+    pub finish_reason: String,
+}
+
+/// The `text_completion` object.
+#[derive(Debug, Serialize)]
+pub struct CompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AssistantMessage {
+    pub role: &'static str,
+    pub content: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    pub logprobs: Option<serde_json::Value>,
+    pub finish_reason: String,
+}
+
+/// The `chat.completion` object.
+#[derive(Debug, Serialize)]
+pub struct ChatResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+}
+
+/// `GET /v1/models`
+#[derive(Debug, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}

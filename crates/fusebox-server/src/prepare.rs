@@ -1,0 +1,168 @@
+//! Checking a request and turning it into a [`GenRequest`]: the prompt's
+//! token ids, sampling settings and token budget.
+
+use fusebox_engine::SamplingParams;
+use fusebox_models::Message;
+
+use crate::error::ApiError;
+use crate::openai::{ChatMessage, Content, Prompt, SamplingFields, Unsupported};
+use crate::worker::{GenRequest, ModelInfo};
+
+/// Refuse the features that are not there yet.
+pub fn check_unsupported(u: &Unsupported) -> Result<(), ApiError> {
+    if u.stream == Some(true) {
+        return Err(ApiError::invalid("stream: true is not supported yet").param("stream"));
+    }
+    if u.n.is_some_and(|n| n != 1) || u.best_of.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("only one choice per request (n = 1) is supported").param("n"));
+    }
+    if u.echo == Some(true) {
+        return Err(ApiError::invalid("echo is not supported").param("echo"));
+    }
+    if u.logprobs.as_ref().is_some_and(|v| !(v.is_null() || *v == serde_json::json!(false))) {
+        return Err(ApiError::invalid("logprobs are not supported yet").param("logprobs"));
+    }
+    Ok(())
+}
+
+/// Sampling settings: generation_config.json first, then the request's fields.
+pub fn sampling(info: &ModelInfo, f: &SamplingFields) -> Result<SamplingParams, ApiError> {
+    let g = &info.generation;
+    let mut p = SamplingParams::greedy();
+    if g.do_sample == Some(true) {
+        p.temperature = g.temperature.unwrap_or(1.0) as f32;
+        p.top_k = g.top_k.unwrap_or(0);
+        p.top_p = g.top_p.unwrap_or(1.0) as f32;
+        p.min_p = g.min_p.unwrap_or(0.0) as f32;
+    }
+    p.repeat_penalty = g.repetition_penalty.unwrap_or(1.0) as f32;
+    if let Some(t) = f.temperature {
+        if !(t >= 0.0 && t.is_finite()) {
+            return Err(ApiError::invalid(format!("temperature must be a number >= 0, got {t}")).param("temperature"));
+        }
+        p.temperature = t;
+    }
+    if let Some(v) = f.top_p {
+        if !(v > 0.0 && v <= 1.0) {
+            return Err(ApiError::invalid(format!("top_p must be in (0, 1], got {v}")).param("top_p"));
+        }
+        p.top_p = v;
+    }
+    if let Some(k) = f.top_k {
+        p.top_k = usize::try_from(k).unwrap_or(0);
+    }
+    if let Some(v) = f.min_p {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(ApiError::invalid(format!("min_p must be in [0, 1], got {v}")).param("min_p"));
+        }
+        p.min_p = v;
+    }
+    if let Some(v) = f.repetition_penalty {
+        if !(v > 0.0 && v.is_finite()) {
+            return Err(
+                ApiError::invalid(format!("repetition_penalty must be > 0, got {v}")).param("repetition_penalty")
+            );
+        }
+        p.repeat_penalty = v;
+    }
+    p.seed = match f.seed {
+        Some(s) => s as u64,
+        None => {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+        }
+    };
+    Ok(p)
+}
+
+/// The token ids of a completion prompt (text is tokenized with the
+/// tokenizer's special tokens, as `fusebox generate --no-chat-template`).
+pub fn completion_prompt(info: &ModelInfo, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
+    let one = |n: usize| {
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(ApiError::invalid("one prompt per request is supported (batched prompts are not)").param("prompt"))
+        }
+    };
+    let text = match prompt {
+        Prompt::Tokens(ids) => return Ok(ids.clone()),
+        Prompt::TokenLists(v) => return one(v.len()).map(|()| v[0].clone()),
+        Prompt::Text(t) => t,
+        Prompt::Texts(v) => {
+            one(v.len())?;
+            &v[0]
+        }
+    };
+    info.tokenizer.encode(text, true).map_err(|e| ApiError::invalid(format!("tokenizing the prompt: {e:#}")))
+}
+
+/// The token ids of a conversation rendered by the model's chat template.
+pub fn chat_prompt(
+    info: &ModelInfo,
+    messages: &[ChatMessage],
+    enable_thinking: Option<bool>,
+) -> Result<Vec<u32>, ApiError> {
+    let Some(template) = &info.chat_template else {
+        return Err(ApiError::invalid("this model has no chat template; use /v1/completions"));
+    };
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages is empty").param("messages"));
+    }
+    let mut msgs = Vec::with_capacity(messages.len());
+    for m in messages {
+        let content = match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => s.push_str(t),
+                        _ => {
+                            return Err(ApiError::invalid(format!(
+                                "message content of type \"{}\" is not supported (only text)",
+                                p.kind
+                            ))
+                            .param("messages"))
+                        }
+                    }
+                }
+                s
+            }
+        };
+        msgs.push(Message::new(&m.role, &content));
+    }
+    let text = template
+        .render(&msgs, true, enable_thinking)
+        .map_err(|e| ApiError::invalid(format!("{e:#}")).param("messages"))?;
+    info.tokenizer.encode(&text, false).map_err(|e| ApiError::invalid(format!("tokenizing the conversation: {e:#}")))
+}
+
+/// A generation request for `prompt`: at most `max_tokens` new tokens (all
+/// that fit in the context when `None`), stopping at the model's EOS tokens.
+pub fn gen_request(
+    info: &ModelInfo,
+    prompt: Vec<u32>,
+    max_tokens: Option<usize>,
+    sampling: SamplingParams,
+) -> Result<GenRequest, ApiError> {
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("the prompt is empty (no tokens)").param("prompt"));
+    }
+    if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= info.vocab_size) {
+        return Err(ApiError::invalid(format!("token id {bad} is outside the vocabulary of {}", info.vocab_size))
+            .param("prompt"));
+    }
+    if prompt.len() >= info.ctx {
+        return Err(ApiError::invalid(format!(
+            "the prompt is {} tokens but the context holds {} (room is needed for at least one new token)",
+            prompt.len(),
+            info.ctx
+        ))
+        .param("prompt")
+        .code("context_length_exceeded"));
+    }
+    let room = info.ctx - prompt.len();
+    let max_tokens = max_tokens.unwrap_or(room).min(room);
+    Ok(GenRequest { prompt, max_tokens, sampling, stop_ids: info.eos_token_ids.clone() })
+}

@@ -1,0 +1,128 @@
+//! Helpers shared by this crate's tests: a server on 127.0.0.1:0 with the
+//! tiny-qwen3 fixture, and a minimal HTTP/1.1 client.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+
+use anyhow::Result;
+use fusebox_core::cpu::CpuBackend;
+use fusebox_core::fixtures::fixture;
+use fusebox_engine::{GenerateOptions, SamplingParams, Session};
+use fusebox_models::Model;
+use fusebox_server::{AppState, Engine, Loaded, ModelInfo, ServerOptions, Worker};
+use serde_json::Value;
+
+pub const MODEL: &str = "tiny-qwen3";
+pub const CTX: usize = 128;
+
+/// A loader for the fixture on the CPU, for [`Worker::spawn`].
+pub fn loader() -> impl FnOnce() -> Result<Loaded> + Send + 'static {
+    || {
+        let backend = CpuBackend::new(1)?;
+        let model = Model::load(&fixture(MODEL), &backend)?;
+        Ok(Loaded { backend: Box::new(backend), model, ctx: CTX })
+    }
+}
+
+/// A worker running the fixture.
+pub fn worker(max_queue: usize) -> (Worker, ModelInfo) {
+    Worker::spawn(loader(), max_queue).expect("starting the worker")
+}
+
+/// Start a server on a free port; it runs until the test process ends.
+pub fn start(options: ServerOptions) -> SocketAddr {
+    let (worker, info) = worker(8);
+    start_with(Arc::new(worker), info, options)
+}
+
+/// Start a server on a free port in front of `engine`.
+pub fn start_with(engine: Arc<dyn Engine>, info: ModelInfo, options: ServerOptions) -> SocketAddr {
+    let state = AppState::new(engine, info, options);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            fusebox_server::serve(listener, state).await.unwrap();
+        });
+    });
+    rx.recv().expect("the server thread started")
+}
+
+/// An HTTP response.
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The body is an OpenAI error object; returns it.
+    pub fn error(&self, status: u16) -> Value {
+        assert_eq!(self.status, status, "{}", self.body);
+        let v = self.json();
+        let e = &v["error"];
+        assert!(e["message"].is_string(), "{v}");
+        assert!(e["type"].is_string(), "{v}");
+        assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+        e.clone()
+    }
+}
+
+/// One request on a fresh connection (`Connection: close`).
+pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8(raw).expect("a UTF-8 response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().into(), v.trim().into())).collect();
+    Resp { status, headers, body: body.to_string() }
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Resp {
+    request(addr, "GET", path, &[], None)
+}
+
+/// POST a JSON body.
+pub fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {
+    request(addr, "POST", path, &[("Content-Type", "application/json")], Some(&body.to_string()))
+}
+
+/// The fixture's own greedy generation after `prompt`, stopping at its EOS
+/// tokens: the reference the server must match.
+pub fn engine_greedy(prompt: &[u32], n: usize) -> Vec<u32> {
+    let be = CpuBackend::new(1).unwrap();
+    let model = Model::load(&fixture(MODEL), &be).unwrap();
+    let opts =
+        GenerateOptions { max_new_tokens: n, stop_ids: model.eos_token_ids(), sampling: SamplingParams::greedy() };
+    let mut session = Session::new(&model.decoder, &be, CTX).unwrap();
+    let out = session.generate(prompt, &opts, |_| Ok(true)).unwrap();
+    out.tokens
+}
+
+/// The fixture's tokenizer and chat template, on the CPU.
+pub fn model() -> Model {
+    let be = CpuBackend::new(1).unwrap();
+    Model::load(&fixture(MODEL), &be).unwrap()
+}

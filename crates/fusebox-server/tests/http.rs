@@ -1,0 +1,165 @@
+//! The HTTP API against a server on 127.0.0.1:0 running the tiny-qwen3 fixture.
+
+mod common;
+
+use common::{engine_greedy, get, model, post, request, start, MODEL};
+use fusebox_models::Message;
+use std::sync::Arc;
+
+use fusebox_server::{Engine, Events, GenRequest, ServerOptions, SubmitError};
+use serde_json::json;
+
+#[test]
+fn health_and_models() {
+    let addr = start(ServerOptions::default());
+    let r = get(addr, "/health");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({"status": "ok"}));
+
+    let v = get(addr, "/v1/models").json();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"].as_array().unwrap().len(), 1);
+    assert_eq!(v["data"][0]["id"], MODEL);
+    assert_eq!(v["data"][0]["object"], "model");
+    assert!(v["data"][0]["created"].is_u64());
+}
+
+#[test]
+fn greedy_completion_matches_the_engine() {
+    let addr = start(ServerOptions::default());
+    let m = model();
+    let prompt = m.tokenizer.encode("The quick brown fox", true).unwrap();
+    let n = 24;
+    let want = engine_greedy(&prompt, n);
+    let want_text = m.tokenizer.decode(&want, true).unwrap();
+    let finish = if want.len() == n { "length" } else { "stop" };
+    // token ids and text prompts alike
+    for p in [json!(prompt), json!("The quick brown fox")] {
+        let body = json!({"model": MODEL, "prompt": p, "max_tokens": n, "temperature": 0});
+        let r = post(addr, "/v1/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(v["model"], MODEL);
+        assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
+        assert_eq!(v["choices"][0]["text"], want_text.as_str());
+        assert_eq!(v["choices"][0]["finish_reason"], finish);
+        assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
+        assert_eq!(v["usage"]["completion_tokens"], want.len());
+        assert_eq!(v["usage"]["total_tokens"], prompt.len() + want.len());
+    }
+}
+
+#[test]
+fn chat_completion_uses_the_template() {
+    let addr = start(ServerOptions::default());
+    let m = model();
+    let msgs = [Message::new("system", "Be brief."), Message::new("user", "Hello there")];
+    let text = m.chat_template.as_ref().unwrap().render(&msgs, true, None).unwrap();
+    let prompt = m.tokenizer.encode(&text, false).unwrap();
+    let want = engine_greedy(&prompt, 12);
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Hello there"}]}],
+        "max_completion_tokens": 12, "temperature": 0,
+    });
+    let v = post(addr, "/v1/chat/completions", &body).json();
+    assert_eq!(v["object"], "chat.completion", "{v}");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["message"]["content"], m.tokenizer.decode(&want, true).unwrap().as_str());
+    assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
+    assert_eq!(v["usage"]["completion_tokens"], want.len());
+}
+
+#[test]
+fn seeded_sampling_repeats_and_stop_strings_cut() {
+    let addr = start(ServerOptions::default());
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 16, "temperature": 1.0, "seed": 7});
+    let a = post(addr, "/v1/completions", &body).json();
+    let b = post(addr, "/v1/completions", &body).json();
+    assert_eq!(a["choices"], b["choices"]);
+
+    let greedy = json!({"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0});
+    let full = post(addr, "/v1/completions", &greedy).json()["choices"][0]["text"].as_str().unwrap().to_string();
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 6, "{full:?}");
+    let stop: String = chars[3..5].iter().collect();
+    let mut body = greedy.clone();
+    body["stop"] = json!(stop.clone());
+    let v = post(addr, "/v1/completions", &body).json();
+    assert_eq!(v["choices"][0]["text"], &full[..full.find(&stop).unwrap()], "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
+
+/// An engine whose queue is always full.
+struct Full;
+
+impl Engine for Full {
+    fn submit(&self, _: GenRequest) -> Result<Events, SubmitError> {
+        Err(SubmitError::QueueFull)
+    }
+}
+
+#[test]
+fn a_full_queue_is_429_with_retry_after() {
+    let (_worker, info) = common::worker(1);
+    let addr = common::start_with(Arc::new(Full), info, ServerOptions::default());
+    let r = post(addr, "/v1/completions", &json!({"prompt": "x"}));
+    let e = r.error(429);
+    assert_eq!(e["code"], "queue_full");
+    assert_eq!(r.header("retry-after"), Some("1"));
+}
+
+#[test]
+fn bad_requests_get_openai_errors() {
+    let addr = start(ServerOptions::default());
+    let json_ct = [("Content-Type", "application/json")];
+    // malformed JSON
+    let e = request(addr, "POST", "/v1/completions", &json_ct, Some("{\"prompt\": ")).error(400);
+    assert_eq!(e["type"], "invalid_request_error");
+    // a field of the wrong type
+    let e = post(addr, "/v1/completions", &json!({"prompt": "x", "max_tokens": "many"})).error(400);
+    assert!(e["message"].as_str().unwrap().contains("max_tokens"), "{e}");
+    let e = post(addr, "/v1/chat/completions", &json!({"messages": "hi"})).error(400);
+    assert_eq!(e["type"], "invalid_request_error");
+    // no body, no content type
+    request(addr, "POST", "/v1/completions", &[], None).error(400);
+    // an unknown model
+    let e = post(addr, "/v1/completions", &json!({"model": "gpt-4", "prompt": "x"})).error(400);
+    assert_eq!(e["param"], "model");
+    assert_eq!(e["code"], "model_not_found");
+    let e = post(addr, "/v1/chat/completions", &json!({"model": "nope", "messages": []})).error(400);
+    assert_eq!(e["code"], "model_not_found");
+    // a prompt longer than the context
+    let long: Vec<u32> = vec![1; common::CTX + 5];
+    let e = post(addr, "/v1/completions", &json!({"prompt": long})).error(400);
+    assert_eq!(e["code"], "context_length_exceeded");
+    // tokens outside the vocabulary, empty prompts, bad sampling, unsupported options
+    post(addr, "/v1/completions", &json!({"prompt": [100000]})).error(400);
+    post(addr, "/v1/completions", &json!({"prompt": [-1]})).error(400);
+    post(addr, "/v1/completions", &json!({"prompt": []})).error(400);
+    post(addr, "/v1/completions", &json!({"prompt": ["a", "b"]})).error(400);
+    post(addr, "/v1/completions", &json!({"prompt": "x", "temperature": -1})).error(400);
+    post(addr, "/v1/completions", &json!({"prompt": "x", "top_p": 0})).error(400);
+    post(addr, "/v1/completions", &json!({"prompt": "x", "stream": true})).error(400);
+    post(addr, "/v1/chat/completions", &json!({"messages": []})).error(400);
+    // unknown routes and methods
+    get(addr, "/v1/nothing").error(404);
+    request(addr, "DELETE", "/health", &[], None).error(405);
+    // and the server still answers
+    assert_eq!(get(addr, "/health").status, 200);
+    let ok = post(addr, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
+    assert_eq!(ok.status, 200, "{}", ok.body);
+}
+
+#[test]
+fn api_key_guards_v1() {
+    let addr = start(ServerOptions { api_key: Some("sekret".into()) });
+    assert_eq!(get(addr, "/health").status, 200);
+    let e = get(addr, "/v1/models").error(401);
+    assert_eq!(e["code"], "invalid_api_key");
+    request(addr, "GET", "/v1/models", &[("Authorization", "Bearer wrong")], None).error(401);
+    let r = request(addr, "GET", "/v1/models", &[("Authorization", "Bearer sekret")], None);
+    assert_eq!(r.status, 200, "{}", r.body);
+}

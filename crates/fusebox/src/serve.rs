@@ -1,0 +1,47 @@
+//! `fusebox serve`
+
+use anyhow::{bail, Result};
+use clap::Args as ClapArgs;
+use fusebox_server::{Loaded, ServerOptions};
+
+use crate::common::{context_size, ModelArgs};
+
+/// `fusebox serve` (its help text is on `Command::Serve` in main.rs).
+#[derive(ClapArgs, Debug)]
+#[command(
+    after_help = "Examples:\n  fusebox serve -m tests/fixtures/tiny-qwen3 --device cpu\n  fusebox serve -m ./Qwen3-0.6B --host 0.0.0.0 --port 8000 --api-key secret\n  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 32}'"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1", value_name = "HOST")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the startup line says which).
+    #[arg(long, default_value_t = 8080, value_name = "PORT")]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/ requests (default: no key needed).
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Requests that may wait while one runs; more get 429 (at least 1).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_queue: usize,
+    /// Context length in tokens, prompt included (default: the model's
+    /// max_position_embeddings, at most 4096).
+    #[arg(short = 'c', long, value_name = "N")]
+    pub ctx_size: Option<usize>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.max_queue == 0 {
+        bail!("--max-queue must be at least 1");
+    }
+    let (model, ctx_size) = (a.model, a.ctx_size);
+    let load = move || {
+        let backend = model.backend()?;
+        let model = model.load(&*backend)?;
+        let ctx = context_size(ctx_size, &model)?;
+        Ok(Loaded { backend, model, ctx })
+    };
+    fusebox_server::run(load, a.max_queue, &a.host, a.port, ServerOptions { api_key: a.api_key })
+}
