@@ -26,7 +26,7 @@ use crate::spec::{SpecArgs, SpecMethod};
     after_help = "Examples:\n  fusebox bench --synthetic qwen3-0.6b --quant q4g64\n  fusebox bench -m ~/.cache/fusebox/assets/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf --prompt-len 128 --gen 64"
 )]
 pub struct Args {
-    /// A model directory or .gguf file to measure.
+    /// The model to measure: a safetensors model directory (Hugging Face or MLX-quantized) or a .gguf file.
     #[arg(short, long, value_name = "PATH", conflicts_with = "synthetic", required_unless_present = "synthetic")]
     pub model: Option<PathBuf>,
     /// Random weights of a real model's exact shape, built in memory:

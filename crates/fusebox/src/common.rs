@@ -1,8 +1,10 @@
 //! Options and helpers shared by the subcommands.
 
+use std::borrow::Cow;
+use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::cuda::{self, CudaBackend};
@@ -39,8 +41,8 @@ impl std::str::FromStr for DeviceArg {
 /// Where the model is and what runs it.
 #[derive(Args, Debug)]
 pub struct ModelArgs {
-    /// Model directory: config.json, tokenizer.json, tokenizer_config.json and
-    /// *.safetensors (sharded checkpoints with model.safetensors.index.json work too).
+    /// Model: a safetensors model directory (config.json, tokenizer.json,
+    /// tokenizer_config.json and *.safetensors, sharded or MLX-quantized) or a .gguf file.
     #[arg(short, long, value_name = "PATH")]
     pub model: PathBuf,
     /// Device: auto (a CUDA GPU when one is present, else the CPU), cpu, cuda or cuda:N.
@@ -61,13 +63,25 @@ impl ModelArgs {
         fusebox_models::Model::load_with(&self.model, be, self.f32)
     }
 
+    /// Open the backend `--device` names (after checking that -m exists, so
+    /// that a mistyped path is the only line printed).
     pub fn backend(&self) -> Result<Box<dyn Backend>> {
+        check_model_path(&self.model)?;
         backend(self.device, self.threads)
     }
 }
 
-/// Open the backend `--device` names. `auto` says on stderr which device it
-/// chose and why.
+/// The error `Model::load` gives for a missing path, before a device is opened.
+pub fn check_model_path(path: &std::path::Path) -> Result<()> {
+    if !path.exists() {
+        bail!("{}: no such file or directory", path.display());
+    }
+    Ok(())
+}
+
+/// Open the backend `--device` names. `auto` says on stderr, once, on one
+/// short line, which device it chose (and, for the CPU, why in a few words);
+/// `--device cuda` without a usable GPU is an error with the full reason.
 pub fn backend(device: DeviceArg, threads: usize) -> Result<Box<dyn Backend>> {
     match device {
         DeviceArg::Cpu => Ok(Box::new(CpuBackend::new(threads)?)),
@@ -80,40 +94,128 @@ pub fn backend(device: DeviceArg, threads: usize) -> Result<Box<dyn Backend>> {
         DeviceArg::Auto => match cuda::probe(0) {
             Ok(info) => {
                 let be = CudaBackend::new(0)?;
-                eprintln!("fusebox: device cuda:0 ({}), found by --device auto", info.name);
+                announce_device(&format!("cuda:0 ({})", info.name));
                 Ok(Box::new(be))
             }
             Err(why) => {
                 let be = CpuBackend::new(threads)?;
-                eprintln!("fusebox: device cpu ({} threads): no usable GPU ({why})", be.threads());
+                announce_device(&format!("cpu ({})", short_reason(&why)));
                 Ok(Box::new(be))
             }
         },
     }
 }
 
+/// `fusebox: device ...` on stderr, at most once a process.
+fn announce_device(what: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| eprintln!("fusebox: device {what}"));
+}
+
+/// Why `--device auto` fell back to the CPU, in a few words. `cuda::probe`'s
+/// reasons name every directory searched or the driver's error code; that
+/// detail is for `--device cuda`, whose error carries it in full.
+fn short_reason(why: &str) -> String {
+    if why.starts_with("the CUDA driver (libcuda) not found") {
+        return "no CUDA driver found".into();
+    }
+    if why == "the CUDA driver reports no GPU" {
+        return "no GPU found".into();
+    }
+    if let Some((what, _)) = why.split_once(" not found (") {
+        return format!("{what} not found");
+    }
+    match why.split_once(" (") {
+        Some((head, _)) => format!("{head}; --device cuda gives the details"),
+        None => why.to_string(),
+    }
+}
+
+/// `-n, --max-tokens`: a whole number of at least 1 (0 would generate nothing).
+pub fn max_tokens(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (0 would generate nothing)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("expected a whole number of at least 1".into()),
+    }
+}
+
+/// Generated text for stdout. Into a pipe or file it goes unchanged; on a
+/// terminal, control characters other than newline and tab are shown as
+/// `\u{..}` escapes, so a model's output cannot move the cursor, retitle the
+/// window or otherwise drive the terminal.
+pub struct TextOut {
+    out: std::io::StdoutLock<'static>,
+    escape: bool,
+}
+
+impl TextOut {
+    pub fn stdout() -> Self {
+        let out = std::io::stdout().lock();
+        let escape = std::io::IsTerminal::is_terminal(&out);
+        TextOut { out, escape }
+    }
+
+    /// Write `text` (escaped on a terminal) and flush.
+    pub fn text(&mut self, text: &str) -> Result<()> {
+        let text = if self.escape { escape_controls(text) } else { text.into() };
+        self.out.write_all(text.as_bytes()).context("writing to stdout")?;
+        self.out.flush().context("writing to stdout")
+    }
+
+    /// Write `line` and a newline, unescaped (for our own output, such as JSON).
+    pub fn line(&mut self, line: &str) -> Result<()> {
+        writeln!(self.out, "{line}").context("writing to stdout")?;
+        self.out.flush().context("writing to stdout")
+    }
+}
+
+/// `s` with every control character but `\n` and `\t` written as `\u{..}`.
+pub fn escape_controls(s: &str) -> Cow<'_, str> {
+    let hidden = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !s.contains(hidden) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if hidden(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// Sampling flags shared by `generate` and `run`.
 #[derive(Args, Debug)]
 pub struct SamplingArgs {
     /// Sampling temperature; 0 means greedy (always the most likely token).
+    /// Default: generation_config.json's temperature (1 if it gives none) if it
+    /// sets do_sample: true, else 0, greedy (so also for .gguf files, which have none).
     #[arg(long = "temp", value_name = "T", allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Nucleus sampling: keep the most likely tokens whose probabilities add up to P (1 = off).
+    /// Default: generation_config.json's top_p if it sets do_sample: true, else 1.
     #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub top_p: Option<f32>,
     /// Keep only the K most likely tokens (0 = off; 1 = greedy).
+    /// Default: generation_config.json's top_k if it sets do_sample: true, else 0.
     #[arg(long, value_name = "K")]
     pub top_k: Option<usize>,
     /// Drop tokens less likely than M times the most likely one (0 = off).
+    /// Default: generation_config.json's min_p if it sets do_sample: true, else 0.
     #[arg(long, value_name = "M", allow_negative_numbers = true)]
     pub min_p: Option<f32>,
     /// Penalise tokens already in the recent context (1 = off; 1.1 is a common choice).
+    /// Default: generation_config.json's repetition_penalty, else 1.
     #[arg(long, value_name = "R", allow_negative_numbers = true)]
     pub repeat_penalty: Option<f32>,
     /// How many recent tokens --repeat-penalty looks at (0 = the whole context).
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub repeat_last_n: usize,
     /// Random seed; the same seed and settings give the same tokens.
+    /// Default: a new one from the clock each run (`generate` prints it on stderr and in --json).
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
 }
@@ -218,5 +320,46 @@ impl ChatArgs {
         } else {
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_controls_shows_control_characters_but_not_newlines_and_tabs() {
+        assert!(matches!(escape_controls("plain text\n\tnext line, ünïcödé ✓"), Cow::Borrowed(_)));
+        assert_eq!(escape_controls("a\x1b[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(escape_controls("\r\x00\x07\x7f\u{9b}x\n"), "\\u{d}\\u{0}\\u{7}\\u{7f}\\u{9b}x\n");
+        assert_eq!(escape_controls("\u{fffd}ok\t"), "\u{fffd}ok\t");
+    }
+
+    #[test]
+    fn short_reason_is_a_few_words() {
+        let missing = "the CUDA driver (libcuda) not found (looked for libcuda.so.1, libcuda.so in CUDA_HOME, LD_LIBRARY_PATH, /usr/local/cuda/lib64, /usr/local/nvidia/lib64 and the system library path)";
+        assert_eq!(short_reason(missing), "no CUDA driver found");
+        assert_eq!(short_reason("the CUDA driver reports no GPU"), "no GPU found");
+        assert_eq!(
+            short_reason("NVRTC (libnvrtc) not found (looked for libnvrtc.so.13 in CUDA_HOME)"),
+            "NVRTC (libnvrtc) not found"
+        );
+        assert_eq!(
+            short_reason("the CUDA driver failed to initialise (DriverError(CUDA_ERROR_NO_DEVICE, \"no device\"))"),
+            "the CUDA driver failed to initialise; --device cuda gives the details"
+        );
+        // whatever this machine says
+        if let Err(why) = cuda::probe(0) {
+            assert!(short_reason(&why).len() < 80, "{why}");
+        }
+    }
+
+    #[test]
+    fn max_tokens_is_at_least_one() {
+        assert_eq!(max_tokens("1"), Ok(1));
+        assert_eq!(max_tokens("256"), Ok(256));
+        assert!(max_tokens("0").unwrap_err().contains("at least 1"));
+        assert!(max_tokens("-5").is_err());
+        assert!(max_tokens("many").is_err());
     }
 }

@@ -1,14 +1,12 @@
 //! `fusebox generate`
 
-use std::io::Write;
-
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
 use fusebox_engine::{GenerateOptions, Session};
 use fusebox_models::{Message, Model, StreamDecoder};
 use serde_json::json;
 
-use crate::common::{context_size, ChatArgs, ModelArgs, SamplingArgs};
+use crate::common::{context_size, max_tokens, ChatArgs, ModelArgs, SamplingArgs, TextOut};
 use crate::spec::SpecArgs;
 
 /// Generate text from a prompt, streaming it to stdout as it is produced.
@@ -27,8 +25,15 @@ pub struct Args {
     /// The prompt (a user message, unless --no-chat-template).
     #[arg(short, long, value_name = "TEXT")]
     pub prompt: String,
-    /// Maximum number of new tokens.
-    #[arg(short = 'n', long = "max-tokens", default_value_t = 256, value_name = "N", allow_negative_numbers = true)]
+    /// Maximum number of new tokens (at least 1).
+    #[arg(
+        short = 'n',
+        long = "max-tokens",
+        default_value_t = 256,
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = max_tokens
+    )]
     pub max_tokens: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -103,13 +108,12 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     let mut stream = StreamDecoder::new();
-    let mut stdout = std::io::stdout().lock();
+    let mut stdout = TextOut::stdout();
     let json = a.json;
     let (out, stats) = session.generate_with(&prompt, &opts, spec.as_mut(), |tok| {
         if !json {
             if let Some(piece) = stream.push(&model.tokenizer, tok)? {
-                stdout.write_all(piece.as_bytes()).context("writing to stdout")?;
-                stdout.flush().context("writing to stdout")?;
+                stdout.text(&piece)?;
             }
         }
         Ok(true)
@@ -141,12 +145,12 @@ pub fn run(a: Args) -> Result<()> {
         if let Some(st) = &stats {
             v["spec"] = st.to_json();
         }
-        writeln!(stdout, "{v}")?;
+        stdout.line(&v.to_string())?;
     } else {
         if let Some(rest) = stream.flush(&model.tokenizer)? {
-            stdout.write_all(rest.as_bytes())?;
+            stdout.text(&rest)?;
         }
-        writeln!(stdout)?;
+        stdout.line("")?;
         eprintln!(
             "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | stop: {}",
             out.prompt_tokens,

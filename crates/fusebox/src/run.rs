@@ -9,7 +9,7 @@ use fusebox_core::fixtures::assets_dir;
 use fusebox_engine::{GenerateOptions, Session, StopReason};
 use fusebox_models::{Message, Model, StreamDecoder};
 
-use crate::common::{backend, context_size, ChatArgs, DeviceArg, SamplingArgs};
+use crate::common::{backend, check_model_path, context_size, max_tokens, ChatArgs, DeviceArg, SamplingArgs, TextOut};
 use crate::spec::SpecArgs;
 
 /// The model `run` uses when none is given (fetched by scripts/fetch-assets.sh).
@@ -27,15 +27,22 @@ pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_
     after_help = "Examples:\n  fusebox run\n  fusebox run -p 'What is the capital of France?'\n  fusebox run -m ./Qwen3-0.6B --no-think --temp 0.7"
 )]
 pub struct Args {
-    /// Model: a model directory or a .gguf file (default: SmolLM2-135M-Instruct
-    /// from the assets cache).
+    /// Model: a safetensors model directory (Hugging Face or MLX-quantized) or a
+    /// .gguf file (default: SmolLM2-135M-Instruct from the assets cache).
     #[arg(short, long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// Answer this one message and exit.
     #[arg(short, long, value_name = "TEXT")]
     pub prompt: Option<String>,
-    /// Maximum new tokens per answer.
-    #[arg(short = 'n', long = "max-tokens", default_value_t = 512, value_name = "N", allow_negative_numbers = true)]
+    /// Maximum new tokens per answer (at least 1).
+    #[arg(
+        short = 'n',
+        long = "max-tokens",
+        default_value_t = 512,
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = max_tokens
+    )]
     pub max_tokens: usize,
     #[command(flatten)]
     pub chat: ChatArgs,
@@ -44,8 +51,8 @@ pub struct Args {
     pub ctx_size: Option<usize>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Device to run on.
-    #[arg(long, value_enum, default_value = "auto")]
+    /// Device: auto (a CUDA GPU when one is present, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
     pub device: DeviceArg,
     /// CPU worker threads (0 = one per core).
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -71,6 +78,7 @@ pub fn run(a: Args) -> Result<()> {
         None => default_model()?,
     };
     a.spec.method()?;
+    check_model_path(&path)?;
     let be = backend(a.device, a.threads)?;
     let be = &*be;
     let model = Model::load(&path, be)?;
@@ -133,18 +141,17 @@ pub fn run(a: Args) -> Result<()> {
         let keep = session.common_prefix(&ids).min(ids.len() - 1);
         session.truncate(keep);
         let mut stream = StreamDecoder::new();
-        let mut out = std::io::stdout().lock();
+        let mut out = TextOut::stdout();
         let (res, stats) = session.generate_with(&ids[keep..], &opts, spec.as_mut(), |tok| {
             if let Some(piece) = stream.push(&model.tokenizer, tok)? {
-                out.write_all(piece.as_bytes())?;
-                out.flush()?;
+                out.text(&piece)?;
             }
             Ok(true)
         })?;
         if let Some(rest) = stream.flush(&model.tokenizer)? {
-            out.write_all(rest.as_bytes())?;
+            out.text(&rest)?;
         }
-        writeln!(out)?;
+        out.line("")?;
         let reply = model.tokenizer.decode(&res.tokens, true)?;
         if let Some(p) = session.parity() {
             eprintln!("{}", p.report());

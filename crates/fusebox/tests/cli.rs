@@ -101,13 +101,30 @@ fn device_cuda_without_a_gpu_is_a_clear_error() {
         return;
     }
     let tiny = fixture("tiny-qwen3");
+    // asked for explicitly, the GPU's absence is an error with the whole reason
+    let why = fusebox_core::cuda::probe(0).unwrap_err();
     let o = fusebox(&["generate", "-m", tiny.to_str().unwrap(), "-p", "Hi", "-n", "2", "--device", "cuda"]);
-    assert_clean_error(&o, &["--device cuda", "use --device cpu"]);
-    // auto falls back to the CPU and says why, on one line
+    assert_clean_error(&o, &["--device cuda", &why, "use --device cpu"]);
+    // auto falls back to the CPU and says so once, first, on one short line
     let o = fusebox(&["generate", "-m", tiny.to_str().unwrap(), "-p", "Hi", "-n", "2", "--seed", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
-    assert!(err.lines().any(|l| l.starts_with("fusebox: device cpu") && l.contains("no usable GPU")), "{err}");
+    let device: Vec<&str> = err.lines().filter(|l| l.starts_with("fusebox: device")).collect();
+    assert_eq!(device.len(), 1, "{err}");
+    assert!(err.starts_with("fusebox: device cpu ("), "{err}");
+    assert!(device[0].len() <= 60 && !device[0].contains("looked for"), "too long: {}", device[0]);
+    if why.contains("libcuda") {
+        assert_eq!(device[0], "fusebox: device cpu (no CUDA driver found)");
+    }
+    // --device cpu was a choice: nothing to say
+    let o = fusebox(&["generate", "-m", tiny.to_str().unwrap(), "-p", "Hi", "-n", "2", "--device", "cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("fusebox: device"), "{}", stderr(&o));
+    // a mistyped model path is the only line: no device line before it
+    let o = fusebox(&["generate", "-m", "/no/such/model", "-p", "Hi"]);
+    assert_eq!(stderr(&o), "error: /no/such/model: no such file or directory\n");
+    let o = fusebox(&["run", "-m", "/no/such/model.gguf", "-p", "Hi"]);
+    assert_eq!(stderr(&o), "error: /no/such/model.gguf: no such file or directory\n");
     let o = fusebox(&["generate", "-m", tiny.to_str().unwrap(), "-p", "Hi", "--device", "tpu"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("expected auto, cpu, cuda or cuda:N"), "{}", stderr(&o));
@@ -209,6 +226,89 @@ fn negative_token_count() {
 }
 
 #[test]
+fn zero_max_tokens_is_an_error() {
+    let m = fixture("tiny-qwen3");
+    for cmd in ["generate", "run"] {
+        for n in ["0", "-n0"] {
+            let mut args = vec![cmd, "-m", m.to_str().unwrap(), "-p", "Hello"];
+            if n == "-n0" {
+                args.push(n);
+            } else {
+                args.extend(["--max-tokens", n]);
+            }
+            let o = fusebox(&args);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(2), "{cmd} {n}: {err}");
+            assert!(err.starts_with("error: ") && err.contains("--max-tokens") && err.contains("at least 1"), "{err}");
+            assert!(o.stdout.is_empty(), "{cmd}: {}", String::from_utf8_lossy(&o.stdout));
+        }
+    }
+}
+
+/// Generated text with a control character (the tiny fixture's greedy
+/// continuation of "Hello" holds a U+0016): raw into a pipe, escaped on a
+/// terminal.
+#[test]
+fn control_characters_are_escaped_only_on_a_terminal() {
+    let m = fixture("tiny-qwen3");
+    let args = ["generate", "-m", m.to_str().unwrap(), "-p", "Hello", "--no-chat-template", "-n", "8", "--temp", "0"];
+    let args = [&args[..], &["--device", "cpu"]].concat();
+    let o = fusebox(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stdout.contains(&0x16), "the fixture's text has no control character: {:?}", o.stdout);
+    let piped = String::from_utf8_lossy(&o.stdout).into_owned();
+    #[cfg(target_os = "linux")]
+    {
+        let Some(tty) = on_a_terminal(&args) else {
+            eprintln!("SKIP the terminal half of control_characters_are_escaped_only_on_a_terminal: no pty");
+            return;
+        };
+        assert!(!tty.contains(&0x16), "{tty:?}");
+        let tty = String::from_utf8_lossy(&tty).replace("\r\n", "\n");
+        assert_eq!(tty, piped.replace('\u{16}', "\\u{16}"));
+    }
+}
+
+/// Run fusebox with stdout on a new pseudo-terminal; what it wrote there.
+#[cfg(target_os = "linux")]
+fn on_a_terminal(args: &[&str]) -> Option<Vec<u8>> {
+    use std::fs::{File, OpenOptions};
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // SAFETY: plain libc calls on a descriptor we own; ptsname_r writes at most buf.len() bytes.
+    let (master, slave_path) = unsafe {
+        let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        if fd < 0 {
+            return None;
+        }
+        let master = File::from_raw_fd(fd);
+        let mut buf = [0 as libc::c_char; 256];
+        if libc::grantpt(fd) != 0 || libc::unlockpt(fd) != 0 || libc::ptsname_r(fd, buf.as_mut_ptr(), buf.len()) != 0 {
+            return None;
+        }
+        (master, std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned())
+    };
+    let slave = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open(slave_path).ok()?;
+    let reader = std::thread::spawn(move || {
+        // read until every copy of the terminal's other end is closed (EIO)
+        let (mut master, mut out, mut chunk) = (master, vec![], [0u8; 4096]);
+        while let Ok(n @ 1..) = master.read(&mut chunk) {
+            out.extend_from_slice(&chunk[..n]);
+        }
+        out
+    });
+    let o = {
+        // the Command holds our copy of the terminal's end: drop it with the Command
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fusebox"));
+        cmd.args(args).stdin(std::process::Stdio::null()).stdout(slave);
+        cmd.output().expect("run fusebox")
+    };
+    assert!(o.status.success(), "{}", stderr(&o));
+    Some(reader.join().unwrap())
+}
+
+#[test]
 fn bad_sampling_values() {
     let m = fixture("tiny-qwen3");
     assert_clean_error(&generate(&m, &["--top-p", "1.5"]), &["--top-p"]);
@@ -242,6 +342,39 @@ fn help_explains_every_flag() {
     ] {
         assert!(h.contains(flag), "generate --help lacks {flag}");
     }
+    // flags without a fixed default say where their value comes from
+    for flag in ["--temp", "--top-p", "--top-k", "--min-p", "--repeat-penalty", "--seed"] {
+        let text = flag_help(&h, flag);
+        assert!(text.contains("Default:"), "generate --help: {flag} does not say its default: {text}");
+    }
+    assert!(flag_help(&h, "--temp").contains("generation_config.json"));
+    // -m takes a directory or a .gguf file, wherever it is documented
+    for cmd in ["generate", "run", "inspect", "bench", "serve"] {
+        let o = fusebox(&[cmd, "--help"]);
+        let h = String::from_utf8_lossy(&o.stdout);
+        let text = flag_help(&h, "--model");
+        assert!(text.contains(".gguf") && text.contains("directory"), "{cmd} --help: -m: {text}");
+    }
+}
+
+/// The help paragraph of `flag` in `--help` output.
+fn flag_help(help: &str, flag: &str) -> String {
+    let (mut out, mut inside) = (vec![], false);
+    for line in help.lines() {
+        let t = line.trim_start();
+        let opt = t.starts_with('-');
+        if opt {
+            inside = t.split([',', ' ']).any(|w| w == flag);
+        }
+        if inside && !t.is_empty() {
+            out.push(t);
+        }
+        if inside && t.is_empty() && out.len() > 1 {
+            break;
+        }
+    }
+    assert!(!out.is_empty(), "no {flag} in: {help}");
+    out.join(" ")
 }
 
 #[test]
