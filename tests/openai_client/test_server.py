@@ -55,6 +55,68 @@ def test_chat_completion():
     assert r.usage.completion_tokens <= 8
 
 
+CHAT = [{"role": "user", "content": "Tell me a story"}]
+
+
+def test_streaming_chat_with_usage_equals_non_streaming():
+    c = client()
+    whole = c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0)
+    chunks = list(
+        c.chat.completions.create(
+            model=MODEL,
+            messages=CHAT,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert len({(ch.id, ch.created, ch.model) for ch in chunks}) == 1, chunks
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *with_choice, last = chunks
+    assert last.choices == [] and last.usage is not None, last
+    assert last.usage.completion_tokens == whole.usage.completion_tokens
+    assert last.usage.prompt_tokens == whole.usage.prompt_tokens
+    assert all(ch.usage is None for ch in with_choice)
+    text = "".join(ch.choices[0].delta.content or "" for ch in with_choice)
+    assert text == whole.choices[0].message.content, (text, whole.choices[0].message.content)
+    assert with_choice[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(ch.choices[0].finish_reason is None for ch in with_choice[:-1])
+
+
+def test_streaming_completion_equals_non_streaming():
+    c = client()
+    whole = c.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=16, temperature=0)
+    chunks = list(
+        c.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=16, temperature=0, stream=True)
+    )
+    assert all(ch.object == "text_completion" and ch.usage is None for ch in chunks)
+    assert len({ch.id for ch in chunks}) == 1
+    assert "".join(ch.choices[0].text for ch in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_stop_strings():
+    c = client()
+    full = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0).choices[0].text
+    assert len(full) >= 8, full
+    stop = full[4:7]
+    want = full[: full.index(stop)]
+    r = c.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0, stop=["not in it", stop]
+    )
+    assert r.choices[0].text == want, (r.choices[0].text, want)
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(
+        c.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0, stop=stop, stream=True
+        )
+    )
+    assert "".join(ch.choices[0].text for ch in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_unknown_model_is_bad_request():
     try:
         client().completions.create(model="no-such-model", prompt="Hello", max_tokens=1)

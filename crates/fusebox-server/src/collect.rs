@@ -1,8 +1,9 @@
 //! Running a request to the end for a non-streaming response: the text, why
-//! it ended and the token counts, with stop strings applied.
+//! it ended and the token counts.
 
 use crate::error::ApiError;
-use crate::worker::{Engine, Event, FinishReason, GenRequest, SubmitError, Usage};
+use crate::output::{Output, Piece};
+use crate::worker::{FinishReason, Usage};
 
 /// A finished generation.
 pub struct Finished {
@@ -11,45 +12,15 @@ pub struct Finished {
     pub usage: Usage,
 }
 
-/// Run `gen` to the end, or until the text holds one of `stops` (then the
-/// text ends before it and the request is cancelled).
-pub async fn collect(engine: &dyn Engine, gen: GenRequest, stops: &[String]) -> Result<Finished, ApiError> {
-    let prompt_tokens = gen.prompt.len();
-    let mut events = engine.submit(gen).map_err(|e| match e {
-        SubmitError::QueueFull => ApiError::queue_full(),
-        SubmitError::Closed => ApiError::unavailable(),
-    })?;
-    let (mut text, mut n) = (String::new(), 0);
+/// Gather `out` to its end.
+pub async fn collect(mut out: Output) -> Result<Finished, ApiError> {
+    let mut text = String::new();
     loop {
-        match events.next().await {
-            Some(Event::Token { text: piece, .. }) => {
-                n += 1;
-                text.push_str(&piece);
-                if let Some(at) = find_stop(&text, stops) {
-                    text.truncate(at);
-                    events.cancel();
-                    return Ok(Finished {
-                        text,
-                        finish_reason: FinishReason::Stop,
-                        usage: Usage::new(prompt_tokens, n),
-                    });
-                }
-            }
-            Some(Event::Done { finish_reason, usage, text: rest }) => {
-                text.push_str(&rest);
-                if let Some(at) = find_stop(&text, stops) {
-                    text.truncate(at);
-                    return Ok(Finished { text, finish_reason: FinishReason::Stop, usage });
-                }
-                return Ok(Finished { text, finish_reason, usage });
-            }
-            Some(Event::Error(msg)) => return Err(ApiError::internal(msg)),
-            None => return Err(ApiError::internal("the engine dropped the request")),
+        match out.next().await {
+            Some(Piece::Text(t)) => text.push_str(&t),
+            Some(Piece::End { finish_reason, usage }) => return Ok(Finished { text, finish_reason, usage }),
+            Some(Piece::Error(msg)) => return Err(ApiError::internal(msg)),
+            None => return Err(ApiError::internal("the request ended without an answer")),
         }
     }
-}
-
-/// Where the first of `stops` starts in `text`.
-fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter_map(|s| text.find(s.as_str())).min()
 }

@@ -79,14 +79,18 @@ impl ApiError {
         self.code = Some(code);
         self
     }
+
+    /// The body: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.message, "type": self.kind, "param": self.param, "code": self.code,
+        }})
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {
-            "message": self.message, "type": self.kind, "param": self.param, "code": self.code,
-        }});
-        let mut resp = (self.status, Json(body)).into_response();
+        let mut resp = (self.status, Json(self.body())).into_response();
         if let Some(s) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }

@@ -5,18 +5,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use crate::chunks::{Api, Chunks};
 use crate::collect::collect;
 use crate::error::{ApiError, ApiJson};
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatRequest, ChatResponse, CompletionChoice, CompletionRequest, CompletionResponse,
     ModelCard, ModelList,
 };
-use crate::prepare;
+use crate::output::Output;
 use crate::state::{unix_now, AppState};
+use crate::{prepare, stream};
 
 /// `GET /health`
 pub async fn health() -> Json<Value> {
@@ -29,22 +31,34 @@ pub async fn models(State(st): State<AppState>) -> Json<ModelList> {
     Json(ModelList { object: "list", data: vec![card] })
 }
 
-/// `POST /v1/completions` (not streaming)
+/// `POST /v1/completions`
 pub async fn completions(
     State(st): State<AppState>,
     ApiJson(req): ApiJson<CompletionRequest>,
-) -> Result<Json<CompletionResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     st.check_model(req.model.as_deref())?;
     prepare::check_unsupported(&req.unsupported)?;
     let sampling = prepare::sampling(&st.info, &req.sampling)?;
     let prompt = prepare::completion_prompt(&st.info, &req.prompt)?;
     let gen = prepare::gen_request(&st.info, prompt, Some(req.max_tokens.unwrap_or(16)), sampling)?;
     let stops = stop_strings(req.stop.as_ref())?;
-    let done = collect(&*st.engine, gen, &stops).await?;
+    let out = Output::start(&*st.engine, gen, stops)?;
+    let (id, created) = (new_id("cmpl"), unix_now());
+    if req.streaming.stream() {
+        let chunks = Chunks {
+            api: Api::Completion,
+            id,
+            created,
+            model: st.model_id.clone(),
+            include_usage: req.streaming.include_usage(),
+        };
+        return Ok(stream::sse(out, chunks));
+    }
+    let done = collect(out).await?;
     Ok(Json(CompletionResponse {
-        id: new_id("cmpl"),
+        id,
         object: "text_completion",
-        created: unix_now(),
+        created,
         model: st.model_id.clone(),
         choices: vec![CompletionChoice {
             text: done.text,
@@ -53,14 +67,15 @@ pub async fn completions(
             finish_reason: done.finish_reason.as_str().into(),
         }],
         usage: done.usage,
-    }))
+    })
+    .into_response())
 }
 
-/// `POST /v1/chat/completions` (not streaming)
+/// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(st): State<AppState>,
     ApiJson(req): ApiJson<ChatRequest>,
-) -> Result<Json<ChatResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     st.check_model(req.model.as_deref())?;
     prepare::check_unsupported(&req.unsupported)?;
     let sampling = prepare::sampling(&st.info, &req.sampling)?;
@@ -68,11 +83,23 @@ pub async fn chat_completions(
     let prompt = prepare::chat_prompt(&st.info, &req.messages, thinking)?;
     let gen = prepare::gen_request(&st.info, prompt, req.max_completion_tokens.or(req.max_tokens), sampling)?;
     let stops = stop_strings(req.stop.as_ref())?;
-    let done = collect(&*st.engine, gen, &stops).await?;
+    let out = Output::start(&*st.engine, gen, stops)?;
+    let (id, created) = (new_id("chatcmpl"), unix_now());
+    if req.streaming.stream() {
+        let chunks = Chunks {
+            api: Api::Chat,
+            id,
+            created,
+            model: st.model_id.clone(),
+            include_usage: req.streaming.include_usage(),
+        };
+        return Ok(stream::sse(out, chunks));
+    }
+    let done = collect(out).await?;
     Ok(Json(ChatResponse {
-        id: new_id("chatcmpl"),
+        id,
         object: "chat.completion",
-        created: unix_now(),
+        created,
         model: st.model_id.clone(),
         choices: vec![ChatChoice {
             index: 0,
@@ -81,7 +108,8 @@ pub async fn chat_completions(
             finish_reason: done.finish_reason.as_str().into(),
         }],
         usage: done.usage,
-    }))
+    })
+    .into_response())
 }
 
 /// Requests to /v1/ need `Authorization: Bearer <key>` when the server has a key.

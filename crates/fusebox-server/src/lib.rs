@@ -1,16 +1,21 @@
 //! fusebox-server: an OpenAI-compatible HTTP API (`fusebox serve`).
 //!
 //! `GET /health`, `GET /v1/models`, `POST /v1/completions` and
-//! `POST /v1/chat/completions` (not streaming yet). The handlers talk to an
-//! [`Engine`]; today that is a [`Worker`]: one thread that owns the model and
-//! runs one request at a time from a bounded queue.
+//! `POST /v1/chat/completions`, whole or streamed as server-sent events, with
+//! stop strings and usage. The handlers talk to an [`Engine`]; today that is
+//! a [`Worker`]: one thread that owns the model and runs one request at a
+//! time from a bounded queue.
 
+pub mod chunks;
 pub mod collect;
 pub mod error;
 pub mod handlers;
 pub mod openai;
+pub mod output;
 pub mod prepare;
 pub mod state;
+pub mod stop;
+pub mod stream;
 pub mod worker;
 
 use std::sync::Arc;

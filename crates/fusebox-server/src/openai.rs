@@ -45,11 +45,33 @@ pub enum Prompt {
     TokenLists(Vec<Vec<u32>>),
 }
 
+/// `stream` and `stream_options`, shared by completions and chat completions.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamFields {
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+}
+
+impl StreamFields {
+    pub fn stream(&self) -> bool {
+        self.stream == Some(true)
+    }
+
+    /// A last chunk with `usage` (and `"usage": null` on the others).
+    pub fn include_usage(&self) -> bool {
+        self.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
 /// Fields that name features this server does not have yet; a request that
 /// turns one on is refused rather than silently answered without it.
 #[derive(Debug, Default, Deserialize)]
 pub struct Unsupported {
-    pub stream: Option<bool>,
     pub n: Option<u32>,
     pub echo: Option<bool>,
     pub logprobs: Option<serde_json::Value>,
@@ -66,6 +88,8 @@ pub struct CompletionRequest {
     pub stop: Option<Stop>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    #[serde(flatten)]
+    pub streaming: StreamFields,
     #[serde(flatten)]
     pub unsupported: Unsupported,
 }
@@ -108,6 +132,8 @@ pub struct ChatRequest {
     pub chat_template_kwargs: Option<ChatTemplateKwargs>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    #[serde(flatten)]
+    pub streaming: StreamFields,
     #[serde(flatten)]
     pub unsupported: Unsupported,
 }
@@ -154,6 +180,47 @@ pub struct ChatResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+}
+
+/// One server-sent chunk of a streamed response: `chat.completion.chunk`
+/// with [`ChatChunkChoice`]s or `text_completion` with
+/// [`CompletionChunkChoice`]s.
+#[derive(Debug, Serialize)]
+pub struct Chunk<C> {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<C>,
+    /// Absent unless `stream_options.include_usage`; then `null` but on the
+    /// last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+/// What a chat chunk adds to the message.
+#[derive(Debug, Serialize)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: ChatDelta,
+    pub logprobs: Option<serde_json::Value>,
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CompletionChunkChoice {
+    pub text: String,
+    pub index: usize,
+    pub logprobs: Option<serde_json::Value>,
+    pub finish_reason: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]

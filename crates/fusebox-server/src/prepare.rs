@@ -10,9 +10,6 @@ use crate::worker::{GenRequest, ModelInfo};
 
 /// Refuse the features that are not there yet.
 pub fn check_unsupported(u: &Unsupported) -> Result<(), ApiError> {
-    if u.stream == Some(true) {
-        return Err(ApiError::invalid("stream: true is not supported yet").param("stream"));
-    }
     if u.n.is_some_and(|n| n != 1) || u.best_of.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("only one choice per request (n = 1) is supported").param("n"));
     }

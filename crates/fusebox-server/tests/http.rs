@@ -6,7 +6,7 @@ use common::{engine_greedy, get, model, post, request, start, MODEL};
 use fusebox_models::Message;
 use std::sync::Arc;
 
-use fusebox_server::{Engine, Events, GenRequest, ServerOptions, SubmitError};
+use fusebox_server::ServerOptions;
 use serde_json::json;
 
 #[test]
@@ -92,19 +92,10 @@ fn seeded_sampling_repeats_and_stop_strings_cut() {
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
 }
 
-/// An engine whose queue is always full.
-struct Full;
-
-impl Engine for Full {
-    fn submit(&self, _: GenRequest) -> Result<Events, SubmitError> {
-        Err(SubmitError::QueueFull)
-    }
-}
-
 #[test]
 fn a_full_queue_is_429_with_retry_after() {
     let (_worker, info) = common::worker(1);
-    let addr = common::start_with(Arc::new(Full), info, ServerOptions::default());
+    let addr = common::start_with(Arc::new(common::Full), info, ServerOptions::default());
     let r = post(addr, "/v1/completions", &json!({"prompt": "x"}));
     let e = r.error(429);
     assert_eq!(e["code"], "queue_full");
@@ -142,7 +133,7 @@ fn bad_requests_get_openai_errors() {
     post(addr, "/v1/completions", &json!({"prompt": ["a", "b"]})).error(400);
     post(addr, "/v1/completions", &json!({"prompt": "x", "temperature": -1})).error(400);
     post(addr, "/v1/completions", &json!({"prompt": "x", "top_p": 0})).error(400);
-    post(addr, "/v1/completions", &json!({"prompt": "x", "stream": true})).error(400);
+    post(addr, "/v1/completions", &json!({"prompt": "x", "n": 2})).error(400);
     post(addr, "/v1/chat/completions", &json!({"messages": []})).error(400);
     // unknown routes and methods
     get(addr, "/v1/nothing").error(404);

@@ -54,8 +54,10 @@ enum Command {
     Quantize(quantize::Args),
     /// Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
     ///
-    /// Endpoints: GET /health, GET /v1/models, POST /v1/completions and POST /v1/chat/completions
-    /// (not streaming yet). The model's id is its directory or file name. One worker thread runs
+    /// Endpoints: GET /health, GET /v1/models, POST /v1/completions and POST /v1/chat/completions,
+    /// whole or streamed as server-sent events (`stream: true`; `stream_options.include_usage`
+    /// adds a usage chunk), with `stop` (up to 4 strings, matched on the text and not returned).
+    /// The model's id is its directory or file name. One worker thread runs
     /// one request at a time on a fresh context; the others wait in a queue of --max-queue, and a
     /// request that finds the queue full gets 429 with Retry-After. Sampling fields a request
     /// leaves out come from the model's generation_config.json (greedy if it has none); requests

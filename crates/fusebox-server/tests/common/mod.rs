@@ -1,6 +1,10 @@
 //! Helpers shared by this crate's tests: a server on 127.0.0.1:0 with the
-//! tiny-qwen3 fixture, and a minimal HTTP/1.1 client.
+//! tiny-qwen3 fixture, and a minimal HTTP/1.1 client; server-sent events in
+//! [`sse`], a scripted engine in [`script`].
 #![allow(dead_code)]
+
+pub mod script;
+pub mod sse;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -11,7 +15,7 @@ use fusebox_core::cpu::CpuBackend;
 use fusebox_core::fixtures::fixture;
 use fusebox_engine::{GenerateOptions, SamplingParams, Session};
 use fusebox_models::Model;
-use fusebox_server::{AppState, Engine, Loaded, ModelInfo, ServerOptions, Worker};
+use fusebox_server::{AppState, Engine, Events, GenRequest, Loaded, ModelInfo, ServerOptions, SubmitError, Worker};
 use serde_json::Value;
 
 pub const MODEL: &str = "tiny-qwen3";
@@ -50,6 +54,15 @@ pub fn start_with(engine: Arc<dyn Engine>, info: ModelInfo, options: ServerOptio
         });
     });
     rx.recv().expect("the server thread started")
+}
+
+/// An engine whose queue is always full.
+pub struct Full;
+
+impl Engine for Full {
+    fn submit(&self, _: GenRequest) -> Result<Events, SubmitError> {
+        Err(SubmitError::QueueFull)
+    }
 }
 
 /// An HTTP response.

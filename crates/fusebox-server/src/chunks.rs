@@ -1,0 +1,76 @@
+//! The chunks of a streamed response in OpenAI's shapes, as JSON text:
+//! `chat.completion.chunk` for chat, `text_completion` for completions.
+
+use serde::Serialize;
+
+use crate::openai::{ChatChunkChoice, ChatDelta, Chunk, CompletionChunkChoice};
+use crate::worker::{FinishReason, Usage};
+
+/// Which API a stream answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    Chat,
+    Completion,
+}
+
+/// Makes the chunks of one response; they share its `id`, `created` and `model`.
+pub struct Chunks {
+    pub api: Api,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+}
+
+impl Chunks {
+    /// What opens the stream: chat announces the assistant's role.
+    pub fn opening(&self) -> Option<String> {
+        let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+        (self.api == Api::Chat).then(|| self.choice(delta, "", None))
+    }
+
+    /// A piece of text.
+    pub fn text(&self, text: String) -> String {
+        self.choice(ChatDelta { role: None, content: Some(text.clone()) }, &text, None)
+    }
+
+    /// The last chunk with a choice: empty, with why the generation ended.
+    pub fn finish(&self, reason: FinishReason) -> String {
+        self.choice(ChatDelta { role: None, content: None }, "", Some(reason.as_str()))
+    }
+
+    /// The usage chunk after the last choice, if the request asked for it.
+    pub fn usage(&self, usage: Usage) -> Option<String> {
+        self.include_usage.then(|| match self.api {
+            Api::Chat => self.chunk::<ChatChunkChoice>(vec![], Some(usage)),
+            Api::Completion => self.chunk::<CompletionChunkChoice>(vec![], Some(usage)),
+        })
+    }
+
+    /// A chunk of one choice: `delta` for chat, `text` for completions.
+    fn choice(&self, delta: ChatDelta, text: &str, finish_reason: Option<&'static str>) -> String {
+        match self.api {
+            Api::Chat => self.chunk(vec![ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason }], None),
+            Api::Completion => self.chunk(
+                vec![CompletionChunkChoice { text: text.to_string(), index: 0, logprobs: None, finish_reason }],
+                None,
+            ),
+        }
+    }
+
+    fn chunk<C: Serialize>(&self, choices: Vec<C>, usage: Option<Usage>) -> String {
+        let chunk = Chunk {
+            id: self.id.clone(),
+            object: match self.api {
+                Api::Chat => "chat.completion.chunk",
+                Api::Completion => "text_completion",
+            },
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage: self.include_usage.then_some(usage),
+        };
+        serde_json::to_string(&chunk).expect("a chunk serializes")
+    }
+}
