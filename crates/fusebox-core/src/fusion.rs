@@ -45,10 +45,15 @@ pub enum Site {
     /// the keys and values once for the whole block (the graph path: one op
     /// per step, and attention row by row).
     DflashAttn,
+    /// A packed weight's matmul (GGUF Q4_0/Q4_1/Q8_0, MLX affine 4/8-bit, up
+    /// to `ROW_EXACT_MAX` input rows) as integer dot products: each input row
+    /// quantized once to int16 in blocks of 32, then integer multiply-adds
+    /// (the graph path: every weight widened to f32). CPU only.
+    IntDot,
 }
 
-pub const SITES: [Site; 6] =
-    [Site::QkNorm, Site::Moe, Site::AddRmsNorm, Site::RopeKvAppend, Site::Swiglu, Site::DflashAttn];
+pub const SITES: [Site; 7] =
+    [Site::QkNorm, Site::Moe, Site::AddRmsNorm, Site::RopeKvAppend, Site::Swiglu, Site::DflashAttn, Site::IntDot];
 
 impl Site {
     /// The site's name in switches, files and reports (`qk_norm`, ...).
@@ -60,6 +65,7 @@ impl Site {
             Site::RopeKvAppend => "rope_kv_append",
             Site::Swiglu => "swiglu",
             Site::DflashAttn => "dflash_attn",
+            Site::IntDot => "int_dot",
         }
     }
 
@@ -77,12 +83,13 @@ impl Site {
         }
     }
 
-    /// Whether `backend` has a fused kernel for this site (CUDA: every
-    /// site; the CPU: `add_rms_norm`, the others run the graph path).
+    /// Whether `backend` has a fused kernel for this site (CUDA: every site
+    /// but `int_dot`; the CPU: `add_rms_norm` and `int_dot`, the others run
+    /// the graph path).
     pub const fn has_fused_path(self, backend: BackendKind) -> bool {
         match backend {
-            BackendKind::Cuda => true,
-            BackendKind::Cpu => matches!(self, Site::AddRmsNorm),
+            BackendKind::Cuda => !matches!(self, Site::IntDot),
+            BackendKind::Cpu => matches!(self, Site::AddRmsNorm | Site::IntDot),
         }
     }
 
@@ -162,6 +169,7 @@ pub const TABLE: &[Rule] = &[
                  (docs/benchmark_results/fused-swiglu-h200.md, -h100.md)",
     },
     Rule { backend: BackendKind::Cuda, site: Site::DflashAttn, on: false, reason: "not yet measured" },
+    Rule { backend: BackendKind::Cuda, site: Site::IntDot, on: false, reason: "no CUDA path" },
     Rule { backend: BackendKind::Cpu, site: Site::QkNorm, on: false, reason: "no fused CPU path" },
     Rule { backend: BackendKind::Cpu, site: Site::Moe, on: false, reason: "no fused CPU path" },
     Rule {
@@ -174,6 +182,7 @@ pub const TABLE: &[Rule] = &[
     Rule { backend: BackendKind::Cpu, site: Site::RopeKvAppend, on: false, reason: "no fused CPU path" },
     Rule { backend: BackendKind::Cpu, site: Site::Swiglu, on: false, reason: "no fused CPU path" },
     Rule { backend: BackendKind::Cpu, site: Site::DflashAttn, on: false, reason: "no fused CPU path" },
+    Rule { backend: BackendKind::Cpu, site: Site::IntDot, on: false, reason: "not yet measured" },
 ];
 
 /// Where a decision came from.

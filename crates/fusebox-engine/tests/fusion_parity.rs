@@ -68,6 +68,27 @@ fn add_rms_norm_fused_matches_the_graph_path_on_the_cpu() {
     }
 }
 
+/// The CPU's `int_dot` (int16 inputs to the packed matmuls) against the f32
+/// path: not bitwise (the inputs are rounded to int16), so the gate proper:
+/// relative RMS < 5e-3, the same greedy tokens, bitwise-deterministic runs.
+#[test]
+fn int_dot_passes_the_parity_gate_on_the_cpu() {
+    let graph = CpuBackend::new(0).unwrap();
+    set_sites(&graph, &[]);
+    let fused = CpuBackend::new(0).unwrap();
+    set_sites(&fused, &[Site::IntDot]);
+    for name in FIXTURES {
+        let (lg, tg) = decode_run(&graph, name);
+        let (lf, tf) = decode_run(&fused, name);
+        let (lf2, tf2) = decode_run(&fused, name);
+        let e = rel_rms(&lf, &lg);
+        eprintln!("{name}: int_dot vs f32: relative RMS {e:.2e}");
+        assert!(e < 5e-3, "{name}: relative RMS {e:.3e}");
+        assert_eq!(tf, tg, "{name}: greedy tokens differ");
+        assert!(lf == lf2 && tf == tf2, "{name}: int_dot runs are not bitwise deterministic");
+    }
+}
+
 /// Every site alone, and all of them together, against the graph path.
 #[test]
 fn every_fused_site_passes_the_parity_gate_on_cuda() {
@@ -109,7 +130,23 @@ fn smollm2_greedy_256_tokens_fused_equal_graph() {
         return;
     };
     let Some(be) = fusebox_core::cuda::backend_for_tests() else { return };
-    let m = Model::load(&path, &be).unwrap();
+    smollm2_greedy_fused_equal_graph(&path, &be);
+}
+
+/// The same on the CPU, where `add_rms_norm` and `int_dot` have fused paths.
+#[test]
+fn smollm2_greedy_256_tokens_fused_equal_graph_on_the_cpu() {
+    let Some(path) = asset_or_skip(
+        "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "smollm2_greedy_256_tokens_fused_equal_graph_on_the_cpu",
+    ) else {
+        return;
+    };
+    smollm2_greedy_fused_equal_graph(&path, &CpuBackend::new(0).unwrap());
+}
+
+fn smollm2_greedy_fused_equal_graph(path: &std::path::Path, be: &dyn Backend) {
+    let m = Model::load(path, be).unwrap();
     let t = m.chat_template.as_ref().expect("SmolLM2 GGUF carries a chat template");
     let msgs: Vec<fusebox_models::Message> =
         serde_json::from_str(r#"[{"role": "user", "content": "Write a short story about a lighthouse keeper."}]"#)
@@ -118,8 +155,8 @@ fn smollm2_greedy_256_tokens_fused_equal_graph() {
     let opts = GenerateOptions { max_new_tokens: 256, stop_ids: vec![], sampling: SamplingParams::greedy() };
     let mut runs = vec![];
     for sites in [&[][..], &SITES[..]] {
-        set_sites(&be, sites);
-        let mut s = Session::new(&m.decoder, &be, 512).unwrap();
+        set_sites(be, sites);
+        let mut s = Session::new(&m.decoder, be, 512).unwrap();
         runs.push(s.generate(&ids, &opts, |_| Ok(true)).unwrap().tokens);
     }
     let i = runs[0].iter().zip(&runs[1]).take_while(|(a, b)| a == b).count();

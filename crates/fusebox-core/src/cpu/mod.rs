@@ -5,6 +5,7 @@
 //! f32. Work is spread over a rayon pool owned by the backend.
 
 mod avx2;
+mod intdot;
 mod kernels;
 mod quant;
 
@@ -13,11 +14,12 @@ use std::cell::RefCell;
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
+use intdot::IntRow;
 pub use kernels::{axpy, dot_bf16, dot_f16, dot_f32};
 
 use crate::backend::{copy_cols_dims, Backend};
 use crate::dtype::{bf16_to_f32, f16_to_f32, DType};
-use crate::fusion::{BackendKind, FusionPolicy};
+use crate::fusion::{BackendKind, FusionPolicy, Site};
 use crate::kv::LayerKv;
 use crate::quant::Weight;
 use crate::rope::RopeStyle;
@@ -48,6 +50,23 @@ impl CpuBackend {
 
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
+    }
+
+    /// The `rows`-long inputs of `xs` quantized to int16 when the `int_dot`
+    /// site is on and takes this weight; `None` for the f32 path.
+    fn int_inputs(&self, w: &Rows, xs: &[f32], k: usize) -> Option<Vec<IntRow>> {
+        if !self.policy.is_on(Site::IntDot) || !w.int_supported() || k % 32 != 0 {
+            return None;
+        }
+        Some(
+            xs.chunks_exact(k)
+                .map(|x| {
+                    let mut q = IntRow::default();
+                    q.quantize(x);
+                    q
+                })
+                .collect(),
+        )
     }
 
     /// Rows per task for a GEMV of `n` rows: a few tasks per thread, so that
@@ -115,6 +134,26 @@ impl<'a> Rows<'a> {
             Rows::F16(w) => dot_f16(x, &w[r]),
             Rows::Affine(a) => a.dot(j, x),
             Rows::Ggml(g) => g.dot(j, x),
+        }
+    }
+
+    /// Whether [`Rows::dot_int`] takes this weight (a packed format the
+    /// integer kernels know, on a processor they run on).
+    fn int_supported(&self) -> bool {
+        match self {
+            Rows::Affine(a) => a.int_supported(),
+            Rows::Ggml(g) => g.int_supported(),
+            _ => false,
+        }
+    }
+
+    /// Row `j` against an integer-quantized input ([`Rows::int_supported`] only).
+    #[inline]
+    fn dot_int(&self, j: usize, y: &IntRow) -> f32 {
+        match self {
+            Rows::Affine(a) => a.dot_int(j, y),
+            Rows::Ggml(g) => g.dot_int(j, y),
+            _ => unreachable!("dot_int on a dense weight"),
         }
     }
 
@@ -387,6 +426,24 @@ impl Backend for CpuBackend {
         let rows = Rows::new(w)?;
         let xs = x.as_f32()?;
         let os = out.as_f32_mut()?;
+        if m <= ROW_EXACT_MAX {
+            if let Some(ys) = self.int_inputs(&rows, xs, k) {
+                // integer dot products: row r's outputs are the one-row step's
+                let chunk = self.gemv_chunk(n);
+                let optr = SharedMut(os.as_mut_ptr());
+                self.pool.install(|| {
+                    (0..n.div_ceil(chunk)).into_par_iter().for_each(|ci| {
+                        for j in ci * chunk..((ci + 1) * chunk).min(n) {
+                            for (r, y) in ys.iter().enumerate() {
+                                // SAFETY: each (r, j) is written by exactly one task, inside `os`.
+                                unsafe { optr.write(r * n + j, rows.dot_int(j, y)) };
+                            }
+                        }
+                    })
+                });
+                return Ok(());
+            }
+        }
         if m == 1 {
             let chunk = self.gemv_chunk(n);
             self.pool.install(|| {
@@ -470,14 +527,17 @@ impl Backend for CpuBackend {
         let xs = x.as_f32()?;
         let os = out.as_f32_mut()?;
         let chunk = self.gemv_chunk(m * slots * n);
+        let ys = if m <= ROW_EXACT_MAX { self.int_inputs(&rows, xs, k) } else { None };
         self.pool.install(|| {
             os.par_chunks_mut(chunk).enumerate().for_each(|(ci, oc)| {
                 for (jj, o) in oc.iter_mut().enumerate() {
                     let flat = ci * chunk + jj;
                     let (rs, j) = (flat / n, flat % n);
-                    let xr =
-                        if shared { &xs[(rs / slots) * k..(rs / slots + 1) * k] } else { &xs[rs * k..(rs + 1) * k] };
-                    *o = rows.dot(id[rs] as usize * n + j, k, xr);
+                    let xi = if shared { rs / slots } else { rs };
+                    *o = match &ys {
+                        Some(ys) => rows.dot_int(id[rs] as usize * n + j, &ys[xi]),
+                        None => rows.dot(id[rs] as usize * n + j, k, &xs[xi * k..(xi + 1) * k]),
+                    };
                 }
             })
         });

@@ -7,6 +7,7 @@
 
 use anyhow::{bail, Result};
 
+use super::intdot::IntRow;
 use crate::dtype::{bf16_to_f32, f16_to_f32, DType};
 use crate::quant::{ggml, GgmlType, Weight};
 use crate::tensor::Tensor;
@@ -177,6 +178,19 @@ impl<'a> AffineRows<'a> {
         }
     }
 
+    /// Whether [`Self::dot_int`] takes this weight.
+    pub fn int_supported(&self) -> bool {
+        super::intdot::affine_supported(self.bits) && self.group % 32 == 0
+    }
+
+    /// Row `j` against an integer-quantized input ([`Self::int_supported`] only).
+    pub fn dot_int(&self, j: usize, y: &IntRow) -> f32 {
+        let wpr = self.cols * self.bits as usize / 32;
+        let gpr = self.cols / self.group;
+        let sb = |g: usize| (self.scales.get(j * gpr + g), self.biases.get(j * gpr + g));
+        super::intdot::affine_dot(&self.words[j * wpr..(j + 1) * wpr], self.bits, self.group, sb, y)
+    }
+
     /// [`Self::dot`] of row `j` with each of `xs` (bitwise the same values),
     /// dequantizing the row once into `buf` (`cols` values).
     pub fn dot_rows(&self, j: usize, xs: &[&[f32]], buf: &mut [f32], out: &mut [f32]) {
@@ -309,6 +323,17 @@ impl<'a> GgmlRows<'a> {
             GgmlType::Q8_0 => ggml_dot_any::<Q80>(self, j, x),
             _ => ggml_dot_any::<0>(self, j, x),
         }
+    }
+
+    /// Whether [`Self::dot_int`] takes this weight.
+    pub fn int_supported(&self) -> bool {
+        super::intdot::ggml_supported(self.ty)
+    }
+
+    /// Row `j` against an integer-quantized input ([`Self::int_supported`] only).
+    pub fn dot_int(&self, j: usize, y: &IntRow) -> f32 {
+        let rb = self.ty.row_bytes(self.cols);
+        super::intdot::ggml_dot(self.ty, &self.bytes[j * rb..(j + 1) * rb], y)
     }
 
     /// [`Self::dot`] of row `j` with each of `xs` (bitwise the same values),
