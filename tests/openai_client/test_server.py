@@ -2,20 +2,80 @@
 
 Run by scripts/test-openai-client.sh, which starts the server on the
 tiny-qwen3 fixture and sets FUSEBOX_BASE_URL; works under pytest or as a
-plain script (`python tests/openai_client/test_server.py`).
+plain script (`python tests/openai_client/test_server.py`). The API-key and
+full-queue tests start a second server themselves, from the binary at
+$FUSEBOX_BIN (default target/debug/fusebox), and stop it with SIGTERM.
 """
 
+import atexit
 import os
+import signal
+import subprocess
 import sys
+import threading
+from pathlib import Path
 
+import httpx
 import openai
 
 BASE_URL = os.environ.get("FUSEBOX_BASE_URL", "http://127.0.0.1:8080/v1")
 MODEL = os.environ.get("FUSEBOX_MODEL", "tiny-qwen3")
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("FUSEBOX_BIN", ROOT / "target" / "debug" / "fusebox"))
+KEY = "sekret"
 
 
-def client():
-    return openai.OpenAI(base_url=BASE_URL, api_key=os.environ.get("FUSEBOX_API_KEY", "none"), max_retries=0)
+def client(base_url=None, api_key=None):
+    key = api_key or os.environ.get("FUSEBOX_API_KEY", "none")
+    return openai.OpenAI(base_url=base_url or BASE_URL, api_key=key, max_retries=0)
+
+
+class Server:
+    """A second `fusebox serve` on the fixture with an API key and a queue of 1."""
+
+    _started = None
+
+    def __init__(self):
+        args = [str(BIN), "serve", "-m", str(ROOT / "tests" / "fixtures" / "tiny-qwen3"), "--device", "cpu"]
+        args += ["--port", "0", "--api-key", KEY, "--max-queue", "1"]
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+        self.log = []
+        for line in self.proc.stderr:
+            self.log.append(line)
+            if " at http://" in line:
+                self.base_url = "http://" + line.split(" at http://")[1].split()[0] + "/v1"
+                break
+        else:
+            raise AssertionError("fusebox serve did not start: " + "".join(self.log))
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+
+    @classmethod
+    def get(cls):
+        if cls._started is None:
+            cls._started = Server()
+            atexit.register(cls._started.stop)
+        return cls._started
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise
+
+
+def expect(error, call, **attrs):
+    """`call()` raises `error` whose attributes (status_code, code, param, ...) are `attrs`."""
+    try:
+        call()
+    except error as e:
+        for k, v in attrs.items():
+            assert getattr(e, k) == v, (k, getattr(e, k), v, e.body)
+        assert isinstance(e.body, dict) and {"message", "type", "param", "code"} <= set(e.body), e.body
+        return e
+    raise AssertionError(f"expected {error.__name__}")
 
 
 def test_models_list():
@@ -118,13 +178,107 @@ def test_stop_strings():
 
 
 def test_unknown_model_is_bad_request():
-    try:
-        client().completions.create(model="no-such-model", prompt="Hello", max_tokens=1)
-    except openai.BadRequestError as e:
-        assert e.status_code == 400
-        assert e.code == "model_not_found", e.body
-    else:
-        raise AssertionError("expected a 400")
+    e = expect(
+        openai.BadRequestError,
+        lambda: client().completions.create(model="no-such-model", prompt="Hello", max_tokens=1),
+        status_code=400,
+        code="model_not_found",
+        param="model",
+    )
+    assert "no-such-model" in e.message
+
+
+def test_bad_requests():
+    c = client()
+    bad = openai.BadRequestError
+    # a field of the wrong type, named
+    expect(bad, lambda: c.completions.create(model=MODEL, prompt="x", max_tokens="many"), param="max_tokens")
+    expect(bad, lambda: c.completions.create(model=MODEL, prompt="x", temperature="hot"), param="temperature")
+    # a missing required field
+    expect(bad, lambda: c.post("/completions", body={"model": MODEL}, cast_to=httpx.Response), param="prompt")
+    # a prompt longer than the context, with both lengths
+    e = expect(
+        bad,
+        lambda: c.completions.create(model=MODEL, prompt=[1] * 200, max_tokens=1),
+        code="context_length_exceeded",
+    )
+    assert "200" in e.message and "128" in e.message, e.message
+    # empty messages; more than one choice
+    expect(bad, lambda: c.chat.completions.create(model=MODEL, messages=[]), param="messages")
+    e = expect(bad, lambda: c.completions.create(model=MODEL, prompt="x", n=2), param="n")
+    assert "n = 1" in e.message, e.message
+    # malformed JSON (the client never sends it): the same error shape
+    r = httpx.post(BASE_URL + "/completions", content=b'{"prompt": ', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
+def test_unknown_routes_and_methods():
+    c = client()
+    expect(openai.NotFoundError, lambda: c.get("/no-such-route", cast_to=httpx.Response), code="not_found")
+    expect(openai.APIStatusError, lambda: c.get("/completions", cast_to=httpx.Response), status_code=405)
+
+
+def test_api_key():
+    if not BIN.exists():
+        print(f"SKIP test_api_key: {BIN} not built")
+        return
+    s = Server.get()
+    for key in ["wrong", KEY + "x"]:
+        expect(
+            openai.AuthenticationError,
+            lambda: client(s.base_url, key).models.list(),
+            status_code=401,
+            code="invalid_api_key",
+        )
+    ids = [m.id for m in client(s.base_url, KEY).models.list()]
+    assert ids == [MODEL], ids
+    r = httpx.get(s.base_url.removesuffix("/v1") + "/health")
+    assert r.status_code == 200, r.text
+
+
+def test_full_queue_is_rate_limited():
+    if not BIN.exists():
+        print(f"SKIP test_full_queue_is_rate_limited: {BIN} not built")
+        return
+    s = Server.get()
+    c = client(s.base_url, KEY)
+    n = 32
+    go = threading.Barrier(n)
+    results = [None] * n
+
+    def one(i):
+        go.wait()
+        try:
+            c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=120, temperature=0)
+            results[i] = "ok"
+        except openai.RateLimitError as e:
+            assert e.code == "queue_full", e.body
+            assert e.response.headers.get("retry-after") == "1", e.response.headers
+            results[i] = "429"
+        except Exception as e:  # noqa: BLE001 (reported below)
+            results[i] = repr(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results) <= {"ok", "429"}, results
+    assert "ok" in results and "429" in results, results
+    # and the server serves once the burst is over
+    r = c.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    assert r.usage.completion_tokens <= 2
+
+
+def test_shutdown_exits_0():
+    if not BIN.exists():
+        print(f"SKIP test_shutdown_exits_0: {BIN} not built")
+        return
+    s = Server.get()
+    s.stop()
+    Server._started = None
+    assert s.proc.returncode == 0, (s.proc.returncode, "".join(s.log))
 
 
 if __name__ == "__main__":

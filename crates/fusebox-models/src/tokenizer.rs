@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Result};
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }

@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
+use crate::engine::{FinishReason, Usage};
 use crate::openai::{ChatChunkChoice, ChatDelta, Chunk, CompletionChunkChoice};
-use crate::worker::{FinishReason, Usage};
 
 /// Which API a stream answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

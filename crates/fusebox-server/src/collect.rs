@@ -1,9 +1,9 @@
 //! Running a request to the end for a non-streaming response: the text, why
 //! it ended and the token counts.
 
+use crate::engine::{FinishReason, Usage};
 use crate::error::ApiError;
 use crate::output::{Output, Piece};
-use crate::worker::{FinishReason, Usage};
 
 /// A finished generation.
 pub struct Finished {

@@ -1,12 +1,8 @@
-//! Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`,
-//! and a JSON body extractor whose rejections take that shape too.
+//! Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::de::DeserializeOwned;
 use serde_json::json;
 
 /// An error response.
@@ -16,7 +12,8 @@ pub struct ApiError {
     pub message: String,
     /// OpenAI's `type`: `invalid_request_error`, `rate_limit_error`, ...
     pub kind: &'static str,
-    pub param: Option<&'static str>,
+    /// The request field at fault (`max_tokens`, `messages[0].content`).
+    pub param: Option<String>,
     pub code: Option<&'static str>,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u32>,
@@ -33,9 +30,8 @@ impl ApiError {
     }
 
     /// 401: a missing or wrong API key.
-    pub fn unauthorized() -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "missing or incorrect API key")
-            .code("invalid_api_key")
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message).code("invalid_api_key")
     }
 
     /// 404: no such route.
@@ -44,8 +40,15 @@ impl ApiError {
     }
 
     /// 405: the route exists, the method does not.
-    pub fn method_not_allowed() -> ApiError {
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method not allowed")
+    pub fn method_not_allowed(method: &str, path: &str) -> ApiError {
+        let msg = format!("{method} is not allowed on {path}");
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", msg).code("method_not_allowed")
+    }
+
+    /// 413: the body is over the limit of `limit` bytes.
+    pub fn too_large(limit: usize) -> ApiError {
+        let msg = format!("the request body is larger than the limit of {} MiB", limit >> 20);
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", msg).code("request_too_large")
     }
 
     /// 429: the request queue is full.
@@ -65,13 +68,17 @@ impl ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
-    /// 503: the engine has stopped.
+    /// 503: the engine has stopped (the server is shutting down).
     pub fn unavailable() -> ApiError {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the engine has stopped")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the server is shutting down (its engine has stopped)",
+        )
     }
 
-    pub fn param(mut self, param: &'static str) -> ApiError {
-        self.param = Some(param);
+    pub fn param(mut self, param: impl Into<String>) -> ApiError {
+        self.param = Some(param.into());
         self
     }
 
@@ -95,33 +102,5 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         resp
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(r: JsonRejection) -> ApiError {
-        let status = match r.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        let mut e = ApiError::invalid(r.body_text());
-        e.status = status;
-        e
-    }
-}
-
-/// `axum::Json`, rejecting a malformed body with an [`ApiError`].
-pub struct ApiJson<T>(pub T);
-
-impl<S, T> FromRequest<S> for ApiJson<T>
-where
-    S: Send + Sync,
-    T: DeserializeOwned,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let Json(v) = Json::<T>::from_request(req, state).await?;
-        Ok(ApiJson(v))
     }
 }

@@ -3,15 +3,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{Request, State};
-use axum::http::header;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
 use crate::chunks::{Api, Chunks};
 use crate::collect::collect;
-use crate::error::{ApiError, ApiJson};
+use crate::error::ApiError;
+use crate::json::ApiJson;
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatRequest, ChatResponse, CompletionChoice, CompletionRequest, CompletionResponse,
     ModelCard, ModelList,
@@ -112,23 +111,12 @@ pub async fn chat_completions(
     .into_response())
 }
 
-/// Requests to /v1/ need `Authorization: Bearer <key>` when the server has a key.
-pub async fn require_key(State(st): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
-    if let Some(key) = &st.options.api_key {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        if given.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim) != Some(key.as_str()) {
-            return Err(ApiError::unauthorized());
-        }
-    }
-    Ok(next.run(req).await)
-}
-
 pub async fn not_found(req: Request) -> ApiError {
     ApiError::not_found(req.uri().path())
 }
 
-pub async fn method_not_allowed() -> ApiError {
-    ApiError::method_not_allowed()
+pub async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::method_not_allowed(req.method().as_str(), req.uri().path())
 }
 
 /// `stop`, checked: at most 4 non-empty strings.

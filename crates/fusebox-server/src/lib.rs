@@ -2,17 +2,24 @@
 //!
 //! `GET /health`, `GET /v1/models`, `POST /v1/completions` and
 //! `POST /v1/chat/completions`, whole or streamed as server-sent events, with
-//! stop strings and usage. The handlers talk to an [`Engine`]; today that is
-//! a [`Worker`]: one thread that owns the model and runs one request at a
-//! time from a bounded queue.
+//! stop strings and usage; errors in OpenAI's shape; an optional API key;
+//! graceful shutdown. The handlers talk to an [`Engine`]; today that is a
+//! [`Worker`]: one thread that owns the model and runs one request at a time
+//! from a bounded queue.
 
+pub mod auth;
 pub mod chunks;
 pub mod collect;
+pub mod engine;
 pub mod error;
 pub mod handlers;
+pub mod json;
+pub mod model;
 pub mod openai;
 pub mod output;
+pub mod panic;
 pub mod prepare;
+pub mod shutdown;
 pub mod state;
 pub mod stop;
 pub mod stream;
@@ -21,12 +28,15 @@ pub mod worker;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::{middleware, Router};
 use tokio::net::TcpListener;
 
+pub use engine::{Engine, EngineStats, Event, Events, FinishReason, GenRequest, SubmitError, Usage};
+pub use model::{Loaded, MakeSpeculation, ModelInfo, SpecSetup};
 pub use state::{AppState, ServerOptions};
-pub use worker::{Engine, Event, Events, FinishReason, GenRequest, Loaded, ModelInfo, SubmitError, Usage, Worker};
+pub use worker::Worker;
 
 /// The routes.
 pub fn router(state: AppState) -> Router {
@@ -34,22 +44,25 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(handlers::models))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
-        .route_layer(middleware::from_fn_with_state(state.clone(), handlers::require_key));
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key));
     Router::new()
         .route("/health", get(handlers::health))
         .merge(v1)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(DefaultBodyLimit::max(json::MAX_BODY))
+        .layer(middleware::from_fn(panic::catch_panic))
         .with_state(state)
 }
 
 /// Serve on `listener` until the future is dropped.
 pub async fn serve(listener: TcpListener, state: AppState) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).await
+    shutdown::serve_until(listener, state, std::future::pending()).await
 }
 
 /// Start a worker that loads the model with `load`, bind `host:port` and
-/// serve until Ctrl-C, blocking. Says on stderr what it serves and where.
+/// serve until SIGINT or SIGTERM, then shut down gracefully (see
+/// [`shutdown`]), blocking. Says on stderr what it serves and where.
 pub fn run<F>(load: F, max_queue: usize, host: &str, port: u16, options: ServerOptions) -> Result<()>
 where
     F: FnOnce() -> Result<Loaded> + Send + 'static,
@@ -60,18 +73,21 @@ where
     rt.block_on(async move {
         let listener = TcpListener::bind((host, port)).await.with_context(|| format!("binding {host}:{port}"))?;
         let addr = listener.local_addr()?;
+        let mut signals = shutdown::Signals::install().context("catching SIGINT and SIGTERM")?;
+        let spec = state.info.speculation.as_ref().map(|s| format!(", speculative {s}")).unwrap_or_default();
         eprintln!(
-            "fusebox: serving {} ({}) on {} at http://{addr} (context {} tokens, queue {max_queue})",
+            "fusebox: serving {} ({}) on {} at http://{addr} (context {} tokens, queue {max_queue}{spec})",
             state.model_id,
             state.info.path.display(),
             state.info.device,
             state.info.ctx,
         );
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("serving HTTP")
+        let stop = async move {
+            signals.recv().await;
+            eprintln!("fusebox: shutting down");
+        };
+        shutdown::serve_until(listener, state, stop).await.context("serving HTTP")?;
+        eprintln!("fusebox: stopped");
+        Ok(())
     })
 }

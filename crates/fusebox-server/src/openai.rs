@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::worker::Usage;
+use crate::engine::Usage;
 
 /// Sampling fields shared by completions and chat completions. Absent ones
 /// come from the model's generation_config.json (greedy when it has none).

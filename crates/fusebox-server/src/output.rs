@@ -1,9 +1,9 @@
 //! A submitted request's text as it arrives, with stop strings applied: what
 //! streaming and non-streaming responses are both made from.
 
+use crate::engine::{Engine, Event, Events, FinishReason, GenRequest, SubmitError, Usage};
 use crate::error::ApiError;
 use crate::stop::{Step, StopMatcher};
-use crate::worker::{Engine, Event, Events, FinishReason, GenRequest, SubmitError, Usage};
 
 /// One step of a request's output.
 #[derive(Debug, PartialEq)]

@@ -4,14 +4,20 @@
 use fusebox_engine::SamplingParams;
 use fusebox_models::Message;
 
+use crate::engine::GenRequest;
 use crate::error::ApiError;
+use crate::model::ModelInfo;
 use crate::openai::{ChatMessage, Content, Prompt, SamplingFields, Unsupported};
-use crate::worker::{GenRequest, ModelInfo};
 
 /// Refuse the features that are not there yet.
 pub fn check_unsupported(u: &Unsupported) -> Result<(), ApiError> {
-    if u.n.is_some_and(|n| n != 1) || u.best_of.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("only one choice per request (n = 1) is supported").param("n"));
+    for (name, v) in [("n", u.n), ("best_of", u.best_of)] {
+        if let Some(n) = v.filter(|&n| n != 1) {
+            return Err(ApiError::invalid(format!(
+                "{name} = {n}: only one choice per request ({name} = 1) is supported until batching exists"
+            ))
+            .param(name));
+        }
     }
     if u.echo == Some(true) {
         return Err(ApiError::invalid("echo is not supported").param("echo"));

@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use crate::engine::Engine;
 use crate::error::ApiError;
-use crate::worker::{Engine, ModelInfo};
+use crate::model::ModelInfo;
 
 /// Server settings beyond the model.
 #[derive(Clone, Debug, Default)]

@@ -1,151 +1,48 @@
-//! The interface between the HTTP handlers and whatever generates tokens,
-//! and its first implementation: one worker thread that owns the model, the
-//! backend and a [`Session`], fed by a bounded queue and running one request
-//! at a time.
+//! The first [`Engine`]: one thread that owns the model, the backend, a
+//! [`Session`] and the speculation (if any), fed by a bounded queue and
+//! running one request at a time on a fresh context.
 //!
-//! Handlers see only [`Engine::submit`] and the [`Events`] it returns, so a
-//! batched scheduler can replace [`Worker`] without touching them. Dropping
-//! the [`Events`] cancels the request: the worker stops at its next token.
+//! A request whose [`Events`] were dropped is stopped at its next token, or
+//! skipped if it is still queued. [`Engine::close`] ends the running request
+//! and every queued one with an error and refuses new ones.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::thread;
 
 use anyhow::{anyhow, Result};
 use fusebox_core::Backend;
-use fusebox_engine::{GenerateOptions, SamplingParams, Session, StopReason};
-use fusebox_models::{ChatTemplate, GenerationConfig, Model, StreamDecoder, Tokenizer};
-use serde::Serialize;
+use fusebox_engine::{GenerateOptions, Session, Speculation, StopReason};
+use fusebox_models::{Model, StreamDecoder, Tokenizer};
 use tokio::sync::mpsc;
 
-/// One generation: token ids in, new tokens out.
-#[derive(Clone, Debug)]
-pub struct GenRequest {
-    /// The prompt's token ids (not empty; shorter than the context).
-    pub prompt: Vec<u32>,
-    /// At most this many new tokens.
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    /// Generation stops when one of these is drawn (it is not emitted).
-    pub stop_ids: Vec<u32>,
-}
+use crate::engine::{Engine, EngineStats, Event, Events, FinishReason, GenRequest, SubmitError, Usage};
+use crate::model::{Loaded, MakeSpeculation, ModelInfo};
+use crate::panic::panic_message;
 
-/// Why a generation ended, in OpenAI's words.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// A stop token or stop string.
-    Stop,
-    /// `max_tokens`, or the context is full.
-    Length,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
-}
-
-/// Token counts of one request (OpenAI's `usage`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    pub total_tokens: usize,
-}
-
-impl Usage {
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Usage {
-        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
-    }
-}
-
-/// What a request produces, in order: tokens, then one `Done` or `Error`.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Event {
-    /// A new token and the text it completes (empty while the detokenizer
-    /// holds back an incomplete character or word).
-    Token { id: u32, text: String },
-    /// The end. `text` is what the detokenizer still held back (usually empty).
-    Done { finish_reason: FinishReason, usage: Usage, text: String },
-    /// The request failed after it was accepted.
-    Error(String),
-}
-
-/// The events of one submitted request. Dropping it cancels the request.
-pub struct Events {
-    rx: mpsc::UnboundedReceiver<Event>,
-}
-
-impl Events {
-    /// A request's events, fed through `tx` (for [`Engine`] implementations).
-    pub fn channel() -> (mpsc::UnboundedSender<Event>, Events) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (tx, Events { rx })
-    }
-
-    /// The next event; `None` once the engine is done with the request.
-    pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
-    }
-
-    /// [`Events::next`] for callers outside an async runtime.
-    pub fn blocking_next(&mut self) -> Option<Event> {
-        self.rx.blocking_recv()
-    }
-
-    /// Stop the request (the same as dropping it).
-    pub fn cancel(self) {}
-}
-
-/// Why a request was not accepted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SubmitError {
-    /// The queue is full; try again later.
-    QueueFull,
-    /// The engine has stopped.
-    Closed,
-}
-
-/// Something that generates tokens for requests.
-pub trait Engine: Send + Sync + 'static {
-    /// Queue `req`; its events arrive on the returned [`Events`].
-    fn submit(&self, req: GenRequest) -> Result<Events, SubmitError>;
-}
-
-/// What the HTTP side needs to know about the loaded model.
-pub struct ModelInfo {
-    pub path: PathBuf,
-    pub tokenizer: Arc<Tokenizer>,
-    pub chat_template: Option<Arc<ChatTemplate>>,
-    pub generation: GenerationConfig,
-    pub eos_token_ids: Vec<u32>,
-    /// The context length in tokens, prompt included.
-    pub ctx: usize,
-    pub vocab_size: usize,
-    /// The backend's name (`cpu (2 threads)`, `cuda:0 (...)`).
-    pub device: String,
-}
-
-/// What the loader hands the worker thread.
-pub struct Loaded {
-    pub backend: Box<dyn Backend>,
-    pub model: Model,
-    /// The context length of the session.
-    pub ctx: usize,
-}
+/// What a request is told when the server shuts down under it.
+pub const SHUTTING_DOWN: &str = "the server is shutting down";
 
 struct Job {
     req: GenRequest,
     tx: mpsc::UnboundedSender<Event>,
 }
 
+/// Counters and the shutdown flag, shared by the handles and the thread.
+#[derive(Default)]
+struct Shared {
+    queued: AtomicUsize,
+    running: AtomicUsize,
+    started: AtomicU64,
+    generated: AtomicU64,
+    closed: AtomicBool,
+}
+
 /// One thread, one session, one request at a time.
 pub struct Worker {
     queue: std_mpsc::SyncSender<Job>,
+    shared: Arc<Shared>,
 }
 
 impl Worker {
@@ -158,86 +55,158 @@ impl Worker {
     {
         let (queue, jobs) = std_mpsc::sync_channel::<Job>(max_queue.max(1));
         let (ready_tx, ready) = std_mpsc::channel::<Result<ModelInfo>>();
-        thread::Builder::new().name("fusebox-worker".into()).spawn(move || {
-            let Loaded { backend, model, ctx } = match load() {
-                Ok(l) => l,
-                Err(e) => return drop(ready_tx.send(Err(e))),
-            };
-            let eos_token_ids = model.eos_token_ids();
-            let Model { path, decoder, tokenizer, chat_template, generation } = model;
-            let tokenizer = Arc::new(tokenizer);
-            let mut session = match Session::new(&decoder, &*backend, ctx) {
-                Ok(s) => s,
-                Err(e) => return drop(ready_tx.send(Err(e))),
-            };
-            let info = ModelInfo {
-                path,
-                tokenizer: tokenizer.clone(),
-                chat_template: chat_template.map(Arc::new),
-                generation,
-                eos_token_ids,
-                ctx,
-                vocab_size: decoder.cfg.vocab_size,
-                device: backend.name(),
-            };
-            if ready_tx.send(Ok(info)).is_err() {
-                return;
-            }
-            while let Ok(job) = jobs.recv() {
-                if job.tx.is_closed() {
-                    continue; // cancelled while it waited
-                }
-                match catch_unwind(AssertUnwindSafe(|| run_job(&mut session, &tokenizer, &job))) {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => drop(job.tx.send(Event::Error(format!("{e:#}")))),
-                    Err(p) => {
-                        session.reset();
-                        let msg = p
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| p.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        drop(job.tx.send(Event::Error(format!("internal error: {msg}"))));
-                    }
-                }
-            }
+        let shared = Arc::<Shared>::default();
+        let sh = shared.clone();
+        thread::Builder::new().name("fusebox-worker".into()).spawn(move || match load() {
+            Ok(loaded) => run(loaded, &jobs, ready_tx, &sh),
+            Err(e) => drop(ready_tx.send(Err(e))),
         })?;
         let info = ready.recv().map_err(|_| anyhow!("the worker thread stopped while loading the model"))??;
-        Ok((Worker { queue }, info))
+        Ok((Worker { queue, shared }, info))
     }
 }
 
 impl Engine for Worker {
     fn submit(&self, req: GenRequest) -> Result<Events, SubmitError> {
+        if self.shared.closed.load(SeqCst) {
+            return Err(SubmitError::Closed);
+        }
         let (tx, events) = Events::channel();
-        match self.queue.try_send(Job { req, tx }) {
+        self.shared.queued.fetch_add(1, SeqCst);
+        let r = self.queue.try_send(Job { req, tx });
+        if r.is_err() {
+            self.shared.queued.fetch_sub(1, SeqCst);
+        }
+        match r {
             Ok(()) => Ok(events),
             Err(std_mpsc::TrySendError::Full(_)) => Err(SubmitError::QueueFull),
             Err(std_mpsc::TrySendError::Disconnected(_)) => Err(SubmitError::Closed),
         }
     }
+
+    fn stats(&self) -> EngineStats {
+        let s = &self.shared;
+        EngineStats {
+            queued: s.queued.load(SeqCst),
+            running: s.running.load(SeqCst),
+            started: s.started.load(SeqCst),
+            generated_tokens: s.generated.load(SeqCst),
+        }
+    }
+
+    fn close(&self) {
+        self.shared.closed.store(true, SeqCst);
+    }
 }
 
-/// Generate for one job on a fresh context, sending its events.
-fn run_job(session: &mut Session, tokenizer: &Tokenizer, job: &Job) -> Result<()> {
-    let Job { req, tx } = job;
-    session.reset();
-    let opts = GenerateOptions {
-        max_new_tokens: req.max_tokens,
-        stop_ids: req.stop_ids.clone(),
-        sampling: req.sampling.clone(),
+/// The worker thread once the model is loaded: set up the session (and the
+/// speculation), report the model, then run jobs until the queue closes.
+fn run(loaded: Loaded, jobs: &std_mpsc::Receiver<Job>, ready: std_mpsc::Sender<Result<ModelInfo>>, shared: &Shared) {
+    let Loaded { backend, mut model, ctx, spec } = loaded;
+    let be = &*backend;
+    let (draft, make) = match spec {
+        Some(s) => (s.draft, Some(s.make)),
+        None => (None, None),
     };
-    let mut stream = StreamDecoder::new();
-    let out = session.generate(&req.prompt, &opts, |id| {
-        let text = stream.push(tokenizer, id)?.unwrap_or_default();
-        Ok(tx.send(Event::Token { id, text }).is_ok())
-    })?;
-    let text = stream.flush(tokenizer)?.unwrap_or_default();
-    let finish_reason = match out.stop {
-        StopReason::Eos | StopReason::Callback => FinishReason::Stop,
-        StopReason::MaxTokens | StopReason::ContextFull => FinishReason::Length,
+    let info = ModelInfo {
+        path: model.path.clone(),
+        tokenizer: Arc::new(model.tokenizer.clone()),
+        chat_template: model.chat_template.take().map(Arc::new),
+        generation: model.generation.clone(),
+        eos_token_ids: model.eos_token_ids(),
+        ctx,
+        vocab_size: model.decoder.cfg.vocab_size,
+        device: be.name(),
+        speculation: None,
     };
-    let usage = Usage::new(out.prompt_tokens, out.tokens.len());
-    let _ = tx.send(Event::Done { finish_reason, usage, text });
-    Ok(())
+    let mut gen = match Generator::new(&model, draft.as_ref(), make.as_deref(), be, ctx, shared) {
+        Ok(g) => g,
+        Err(e) => return drop(ready.send(Err(e))),
+    };
+    let info = ModelInfo {
+        speculation: gen.spec.as_ref().map(|s| format!("{} k={}", s.proposer.name(), s.options.k)),
+        ..info
+    };
+    if ready.send(Ok(info)).is_err() {
+        return;
+    }
+    while let Ok(job) = jobs.recv() {
+        if job.tx.is_closed() {
+            shared.queued.fetch_sub(1, SeqCst);
+            continue; // cancelled while it waited
+        }
+        shared.running.fetch_add(1, SeqCst);
+        shared.queued.fetch_sub(1, SeqCst);
+        if shared.closed.load(SeqCst) {
+            let _ = job.tx.send(Event::Error(SHUTTING_DOWN.into()));
+        } else {
+            shared.started.fetch_add(1, SeqCst);
+            match catch_unwind(AssertUnwindSafe(|| gen.run(&job))) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => drop(job.tx.send(Event::Error(format!("{e:#}")))),
+                Err(p) => {
+                    gen.session.reset();
+                    drop(job.tx.send(Event::Error(format!("internal error: {}", panic_message(&*p)))));
+                }
+            }
+        }
+        shared.running.fetch_sub(1, SeqCst);
+    }
+}
+
+/// What the worker generates with.
+struct Generator<'m> {
+    session: Session<'m>,
+    spec: Option<Speculation<'m>>,
+    tokenizer: &'m Tokenizer,
+    shared: &'m Shared,
+}
+
+impl<'m> Generator<'m> {
+    fn new(
+        model: &'m Model,
+        draft: Option<&'m Model>,
+        make: Option<&dyn MakeSpeculation>,
+        be: &'m dyn Backend,
+        ctx: usize,
+        shared: &'m Shared,
+    ) -> Result<Generator<'m>> {
+        let session = Session::new(&model.decoder, be, ctx)?;
+        let spec = make.map(|m| m.make(model, draft, be, ctx)).transpose()?;
+        Ok(Generator { session, spec, tokenizer: &model.tokenizer, shared })
+    }
+
+    /// Generate for one job on a fresh context, sending its events; stop
+    /// when the request is cancelled or the worker closed.
+    fn run(&mut self, job: &Job) -> Result<()> {
+        let Job { req, tx } = job;
+        let (tokenizer, shared) = (self.tokenizer, self.shared);
+        self.session.reset();
+        let opts = GenerateOptions {
+            max_new_tokens: req.max_tokens,
+            stop_ids: req.stop_ids.clone(),
+            sampling: req.sampling.clone(),
+        };
+        let mut stream = StreamDecoder::new();
+        let (out, _) = self.session.generate_with(&req.prompt, &opts, self.spec.as_mut(), |id| {
+            shared.generated.fetch_add(1, SeqCst);
+            if shared.closed.load(SeqCst) {
+                return Ok(false);
+            }
+            let text = stream.push(tokenizer, id)?.unwrap_or_default();
+            Ok(tx.send(Event::Token { id, text }).is_ok())
+        })?;
+        if out.stop == StopReason::Callback && shared.closed.load(SeqCst) {
+            let _ = tx.send(Event::Error(SHUTTING_DOWN.into()));
+            return Ok(());
+        }
+        let text = stream.flush(tokenizer)?.unwrap_or_default();
+        let finish_reason = match out.stop {
+            StopReason::Eos | StopReason::Callback => FinishReason::Stop,
+            StopReason::MaxTokens | StopReason::ContextFull => FinishReason::Length,
+        };
+        let usage = Usage::new(out.prompt_tokens, out.tokens.len());
+        let _ = tx.send(Event::Done { finish_reason, usage, text });
+        Ok(())
+    }
 }

@@ -62,7 +62,12 @@ enum Command {
     /// request that finds the queue full gets 429 with Retry-After. Sampling fields a request
     /// leaves out come from the model's generation_config.json (greedy if it has none); requests
     /// without max_tokens get 16 new tokens (completions) or all that fit in the context (chat).
-    /// Errors are OpenAI error objects. Ctrl-C stops the server.
+    /// Errors are OpenAI error objects: 400 for a bad request (naming the field), 401 for a
+    /// missing or wrong --api-key, 413 for a body over 16 MiB, 429 when the queue is full. A
+    /// client that disconnects has its generation cancelled at the next token. --spec and its
+    /// flags decode speculatively, as in `fusebox generate` (greedy output is unchanged).
+    /// SIGINT (Ctrl-C) or SIGTERM shuts down: the server stops accepting, ends the running and
+    /// queued requests with an error, waits up to 3 s for connections to close and exits 0.
     Serve(serve::Args),
 }
 

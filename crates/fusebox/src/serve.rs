@@ -1,15 +1,20 @@
 //! `fusebox serve`
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
-use fusebox_server::{Loaded, ServerOptions};
+use fusebox_core::Backend;
+use fusebox_engine::Speculation;
+use fusebox_models::Model;
+use fusebox_server::{Loaded, MakeSpeculation, ServerOptions, SpecSetup};
 
 use crate::common::{context_size, ModelArgs};
+use crate::spec::SpecArgs;
 
 /// `fusebox serve` (its help text is on `Command::Serve` in main.rs).
 #[derive(ClapArgs, Debug)]
 #[command(
-    after_help = "Examples:\n  fusebox serve -m tests/fixtures/tiny-qwen3 --device cpu\n  fusebox serve -m ./Qwen3-0.6B --host 0.0.0.0 --port 8000 --api-key secret\n  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 32}'"
+    mut_arg("spec_trace", |a| a.hide(true)),
+    after_help = "Examples:\n  fusebox serve -m tests/fixtures/tiny-qwen3 --device cpu\n  fusebox serve -m ./Qwen3-0.6B --host 0.0.0.0 --port 8000 --api-key secret\n  fusebox serve -m ./Qwen3-8B --draft ./Qwen3-0.6B\n  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 32}'"
 )]
 pub struct Args {
     #[command(flatten)]
@@ -30,18 +35,42 @@ pub struct Args {
     /// max_position_embeddings, at most 4096).
     #[arg(short = 'c', long, value_name = "N")]
     pub ctx_size: Option<usize>,
+    #[command(flatten)]
+    pub spec: SpecArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
     if a.max_queue == 0 {
         bail!("--max-queue must be at least 1");
     }
-    let (model, ctx_size) = (a.model, a.ctx_size);
+    if a.spec.spec_trace {
+        bail!("--spec-trace is for `generate --json` and `bench`; the server does not record rounds");
+    }
+    let speculative = a.spec.method()?.is_some();
+    let (model, ctx_size, spec) = (a.model, a.ctx_size, a.spec);
     let load = move || {
         let backend = model.backend()?;
         let model = model.load(&*backend)?;
         let ctx = context_size(ctx_size, &model)?;
-        Ok(Loaded { backend, model, ctx })
+        let mut loaded = Loaded::new(backend, model, ctx);
+        if speculative {
+            let draft = spec.load_draft(&*loaded.backend)?;
+            loaded.spec = Some(SpecSetup { draft, make: Box::new(spec) });
+        }
+        Ok(loaded)
     };
     fusebox_server::run(load, a.max_queue, &a.host, a.port, ServerOptions { api_key: a.api_key })
+}
+
+/// The worker speculates as `--spec` and its flags say.
+impl MakeSpeculation for SpecArgs {
+    fn make<'m>(
+        &self,
+        target: &'m Model,
+        draft: Option<&'m Model>,
+        be: &'m dyn Backend,
+        ctx: usize,
+    ) -> Result<Speculation<'m>> {
+        self.build(Some(target), draft, be, ctx)?.context("no --spec method")
+    }
 }

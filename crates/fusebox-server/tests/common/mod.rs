@@ -15,7 +15,9 @@ use fusebox_core::cpu::CpuBackend;
 use fusebox_core::fixtures::fixture;
 use fusebox_engine::{GenerateOptions, SamplingParams, Session};
 use fusebox_models::Model;
-use fusebox_server::{AppState, Engine, Events, GenRequest, Loaded, ModelInfo, ServerOptions, SubmitError, Worker};
+use fusebox_server::{
+    AppState, Engine, EngineStats, Events, GenRequest, Loaded, ModelInfo, ServerOptions, SubmitError, Worker,
+};
 use serde_json::Value;
 
 pub const MODEL: &str = "tiny-qwen3";
@@ -23,16 +25,43 @@ pub const CTX: usize = 128;
 
 /// A loader for the fixture on the CPU, for [`Worker::spawn`].
 pub fn loader() -> impl FnOnce() -> Result<Loaded> + Send + 'static {
-    || {
+    loader_with(CTX)
+}
+
+/// A loader for the fixture with a context of `ctx` tokens (beyond the
+/// fixture's 128 positions, for long generations).
+pub fn loader_with(ctx: usize) -> impl FnOnce() -> Result<Loaded> + Send + 'static {
+    move || {
         let backend = CpuBackend::new(1)?;
         let model = Model::load(&fixture(MODEL), &backend)?;
-        Ok(Loaded { backend: Box::new(backend), model, ctx: CTX })
+        Ok(Loaded::new(Box::new(backend), model, ctx))
     }
 }
 
 /// A worker running the fixture.
 pub fn worker(max_queue: usize) -> (Worker, ModelInfo) {
     Worker::spawn(loader(), max_queue).expect("starting the worker")
+}
+
+/// A worker running the fixture with a context of `ctx` tokens and no EOS
+/// token, so that a request runs to `max_tokens`: long enough to cancel.
+pub fn long_worker(max_queue: usize, ctx: usize) -> (Arc<Worker>, ModelInfo) {
+    let (w, mut info) = Worker::spawn(loader_with(ctx), max_queue).expect("starting the worker");
+    info.eos_token_ids.clear();
+    (Arc::new(w), info)
+}
+
+/// Wait up to `secs` seconds for `engine` to have nothing queued or running.
+pub fn wait_idle(engine: &dyn Engine, secs: u64) -> EngineStats {
+    let t = std::time::Instant::now();
+    loop {
+        let s = engine.stats();
+        if s.queued == 0 && s.running == 0 {
+            return s;
+        }
+        assert!(t.elapsed().as_secs() < secs, "the engine is still busy after {secs} s: {s:?}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// Start a server on a free port; it runs until the test process ends.

@@ -1,0 +1,100 @@
+//! A worker that decodes speculatively (prompt lookup, or a draft model)
+//! answers greedy requests exactly as a plain one does, whole and streamed.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use common::sse::{stream, streamed_text};
+use common::{post, CTX};
+use fusebox_core::cpu::CpuBackend;
+use fusebox_core::fixtures::fixture;
+use fusebox_core::Backend;
+use fusebox_engine::{DraftModel, PromptLookup, SpecOptions, Speculation};
+use fusebox_models::Model;
+use fusebox_server::{Loaded, MakeSpeculation, ServerOptions, SpecSetup, Worker};
+use serde_json::{json, Value};
+
+struct Ngram;
+
+impl MakeSpeculation for Ngram {
+    fn make<'m>(&self, _: &'m Model, _: Option<&'m Model>, _: &'m dyn Backend, _: usize) -> Result<Speculation<'m>> {
+        Ok(Speculation { options: SpecOptions { k: 4, trace: false }, proposer: Box::new(PromptLookup::new(3)?) })
+    }
+}
+
+struct Draft;
+
+impl MakeSpeculation for Draft {
+    fn make<'m>(
+        &self,
+        target: &'m Model,
+        draft: Option<&'m Model>,
+        be: &'m dyn Backend,
+        ctx: usize,
+    ) -> Result<Speculation<'m>> {
+        let d = DraftModel::new(target, draft.context("no draft model")?, be, ctx)?;
+        Ok(Speculation { options: SpecOptions { k: 3, trace: false }, proposer: Box::new(d) })
+    }
+}
+
+/// A server on the fixture, speculating with `make` (and the `draft` fixture).
+fn server(make: Box<dyn MakeSpeculation + Send>, draft: Option<&'static str>) -> (SocketAddr, Option<String>) {
+    let load = move || {
+        let backend = CpuBackend::new(1)?;
+        let model = Model::load(&fixture(common::MODEL), &backend)?;
+        let draft = draft.map(|d| Model::load(&fixture(d), &backend)).transpose()?;
+        let mut loaded = Loaded::new(Box::new(backend), model, CTX);
+        loaded.spec = Some(SpecSetup { draft, make });
+        Ok(loaded)
+    };
+    let (worker, info) = Worker::spawn(load, 4).expect("starting the worker");
+    let spec = info.speculation.clone();
+    (common::start_with(Arc::new(worker), info, ServerOptions::default()), spec)
+}
+
+/// Greedy answers of `addr`: completion and chat, whole and streamed.
+fn answers(addr: SocketAddr) -> Vec<Value> {
+    let mut out = vec![];
+    for (path, mut body) in [
+        ("/v1/completions", json!({"prompt": "Hello Hello Hello", "max_tokens": 48})),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Hello Hello"}], "max_tokens": 40})),
+    ] {
+        body["temperature"] = json!(0);
+        let v = post(addr, path, &body).json();
+        let choice = &v["choices"][0];
+        let text = choice["text"].as_str().or(choice["message"]["content"].as_str()).unwrap().to_string();
+        body["stream"] = json!(true);
+        let streamed = streamed_text(&stream(addr, path, &body));
+        assert_eq!(streamed, text, "{path}: streamed and whole differ");
+        out.push(json!({"text": text, "finish_reason": choice["finish_reason"], "usage": v["usage"]}));
+    }
+    out
+}
+
+#[test]
+fn speculative_greedy_answers_equal_plain_ones() {
+    let plain = answers(common::start(ServerOptions::default()));
+    assert!(plain[0]["usage"]["completion_tokens"].as_u64().unwrap() > 8, "{plain:?}");
+    let (ngram, desc) = server(Box::new(Ngram), None);
+    assert_eq!(desc.as_deref(), Some("ngram k=4"));
+    assert_eq!(answers(ngram), plain);
+    let (draft, desc) = server(Box::new(Draft), Some("tiny-llama"));
+    assert_eq!(desc.as_deref(), Some("draft k=3"));
+    assert_eq!(answers(draft), plain);
+}
+
+#[test]
+fn a_speculation_that_cannot_be_made_fails_the_start() {
+    let load = || {
+        let backend = CpuBackend::new(1)?;
+        let model = Model::load(&fixture(common::MODEL), &backend)?;
+        let mut loaded = Loaded::new(Box::new(backend), model, CTX);
+        loaded.spec = Some(SpecSetup { draft: None, make: Box::new(Draft) });
+        Ok(loaded)
+    };
+    let e = Worker::spawn(load, 4).err().expect("no draft model");
+    assert!(format!("{e:#}").contains("no draft model"), "{e:#}");
+}
