@@ -58,7 +58,7 @@ fn weights(r: &mut ChaCha8Rng, rows: usize, cols: usize) -> Vec<(String, Weight)
         }
     }
     v.push(("4-bit g64 f16 scales".into(), common::affine(r, 1, rows, cols, 4, 64, DType::F16)));
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
         v.push((ty.name().to_string(), common::ggml(r, ty, 1, rows, cols)));
     }
     v

@@ -9,8 +9,12 @@ use rand_chacha::ChaCha8Rng;
 
 mod common;
 
+/// A backend on the f32 dot products, whatever `int_dot`'s default (its
+/// integer kernels have their own tests, in cpu_int_dot.rs).
 fn be() -> CpuBackend {
-    CpuBackend::new(3).unwrap()
+    let b = CpuBackend::new(3).unwrap();
+    b.policy().override_site(fusebox_core::fusion::Site::IntDot, Some(false));
+    b
 }
 
 fn randn(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {

@@ -10,9 +10,11 @@
 //! SmolLM2's greedy tokens diverged at token 43).
 //!
 //! Every weight format here is `s * q + b` per block of 32 with integer `q`
-//! (Q4_0: s = d, b = -8d; Q4_1: b = m; Q8_0: q signed, b = 0; MLX affine
-//! 4/8-bit: the group's scale and bias), so a block contributes
-//! `s * dy * sum(q * yq) + b * ysum` with `ysum = dy * sum(yq)`.
+//! (Q4_0: s = d, b = -8d; Q4_1: b = m; Q8_0: q signed, b = 0; Q4_K/Q5_K:
+//! s = d * sc, b = -dmin * m per sub-block; Q6_K: q - 32 signed with a scale
+//! per 16 values; MLX affine 4/8-bit: the group's scale and bias), so a
+//! block contributes `s * dy * sum(q * yq) + b * ysum` with
+//! `ysum = dy * sum(yq)`.
 
 use crate::quant::GgmlType;
 
@@ -56,7 +58,8 @@ impl IntRow {
 
 /// Whether [`ggml_dot`] handles this block type.
 pub fn ggml_supported(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) && has_avx2()
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
+        && has_avx2()
 }
 
 /// Whether [`affine_dot`] handles this bit width.
@@ -75,7 +78,7 @@ fn has_avx2() -> bool {
     }
 }
 
-/// One row of Q4_0, Q4_1 or Q8_0 blocks against `y`.
+/// One row of Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K blocks against `y`.
 ///
 /// # Panics
 /// If [`ggml_supported`] is false for `ty` or `y` is shorter than the row.
@@ -88,6 +91,9 @@ pub fn ggml_dot(ty: GgmlType, row: &[u8], y: &IntRow) -> f32 {
     unsafe {
         match ty {
             GgmlType::Q8_0 => x86::q8_0(row, y),
+            GgmlType::Q4_K => x86::q45_k(row, y, false),
+            GgmlType::Q5_K => x86::q45_k(row, y, true),
+            GgmlType::Q6_K => x86::q6_k(row, y),
             t => x86::q4(row, y, t == GgmlType::Q4_1),
         }
     }
@@ -118,6 +124,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::IntRow;
+    use crate::quant::ggml::scale_min_k4;
 
     const PREFETCH: usize = 1024;
 
@@ -223,5 +230,89 @@ mod x86 {
             }
         }
         hsum(_mm256_add_ps(a[0], a[1])) + bias
+    }
+
+    /// 32 bytes of values (one per byte, below 128) as two i16 halves.
+    #[inline(always)]
+    unsafe fn widen(v: __m256i) -> (__m256i, __m256i) {
+        (_mm256_cvtepu8_epi16(_mm256_castsi256_si128(v)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1)))
+    }
+
+    /// Q4_K (or Q5_K, `q5`): super-blocks of 256 values in 8 sub-blocks of
+    /// 32, each `d * sc * q - dmin * m` with 6-bit `sc` and `m`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q45_k(row: &[u8], y: &IntRow, q5: bool) -> f32 {
+        let ts = if q5 { 176 } else { 144 };
+        let m4 = _mm256_set1_epi8(0x0f);
+        let one = _mm256_set1_epi8(1);
+        let mut a = [_mm256_setzero_ps(); 2];
+        let mut bias = 0f32;
+        for (bi, blk) in row.chunks_exact(ts).enumerate() {
+            let p = blk.as_ptr();
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+            let (d, dmin) = (f16(p), f16(p.add(2)));
+            let scales = &blk[4..16];
+            let qs = p.add(if q5 { 48 } else { 16 });
+            let qh = if q5 { _mm256_loadu_si256(p.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
+            for c in 0..4 {
+                let v = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                let mut lo = _mm256_and_si256(v, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if q5 {
+                    let bit = |s: i32| {
+                        let b = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(s)), one);
+                        _mm256_slli_epi16(b, 4)
+                    };
+                    lo = _mm256_or_si256(lo, bit(2 * c as i32));
+                    hi = _mm256_or_si256(hi, bit(2 * c as i32 + 1));
+                }
+                for (sub, v) in [(2 * c, lo), (2 * c + 1, hi)] {
+                    let (sc, m) = scale_min_k4(sub, scales);
+                    let b = bi * 8 + sub;
+                    let (l, h) = widen(v);
+                    acc2(&mut a, b, d * sc as f32 * *y.d.get_unchecked(b), dot16(l, h, y, b));
+                    bias = (-dmin * m as f32).mul_add(*y.sum.get_unchecked(b), bias);
+                }
+            }
+        }
+        hsum(_mm256_add_ps(a[0], a[1])) + bias
+    }
+
+    /// Q6_K: super-blocks of 256 values, `d * sc * (q - 32)` with an i8 `sc`
+    /// per 16 values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q6_k(row: &[u8], y: &IntRow) -> f32 {
+        let (m4, m3, k32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3), _mm256_set1_epi16(32));
+        let mut a = [_mm256_setzero_ps(); 2];
+        for (bi, blk) in row.chunks_exact(210).enumerate() {
+            let p = blk.as_ptr();
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+            let d = f16(p.add(208));
+            for n in 0..2 {
+                let ql_a = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
+                let ql_b = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
+                let high = |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(v, m3), 4);
+                let groups = [
+                    _mm256_or_si256(_mm256_and_si256(ql_a, m4), high(qh)),
+                    _mm256_or_si256(_mm256_and_si256(ql_b, m4), high(_mm256_srli_epi16(qh, 2))),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql_a, 4), m4), high(_mm256_srli_epi16(qh, 4))),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql_b, 4), m4), high(_mm256_srli_epi16(qh, 6))),
+                ];
+                for (g, v) in groups.into_iter().enumerate() {
+                    let b = bi * 8 + 4 * n + g;
+                    let (l, h) = widen(v);
+                    let yp = y.q.as_ptr().add(32 * b) as *const __m256i;
+                    let pl = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_sub_epi16(l, k32), _mm256_loadu_si256(yp)));
+                    let ph =
+                        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_sub_epi16(h, k32), _mm256_loadu_si256(yp.add(1))));
+                    let dd = d * *y.d.get_unchecked(b);
+                    let sc = p.add(192 + 8 * n + 2 * g) as *const i8;
+                    a[0] = _mm256_fmadd_ps(_mm256_set1_ps(dd * *sc as f32), pl, a[0]);
+                    a[1] = _mm256_fmadd_ps(_mm256_set1_ps(dd * *sc.add(1) as f32), ph, a[1]);
+                }
+            }
+        }
+        hsum(_mm256_add_ps(a[0], a[1]))
     }
 }
