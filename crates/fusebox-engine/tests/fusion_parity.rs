@@ -134,6 +134,10 @@ fn smollm2_greedy_256_tokens_fused_equal_graph() {
 }
 
 /// The same on the CPU, where `add_rms_norm` and `int_dot` have fused paths.
+/// `int_dot` is not bitwise (relative RMS about 2e-4 on the logits), so over
+/// 256 tokens the two paths may part at a near-tie: they must agree up to the
+/// first step whose top two logits on the graph path are closer than 5e-3 of
+/// the logits' RMS (the gate's own tolerance), and at least 32 tokens.
 #[test]
 fn smollm2_greedy_256_tokens_fused_equal_graph_on_the_cpu() {
     let Some(path) = asset_or_skip(
@@ -142,10 +146,36 @@ fn smollm2_greedy_256_tokens_fused_equal_graph_on_the_cpu() {
     ) else {
         return;
     };
-    smollm2_greedy_fused_equal_graph(&path, &CpuBackend::new(0).unwrap());
+    let be = CpuBackend::new(0).unwrap();
+    let (m, ids, runs) = smollm2_greedy_runs(&path, &be);
+    let i = runs[0].iter().zip(&runs[1]).take_while(|(a, b)| a == b).count();
+    if i == runs[0].len() {
+        return;
+    }
+    // the graph path's logits at the step where the runs part
+    set_sites(&be, &[]);
+    let mut s = Session::new(&m.decoder, &be, 512).unwrap();
+    let ctx: Vec<u32> = ids.iter().chain(&runs[0][..i]).copied().collect();
+    s.prefill(&ctx[..ctx.len() - 1]).unwrap();
+    let l = s.step(ctx[ctx.len() - 1]).unwrap().to_vec();
+    let rms = (l.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / l.len() as f64).sqrt();
+    let margin = (l[runs[0][i] as usize] - l[runs[1][i] as usize]) as f64;
+    eprintln!(
+        "smollm2 (cpu): fused and graph part at token {i} of 256, a top-2 margin of {:.2e} of the RMS",
+        margin / rms
+    );
+    assert!(
+        i >= 32 && margin < 5e-3 * rms,
+        "the runs part at {i}, where the margin is {:.2e} of the RMS",
+        margin / rms
+    );
 }
 
-fn smollm2_greedy_fused_equal_graph(path: &std::path::Path, be: &dyn Backend) {
+type Runs = (Model, Vec<u32>, Vec<Vec<u32>>);
+
+/// 256 greedy tokens of SmolLM2's chat prompt with every site on the graph
+/// path, then with every site fused.
+fn smollm2_greedy_runs(path: &std::path::Path, be: &dyn Backend) -> Runs {
     let m = Model::load(path, be).unwrap();
     let t = m.chat_template.as_ref().expect("SmolLM2 GGUF carries a chat template");
     let msgs: Vec<fusebox_models::Message> =
@@ -159,6 +189,11 @@ fn smollm2_greedy_fused_equal_graph(path: &std::path::Path, be: &dyn Backend) {
         let mut s = Session::new(&m.decoder, be, 512).unwrap();
         runs.push(s.generate(&ids, &opts, |_| Ok(true)).unwrap().tokens);
     }
+    (m, ids, runs)
+}
+
+fn smollm2_greedy_fused_equal_graph(path: &std::path::Path, be: &dyn Backend) {
+    let (m, _, runs) = smollm2_greedy_runs(path, be);
     let i = runs[0].iter().zip(&runs[1]).take_while(|(a, b)| a == b).count();
     assert_eq!(runs[0].len(), 256);
     assert_eq!(i, 256, "fused and graph greedy tokens diverge at {i}");

@@ -5,6 +5,7 @@
 //! f32. Work is spread over a rayon pool owned by the backend.
 
 mod avx2;
+mod gemm;
 mod intdot;
 mod kernels;
 mod quant;
@@ -494,14 +495,10 @@ impl Backend for CpuBackend {
                     for jj in 0..nb {
                         rows.row_into(j0 + jj, k, &mut buf[jj * k..(jj + 1) * k]);
                     }
-                    for r in 0..m {
-                        let xr = &xs[r * k..(r + 1) * k];
-                        for jj in 0..nb {
-                            let v = dot_f32(xr, &buf[jj * k..(jj + 1) * k]);
-                            // SAFETY: each (r, j0+jj) is written by exactly one task, inside `os`.
-                            unsafe { optr.write(r * n + j0 + jj, v) };
-                        }
-                    }
+                    gemm::block_product(xs, m, buf, nb, k, |r, jj, v| {
+                        // SAFETY: each (r, j0+jj) is written by exactly one task, inside `os`.
+                        unsafe { optr.write(r * n + j0 + jj, v) };
+                    });
                 })
             })
         });
