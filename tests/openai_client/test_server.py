@@ -219,6 +219,116 @@ def test_unknown_routes_and_methods():
     expect(openai.APIStatusError, lambda: c.get("/completions", cast_to=httpx.Response), status_code=405)
 
 
+ROOT_URL = BASE_URL.removesuffix("/v1")
+
+
+def test_completion_logprobs_whole_and_streamed():
+    c = client()
+    args = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
+    plain = c.completions.create(**args)
+    r = c.completions.create(logprobs=2, **args)
+    assert r.choices[0].text == plain.choices[0].text, "logprobs change the answer"
+    assert plain.choices[0].logprobs is None
+    lp = r.choices[0].logprobs
+    n = r.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n, lp
+    assert all(x <= 0 for x in lp.token_logprobs), lp.token_logprobs
+    for got, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 2, top
+        assert abs(max(top.values()) - got) < 1e-6, (got, top)  # greedy draws the most likely token
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0, lp.text_offset
+    chunks = list(c.completions.create(logprobs=2, stream=True, **args))
+    assert "".join(ch.choices[0].text for ch in chunks) == r.choices[0].text
+    streamed = [x for ch in chunks if ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs, (streamed, lp.token_logprobs)
+
+
+def test_chat_logprobs_whole_and_streamed():
+    c = client()
+    args = dict(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    plain = c.chat.completions.create(**args)
+    r = c.chat.completions.create(logprobs=True, top_logprobs=3, **args)
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    assert plain.choices[0].logprobs is None
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and isinstance(item.token, str) and isinstance(item.bytes, list), item
+        assert len(item.top_logprobs) == 3, item
+        assert item.top_logprobs[0].token == item.token, item
+    text = bytes(b for item in content for b in item.bytes).decode("utf-8", errors="replace")
+    assert text == r.choices[0].message.content, (text, r.choices[0].message.content)
+    chunks = list(c.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **args))
+    streamed = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.content]
+    assert [(x.token, x.logprob) for x in streamed] == [(x.token, x.logprob) for x in content]
+    expect(
+        openai.BadRequestError,
+        lambda: c.chat.completions.create(logprobs=True, top_logprobs=21, **args),
+        param="top_logprobs",
+    )
+
+
+def test_seed_reproducibility():
+    c = client()
+
+    def completion():
+        r = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=42)
+        return r.choices[0].text
+
+    def chat():
+        r = c.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=16, temperature=0.8, top_p=0.95, seed=42
+        )
+        return r.choices[0].message.content
+
+    for create in (completion, chat):
+        a, b = create(), create()
+        assert a == b, (a, b)
+
+
+def test_penalties():
+    c = client()
+    args = dict(model=MODEL, prompt="Hello Hello Hello Hello", max_tokens=24, temperature=0)
+    plain = c.completions.create(**args).choices[0].text
+    penalised = c.completions.create(frequency_penalty=2.0, presence_penalty=0.5, **args).choices[0].text
+    assert penalised != plain, plain
+    expect(openai.BadRequestError, lambda: c.completions.create(frequency_penalty=3, **args), param="frequency_penalty")
+
+
+def test_tokenize_detokenize_round_trip():
+    text = "The quick brown fox"
+    r = httpx.post(ROOT_URL + "/tokenize", json={"model": MODEL, "prompt": text})
+    assert r.status_code == 200, r.text
+    v = r.json()
+    assert v["count"] == len(v["tokens"]) > 0 and v["max_model_len"] == 128, v
+    r = httpx.post(ROOT_URL + "/detokenize", json={"model": MODEL, "tokens": v["tokens"]})
+    assert r.status_code == 200 and r.json() == {"prompt": text}, r.text
+    chat = httpx.post(ROOT_URL + "/tokenize", json={"messages": CHAT}).json()
+    assert chat["count"] > len(CHAT[0]["content"].split()), chat
+    r = httpx.post(ROOT_URL + "/detokenize", json={"tokens": [10**7]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.text
+
+
+def test_metrics():
+    client().completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
+    r = httpx.get(ROOT_URL + "/metrics")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4"), r.headers
+    for name in (
+        "fusebox_requests_total",
+        "fusebox_request_duration_seconds",
+        "fusebox_prompt_tokens_total",
+        "fusebox_generated_tokens_total",
+        "fusebox_queue_depth",
+        "fusebox_time_to_first_token_seconds",
+        "fusebox_inter_token_latency_seconds",
+    ):
+        assert f"# TYPE {name} " in r.text, name
+    samples = dict(line.rsplit(" ", 1) for line in r.text.splitlines() if line and not line.startswith("#"))
+    assert float(samples['fusebox_requests_total{endpoint="/v1/completions",status="200"}']) >= 1, r.text
+    assert float(samples["fusebox_generated_tokens_total"]) >= 1, r.text
+
+
 def test_api_key():
     if not BIN.exists():
         print(f"SKIP test_api_key: {BIN} not built")

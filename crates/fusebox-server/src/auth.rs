@@ -1,4 +1,5 @@
-//! `--api-key`: requests to /v1/ need `Authorization: Bearer <key>`.
+//! `--api-key`: requests to /v1/, /tokenize and /detokenize need
+//! `Authorization: Bearer <key>` (/health and /metrics do not).
 
 use axum::extract::{Request, State};
 use axum::http::header;

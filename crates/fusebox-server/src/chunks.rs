@@ -4,7 +4,9 @@
 use serde::Serialize;
 
 use crate::engine::{FinishReason, Usage};
+use crate::logprob_json::Formatter;
 use crate::openai::{ChatChunkChoice, ChatDelta, Chunk, CompletionChunkChoice};
+use crate::output::Scored;
 
 /// Which API a stream answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,23 +23,25 @@ pub struct Chunks {
     pub model: String,
     /// `stream_options.include_usage`.
     pub include_usage: bool,
+    /// Formats log-probabilities, when the request asked for them.
+    pub logprobs: Option<Formatter>,
 }
 
 impl Chunks {
     /// What opens the stream: chat announces the assistant's role.
     pub fn opening(&self) -> Option<String> {
         let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
-        (self.api == Api::Chat).then(|| self.choice(delta, "", None))
+        (self.api == Api::Chat).then(|| self.choice(delta, "", None, None))
     }
 
-    /// A piece of text.
-    pub fn text(&self, text: String) -> String {
-        self.choice(ChatDelta { role: None, content: Some(text.clone()) }, &text, None)
+    /// A piece of text, and the scores of its tokens.
+    pub fn text(&self, text: String, scored: &[Scored]) -> String {
+        self.choice(ChatDelta { role: None, content: Some(text.clone()) }, &text, Some(scored), None)
     }
 
     /// The last chunk with a choice: empty, with why the generation ended.
     pub fn finish(&self, reason: FinishReason) -> String {
-        self.choice(ChatDelta { role: None, content: None }, "", Some(reason.as_str()))
+        self.choice(ChatDelta { role: None, content: None }, "", None, Some(reason.as_str()))
     }
 
     /// The usage chunk after the last choice, if the request asked for it.
@@ -49,13 +53,24 @@ impl Chunks {
     }
 
     /// A chunk of one choice: `delta` for chat, `text` for completions.
-    fn choice(&self, delta: ChatDelta, text: &str, finish_reason: Option<&'static str>) -> String {
+    fn choice(
+        &self,
+        delta: ChatDelta,
+        text: &str,
+        scored: Option<&[Scored]>,
+        finish_reason: Option<&'static str>,
+    ) -> String {
+        let f = self.logprobs.as_ref().zip(scored);
         match self.api {
-            Api::Chat => self.chunk(vec![ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason }], None),
-            Api::Completion => self.chunk(
-                vec![CompletionChunkChoice { text: text.to_string(), index: 0, logprobs: None, finish_reason }],
-                None,
-            ),
+            Api::Chat => {
+                let logprobs = f.map(|(f, s)| f.chat(s));
+                self.chunk(vec![ChatChunkChoice { index: 0, delta, logprobs, finish_reason }], None)
+            }
+            Api::Completion => {
+                let logprobs = f.map(|(f, s)| f.completion(s));
+                let text = text.to_string();
+                self.chunk(vec![CompletionChunkChoice { text, index: 0, logprobs, finish_reason }], None)
+            }
         }
     }
 

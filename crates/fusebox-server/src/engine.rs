@@ -10,8 +10,10 @@ use tokio::sync::mpsc;
 
 use fusebox_engine::SamplingParams;
 
+use crate::penalties::Penalties;
+
 /// One generation: token ids in, new tokens out.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct GenRequest {
     /// The prompt's token ids (not empty; shorter than the context).
     pub prompt: Vec<u32>,
@@ -20,6 +22,20 @@ pub struct GenRequest {
     pub sampling: SamplingParams,
     /// Generation stops when one of these is drawn (it is not emitted).
     pub stop_ids: Vec<u32>,
+    /// OpenAI's frequency and presence penalties (zero: off).
+    pub penalties: Penalties,
+    /// Report each token's log-probability and this many most likely
+    /// alternatives (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
+}
+
+/// A drawn token's log-probability under the model's raw distribution (the
+/// log-softmax of its logits, before temperature, penalties and filters),
+/// and the most likely tokens at that step with theirs, most likely first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Why a generation ended, in OpenAI's words.
@@ -58,8 +74,9 @@ impl Usage {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// A new token and the text it completes (empty while the detokenizer
-    /// holds back an incomplete character or word).
-    Token { id: u32, text: String },
+    /// holds back an incomplete character or word), with its
+    /// log-probabilities when the request asked for them.
+    Token { id: u32, text: String, logprobs: Option<TokenLogprobs> },
     /// The end. `text` is what the detokenizer still held back (usually empty).
     Done { finish_reason: FinishReason, usage: Usage, text: String },
     /// The request failed (or the engine shut down) after it was accepted.

@@ -3,17 +3,20 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{Request, State};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
 use crate::chunks::{Api, Chunks};
 use crate::collect::collect;
+use crate::engine::GenRequest;
 use crate::error::ApiError;
 use crate::json::ApiJson;
+use crate::logprob_json::Formatter;
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatRequest, ChatResponse, CompletionChoice, CompletionRequest, CompletionResponse,
-    ModelCard, ModelList,
+    ModelCard, ModelList, SamplingFields, Stop,
 };
 use crate::output::Output;
 use crate::state::{unix_now, AppState};
@@ -30,6 +33,12 @@ pub async fn models(State(st): State<AppState>) -> Json<ModelList> {
     Json(ModelList { object: "list", data: vec![card] })
 }
 
+/// `GET /metrics`
+pub async fn metrics(State(st): State<AppState>) -> Response {
+    let text = st.metrics.render(st.engine.stats());
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
 /// `POST /v1/completions`
 pub async fn completions(
     State(st): State<AppState>,
@@ -37,19 +46,21 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     st.check_model(req.model.as_deref())?;
     prepare::check_unsupported(&req.unsupported)?;
-    let sampling = prepare::sampling(&st.info, &req.sampling)?;
+    let logprobs = prepare::completion_logprobs(req.logprobs)?;
     let prompt = prepare::completion_prompt(&st.info, &req.prompt)?;
-    let gen = prepare::gen_request(&st.info, prompt, Some(req.max_tokens.unwrap_or(16)), sampling)?;
-    let stops = stop_strings(req.stop.as_ref())?;
-    let out = Output::start(&*st.engine, gen, stops)?;
+    let max_tokens = Some(req.max_tokens.unwrap_or(16));
+    let out = start(&st, prompt, max_tokens, &req.sampling, logprobs, req.stop.as_ref())?;
     let (id, created) = (new_id("cmpl"), unix_now());
+    let formatter = logprobs.map(|_| Formatter { tokenizer: st.info.tokenizer.clone() });
     if req.streaming.stream() {
+        let include_usage = req.streaming.include_usage();
         let chunks = Chunks {
             api: Api::Completion,
             id,
             created,
             model: st.model_id.clone(),
-            include_usage: req.streaming.include_usage(),
+            include_usage,
+            logprobs: formatter,
         };
         return Ok(stream::sse(out, chunks));
     }
@@ -62,7 +73,7 @@ pub async fn completions(
         choices: vec![CompletionChoice {
             text: done.text,
             index: 0,
-            logprobs: None,
+            logprobs: formatter.map(|f| f.completion(&done.scored)),
             finish_reason: done.finish_reason.as_str().into(),
         }],
         usage: done.usage,
@@ -77,21 +88,17 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     st.check_model(req.model.as_deref())?;
     prepare::check_unsupported(&req.unsupported)?;
-    let sampling = prepare::sampling(&st.info, &req.sampling)?;
+    let logprobs = prepare::chat_logprobs(req.logprobs, req.top_logprobs)?;
     let thinking = req.chat_template_kwargs.as_ref().and_then(|k| k.enable_thinking);
     let prompt = prepare::chat_prompt(&st.info, &req.messages, thinking)?;
-    let gen = prepare::gen_request(&st.info, prompt, req.max_completion_tokens.or(req.max_tokens), sampling)?;
-    let stops = stop_strings(req.stop.as_ref())?;
-    let out = Output::start(&*st.engine, gen, stops)?;
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
+    let out = start(&st, prompt, max_tokens, &req.sampling, logprobs, req.stop.as_ref())?;
     let (id, created) = (new_id("chatcmpl"), unix_now());
+    let formatter = logprobs.map(|_| Formatter { tokenizer: st.info.tokenizer.clone() });
     if req.streaming.stream() {
-        let chunks = Chunks {
-            api: Api::Chat,
-            id,
-            created,
-            model: st.model_id.clone(),
-            include_usage: req.streaming.include_usage(),
-        };
+        let include_usage = req.streaming.include_usage();
+        let chunks =
+            Chunks { api: Api::Chat, id, created, model: st.model_id.clone(), include_usage, logprobs: formatter };
         return Ok(stream::sse(out, chunks));
     }
     let done = collect(out).await?;
@@ -103,12 +110,28 @@ pub async fn chat_completions(
         choices: vec![ChatChoice {
             index: 0,
             message: AssistantMessage { role: "assistant", content: done.text },
-            logprobs: None,
+            logprobs: formatter.map(|f| f.chat(&done.scored)),
             finish_reason: done.finish_reason.as_str().into(),
         }],
         usage: done.usage,
     })
     .into_response())
+}
+
+/// Check the rest of a generation request and submit it.
+fn start(
+    st: &AppState,
+    prompt: Vec<u32>,
+    max_tokens: Option<usize>,
+    fields: &SamplingFields,
+    logprobs: Option<usize>,
+    stop: Option<&Stop>,
+) -> Result<Output, ApiError> {
+    let sampling = prepare::sampling(&st.info, fields)?;
+    let penalties = prepare::penalties(fields)?;
+    let stops = stop_strings(stop)?;
+    let gen = GenRequest { penalties, logprobs, ..prepare::gen_request(&st.info, prompt, max_tokens, sampling)? };
+    Output::start(&*st.engine, gen, stops, st.metrics.clone())
 }
 
 pub async fn not_found(req: Request) -> ApiError {
@@ -120,7 +143,7 @@ pub async fn method_not_allowed(req: Request) -> ApiError {
 }
 
 /// `stop`, checked: at most 4 non-empty strings.
-fn stop_strings(stop: Option<&crate::openai::Stop>) -> Result<Vec<String>, ApiError> {
+fn stop_strings(stop: Option<&Stop>) -> Result<Vec<String>, ApiError> {
     let v = stop.map(|s| s.strings()).unwrap_or_default();
     if v.len() > 4 || v.iter().any(String::is_empty) {
         return Err(ApiError::invalid("stop takes at most 4 non-empty strings").param("stop"));

@@ -1,9 +1,11 @@
 //! fusebox-server: an OpenAI-compatible HTTP API (`fusebox serve`).
 //!
-//! `GET /health`, `GET /v1/models`, `POST /v1/completions` and
-//! `POST /v1/chat/completions`, whole or streamed as server-sent events, with
-//! stop strings and usage; errors in OpenAI's shape; an optional API key;
-//! graceful shutdown. The handlers talk to an [`Engine`]; today that is a
+//! `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`,
+//! `POST /v1/completions` and `POST /v1/chat/completions`, whole or streamed
+//! as server-sent events, with stop strings, usage and log-probabilities;
+//! `POST /tokenize` and `POST /detokenize`; errors in OpenAI's shape; an
+//! optional API key (on everything but /health and /metrics); graceful
+//! shutdown. The handlers talk to an [`Engine`]; today that is a
 //! [`Worker`]: one thread that owns the model and runs one request at a time
 //! from a bounded queue.
 
@@ -14,15 +16,22 @@ pub mod engine;
 pub mod error;
 pub mod handlers;
 pub mod json;
+pub mod logprob_json;
+pub mod logprobs;
+pub mod metrics;
 pub mod model;
 pub mod openai;
 pub mod output;
 pub mod panic;
+pub mod penalties;
 pub mod prepare;
 pub mod shutdown;
 pub mod state;
+pub mod stepwise;
 pub mod stop;
 pub mod stream;
+pub mod tokenize;
+pub mod track;
 pub mod worker;
 
 use std::sync::Arc;
@@ -33,8 +42,9 @@ use axum::routing::{get, post};
 use axum::{middleware, Router};
 use tokio::net::TcpListener;
 
-pub use engine::{Engine, EngineStats, Event, Events, FinishReason, GenRequest, SubmitError, Usage};
+pub use engine::{Engine, EngineStats, Event, Events, FinishReason, GenRequest, SubmitError, TokenLogprobs, Usage};
 pub use model::{Loaded, MakeSpeculation, ModelInfo, SpecSetup};
+pub use penalties::Penalties;
 pub use state::{AppState, ServerOptions};
 pub use worker::Worker;
 
@@ -44,14 +54,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(handlers::models))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key));
     Router::new()
         .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
         .merge(v1)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(json::MAX_BODY))
         .layer(middleware::from_fn(panic::catch_panic))
+        .layer(middleware::from_fn_with_state(state.clone(), track::track))
         .with_state(state)
 }
 

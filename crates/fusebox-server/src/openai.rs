@@ -15,6 +15,9 @@ pub struct SamplingFields {
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    /// OpenAI's penalties on tokens generated so far, in [-2, 2].
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
     pub seed: Option<i64>,
 }
 
@@ -74,7 +77,6 @@ pub struct StreamOptions {
 pub struct Unsupported {
     pub n: Option<u32>,
     pub echo: Option<bool>,
-    pub logprobs: Option<serde_json::Value>,
     pub best_of: Option<u32>,
 }
 
@@ -86,6 +88,9 @@ pub struct CompletionRequest {
     /// Default 16, as OpenAI's.
     pub max_tokens: Option<usize>,
     pub stop: Option<Stop>,
+    /// The log-probabilities of each token and of this many most likely
+    /// alternatives (0 to 5).
+    pub logprobs: Option<usize>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     #[serde(flatten)]
@@ -130,6 +135,10 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<usize>,
     pub stop: Option<Stop>,
     pub chat_template_kwargs: Option<ChatTemplateKwargs>,
+    /// The log-probability of each token.
+    pub logprobs: Option<bool>,
+    /// And of this many most likely alternatives (0 to 20; needs `logprobs`).
+    pub top_logprobs: Option<usize>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     #[serde(flatten)]
@@ -138,11 +147,45 @@ pub struct ChatRequest {
     pub unsupported: Unsupported,
 }
 
+/// A completion's `logprobs` (the legacy shape): per token its text, its
+/// log-probability, the most likely alternatives by text, and where the
+/// token's text starts in the completion.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    pub text_offset: Vec<usize>,
+}
+
+/// One token of a chat answer's `logprobs.content`.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's UTF-8 bytes (a character may span tokens).
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// A chat answer's `logprobs`.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CompletionChoice {
     pub text: String,
     pub index: usize,
-    pub logprobs: Option<serde_json::Value>,
+    pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: String,
 }
 
@@ -167,7 +210,7 @@ pub struct AssistantMessage {
 pub struct ChatChoice {
     pub index: usize,
     pub message: AssistantMessage,
-    pub logprobs: Option<serde_json::Value>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: String,
 }
 
@@ -211,7 +254,7 @@ pub struct ChatDelta {
 pub struct ChatChunkChoice {
     pub index: usize,
     pub delta: ChatDelta,
-    pub logprobs: Option<serde_json::Value>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -219,7 +262,7 @@ pub struct ChatChunkChoice {
 pub struct CompletionChunkChoice {
     pub text: String,
     pub index: usize,
-    pub logprobs: Option<serde_json::Value>,
+    pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
 }
 

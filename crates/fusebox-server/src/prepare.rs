@@ -8,6 +8,7 @@ use crate::engine::GenRequest;
 use crate::error::ApiError;
 use crate::model::ModelInfo;
 use crate::openai::{ChatMessage, Content, Prompt, SamplingFields, Unsupported};
+use crate::penalties::Penalties;
 
 /// Refuse the features that are not there yet.
 pub fn check_unsupported(u: &Unsupported) -> Result<(), ApiError> {
@@ -22,10 +23,50 @@ pub fn check_unsupported(u: &Unsupported) -> Result<(), ApiError> {
     if u.echo == Some(true) {
         return Err(ApiError::invalid("echo is not supported").param("echo"));
     }
-    if u.logprobs.as_ref().is_some_and(|v| !(v.is_null() || *v == serde_json::json!(false))) {
-        return Err(ApiError::invalid("logprobs are not supported yet").param("logprobs"));
-    }
     Ok(())
+}
+
+/// The most alternatives a chat answer reports per token (`top_logprobs`).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+/// The most a completion reports per token (`logprobs`).
+pub const MAX_COMPLETION_LOGPROBS: usize = 5;
+
+/// A chat request's `logprobs` and `top_logprobs`: how many alternatives
+/// to report per token (`None`: no log-probabilities).
+pub fn chat_logprobs(logprobs: Option<bool>, top: Option<usize>) -> Result<Option<usize>, ApiError> {
+    if let Some(n) = top.filter(|&n| n > MAX_TOP_LOGPROBS) {
+        return Err(ApiError::invalid(format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"))
+            .param("top_logprobs"));
+    }
+    match (logprobs == Some(true), top) {
+        (true, top) => Ok(Some(top.unwrap_or(0))),
+        (false, Some(n)) if n > 0 => Err(ApiError::invalid("top_logprobs needs logprobs: true").param("top_logprobs")),
+        (false, _) => Ok(None),
+    }
+}
+
+/// A completion request's `logprobs`: how many alternatives to report.
+pub fn completion_logprobs(n: Option<usize>) -> Result<Option<usize>, ApiError> {
+    match n {
+        Some(n) if n > MAX_COMPLETION_LOGPROBS => {
+            Err(ApiError::invalid(format!("logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {n}"))
+                .param("logprobs"))
+        }
+        n => Ok(n),
+    }
+}
+
+/// `frequency_penalty` and `presence_penalty`, each in [-2, 2].
+pub fn penalties(f: &SamplingFields) -> Result<Penalties, ApiError> {
+    let check = |name: &str, v: Option<f32>| match v {
+        None => Ok(0.0),
+        Some(v) if v.abs() <= Penalties::MAX => Ok(v),
+        Some(v) => Err(ApiError::invalid(format!("{name} must be between -2 and 2, got {v}")).param(name)),
+    };
+    Ok(Penalties {
+        frequency: check("frequency_penalty", f.frequency_penalty)?,
+        presence: check("presence_penalty", f.presence_penalty)?,
+    })
 }
 
 /// Sampling settings: generation_config.json first, then the request's fields.
@@ -99,12 +140,24 @@ pub fn completion_prompt(info: &ModelInfo, prompt: &Prompt) -> Result<Vec<u32>, 
     info.tokenizer.encode(text, true).map_err(|e| ApiError::invalid(format!("tokenizing the prompt: {e:#}")))
 }
 
-/// The token ids of a conversation rendered by the model's chat template.
+/// The token ids of a conversation rendered by the model's chat template,
+/// ending with the assistant's turn opening.
 pub fn chat_prompt(
     info: &ModelInfo,
     messages: &[ChatMessage],
     enable_thinking: Option<bool>,
 ) -> Result<Vec<u32>, ApiError> {
+    let text = chat_text(info, messages, true, enable_thinking)?;
+    info.tokenizer.encode(&text, false).map_err(|e| ApiError::invalid(format!("tokenizing the conversation: {e:#}")))
+}
+
+/// A conversation rendered by the model's chat template.
+pub fn chat_text(
+    info: &ModelInfo,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    enable_thinking: Option<bool>,
+) -> Result<String, ApiError> {
     let Some(template) = &info.chat_template else {
         return Err(ApiError::invalid("this model has no chat template; use /v1/completions"));
     };
@@ -135,10 +188,9 @@ pub fn chat_prompt(
         };
         msgs.push(Message::new(&m.role, &content));
     }
-    let text = template
-        .render(&msgs, true, enable_thinking)
-        .map_err(|e| ApiError::invalid(format!("{e:#}")).param("messages"))?;
-    info.tokenizer.encode(&text, false).map_err(|e| ApiError::invalid(format!("tokenizing the conversation: {e:#}")))
+    template
+        .render(&msgs, add_generation_prompt, enable_thinking)
+        .map_err(|e| ApiError::invalid(format!("{e:#}")).param("messages"))
 }
 
 /// A generation request for `prompt`: at most `max_tokens` new tokens (all
@@ -167,5 +219,5 @@ pub fn gen_request(
     }
     let room = info.ctx - prompt.len();
     let max_tokens = max_tokens.unwrap_or(room).min(room);
-    Ok(GenRequest { prompt, max_tokens, sampling, stop_ids: info.eos_token_ids.clone() })
+    Ok(GenRequest { prompt, max_tokens, sampling, stop_ids: info.eos_token_ids.clone(), ..GenRequest::default() })
 }

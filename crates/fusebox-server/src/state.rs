@@ -4,12 +4,14 @@ use std::sync::Arc;
 
 use crate::engine::Engine;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::model::ModelInfo;
 
 /// Server settings beyond the model.
 #[derive(Clone, Debug, Default)]
 pub struct ServerOptions {
-    /// Require `Authorization: Bearer <key>` on /v1/ routes.
+    /// Require `Authorization: Bearer <key>` on /v1/ routes, /tokenize and
+    /// /detokenize.
     pub api_key: Option<String>,
 }
 
@@ -22,12 +24,20 @@ pub struct AppState {
     pub options: Arc<ServerOptions>,
     /// When the server started (Unix seconds), the model's `created`.
     pub created: u64,
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
     pub fn new(engine: Arc<dyn Engine>, info: ModelInfo, options: ServerOptions) -> AppState {
         let model_id = model_id(&info.path);
-        AppState { engine, info: Arc::new(info), model_id, options: Arc::new(options), created: unix_now() }
+        AppState {
+            engine,
+            info: Arc::new(info),
+            model_id,
+            options: Arc::new(options),
+            created: unix_now(),
+            metrics: Arc::default(),
+        }
     }
 
     /// A request may name the served model or none.

@@ -34,7 +34,7 @@ pub fn sse(out: Output, chunks: Chunks) -> Response {
             }
             let piece = st.out.as_mut()?.next().await;
             match piece {
-                Some(Piece::Text(t)) => st.ready.push_back(st.chunks.text(t)),
+                Some(Piece::Text(t, scored)) => st.ready.push_back(st.chunks.text(t, &scored)),
                 Some(Piece::End { finish_reason, usage }) => {
                     st.ready.push_back(st.chunks.finish(finish_reason));
                     st.ready.extend(st.chunks.usage(usage));

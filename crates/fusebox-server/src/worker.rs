@@ -17,9 +17,10 @@ use fusebox_engine::{GenerateOptions, Session, Speculation, StopReason};
 use fusebox_models::{Model, StreamDecoder, Tokenizer};
 use tokio::sync::mpsc;
 
-use crate::engine::{Engine, EngineStats, Event, Events, FinishReason, GenRequest, SubmitError, Usage};
+use crate::engine::{Engine, EngineStats, Event, Events, FinishReason, GenRequest, SubmitError, TokenLogprobs, Usage};
 use crate::model::{Loaded, MakeSpeculation, ModelInfo};
 use crate::panic::panic_message;
+use crate::stepwise;
 
 /// What a request is told when the server shuts down under it.
 pub const SHUTTING_DOWN: &str = "the server is shutting down";
@@ -177,25 +178,34 @@ impl<'m> Generator<'m> {
     }
 
     /// Generate for one job on a fresh context, sending its events; stop
-    /// when the request is cancelled or the worker closed.
+    /// when the request is cancelled or the worker closed. Requests that
+    /// need each step's logits run the host-driven loop ([`stepwise`]),
+    /// without speculation; the others the session's own loop.
     fn run(&mut self, job: &Job) -> Result<()> {
         let Job { req, tx } = job;
         let (tokenizer, shared) = (self.tokenizer, self.shared);
         self.session.reset();
-        let opts = GenerateOptions {
-            max_new_tokens: req.max_tokens,
-            stop_ids: req.stop_ids.clone(),
-            sampling: req.sampling.clone(),
-        };
         let mut stream = StreamDecoder::new();
-        let (out, _) = self.session.generate_with(&req.prompt, &opts, self.spec.as_mut(), |id| {
+        let mut on_token = |id: u32, logprobs: Option<TokenLogprobs>| -> Result<bool> {
             shared.generated.fetch_add(1, SeqCst);
             if shared.closed.load(SeqCst) {
                 return Ok(false);
             }
             let text = stream.push(tokenizer, id)?.unwrap_or_default();
-            Ok(tx.send(Event::Token { id, text }).is_ok())
-        })?;
+            Ok(tx.send(Event::Token { id, text, logprobs }).is_ok())
+        };
+        let out = if stepwise::needed(req) {
+            stepwise::generate(&mut self.session, req, on_token)?
+        } else {
+            let opts = GenerateOptions {
+                max_new_tokens: req.max_tokens,
+                stop_ids: req.stop_ids.clone(),
+                sampling: req.sampling.clone(),
+            };
+            let (out, _) =
+                self.session.generate_with(&req.prompt, &opts, self.spec.as_mut(), |id| on_token(id, None))?;
+            out
+        };
         if out.stop == StopReason::Callback && shared.closed.load(SeqCst) {
             let _ = tx.send(Event::Error(SHUTTING_DOWN.into()));
             return Ok(());

@@ -11,7 +11,6 @@ use std::time::Duration;
 use common::script::{token, Script};
 use common::sse::open;
 use common::{long_worker, post, wait_idle};
-use fusebox_engine::SamplingParams;
 use fusebox_server::{Engine, Event, GenRequest, ServerOptions};
 use serde_json::{json, Value};
 
@@ -83,8 +82,7 @@ fn the_worker_stops_when_a_stream_is_closed_and_serves_the_next_request() {
 fn a_request_cancelled_while_queued_is_skipped() {
     let (w, info) = long_worker(4, LONG_CTX);
     let prompt = info.tokenizer.encode("Hello", true).unwrap();
-    let req =
-        |n| GenRequest { prompt: prompt.clone(), max_tokens: n, sampling: SamplingParams::greedy(), stop_ids: vec![] };
+    let req = |n| GenRequest { prompt: prompt.clone(), max_tokens: n, ..GenRequest::default() };
     let mut running = w.submit(req(LONG)).unwrap();
     assert!(matches!(running.blocking_next(), Some(Event::Token { .. })));
     let queued = w.submit(req(LONG)).unwrap();

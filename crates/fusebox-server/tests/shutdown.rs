@@ -70,7 +70,7 @@ fn shutdown_ends_running_and_queued_requests_and_returns() {
     let s = worker.stats();
     assert!(s.generated_tokens < LONG as u64 / 2, "{s:?}");
     // and the engine takes nothing more
-    let req = GenRequest { prompt, max_tokens: 1, sampling: SamplingParams::greedy(), stop_ids: vec![] };
+    let req = GenRequest { prompt, max_tokens: 1, sampling: SamplingParams::greedy(), ..GenRequest::default() };
     assert_eq!(worker.submit(req).err(), Some(SubmitError::Closed));
 }
 

@@ -98,3 +98,20 @@ fn a_speculation_that_cannot_be_made_fails_the_start() {
     let e = Worker::spawn(load, 4).err().expect("no draft model");
     assert!(format!("{e:#}").contains("no draft model"), "{e:#}");
 }
+
+#[test]
+fn logprobs_and_penalties_decode_plainly_under_speculation() {
+    let plain = common::start(ServerOptions::default());
+    let (ngram, _) = server(Box::new(Ngram), None);
+    for body in [
+        json!({"prompt": "Hello Hello Hello", "max_tokens": 24, "temperature": 0, "logprobs": 2}),
+        json!({"prompt": "Hello Hello Hello", "max_tokens": 24, "temperature": 0, "frequency_penalty": 1.0}),
+    ] {
+        let want = post(plain, "/v1/completions", &body).json();
+        let got = post(ngram, "/v1/completions", &body).json();
+        assert_eq!(got["choices"], want["choices"], "{body}");
+        assert_eq!(got["usage"], want["usage"]);
+    }
+    // and the speculative worker goes on answering greedy requests as before
+    assert_eq!(answers(ngram), answers(plain));
+}

@@ -7,7 +7,13 @@ use fusebox_engine::SamplingParams;
 use fusebox_server::{Engine, Event, FinishReason, GenRequest, SubmitError, Usage, Worker};
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize, info: &fusebox_server::ModelInfo) -> GenRequest {
-    GenRequest { prompt, max_tokens, sampling: SamplingParams::greedy(), stop_ids: info.eos_token_ids.clone() }
+    GenRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_ids: info.eos_token_ids.clone(),
+        ..GenRequest::default()
+    }
 }
 
 /// Every event of a request: token ids, then the end.
@@ -41,6 +47,24 @@ fn tokens_match_plain_greedy_generation() {
             other => panic!("expected Done, got {other:?}"),
         }
     }
+}
+
+#[test]
+fn logprobs_come_with_the_same_tokens() {
+    let (w, info) = worker(4);
+    let prompt = info.tokenizer.encode("Hello world", true).unwrap();
+    let want = engine_greedy(&prompt, 20);
+    let req = GenRequest { logprobs: Some(4), ..greedy(prompt.clone(), 20, &info) };
+    let mut ev = w.submit(req).unwrap();
+    let mut ids = vec![];
+    while let Some(Event::Token { id, logprobs, .. }) = ev.blocking_next() {
+        let lp = logprobs.expect("every token has its logprobs");
+        assert_eq!(lp.top.len(), 4);
+        assert_eq!(lp.top[0], (id, lp.logprob), "greedy draws the most likely token");
+        assert!(lp.top.windows(2).all(|p| p[0].1 >= p[1].1), "{lp:?}");
+        ids.push(id);
+    }
+    assert_eq!(ids, want);
 }
 
 #[test]

@@ -54,9 +54,13 @@ enum Command {
     Quantize(quantize::Args),
     /// Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
     ///
-    /// Endpoints: GET /health, GET /v1/models, POST /v1/completions and POST /v1/chat/completions,
-    /// whole or streamed as server-sent events (`stream: true`; `stream_options.include_usage`
-    /// adds a usage chunk), with `stop` (up to 4 strings, matched on the text and not returned).
+    /// Endpoints: GET /health, GET /metrics (Prometheus text), GET /v1/models, POST /v1/completions
+    /// and POST /v1/chat/completions, whole or streamed as server-sent events (`stream: true`;
+    /// `stream_options.include_usage` adds a usage chunk), with `stop` (up to 4 strings, matched on
+    /// the text and not returned) and `logprobs` (chat: `logprobs: true`, `top_logprobs` 0-20;
+    /// completions: `logprobs` 0-5; the log-softmax of the model's raw logits, before temperature
+    /// and penalties); POST /tokenize and POST /detokenize (vLLM's). Requests with logprobs or a
+    /// frequency_penalty / presence_penalty decode plainly even under --spec.
     /// The model's id is its directory or file name. One worker thread runs
     /// one request at a time on a fresh context; the others wait in a queue of --max-queue, and a
     /// request that finds the queue full gets 429 with Retry-After. Sampling fields a request

@@ -25,7 +25,8 @@ pub struct Args {
     /// Port to listen on (0: any free port; the startup line says which).
     #[arg(long, default_value_t = 8080, value_name = "PORT")]
     pub port: u16,
-    /// Require `Authorization: Bearer KEY` on /v1/ requests (default: no key needed).
+    /// Require `Authorization: Bearer KEY` on /v1/, /tokenize and /detokenize (not /health or
+    /// /metrics; default: no key needed).
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
     /// Requests that may wait while one runs; more get 429 (at least 1).

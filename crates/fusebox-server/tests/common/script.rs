@@ -51,7 +51,7 @@ impl Script {
 
 /// A token event with `text` (id 0).
 pub fn token(text: &str) -> Event {
-    Event::Token { id: 0, text: text.into() }
+    Event::Token { id: 0, text: text.into(), logprobs: None }
 }
 
 impl Engine for Script {
