@@ -170,7 +170,7 @@ def main():
     ap.add_argument("--fusebox", metavar="BIN", help="start `BIN serve -m MODEL` on a free port instead of --url")
     ap.add_argument("-m", "--model", help="the model for --fusebox")
     ap.add_argument("--serve-args", default="", help="more `fusebox serve` flags for --fusebox, one string")
-    ap.add_argument("--device", help="device label for the record (default: from --fusebox's startup line)")
+    ap.add_argument("--device", help="device label for the record (default: the server's, from /v1/models)")
     ap.add_argument("--requests", type=int, default=16, help="requests in all (default: %(default)s)")
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight at once (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=128, help="max_tokens of each (default: %(default)s)")
@@ -190,7 +190,9 @@ def main():
         req = urllib.request.Request(url + "/v1/models")
         if a.api_key:
             req.add_header("Authorization", f"Bearer {a.api_key}")
-        model = json.load(urllib.request.urlopen(req, timeout=30))["data"][0]["id"]
+        card = json.load(urllib.request.urlopen(req, timeout=30))["data"][0]
+        model = card["id"]
+        device = device or card.get("device")
         prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * (a.prompt_words // 9 + 1)).split()
         body = {"model": model, "prompt": " ".join(prompt[: a.prompt_words]), "max_tokens": a.max_tokens}
         body |= {"temperature": 0, "stream": True, "stream_options": {"include_usage": True}}

@@ -29,7 +29,14 @@ pub async fn health() -> Json<Value> {
 
 /// `GET /v1/models`
 pub async fn models(State(st): State<AppState>) -> Json<ModelList> {
-    let card = ModelCard { id: st.model_id.clone(), object: "model", created: st.created, owned_by: "fusebox" };
+    let card = ModelCard {
+        id: st.model_id.clone(),
+        object: "model",
+        created: st.created,
+        owned_by: "fusebox",
+        max_model_len: st.info.ctx,
+        device: st.info.device.clone(),
+    };
     Json(ModelList { object: "list", data: vec![card] })
 }
 

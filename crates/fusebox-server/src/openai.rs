@@ -272,6 +272,10 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// The context length in tokens, prompt included (vLLM's field).
+    pub max_model_len: usize,
+    /// Where the model runs (`cpu (2 threads)`, `cuda:0 (...)`): fusebox's own field.
+    pub device: String,
 }
 
 /// `GET /v1/models`

@@ -21,6 +21,8 @@ fn health_and_models() {
     assert_eq!(v["data"][0]["id"], MODEL);
     assert_eq!(v["data"][0]["object"], "model");
     assert!(v["data"][0]["created"].is_u64());
+    assert!(v["data"][0]["max_model_len"].as_u64().unwrap() > 0);
+    assert!(v["data"][0]["device"].as_str().unwrap().starts_with("cpu"));
 }
 
 #[test]
