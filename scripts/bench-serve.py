@@ -195,7 +195,7 @@ def main():
         device = device or card.get("device")
         prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * (a.prompt_words // 9 + 1)).split()
         body = {"model": model, "prompt": " ".join(prompt[: a.prompt_words]), "max_tokens": a.max_tokens}
-        body |= {"temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        body |= {"temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
         if a.warmup:
             run(url, body, a.warmup, 1, a.api_key)
         results, errors, wall = run(url, body, a.requests, a.concurrency, a.api_key)

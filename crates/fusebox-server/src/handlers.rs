@@ -137,7 +137,10 @@ fn start(
     let sampling = prepare::sampling(&st.info, fields)?;
     let penalties = prepare::penalties(fields)?;
     let stops = stop_strings(stop)?;
-    let gen = GenRequest { penalties, logprobs, ..prepare::gen_request(&st.info, prompt, max_tokens, sampling)? };
+    let mut gen = GenRequest { penalties, logprobs, ..prepare::gen_request(&st.info, prompt, max_tokens, sampling)? };
+    if fields.ignore_eos == Some(true) {
+        gen.stop_ids.clear();
+    }
     Output::start(&*st.engine, gen, stops, st.metrics.clone())
 }
 

@@ -19,6 +19,9 @@ pub struct SamplingFields {
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub seed: Option<i64>,
+    /// vLLM's extension: keep generating past the model's EOS tokens (for
+    /// benchmarks that need exactly `max_tokens`).
+    pub ignore_eos: Option<bool>,
 }
 
 /// `stop`: one string or several.

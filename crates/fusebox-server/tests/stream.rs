@@ -224,3 +224,18 @@ fn chunks_arrive_as_generated_and_a_closed_stream_cancels() {
     drop(sse);
     assert!(script.cancelled(), "closing the connection did not cancel the request");
 }
+
+#[test]
+fn ignore_eos_drops_the_stop_tokens() {
+    let script = Script::pieces(&["a", "b"], FinishReason::Length);
+    let addr = scripted(&script);
+    let stop_ids = |extra: Value| {
+        let mut body = json!({"prompt": "x", "max_tokens": 2});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        assert_eq!(post(addr, COMPLETIONS, &body).status, 200);
+        script.last_request().expect("a request was submitted").stop_ids
+    };
+    assert!(!stop_ids(json!({})).is_empty(), "the model's EOS tokens stop a plain request");
+    assert!(stop_ids(json!({"ignore_eos": true})).is_empty());
+    assert!(!stop_ids(json!({"ignore_eos": false})).is_empty());
+}

@@ -2,7 +2,7 @@
 //! exact text pieces, endings and errors, and whether it was cancelled.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fusebox_server::{Engine, Event, Events, FinishReason, GenRequest, SubmitError, Usage};
@@ -14,11 +14,12 @@ pub struct Script {
     events: Vec<Event>,
     endless: bool,
     cancelled: Arc<AtomicBool>,
+    last: Arc<Mutex<Option<GenRequest>>>,
 }
 
 impl Script {
     pub fn new(events: Vec<Event>) -> Script {
-        Script { events, endless: false, cancelled: Arc::default() }
+        Script { events, endless: false, cancelled: Arc::default(), last: Arc::default() }
     }
 
     /// `events`, then tokens until cancelled.
@@ -33,6 +34,11 @@ impl Script {
         let usage = Usage::new(1, pieces.len());
         events.push(Event::Done { finish_reason, usage, text: String::new() });
         Script::new(events)
+    }
+
+    /// The last request submitted.
+    pub fn last_request(&self) -> Option<GenRequest> {
+        self.last.lock().unwrap().clone()
     }
 
     /// Whether a request's events were dropped while it still had some to
@@ -55,7 +61,8 @@ pub fn token(text: &str) -> Event {
 }
 
 impl Engine for Script {
-    fn submit(&self, _: GenRequest) -> Result<Events, SubmitError> {
+    fn submit(&self, req: GenRequest) -> Result<Events, SubmitError> {
+        *self.last.lock().unwrap() = Some(req);
         let (tx, events) = Events::channel();
         let me = self.clone();
         std::thread::spawn(move || {
