@@ -4,6 +4,7 @@
 //! products, never copied); activations, the KV cache and all reductions are
 //! f32. Work is spread over a rayon pool owned by the backend.
 
+mod attn;
 mod avx2;
 mod gemm;
 mod intdot;
@@ -682,22 +683,16 @@ impl Backend for CpuBackend {
             let qv = &qs[idx * d..(idx + 1) * d];
             let len = pos[i] as usize + 1;
             with_scratch(len, |s| {
-                let mut mx = f32::NEG_INFINITY;
-                for (t, st) in s.iter_mut().enumerate() {
-                    let kt = &ks[t * kv_row + kvh * d..t * kv_row + (kvh + 1) * d];
-                    *st = dot_f32(qv, kt) * scale;
-                    mx = mx.max(*st);
-                }
+                attn::scores(qv, &ks[kvh * d..], kv_row, scale, s);
+                let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                 let mut sum = 0f32;
                 for st in s.iter_mut() {
                     *st = (*st - mx).exp();
                     sum += *st;
                 }
                 let inv = 1.0 / sum;
-                o.fill(0.0);
-                for (t, &st) in s.iter().enumerate() {
-                    axpy(st * inv, &vs[t * kv_row + kvh * d..t * kv_row + (kvh + 1) * d], o);
-                }
+                s.iter_mut().for_each(|st| *st *= inv);
+                attn::weighted_sum(s, &vs[kvh * d..], kv_row, o);
             })
         };
         self.pool.install(|| os.par_chunks_exact_mut(d).enumerate().for_each(f));
