@@ -1,5 +1,6 @@
 //! The CPU attention's inner loops over the cached keys and values of one
-//! head: scores and the weighted sum of values, four cache rows at a time, so
+//! head: scores (the prefill product's tile, one query against four keys) and
+//! the weighted sum of values, four cache rows at a time, so
 //! that each loaded vector of the query (or of the output) serves four rows
 //! instead of one (one `dot_f32` / `axpy` call per row reloaded it and
 //! reduced each score across lanes separately).
@@ -10,13 +11,12 @@ use super::kernels::{axpy, dot_f32};
 pub fn scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, s: &mut [f32]) {
     let d = q.len();
     #[cfg(target_arch = "x86_64")]
-    if super::kernels::has_avx2_fma() && d % 8 == 0 {
+    if super::kernels::has_avx2_fma() {
         let n = s.len();
-        assert!(n == 0 || (n - 1) * stride + d <= keys.len(), "attention scores: rows past the cache");
         let mut t = 0;
         while t + 4 <= n {
-            // SAFETY: AVX2/FMA are present; rows t..t+4 lie inside `keys` (checked above); d % 8 == 0.
-            let v = unsafe { x86::dot4(q, keys.as_ptr().add(t * stride), stride) };
+            // SAFETY: AVX2/FMA are present (the tile checks its rows' bounds).
+            let [v] = unsafe { super::gemm::x86::tile::<1>(q, d, 0, &keys[t * stride..], stride, 0, d) };
             for (i, x) in v.iter().enumerate() {
                 s[t + i] = x * scale;
             }
@@ -59,30 +59,6 @@ pub fn weighted_sum(p: &[f32], values: &[f32], stride: usize, o: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn hsum(a: __m256) -> f32 {
-        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-        _mm_cvtss_f32(h)
-    }
-
-    /// `q . row_c` for the four rows at `k + c * stride`.
-    ///
-    /// # Safety
-    /// AVX2/FMA; the four rows of `q.len()` (a multiple of 8) values are readable.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot4(q: &[f32], k: *const f32, stride: usize) -> [f32; 4] {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for i in (0..q.len()).step_by(8) {
-            let qv = _mm256_loadu_ps(q.as_ptr().add(i));
-            for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add(c * stride + i)), *a);
-            }
-        }
-        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
-    }
 
     /// `o += sum_c p[c] * row_c` for the four rows at `v + c * stride`.
     ///

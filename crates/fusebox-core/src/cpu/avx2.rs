@@ -11,14 +11,19 @@ use std::arch::x86_64::*;
 /// the end of a row is harmless (it is a hint) and warms the next row.
 const PREFETCH: usize = 1024;
 
-/// Horizontal sum of four accumulators.
+/// Horizontal sum of one accumulator's 8 lanes (the CPU kernels' one reduction).
 #[inline(always)]
-unsafe fn hsum(a: [__m256; 4]) -> f32 {
-    let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+pub(super) unsafe fn hsum8(a: __m256) -> f32 {
+    let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
     _mm_cvtss_f32(h)
+}
+
+/// Horizontal sum of four accumulators.
+#[inline(always)]
+unsafe fn hsum(a: [__m256; 4]) -> f32 {
+    hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])))
 }
 
 /// 8 bytes at `p` widened to 8 f32 (unsigned).

@@ -18,7 +18,7 @@ pub fn block_product(x: &[f32], m: usize, w: &[f32], nb: usize, k: usize, mut pu
             let mut j = 0;
             while j + 4 <= nb {
                 // SAFETY: AVX2/FMA are present; rows r..r+3 of x and j..j+4 of w hold k values.
-                let t = unsafe { x86::tile::<3>(x, r, w, j, k) };
+                let t = unsafe { x86::tile::<3>(x, k, r, w, k, j, k) };
                 for (i, row) in t.iter().enumerate() {
                     for (c, &v) in row.iter().enumerate() {
                         put(r + i, j + c, v);
@@ -48,26 +48,29 @@ pub fn block_product(x: &[f32], m: usize, w: &[f32], nb: usize, k: usize, mut pu
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
-    #[inline(always)]
-    unsafe fn hsum(a: __m256) -> f32 {
-        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-        _mm_cvtss_f32(h)
-    }
+    use crate::cpu::avx2::hsum8 as hsum;
 
-    /// Dot products of input rows `r0..r0+R` with weight rows `j0..j0+4`.
+    /// Dot products over `k` values of input rows `r0..r0+R` (row i at
+    /// `x[i * xs..]`) with weight rows `j0..j0+4` (row j at `w[j * ws..]`).
     ///
     /// # Safety
-    /// AVX2 and FMA are present; those rows exist in `x` and `w` (rows of `k`).
+    /// AVX2 and FMA are present (the row bounds are checked).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile<const R: usize>(x: &[f32], r0: usize, w: &[f32], j0: usize, k: usize) -> [[f32; 4]; R] {
-        assert!((r0 + R) * k <= x.len() && (j0 + 4) * k <= w.len());
-        let xp: [*const f32; R] = std::array::from_fn(|i| x.as_ptr().add((r0 + i) * k));
-        let wp: [*const f32; 4] = std::array::from_fn(|c| w.as_ptr().add((j0 + c) * k));
+    pub unsafe fn tile<const R: usize>(
+        x: &[f32],
+        xs: usize,
+        r0: usize,
+        w: &[f32],
+        ws: usize,
+        j0: usize,
+        k: usize,
+    ) -> [[f32; 4]; R] {
+        assert!((r0 + R - 1) * xs + k <= x.len() && (j0 + 3) * ws + k <= w.len());
+        let xp: [*const f32; R] = std::array::from_fn(|i| x.as_ptr().add((r0 + i) * xs));
+        let wp: [*const f32; 4] = std::array::from_fn(|c| w.as_ptr().add((j0 + c) * ws));
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
         let body = k / 8 * 8;
         let mut i = 0;

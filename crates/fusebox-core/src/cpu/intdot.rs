@@ -124,17 +124,10 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::IntRow;
+    use crate::cpu::avx2::hsum8 as hsum;
     use crate::quant::ggml::scale_min_k4;
 
     const PREFETCH: usize = 1024;
-
-    #[inline(always)]
-    unsafe fn hsum(a: __m256) -> f32 {
-        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-        _mm_cvtss_f32(h)
-    }
 
     /// 8 lanes of `sum(q * y)` over a block of 32: `lo` and `hi` hold values
     /// 0..15 and 16..31 as i16.
