@@ -4,10 +4,12 @@
 pub mod generate;
 pub mod kv_cache;
 pub mod sampling;
+pub mod sampling_config;
 pub mod spec;
 pub mod verify;
 
 pub use generate::{GenerateOptions, GenerateOutput, ParityCheck, Session, StopReason};
 pub use kv_cache::KvCache;
 pub use sampling::{Sampler, SamplingParams};
+pub use sampling_config::{check_sampling, clock_seed, sampling_defaults, BadSetting};
 pub use spec::{DFlash, DraftModel, PromptLookup, Proposer, SpecOptions, SpecStats, Speculation};

@@ -1,7 +1,7 @@
 //! Checking a request and turning it into a [`GenRequest`]: the prompt's
 //! token ids, sampling settings and token budget.
 
-use fusebox_engine::SamplingParams;
+use fusebox_engine::{BadSetting, SamplingParams};
 use fusebox_models::Message;
 
 use crate::engine::GenRequest;
@@ -69,52 +69,36 @@ pub fn penalties(f: &SamplingFields) -> Result<Penalties, ApiError> {
     })
 }
 
-/// Sampling settings: generation_config.json first, then the request's fields.
+/// Sampling settings: generation_config.json first, then the request's
+/// fields, then one range check of the merged settings (as the CLI does).
 pub fn sampling(info: &ModelInfo, f: &SamplingFields) -> Result<SamplingParams, ApiError> {
-    let g = &info.generation;
-    let mut p = SamplingParams::greedy();
-    if g.do_sample == Some(true) {
-        p.temperature = g.temperature.unwrap_or(1.0) as f32;
-        p.top_k = g.top_k.unwrap_or(0);
-        p.top_p = g.top_p.unwrap_or(1.0) as f32;
-        p.min_p = g.min_p.unwrap_or(0.0) as f32;
-    }
-    p.repeat_penalty = g.repetition_penalty.unwrap_or(1.0) as f32;
+    let mut p = fusebox_engine::sampling_defaults(&info.generation);
     if let Some(t) = f.temperature {
-        if !(t >= 0.0 && t.is_finite()) {
-            return Err(ApiError::invalid(format!("temperature must be a number >= 0, got {t}")).param("temperature"));
-        }
         p.temperature = t;
     }
     if let Some(v) = f.top_p {
-        if !(v > 0.0 && v <= 1.0) {
-            return Err(ApiError::invalid(format!("top_p must be in (0, 1], got {v}")).param("top_p"));
-        }
         p.top_p = v;
     }
     if let Some(k) = f.top_k {
+        // 0 or negative: off
         p.top_k = usize::try_from(k).unwrap_or(0);
     }
     if let Some(v) = f.min_p {
-        if !(0.0..=1.0).contains(&v) {
-            return Err(ApiError::invalid(format!("min_p must be in [0, 1], got {v}")).param("min_p"));
-        }
         p.min_p = v;
     }
     if let Some(v) = f.repetition_penalty {
-        if !(v > 0.0 && v.is_finite()) {
-            return Err(
-                ApiError::invalid(format!("repetition_penalty must be > 0, got {v}")).param("repetition_penalty")
-            );
-        }
         p.repeat_penalty = v;
     }
-    p.seed = match f.seed {
-        Some(s) => s as u64,
-        None => {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-        }
-    };
+    p.seed = f.seed.map_or_else(fusebox_engine::clock_seed, |s| s as u64);
+    if let Err((what, msg)) = fusebox_engine::check_sampling(&p) {
+        let field = match what {
+            BadSetting::Temperature => "temperature",
+            BadSetting::TopP => "top_p",
+            BadSetting::MinP => "min_p",
+            BadSetting::RepeatPenalty => "repetition_penalty",
+        };
+        return Err(ApiError::invalid(format!("{field} {msg}")).param(field));
+    }
     Ok(p)
 }
 

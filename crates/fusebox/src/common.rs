@@ -9,7 +9,7 @@ use clap::Args;
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::cuda::{self, CudaBackend};
 use fusebox_core::Backend;
-use fusebox_engine::SamplingParams;
+use fusebox_engine::{BadSetting, SamplingParams};
 use fusebox_models::GenerationConfig;
 
 /// `--device`: `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -223,22 +223,13 @@ pub struct SamplingArgs {
 impl SamplingArgs {
     /// The seed to use: `--seed`, or one from the clock.
     pub fn seed(&self) -> u64 {
-        self.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-        })
+        self.seed.unwrap_or_else(fusebox_engine::clock_seed)
     }
 
     /// Sampling settings: generation_config.json first, then the flags.
     pub fn resolve(&self, g: &GenerationConfig, seed: u64) -> Result<SamplingParams> {
         let a = self;
-        let mut p = SamplingParams::greedy();
-        if g.do_sample == Some(true) {
-            p.temperature = g.temperature.unwrap_or(1.0) as f32;
-            p.top_k = g.top_k.unwrap_or(0);
-            p.top_p = g.top_p.unwrap_or(1.0) as f32;
-            p.min_p = g.min_p.unwrap_or(0.0) as f32;
-        }
-        p.repeat_penalty = g.repetition_penalty.unwrap_or(1.0) as f32;
+        let mut p = fusebox_engine::sampling_defaults(g);
         if let Some(t) = a.temperature {
             p.temperature = t;
         }
@@ -256,17 +247,14 @@ impl SamplingArgs {
         }
         p.repeat_last_n = a.repeat_last_n;
         p.seed = seed;
-        if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
-            bail!("--temp must be a number >= 0, got {}", p.temperature);
-        }
-        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-            bail!("--top-p must be in (0, 1], got {}", p.top_p);
-        }
-        if !(0.0..=1.0).contains(&p.min_p) {
-            bail!("--min-p must be in [0, 1], got {}", p.min_p);
-        }
-        if !(p.repeat_penalty > 0.0 && p.repeat_penalty.is_finite()) {
-            bail!("--repeat-penalty must be > 0, got {}", p.repeat_penalty);
+        if let Err((what, msg)) = fusebox_engine::check_sampling(&p) {
+            let flag = match what {
+                BadSetting::Temperature => "--temp",
+                BadSetting::TopP => "--top-p",
+                BadSetting::MinP => "--min-p",
+                BadSetting::RepeatPenalty => "--repeat-penalty",
+            };
+            bail!("{flag} {msg}");
         }
         Ok(p)
     }
