@@ -50,10 +50,28 @@ pub enum Site {
     /// quantized once to int16 in blocks of 32, then integer multiply-adds
     /// (the graph path: every weight widened to f32). CPU only.
     IntDot,
+    /// A 4-bit affine weight's matmul (MLX 4-bit, and GGUF Q4_0/Q4_K as
+    /// converted at load) for 1 to 64 input rows on the tensor cores
+    /// (kernels/qmm.cu): x rounded to bf16 once, the weight read once for all
+    /// rows, so verifying 16 rows costs about what one does (the graph path:
+    /// the GEMV, which reads the weight once per 8 rows and spends one f32
+    /// multiply-add per weight and row). Every row count computes a row the
+    /// same way, so speculative and plain greedy output stay equal; where it
+    /// is on, the fused sites that embed such a weight's GEMV (`qk_norm`,
+    /// `swiglu`) step aside for it. CUDA only.
+    TcMatmul,
 }
 
-pub const SITES: [Site; 7] =
-    [Site::QkNorm, Site::Moe, Site::AddRmsNorm, Site::RopeKvAppend, Site::Swiglu, Site::DflashAttn, Site::IntDot];
+pub const SITES: [Site; 8] = [
+    Site::QkNorm,
+    Site::Moe,
+    Site::AddRmsNorm,
+    Site::RopeKvAppend,
+    Site::Swiglu,
+    Site::DflashAttn,
+    Site::IntDot,
+    Site::TcMatmul,
+];
 
 impl Site {
     /// The site's name in switches, files and reports (`qk_norm`, ...).
@@ -66,6 +84,7 @@ impl Site {
             Site::Swiglu => "swiglu",
             Site::DflashAttn => "dflash_attn",
             Site::IntDot => "int_dot",
+            Site::TcMatmul => "tc_matmul",
         }
     }
 
@@ -89,6 +108,7 @@ impl Site {
     pub const fn has_fused_path(self, backend: BackendKind) -> bool {
         match backend {
             BackendKind::Cuda => !matches!(self, Site::IntDot),
+            BackendKind::Cpu if matches!(self, Site::TcMatmul) => false,
             BackendKind::Cpu => matches!(self, Site::AddRmsNorm | Site::IntDot),
         }
     }
@@ -170,6 +190,7 @@ pub const TABLE: &[Rule] = &[
     },
     Rule { backend: BackendKind::Cuda, site: Site::DflashAttn, on: false, reason: "not yet measured" },
     Rule { backend: BackendKind::Cuda, site: Site::IntDot, on: false, reason: "no CUDA path" },
+    Rule { backend: BackendKind::Cuda, site: Site::TcMatmul, on: false, reason: "not yet measured" },
     Rule { backend: BackendKind::Cpu, site: Site::QkNorm, on: false, reason: "no fused CPU path" },
     Rule { backend: BackendKind::Cpu, site: Site::Moe, on: false, reason: "no fused CPU path" },
     Rule {
@@ -182,6 +203,7 @@ pub const TABLE: &[Rule] = &[
     Rule { backend: BackendKind::Cpu, site: Site::RopeKvAppend, on: false, reason: "no fused CPU path" },
     Rule { backend: BackendKind::Cpu, site: Site::Swiglu, on: false, reason: "no fused CPU path" },
     Rule { backend: BackendKind::Cpu, site: Site::DflashAttn, on: false, reason: "no fused CPU path" },
+    Rule { backend: BackendKind::Cpu, site: Site::TcMatmul, on: false, reason: "no tensor cores on the CPU" },
     Rule {
         backend: BackendKind::Cpu,
         site: Site::IntDot,

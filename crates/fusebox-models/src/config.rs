@@ -166,7 +166,8 @@ impl ModelConfig {
     /// `qkv_rope` without the norm for Llama), `add_rms_norm` and
     /// `rope_kv_append` in every model (the latter only runs where `qk_norm`
     /// is off), `moe` in MoE models, `swiglu` in models with dense MLPs,
-    /// `int_dot` in every model (it acts on packed weights only).
+    /// `int_dot` and `tc_matmul` in every model (they act on packed weights
+    /// only).
     pub fn has_site(&self, site: fusebox_core::fusion::Site) -> bool {
         use fusebox_core::fusion::Site;
         match site {
@@ -176,7 +177,7 @@ impl ModelConfig {
             // in a DFlash draft's layers, not the model's own
             Site::DflashAttn => false,
             // wherever a weight is packed (dense weights take the f32 path)
-            Site::IntDot => true,
+            Site::IntDot | Site::TcMatmul => true,
         }
     }
 

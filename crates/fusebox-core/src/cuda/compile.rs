@@ -27,6 +27,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("moe.cu", include_str!("../../kernels/moe.cu")),
     ("sample.cu", include_str!("../../kernels/sample.cu")),
     ("fused.cu", include_str!("../../kernels/fused.cu")),
+    ("qmm.cu", include_str!("../../kernels/qmm.cu")),
 ];
 
 /// NVRTC options shared by every file (the architecture is added per device).

@@ -179,6 +179,10 @@ impl CudaBackend {
             return Ok(false);
         };
         let same = |x: &Dev, y: &Dev| x.fmt == y.fmt && x.gs == y.gs && x.sdt == y.sdt && x.k == y.k;
+        // weights the tensor-core matmul serves take the graph path (one row as many)
+        if [&dq, &dk, &dv].iter().any(|d| self.qmm_serves(d)) {
+            return Ok(false);
+        }
         if !(same(&dq, &dk) && same(&dq, &dv) && dq.experts == 1 && dk.experts == 1 && dv.experts == 1)
             || h.numel() != dq.k
             || h.dtype() != DType::F32
@@ -384,6 +388,10 @@ impl CudaBackend {
     fn swiglu_fused(&self, h: &Tensor, gate: &Weight, up: &Weight, b: &mut SwigluBufs) -> Result<bool> {
         let (Ok(dg), Ok(du)) = (Dev::of(gate, "swiglu"), Dev::of(up, "swiglu")) else { return Ok(false) };
         let (ff, d) = (dg.n, dg.k);
+        // weights the tensor-core matmul serves take the graph path (one row as many)
+        if self.qmm_serves(&dg) || self.qmm_serves(&du) {
+            return Ok(false);
+        }
         let same = dg.fmt == du.fmt && dg.gs == du.gs && dg.sdt == du.sdt && (du.n, du.k) == (ff, d);
         if !same
             || dg.experts != 1

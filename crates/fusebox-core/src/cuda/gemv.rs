@@ -717,7 +717,9 @@ impl CudaBackend {
         if m == 0 {
             return Ok(());
         }
-        if m <= ROW_EXACT_MAX {
+        if m <= super::qmm::QMM_MAX_ROWS && self.qmm_serves(&d) {
+            self.qmm(&d, px, po, m)
+        } else if m <= ROW_EXACT_MAX {
             self.gemv_rows(&d, px, po, m)
         } else {
             self.gemm(&d, px, po, m)

@@ -22,6 +22,7 @@ mod gemv;
 pub mod libs;
 mod moe_sample;
 mod ops;
+mod qmm;
 mod timing;
 
 use std::collections::HashMap;

@@ -1,0 +1,102 @@
+//! Site `tc_matmul`: the tensor-core 4-bit matmul (kernels/qmm.cu) at every
+//! row count from 1 to 64 against the CPU's dequantized f32 product, and each
+//! row of an m-row product bitwise equal to that row's one-row product (what
+//! keeps speculative and batched greedy output equal to plain greedy). Skips
+//! without a GPU (`FUSEBOX_REQUIRE_CUDA=1` makes that a failure).
+
+use fusebox_core::cuda::{backend_for_tests, CudaBackend};
+use fusebox_core::fusion::Site;
+use fusebox_core::{Backend, DType, GgmlType, Tensor, Weight};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+mod common;
+use common::*;
+
+/// `x @ w^T` on the GPU with the site on.
+fn gpu_matmul(be: &CudaBackend, gw: &Weight, x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let xt = be.upload(Tensor::from_f32(&[m, k], x).unwrap()).unwrap();
+    let mut out = poisoned(be, &[m, n]);
+    be.matmul(&xt, gw, &mut out).unwrap();
+    read(be, &out)
+}
+
+fn cpu_matmul(w: &Weight, x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let c = cpu();
+    c.policy().override_site(Site::IntDot, Some(false));
+    let mut want = Tensor::zeros(&[m, n], DType::F32);
+    c.matmul(&Tensor::from_f32(&[m, k], x).unwrap(), w, &mut want).unwrap();
+    want.as_f32().unwrap().to_vec()
+}
+
+/// Every row count 1..=64 against the CPU; rows bitwise equal to one-row products.
+fn check_weight(be: &CudaBackend, w: &Weight, what: &str, r: &mut ChaCha8Rng) -> f64 {
+    let (_, n, k) = w.dims();
+    let gw = be.upload_weight(w.clone()).unwrap();
+    let x = randv(r, 64 * k);
+    let want = cpu_matmul(w, &x, 64, n, k);
+    // one row at a time: the decode product of each row
+    let ones: Vec<Vec<f32>> = (0..64).map(|i| gpu_matmul(be, &gw, &x[i * k..(i + 1) * k], 1, n, k)).collect();
+    let mut worst = 0f64;
+    for m in 1..=64 {
+        let got = gpu_matmul(be, &gw, &x[..m * k], m, n, k);
+        let e = check(&got, &want[..m * n], 4e-3, &format!("{what}: [{m}, {k}] x [{n}, {k}]^T"));
+        worst = worst.max(e);
+        for (i, one) in ones.iter().enumerate().take(m) {
+            let row = &got[i * n..(i + 1) * n];
+            if let Some(j) = row.iter().zip(one).position(|(a, b)| a.to_bits() != b.to_bits()) {
+                panic!(
+                    "{what}: row {i} of a {m}-row product differs from its one-row product at {j}: {} vs {}",
+                    row[j], one[j]
+                );
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn tc_matmul_matches_cpu_at_every_row_count_and_rows_match_one_row_products() {
+    let Some(be) = backend_for_tests() else { return };
+    be.set_fused(Site::TcMatmul, true);
+    let mut r = ChaCha8Rng::seed_from_u64(31);
+    // (n, k, group, scale dtype): the k split differs across them (1 to 8 warps a row tile)
+    let cases = [
+        (64, 1024, 64, DType::BF16),
+        (1024, 4096, 64, DType::BF16),
+        (4096, 1024, 32, DType::F16),
+        (256, 2048, 128, DType::F32),
+        (48, 256, 32, DType::F32),
+        (20000, 128, 128, DType::BF16),
+    ];
+    for (n, k, group, sdt) in cases {
+        let w = affine(&mut r, 1, n, k, 4, group, sdt);
+        let what = format!("4-bit g{group} {sdt} scales");
+        let worst = check_weight(&be, &w, &what, &mut r);
+        println!("{what} [{n}, {k}]: worst relative error {worst:.2e} over m = 1..64");
+    }
+    // GGUF Q4_0 and Q4_K become 4-bit affine weights of groups of 32 at upload
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_K] {
+        let w = ggml(&mut r, ty, 1, 512, 1024);
+        let what = format!("{ty:?}");
+        let worst = check_weight(&be, &w, &what, &mut r);
+        println!("{what} [512, 1024]: worst relative error {worst:.2e} over m = 1..64");
+    }
+}
+
+/// Run to run, the same bits.
+#[test]
+fn tc_matmul_is_deterministic() {
+    let Some(be) = backend_for_tests() else { return };
+    be.set_fused(Site::TcMatmul, true);
+    let mut r = ChaCha8Rng::seed_from_u64(32);
+    let (n, k) = (2048, 4096);
+    let w = affine(&mut r, 1, n, k, 4, 64, DType::BF16);
+    let gw = be.upload_weight(w).unwrap();
+    let x = randv(&mut r, 16 * k);
+    let a = gpu_matmul(&be, &gw, &x, 16, n, k);
+    for _ in 0..3 {
+        let b = gpu_matmul(&be, &gw, &x, 16, n, k);
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "two runs differ");
+    }
+}
