@@ -143,8 +143,7 @@ mod x86 {
 
     #[inline(always)]
     unsafe fn f16(b: *const u8) -> f32 {
-        let h = u16::from_le_bytes([*b, *b.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+        crate::cpu::avx2::f16_at(b)
     }
 
     /// 16 bytes of nibbles as values 0..15 and 16..31 (i16): ggml's order
