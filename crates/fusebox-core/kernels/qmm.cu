@@ -1,5 +1,5 @@
 // qmm.cu: out[m, n] = x[m, k] @ w[n, k]^T for MLX affine 4-bit weights
-// (groups of 32, 64 or 128) and 1 <= m <= 64 input rows, on the tensor cores
+// (groups of 32, 64 or 128) and 1 <= m <= 32 input rows, on the tensor cores
 // (mma.sync m16n8k16, bf16 x bf16 -> f32): the weight is read once for all m
 // rows, so 16 rows cost about what one does (speculative verify, batches).
 //
@@ -9,28 +9,33 @@
 // the per-group scale and the k-split sum are per element. So row r of an
 // m-row product is bitwise the one-row product (what a decode step computes).
 //
-// Numbers. x is rounded to bf16 once (qmm_prep). A weight nibble q enters the
-// MMA as the exact bf16 128 + q (one LOP3 puts two nibbles into the mantissas
-// of a bf16 pair), so per group g of a row, with D = sum (128 + q) x~ over
-// the group and X = sum x~ (f32, from qmm_prep):
-//   sum (s q + b) x~ = s D + (b - 128 s) X.
+// Numbers. x enters as two bf16 columns, hi = bf16(x) and lo = bf16(x - hi)
+// (about 16 bits of mantissa together; bf16 alone failed the parity gate at
+// relative RMS 6.6e-3), so an 8-column MMA tile carries 4 input rows. A
+// weight nibble q enters as the exact bf16 128 + q (one LOP3 puts two
+// nibbles into the mantissas of a bf16 pair), so per group of a row, with
+// D = sum (128 + q)(hi + lo) over the group and X = sum (hi + lo) (f32, from
+// qmm_prep):  sum (s q + b)(hi + lo) = s D + (b - 128 s) X.
 //
 // Layout. A warp owns 16 weight rows (one row tile) and one of `ksw` k slices;
 // the 8 warps of a block are 8/ksw row tiles times ksw slices, which meet in
 // shared memory. A k step is 64 values: thread (g = lane/4, t = lane%4) takes
-// rows g and g+8, and in each 32-value half of the step the 8 values at
-// 8t..8t+7 (one u32 of nibbles). Which k an MMA slot holds is free as long as
-// x's B fragment holds the same k, so MMA j of a half takes nibble pairs
-// (2j, 2j+4) and (2j+1, 2j+5), the pairs (i, i+4) that one shift and one LOP3
-// give, and qmm_prep stores each run of 8 x values in the order
-// 0,4,1,5,2,6,3,7 so that one 16-byte load is the B fragments of both MMAs.
+// rows g and g+8 and the 16 values at 16t..16t+15 (8 bytes; a quad reads 32
+// contiguous bytes of a row, whole sectors). Which k an MMA slot holds is free
+// as long as x's B fragment holds the same k, so an MMA takes nibble pairs
+// (i, i+4) of one word, the pairs one shift and one LOP3 give, and qmm_prep
+// stores each run of 8 x values in the order 0,4,1,5,2,6,3,7 so that one
+// 16-byte load is the B fragments of two MMAs. With groups of 32 a step holds
+// two groups (threads 0-1 and 2-3), so each group's MMAs run with the other
+// group's threads' A fragments zeroed.
 #include "common.cuh"
 #include "gemv.cuh"
 
-// x f32 [m, k] -> xb bf16 [mp, k] (8-value runs stored 0,4,1,5,2,6,3,7; rows
-// m..mp-1 zero) and xs f32 [k / gs, mp] (each group's sum of the bf16
-// values: the 8 of a thread in order, then a butterfly over the gs / 8
-// threads of the group). One thread per 8 values; k % 64 == 0.
+// x f32 [m, k] -> xb bf16 [2 mp, k] (row 2r: bf16(x_r), row 2r + 1:
+// bf16(x_r - that); 8-value runs stored 0,4,1,5,2,6,3,7; rows of r >= m zero)
+// and xs f32 [k / gs, mp] (per group, the sum of hi + lo: the 8 of a thread in
+// order, then a butterfly over the gs / 8 threads of the group). One thread
+// per 8 values of an input row; k % 64 == 0.
 extern "C" __global__ void qmm_prep(const float* __restrict__ x, u32* __restrict__ xb, float* __restrict__ xs, int m,
                                     int mp, int k, int gs) {
     FB_PROLOGUE();
@@ -41,24 +46,30 @@ extern "C" __global__ void qmm_prep(const float* __restrict__ x, u32* __restrict
         const long long c = base + threadIdx.x;
         const bool ok = c < total;
         const int r = ok ? (int)(c / per_row) : 0, j8 = ok ? (int)(c - (long long)r * per_row) : 0;
-        u32 v[8];
+        u32 hi[8], lo[8];
+        float s = 0.f;
         if (ok && r < m) {
             const float4* p = (const float4*)(x + (long long)r * k + 8 * j8);
             const float4 a = p[0], b = p[1];
-            v[0] = f32_to_bf16(a.x), v[1] = f32_to_bf16(a.y), v[2] = f32_to_bf16(a.z), v[3] = f32_to_bf16(a.w);
-            v[4] = f32_to_bf16(b.x), v[5] = f32_to_bf16(b.y), v[6] = f32_to_bf16(b.z), v[7] = f32_to_bf16(b.w);
+            const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                hi[i] = f32_to_bf16(v[i]);
+                const float h = bf16_to_f32((bf16_t)hi[i]);
+                lo[i] = f32_to_bf16(v[i] - h);
+                s += h + bf16_to_f32((bf16_t)lo[i]);
+            }
         } else {
 #pragma unroll
-            for (int i = 0; i < 8; i++) v[i] = 0;
+            for (int i = 0; i < 8; i++) hi[i] = 0, lo[i] = 0;
         }
-        float s = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; i++) s += bf16_to_f32((bf16_t)v[i]);
         for (int o = 1; o < tpg; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (ok) {
             uint4 q;
-            q.x = v[0] | (v[4] << 16), q.y = v[1] | (v[5] << 16), q.z = v[2] | (v[6] << 16), q.w = v[3] | (v[7] << 16);
-            *(uint4*)(xb + c * 4) = q;
+            q.x = hi[0] | (hi[4] << 16), q.y = hi[1] | (hi[5] << 16), q.z = hi[2] | (hi[6] << 16), q.w = hi[3] | (hi[7] << 16);
+            *(uint4*)(xb + ((long long)(2 * r) * per_row + j8) * 4) = q;
+            q.x = lo[0] | (lo[4] << 16), q.y = lo[1] | (lo[5] << 16), q.z = lo[2] | (lo[6] << 16), q.w = lo[3] | (lo[7] << 16);
+            *(uint4*)(xb + ((long long)(2 * r + 1) * per_row + j8) * 4) = q;
             if (j8 % tpg == 0) xs[(long long)(j8 / tpg) * mp + r] = s;
         }
     }
@@ -79,6 +90,11 @@ __device__ __forceinline__ u32 ld_stream(const u32* p) {
     asm volatile("ld.global.nc.L1::no_allocate.b32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
+__device__ __forceinline__ uint2 ld_stream2(const uint2* p) {
+    uint2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.b32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
 // A scale or bias as raw bits (f32, or a 16-bit value), converted where used.
 __device__ __forceinline__ u32 ld_sb_raw(const void* p, long long i, int sdt) {
     if (sdt == 0) return ld_stream((const u32*)p + i);
@@ -89,18 +105,39 @@ __device__ __forceinline__ u32 ld_sb_raw(const void* p, long long i, int sdt) {
 __device__ __forceinline__ float sb_val(u32 r, int sdt) { return sdt == 0 ? __uint_as_float(r) : sb_f32((unsigned short)r, sdt); }
 
 #define QMM_WARPS 8
-#define QMM_DEPTH 4   // k steps of weights (and their scales) in flight per warp
+// k steps of weights (and their scales) in flight per warp: 4, fewer where
+// groups of 32 double the scales (within the register budget)
+template <int GS, int NT> struct QmmDepth { static constexpr int v = GS == 32 ? (NT >= 8 ? 2 : 3) : 4; };
 
-// GS: group size; NT: 8-row tiles of x (m <= 8 NT). mp = 8 NT (qmm_prep's padded rows).
+// `step` MMAs of one group: the two words' four nibble pairs of rows g
+// (a) and g+8 (b), masked by `mask` (all ones, or zero for the other
+// group's threads), against every 8-column tile of x.
+template <int NT>
+__device__ __forceinline__ void qmm_mmas(float (&d)[NT][4], const u32 (&a)[2][4], const u32 (&b)[2][4], u32 mask,
+                                         const u32* __restrict__ xr, long long xt, int off) {
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+#pragma unroll
+        for (int wi = 0; wi < 2; wi++) {
+            const uint4 xv = __ldg((const uint4*)(xr + j * xt + off + wi * 4));
+            mma_bf16(d[j], a[wi][0] & mask, b[wi][0] & mask, a[wi][1] & mask, b[wi][1] & mask, xv.x, xv.y);
+            mma_bf16(d[j], a[wi][2] & mask, b[wi][2] & mask, a[wi][3] & mask, b[wi][3] & mask, xv.z, xv.w);
+        }
+    }
+}
+
+// GS: group size; NT: 8-column tiles of x (hi and lo of 4 input rows each;
+// m <= 4 NT). mp = 4 NT (qmm_prep's padded rows).
 template <int GS, int NT>
 __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* __restrict__ sc,
                                          const void* __restrict__ bi, const u32* __restrict__ xb,
                                          const float* __restrict__ xs, float* __restrict__ out, int n, int k, int m,
                                          int sdt, int ksw) {
-    constexpr int U = GS > 64 ? GS : 64;   // k per unit: whole steps and whole groups
+    constexpr int U = GS > 64 ? GS : 64;         // k per unit: whole steps and whole groups
     constexpr int GPS = GS < 64 ? 64 / GS : 1;   // groups a step ends
     constexpr int SPG = GS > 64 ? GS / 64 : 1;   // steps a group spans
-    constexpr int MP = NT * 8;
+    constexpr int MP = NT * 4;
+    constexpr int QMM_DEPTH = QmmDepth<GS, NT>::v;
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int tiles = n / 16, per_block = QMM_WARPS / ksw;
@@ -110,89 +147,72 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
     const int units = k / U, ng = k / GS;
     const int s0 = units * ks / ksw * (U / 64), s1 = units * (ks + 1) / ksw * (U / 64);
     const int kw = k / 8;   // u32 words per weight row
-    const u32* w0 = w + (long long)row0 * kw;
-    const u32* w1 = w + (long long)row1 * kw;
+    const uint2* w0 = (const uint2*)(w + (long long)row0 * kw) + t;
+    const uint2* w1 = (const uint2*)(w + (long long)row1 * kw) + t;
     const long long sb0 = (long long)row0 * ng, sb1 = (long long)row1 * ng;
 
-    // the ring: per step, the 4 weight words (row g halves 0/1, row g+8
-    // halves 0/1) and the scale and bias of each group the step ends
+    // the ring: per step, the thread's 8 bytes of rows g and g+8 and the
+    // scale and bias of each group the step ends
     constexpr int NSB = GPS * 4;
-    u32 rw[QMM_DEPTH][4], rs[QMM_DEPTH][NSB];
+    uint2 rw[QMM_DEPTH][2];
+    u32 rs[QMM_DEPTH][NSB];
+#define QMM_LOAD(P, S)                                                                                          \
+    do {                                                                                                        \
+        rw[P][0] = ld_stream2(w0 + (S) * 4), rw[P][1] = ld_stream2(w1 + (S) * 4);                               \
+        if (((S) + 1) % SPG == 0) {                                                                             \
+            _Pragma("unroll") for (int q = 0; q < GPS; q++) {                                                   \
+                const int grp = ((S) * 64 + (q + 1) * (64 / GPS) - 1) / GS;                                     \
+                rs[P][4 * q + 0] = ld_sb_raw(sc, sb0 + grp, sdt), rs[P][4 * q + 1] = ld_sb_raw(bi, sb0 + grp, sdt); \
+                rs[P][4 * q + 2] = ld_sb_raw(sc, sb1 + grp, sdt), rs[P][4 * q + 3] = ld_sb_raw(bi, sb1 + grp, sdt); \
+            }                                                                                                   \
+        }                                                                                                       \
+    } while (0)
 #pragma unroll
-    for (int p = 0; p < QMM_DEPTH; p++) {
-        const int s = s0 + p;
-        if (s < s1) {
-            rw[p][0] = ld_stream(w0 + s * 8 + t), rw[p][1] = ld_stream(w0 + s * 8 + 4 + t);
-            rw[p][2] = ld_stream(w1 + s * 8 + t), rw[p][3] = ld_stream(w1 + s * 8 + 4 + t);
-            if ((s + 1) % SPG == 0) {
-#pragma unroll
-                for (int q = 0; q < GPS; q++) {
-                    const int grp = (s * 64 + (q + 1) * (64 / GPS) - 1) / GS;
-                    rs[p][4 * q + 0] = ld_sb_raw(sc, sb0 + grp, sdt), rs[p][4 * q + 1] = ld_sb_raw(bi, sb0 + grp, sdt);
-                    rs[p][4 * q + 2] = ld_sb_raw(sc, sb1 + grp, sdt), rs[p][4 * q + 3] = ld_sb_raw(bi, sb1 + grp, sdt);
-                }
-            }
-        }
-    }
+    for (int p = 0; p < QMM_DEPTH; p++)
+        if (s0 + p < s1) QMM_LOAD(p, s0 + p);
     fb_grid_wait();   // x (qmm_prep's output) is ready from here on
 
-    float acc[NT][4], d[NT][4];
+    float acc[NT][2], d[NT][4];
 #pragma unroll
-    for (int j = 0; j < NT; j++)
+    for (int j = 0; j < NT; j++) {
+        acc[j][0] = acc[j][1] = 0.f;
 #pragma unroll
-        for (int i = 0; i < 4; i++) acc[j][i] = 0.f, d[j][i] = 0.f;
-    // x rows of this thread's B fragments: row nt * 8 + g of xb
-    const u32* xr = xb + (long long)g * (k / 2);
+        for (int i = 0; i < 4; i++) d[j][i] = 0.f;
+    }
+    // this thread's B fragments: x row (hi or lo) nt * 8 + g of xb
+    const u32* xr = xb + (long long)g * (k / 2) + 8 * t;
     const long long xt = (long long)8 * (k / 2);   // u32 words between 8-row tiles
+    const u32 mA = t < 2 ? 0xffffffffu : 0u;        // groups of 32: threads of the step's first group
 
     for (int sb = s0; sb < s1; sb += QMM_DEPTH) {
 #pragma unroll
         for (int p = 0; p < QMM_DEPTH; p++) {
             const int s = sb + p;
             if (s < s1) {
-                u32 cw[4], cs[NSB];
-#pragma unroll
-                for (int i = 0; i < 4; i++) cw[i] = rw[p][i];
+                const uint2 c0 = rw[p][0], c1 = rw[p][1];
+                u32 cs[NSB];
 #pragma unroll
                 for (int i = 0; i < NSB; i++) cs[i] = rs[p][i];
-                const int sn = s + QMM_DEPTH;
-                if (sn < s1) {
-                    rw[p][0] = ld_stream(w0 + sn * 8 + t), rw[p][1] = ld_stream(w0 + sn * 8 + 4 + t);
-                    rw[p][2] = ld_stream(w1 + sn * 8 + t), rw[p][3] = ld_stream(w1 + sn * 8 + 4 + t);
-                    if ((sn + 1) % SPG == 0) {
+                if (s + QMM_DEPTH < s1) QMM_LOAD(p, s + QMM_DEPTH);
+                u32 a[2][4], b[2][4];
+                a[0][0] = nib_pair<0>(c0.x), a[0][1] = nib_pair<1>(c0.x), a[0][2] = nib_pair<2>(c0.x), a[0][3] = nib_pair<3>(c0.x);
+                a[1][0] = nib_pair<0>(c0.y), a[1][1] = nib_pair<1>(c0.y), a[1][2] = nib_pair<2>(c0.y), a[1][3] = nib_pair<3>(c0.y);
+                b[0][0] = nib_pair<0>(c1.x), b[0][1] = nib_pair<1>(c1.x), b[0][2] = nib_pair<2>(c1.x), b[0][3] = nib_pair<3>(c1.x);
+                b[1][0] = nib_pair<0>(c1.y), b[1][1] = nib_pair<1>(c1.y), b[1][2] = nib_pair<2>(c1.y), b[1][3] = nib_pair<3>(c1.y);
 #pragma unroll
-                        for (int q = 0; q < GPS; q++) {
-                            const int grp = (sn * 64 + (q + 1) * (64 / GPS) - 1) / GS;
-                            rs[p][4 * q + 0] = ld_sb_raw(sc, sb0 + grp, sdt), rs[p][4 * q + 1] = ld_sb_raw(bi, sb0 + grp, sdt);
-                            rs[p][4 * q + 2] = ld_sb_raw(sc, sb1 + grp, sdt), rs[p][4 * q + 3] = ld_sb_raw(bi, sb1 + grp, sdt);
-                        }
-                    }
-                }
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const u32 a = cw[h], b = cw[2 + h];
-                    const u32 a0 = nib_pair<0>(a), a1 = nib_pair<1>(a), a2 = nib_pair<2>(a), a3 = nib_pair<3>(a);
-                    const u32 b0 = nib_pair<0>(b), b1 = nib_pair<1>(b), b2 = nib_pair<2>(b), b3 = nib_pair<3>(b);
-#pragma unroll
-                    for (int j = 0; j < NT; j++) {
-                        const uint4 xv = __ldg((const uint4*)(xr + j * xt + s * 32 + h * 16 + t * 4));
-                        mma_bf16(d[j], a0, b0, a1, b1, xv.x, xv.y);
-                        mma_bf16(d[j], a2, b2, a3, b3, xv.z, xv.w);
-                    }
-                    // a group ends after this half: apply its scale and bias
-                    if (GS == 32 || (h == 1 && (s + 1) % SPG == 0)) {
-                        const int q = GS == 32 ? h : 0;
-                        const int grp = (s * 64 + h * 32) / GS;
+                for (int q = 0; q < GPS; q++) {
+                    qmm_mmas<NT>(d, a, b, GS == 32 ? (q == 0 ? mA : ~mA) : 0xffffffffu, xr, xt, s * 32);
+                    // a group ends here: apply its scale and bias
+                    if ((s + 1) % SPG == 0) {
+                        const int grp = (s * 64 + q * 32) / GS;
                         const float sc0 = sb_val(cs[4 * q + 0], sdt), sc1 = sb_val(cs[4 * q + 2], sdt);
                         const float bb0 = sb_val(cs[4 * q + 1], sdt) - 128.f * sc0;
                         const float bb1 = sb_val(cs[4 * q + 3], sdt) - 128.f * sc1;
 #pragma unroll
                         for (int j = 0; j < NT; j++) {
-                            const float2 X = *(const float2*)(xs + (long long)grp * MP + j * 8 + 2 * t);
-                            acc[j][0] = fmaf(sc0, d[j][0], fmaf(bb0, X.x, acc[j][0]));
-                            acc[j][1] = fmaf(sc0, d[j][1], fmaf(bb0, X.y, acc[j][1]));
-                            acc[j][2] = fmaf(sc1, d[j][2], fmaf(bb1, X.x, acc[j][2]));
-                            acc[j][3] = fmaf(sc1, d[j][3], fmaf(bb1, X.y, acc[j][3]));
+                            const float X = xs[(long long)grp * MP + j * 4 + t];
+                            acc[j][0] = fmaf(sc0, d[j][0] + d[j][1], fmaf(bb0, X, acc[j][0]));
+                            acc[j][1] = fmaf(sc1, d[j][2] + d[j][3], fmaf(bb1, X, acc[j][1]));
 #pragma unroll
                             for (int i = 0; i < 4; i++) d[j][i] = 0.f;
                         }
@@ -201,30 +221,31 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
             }
         }
     }
+#undef QMM_LOAD
 
     // the k slices of a row tile meet in shared memory; slice 0 adds the others in order
     if (ksw > 1) {
-        extern __shared__ float red[];   // [QMM_WARPS][NT * 4][32]
+        extern __shared__ float red[];   // [QMM_WARPS][NT * 2][32]
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) red[(wid * NT * 4 + j * 4 + i) * 32 + lane] = acc[j][i];
+            for (int i = 0; i < 2; i++) red[(wid * NT * 2 + j * 2 + i) * 32 + lane] = acc[j][i];
         __syncthreads();
         if (ks == 0) {
             for (int o = 1; o < ksw; o++)
 #pragma unroll
                 for (int j = 0; j < NT; j++)
 #pragma unroll
-                    for (int i = 0; i < 4; i++) acc[j][i] += red[((wid + o) * NT * 4 + j * 4 + i) * 32 + lane];
+                    for (int i = 0; i < 2; i++) acc[j][i] += red[((wid + o) * NT * 2 + j * 2 + i) * 32 + lane];
         }
     }
     if (ks == 0 && tile_ok) {
 #pragma unroll
         for (int j = 0; j < NT; j++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int col = j * 8 + 2 * t + (i & 1), row = i < 2 ? row0 : row1;
-                if (col < m) out[(long long)col * n + row] = acc[j][i];
+            const int r = j * 4 + t;
+            if (r < m) {
+                out[(long long)r * n + row0] = acc[j][0];
+                out[(long long)r * n + row1] = acc[j][1];
             }
         }
     }

@@ -51,8 +51,8 @@ pub enum Site {
     /// (the graph path: every weight widened to f32). CPU only.
     IntDot,
     /// A 4-bit affine weight's matmul (MLX 4-bit, and GGUF Q4_0/Q4_K as
-    /// converted at load) for 1 to 64 input rows on the tensor cores
-    /// (kernels/qmm.cu): x rounded to bf16 once, the weight read once for all
+    /// converted at load) for 1 to 32 input rows on the tensor cores
+    /// (kernels/qmm.cu): x split once into two bf16 parts, the weight read once for all
     /// rows, so verifying 16 rows costs about what one does (the graph path:
     /// the GEMV, which reads the weight once per 8 rows and spends one f32
     /// multiply-add per weight and row). Every row count computes a row the

@@ -1,6 +1,6 @@
 //! Site `tc_matmul`: a 4-bit affine weight's matmul for 1 to [`QMM_MAX_ROWS`]
-//! input rows on the tensor cores (kernels/qmm.cu). `qmm_prep` rounds x to
-//! bf16 (in the kernel's fragment order) with each group's sum, then one
+//! input rows on the tensor cores (kernels/qmm.cu). `qmm_prep` splits x into
+//! two bf16 parts (in the kernel's fragment order) with each group's sum, then one
 //! `qmm4_g{GS}_n{NT}` launch reads the weight once for all rows.
 //!
 //! The k split is planned from the weight's shape and the device alone, never
@@ -14,8 +14,8 @@ use super::{Arg, CudaBackend};
 use crate::fusion::Site;
 
 const FILE: &str = "qmm.cu";
-/// The most input rows one launch takes (8 row tiles of 8).
-pub const QMM_MAX_ROWS: usize = 64;
+/// The most input rows one launch takes (8 column tiles of 4 rows' hi and lo parts).
+pub const QMM_MAX_ROWS: usize = 32;
 const THREADS: u32 = 256;
 const WARPS: usize = 8;
 /// Scratch slots: x in bf16, and the group sums.
@@ -67,11 +67,11 @@ impl CudaBackend {
         ensure!((1..=QMM_MAX_ROWS).contains(&m), "cuda qmm: {m} input rows (1 to {QMM_MAX_ROWS})");
         ensure!(x % 16 == 0, "cuda qmm: input rows at {x:#x} are not 16-byte aligned");
         let (n, k, gs) = (d.n, d.k, d.gs);
-        let nt = m.div_ceil(8).next_power_of_two();
-        let mp = nt * 8;
+        let nt = m.div_ceil(4).next_power_of_two();
+        let mp = nt * 4;
         // sized for the most rows and the smallest groups, so a captured graph's
         // buffers never move when another row count comes
-        let xb = self.scratch(XB_SLOT, QMM_MAX_ROWS * k * 2)?;
+        let xb = self.scratch(XB_SLOT, QMM_MAX_ROWS * 2 * k * 2)?;
         let xs = self.scratch(XS_SLOT, QMM_MAX_ROWS * (k / 32) * 4)?;
         let threads = mp * k / 8;
         let blocks = threads.div_ceil(THREADS as usize).min(self.sm_count as usize * 8);
@@ -92,7 +92,7 @@ impl CudaBackend {
         let ksw = k_split(d, self.sm_count as usize);
         let tiles = n / 16;
         let blocks = tiles.div_ceil(WARPS / ksw);
-        let smem = if ksw > 1 { WARPS * nt * 4 * 32 * 4 } else { 0 };
+        let smem = if ksw > 1 { WARPS * nt * 2 * 32 * 4 } else { 0 };
         let g = match gs {
             32 => 0,
             64 => 1,
