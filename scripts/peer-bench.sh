@@ -8,7 +8,7 @@
 #
 #   scripts/peer-bench.sh cpu [ROW ...]
 #       Here (no GPU): builds llama.cpp's CPU llama-bench (-DGGML_NATIVE=ON),
-#       runs `llama-bench -p 512 -n 128 -r 5 -t THREADS -o json` against
+#       runs `llama-bench -p 512 -n 128 -d 0,512 -r 5 -t THREADS -o json` against
 #       `fusebox bench --device cpu --threads THREADS -m FILE --prompt-len 512 --gen 128 --reps 5`
 #       and writes PEER_OUT/peer-cpu-DATE.md with the raw JSON in
 #       PEER_OUT/data/peer-cpu-DATE/ (PEER_OUT: docs/benchmark_results).
@@ -23,7 +23,7 @@
 #       On the GPU machine (no network, no cargo; nvcc, cmake, python3 with numpy and pyyaml):
 #       builds llama-bench for sm_90 from the pack (once; kept under target/peer/gpu/), then per row
 #       writes the GGUF file (tools/synthetic/make_gguf.py), runs
-#       `llama-bench -ngl 99 -fa 1 -p 512 -n 128 -r 5 -o json` and
+#       `llama-bench -ngl 99 -fa 1 -p 512 -n 128 -d 0,512 -r 5 -o json` and
 #       `fusebox bench --device cuda -m FILE --prompt-len 512 --gen 128 --reps 5` interleaved,
 #       and deletes the file (KEEP_MODELS=1 keeps it); MLX rows run
 #       `fusebox bench --device cuda --synthetic SHAPE --quant q4g64|q8g64`. Writes $OUT/peer-gpu.md
@@ -185,7 +185,7 @@ PY
         if [[ -n $file ]]; then
             log=$LOGS/$row-llama-$k.log
             say "$row round $k/$ROUNDS: llama-bench"
-            if ! timeout "$STEP_TIMEOUT" "$LLAMA_BENCH" -m "$file" -p "$PROMPT_LEN" -n "$GEN" -r "$REPS" -o json "${LLAMA_ARGS[@]}" \
+            if ! timeout "$STEP_TIMEOUT" "$LLAMA_BENCH" -m "$file" -p "$PROMPT_LEN" -n "$GEN" -d "0,$PROMPT_LEN" -r "$REPS" -o json "${LLAMA_ARGS[@]}" \
                 >"$dir/llama-$k.json" 2>"$log"; then
                 rm -f "$dir/llama-$k.json"
                 echo "llama-bench failed: $(tail -n 3 "$log" | tr '\n' ' ')" | tee -a "$dir/skip.txt" >&2
@@ -301,7 +301,7 @@ mode_cpu() {
     write_meta "fusebox against llama.cpp on the CPU, $date" \
         "the development machine: $cpu, $(nproc) cores, $mem, $(uname -sr); both programs with $THREADS threads" \
         "$cmake_cmd (in target/peer, GIT_CEILING_DIRECTORIES set so the commit is not fusebox's)" \
-        "llama-bench -m FILE -p $PROMPT_LEN -n $GEN -r $REPS -o json -t $THREADS" \
+        "llama-bench -m FILE -p $PROMPT_LEN -n $GEN -d 0,$PROMPT_LEN -r $REPS -o json -t $THREADS" \
         "fusebox bench --device cpu --threads $THREADS -m FILE --prompt-len $PROMPT_LEN --gen $GEN --reps $REPS --out-dir OUT"
     python3 tools/synthetic/peer_table.py "$DATA" >"$PEER_OUT/$base.md"
     cat "$PEER_OUT/$base.md"
@@ -454,7 +454,7 @@ qwen3-30b-a3b-q8_0 qwen3-30b-a3b-q4_0 qwen3-30b-a3b-q4_k_m qwen3-30b-a3b-mlx-q8g
         write_meta "fusebox against llama.cpp on one $gpu" \
             "$gpu; $(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores" \
             "$build_note" \
-            "llama-bench -m FILE -p $PROMPT_LEN -n $GEN -r $REPS -o json -ngl 99 -fa 1" \
+            "llama-bench -m FILE -p $PROMPT_LEN -n $GEN -d 0,$PROMPT_LEN -r $REPS -o json -ngl 99 -fa 1" \
             "fusebox bench --device $device -m FILE --prompt-len $PROMPT_LEN --gen $GEN --reps $REPS --out-dir OUT" \
             "fusebox bench --device $device --synthetic SHAPE --quant q4g64|q8g64 --prompt-len $PROMPT_LEN --gen $GEN --reps $REPS --out-dir OUT"
         python3 tools/synthetic/peer_table.py "$DATA" >"$OUT/peer-gpu.md"

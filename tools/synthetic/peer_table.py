@@ -33,17 +33,26 @@ def rest(samples):
 
 
 def llama_samples(row_dir):
-    """pp and tg tokens/s samples of llama-bench over the rounds of one row."""
-    pp, tg, info = [], [], {}
+    """pp and tg tokens/s samples of llama-bench over the rounds of one row, and the
+    depth the tg samples were taken at. llama-bench's tg test generates from an
+    empty context unless run with `-d`; fusebox decodes after its prompt, so runs
+    with `-d 0,PROMPT_LEN` compare tg at depth PROMPT_LEN (pp at depth 0) and older
+    runs, which have only depth 0, compare tg at depth 0."""
+    tests = []
     for f in sorted(os.listdir(row_dir)):
         if f.startswith("llama-") and f.endswith(".json"):
-            for t in load(os.path.join(row_dir, f)):
-                info = t
-                if t["n_gen"] == 0 and t["n_prompt"] > 0:
-                    pp += rest(t["samples_ts"])
-                elif t["n_prompt"] == 0 and t["n_gen"] > 0:
-                    tg += rest(t["samples_ts"])
-    return pp, tg, info
+            tests += load(os.path.join(row_dir, f))
+    info = tests[-1] if tests else {}
+    tg_depths = [t.get("n_depth", 0) for t in tests if t["n_prompt"] == 0 and t["n_gen"] > 0]
+    tg_depth = max(tg_depths, default=0)
+    pp, tg = [], []
+    for t in tests:
+        depth = t.get("n_depth", 0)
+        if t["n_gen"] == 0 and t["n_prompt"] > 0 and depth == 0:
+            pp += rest(t["samples_ts"])
+        elif t["n_prompt"] == 0 and t["n_gen"] > 0 and depth == tg_depth:
+            tg += rest(t["samples_ts"])
+    return pp, tg, dict(info, tg_depth=tg_depth)
 
 
 def fusebox_samples(row_dir):
@@ -133,9 +142,20 @@ def main():
             w(f"- Also: {m['machine']} ({m['date']})")
     w("")
     pl, gen = meta["prompt_len"], meta["gen"]
+    depths = {r["linfo"].get("tg_depth", 0) for r in rows.values() if r["ltg"]}
+    depth = max(depths, default=0)
+    tgname = f"tg{gen} @ d{depth}" if depth else f"tg{gen}"
     w("Tokens/s, medians; ratio = fusebox / llama.cpp (above 1: fusebox is faster).")
+    if depth:
+        w(f"Decode on both sides is measured after {depth} tokens of context: fusebox decodes after its")
+        w(f"{pl}-token prompt, and llama-bench runs its tg{gen} test at depth {depth} (`-d 0,{depth}`; its pp")
+        w("test is taken at depth 0).")
+    else:
+        w(f"llama-bench's tg{gen} decodes from an empty context while fusebox decodes after its {pl}-token")
+        w("prompt (longer attention per token): this table favours llama.cpp's decode column; newer runs")
+        w("measure llama.cpp at fusebox's depth.")
     w("")
-    w(f"| model | fusebox decode | llama.cpp tg{gen} | ratio | fusebox pp{pl} | llama.cpp pp{pl} | ratio |")
+    w(f"| model | fusebox decode | llama.cpp {tgname} | ratio | fusebox pp{pl} | llama.cpp pp{pl} | ratio |")
     w("|---|---|---|---|---|---|---|")
     notes = []
     for lbl in order:
@@ -159,7 +179,7 @@ def main():
         w("")
     w("## Spread: median (min-max, samples)")
     w("")
-    w(f"| model | fusebox decode | llama.cpp tg{gen} | fusebox pp{pl} | llama.cpp pp{pl} |")
+    w(f"| model | fusebox decode | llama.cpp {tgname} | fusebox pp{pl} | llama.cpp pp{pl} |")
     w("|---|---|---|---|---|")
     for lbl in order:
         r = rows[lbl]
