@@ -107,21 +107,21 @@ __device__ __forceinline__ float sb_val(u32 r, int sdt) { return sdt == 0 ? __ui
 #define QMM_WARPS 8
 // k steps of weights (and their scales) in flight per warp: 4, fewer where
 // groups of 32 double the scales (within the register budget)
-template <int GS, int NT> struct QmmDepth { static constexpr int v = GS == 32 ? (NT >= 8 || NT == 1 ? 2 : 3) : 4; };
+template <int GS, int NT> struct QmmDepth { static constexpr int v = GS == 32 ? (NT >= 8 ? 2 : 3) : 4; };
 
-// One group's MMAs: the two words' four nibble pairs of rows g (a) and g+8
-// (b), masked by `mask` (all ones, or zero for the other group's threads),
-// against every 8-column tile of x (`xv[j][word]`: the B fragments of tile j).
+// `step` MMAs of one group: the two words' four nibble pairs of rows g
+// (a) and g+8 (b), masked by `mask` (all ones, or zero for the other
+// group's threads), against every 8-column tile of x.
 template <int NT>
 __device__ __forceinline__ void qmm_mmas(float (&d)[NT][4], const u32 (&a)[2][4], const u32 (&b)[2][4], u32 mask,
-                                         const uint4 (&xv)[NT][2]) {
+                                         const u32* __restrict__ xr, long long xt, int off) {
 #pragma unroll
     for (int j = 0; j < NT; j++) {
 #pragma unroll
         for (int wi = 0; wi < 2; wi++) {
-            const uint4 v = xv[j][wi];
-            mma_bf16(d[j], a[wi][0] & mask, b[wi][0] & mask, a[wi][1] & mask, b[wi][1] & mask, v.x, v.y);
-            mma_bf16(d[j], a[wi][2] & mask, b[wi][2] & mask, a[wi][3] & mask, b[wi][3] & mask, v.z, v.w);
+            const uint4 xv = __ldg((const uint4*)(xr + j * xt + off + wi * 4));
+            mma_bf16(d[j], a[wi][0] & mask, b[wi][0] & mask, a[wi][1] & mask, b[wi][1] & mask, xv.x, xv.y);
+            mma_bf16(d[j], a[wi][2] & mask, b[wi][2] & mask, a[wi][3] & mask, b[wi][3] & mask, xv.z, xv.w);
         }
     }
 }
@@ -154,14 +154,8 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
     // the ring: per step, the thread's 8 bytes of rows g and g+8 and the
     // scale and bias of each group the step ends
     constexpr int NSB = GPS * 4;
-    // one x tile (up to 4 rows: decode, short verifies) also rides the ring,
-    // so no step waits on an L2 load of x; more tiles load x at their step
-    constexpr bool XR = NT == 1;
-    constexpr int XD = XR ? QMM_DEPTH : 1;
     uint2 rw[QMM_DEPTH][2];
     u32 rs[QMM_DEPTH][NSB];
-    uint4 rx[XD][2];
-    float rxs[XD][GPS];
 #define QMM_LOAD(P, S)                                                                                          \
     do {                                                                                                        \
         rw[P][0] = ld_stream2(w0 + (S) * 4), rw[P][1] = ld_stream2(w1 + (S) * 4);                               \
@@ -177,19 +171,6 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
     for (int p = 0; p < QMM_DEPTH; p++)
         if (s0 + p < s1) QMM_LOAD(p, s0 + p);
     fb_grid_wait();   // x (qmm_prep's output) is ready from here on
-    // this thread's B fragments: x row (hi or lo) nt * 8 + g of xb
-    const u32* xr = xb + (long long)g * (k / 2) + 8 * t;
-    const long long xt = (long long)8 * (k / 2);   // u32 words between 8-row tiles
-#define QMM_LOADX(P, S)                                                                                         \
-    do {                                                                                                        \
-        rx[P][0] = __ldg((const uint4*)(xr + (S) * 32)), rx[P][1] = __ldg((const uint4*)(xr + (S) * 32 + 4));   \
-        _Pragma("unroll") for (int q = 0; q < GPS; q++) rxs[P][q] = xs[(long long)(((S) * 64 + q * 32) / GS) * MP + t]; \
-    } while (0)
-    if (XR) {
-#pragma unroll
-        for (int p = 0; p < XD; p++)
-            if (s0 + p < s1) QMM_LOADX(p, s0 + p);
-    }
 
     float acc[NT][2], d[NT][4];
 #pragma unroll
@@ -198,6 +179,9 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
 #pragma unroll
         for (int i = 0; i < 4; i++) d[j][i] = 0.f;
     }
+    // this thread's B fragments: x row (hi or lo) nt * 8 + g of xb
+    const u32* xr = xb + (long long)g * (k / 2) + 8 * t;
+    const long long xt = (long long)8 * (k / 2);   // u32 words between 8-row tiles
     const u32 mA = t < 2 ? 0xffffffffu : 0u;        // groups of 32: threads of the step's first group
 
     for (int sb = s0; sb < s1; sb += QMM_DEPTH) {
@@ -209,25 +193,7 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
                 u32 cs[NSB];
 #pragma unroll
                 for (int i = 0; i < NSB; i++) cs[i] = rs[p][i];
-                uint4 xv[NT][2];
-                float xsum[NT][GPS];
-                if (XR) {
-                    xv[0][0] = rx[p % XD][0], xv[0][1] = rx[p % XD][1];
-#pragma unroll
-                    for (int q = 0; q < GPS; q++) xsum[0][q] = rxs[p % XD][q];
-                } else {
-#pragma unroll
-                    for (int j = 0; j < NT; j++) {
-                        xv[j][0] = __ldg((const uint4*)(xr + j * xt + s * 32));
-                        xv[j][1] = __ldg((const uint4*)(xr + j * xt + s * 32 + 4));
-#pragma unroll
-                        for (int q = 0; q < GPS; q++) xsum[j][q] = xs[(long long)((s * 64 + q * 32) / GS) * MP + j * 4 + t];
-                    }
-                }
-                if (s + QMM_DEPTH < s1) {
-                    QMM_LOAD(p, s + QMM_DEPTH);
-                    if (XR) QMM_LOADX(p % XD, s + QMM_DEPTH);
-                }
+                if (s + QMM_DEPTH < s1) QMM_LOAD(p, s + QMM_DEPTH);
                 u32 a[2][4], b[2][4];
                 a[0][0] = nib_pair<0>(c0.x), a[0][1] = nib_pair<1>(c0.x), a[0][2] = nib_pair<2>(c0.x), a[0][3] = nib_pair<3>(c0.x);
                 a[1][0] = nib_pair<0>(c0.y), a[1][1] = nib_pair<1>(c0.y), a[1][2] = nib_pair<2>(c0.y), a[1][3] = nib_pair<3>(c0.y);
@@ -235,15 +201,16 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
                 b[1][0] = nib_pair<0>(c1.y), b[1][1] = nib_pair<1>(c1.y), b[1][2] = nib_pair<2>(c1.y), b[1][3] = nib_pair<3>(c1.y);
 #pragma unroll
                 for (int q = 0; q < GPS; q++) {
-                    qmm_mmas<NT>(d, a, b, GS == 32 ? (q == 0 ? mA : ~mA) : 0xffffffffu, xv);
+                    qmm_mmas<NT>(d, a, b, GS == 32 ? (q == 0 ? mA : ~mA) : 0xffffffffu, xr, xt, s * 32);
                     // a group ends here: apply its scale and bias
                     if ((s + 1) % SPG == 0) {
+                        const int grp = (s * 64 + q * 32) / GS;
                         const float sc0 = sb_val(cs[4 * q + 0], sdt), sc1 = sb_val(cs[4 * q + 2], sdt);
                         const float bb0 = sb_val(cs[4 * q + 1], sdt) - 128.f * sc0;
                         const float bb1 = sb_val(cs[4 * q + 3], sdt) - 128.f * sc1;
 #pragma unroll
                         for (int j = 0; j < NT; j++) {
-                            const float X = xsum[j][q];
+                            const float X = xs[(long long)grp * MP + j * 4 + t];
                             acc[j][0] = fmaf(sc0, d[j][0] + d[j][1], fmaf(bb0, X, acc[j][0]));
                             acc[j][1] = fmaf(sc1, d[j][2] + d[j][3], fmaf(bb1, X, acc[j][1]));
 #pragma unroll
@@ -255,7 +222,6 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
         }
     }
 #undef QMM_LOAD
-#undef QMM_LOADX
 
     // the k slices of a row tile meet in shared memory; slice 0 adds the others in order
     if (ksw > 1) {
