@@ -239,8 +239,8 @@ mod x86 {
         let ts = if q5 { 176 } else { 144 };
         let m4 = _mm256_set1_epi8(0x0f);
         let one = _mm256_set1_epi8(1);
-        let mut a = _mm256_setzero_ps();
-        let mut bias = 0f32;
+        let (mut a, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut bias, mut bias1) = (0f32, 0f32);
         for (bi, blk) in row.chunks_exact(ts).enumerate() {
             let p = blk.as_ptr();
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
@@ -260,16 +260,18 @@ mod x86 {
                     lo = _mm256_or_si256(lo, bit(2 * c as i32));
                     hi = _mm256_or_si256(hi, bit(2 * c as i32 + 1));
                 }
-                for (sub, v) in [(2 * c, lo), (2 * c + 1, hi)] {
+                // the two sub-blocks into two accumulators: one chain of eight FMAs a
+                // super-block bounded the loop
+                for (sub, v, a, bias) in [(2 * c, lo, &mut a, &mut bias), (2 * c + 1, hi, &mut a1, &mut bias1)] {
                     let (sc, m) = scale_min_k4(sub, scales);
                     let b = bi * 8 + sub;
                     let (l, h) = widen(v);
-                    acc(&mut a, d * sc as f32 * *y.d.get_unchecked(b), dot16(l, h, y, b));
-                    bias = (-dmin * m as f32).mul_add(*y.sum.get_unchecked(b), bias);
+                    acc(a, d * sc as f32 * *y.d.get_unchecked(b), dot16(l, h, y, b));
+                    *bias = (-dmin * m as f32).mul_add(*y.sum.get_unchecked(b), *bias);
                 }
             }
         }
-        hsum(a) + bias
+        hsum(_mm256_add_ps(a, a1)) + (bias + bias1)
     }
 
     /// Q6_K: super-blocks of 256 values, `d * sc * (q - 32)` with an i8 `sc`
@@ -277,7 +279,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q6_k(row: &[u8], y: &IntRow) -> f32 {
         let (m4, m3, k32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3), _mm256_set1_epi16(32));
-        let mut a = _mm256_setzero_ps();
+        let (mut a, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for (bi, blk) in row.chunks_exact(210).enumerate() {
             let p = blk.as_ptr();
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
@@ -303,10 +305,10 @@ mod x86 {
                     let dd = d * *y.d.get_unchecked(b);
                     let sc = p.add(192 + 8 * n + 2 * g) as *const i8;
                     acc(&mut a, dd * *sc as f32, pl);
-                    acc(&mut a, dd * *sc.add(1) as f32, ph);
+                    acc(&mut a1, dd * *sc.add(1) as f32, ph);
                 }
             }
         }
-        hsum(a)
+        hsum(_mm256_add_ps(a, a1))
     }
 }
