@@ -7,37 +7,16 @@ server-sent events through httpx, to see each stream's `data: [DONE]`.
 
 import json
 import os
-import sys
-import threading
 import time
 
 import httpx
+from _common import main, run_at_once
 
 BASE_URL = os.environ.get("FUSEBOX_BASE_URL", "http://127.0.0.1:8080/v1")
 ROOT_URL = BASE_URL.removesuffix("/v1")
 CLIENTS = 64
 HANGUPS = 16
 MAX_TOKENS = 8
-
-
-def run_all(n, one):
-    """`one(i)` on `n` threads released together; their results, in order."""
-    go = threading.Barrier(n)
-    results = [None] * n
-
-    def body(i):
-        go.wait()
-        try:
-            results[i] = one(i)
-        except Exception as e:  # noqa: BLE001 (reported by the caller)
-            results[i] = repr(e)
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 def stream(i):
@@ -88,14 +67,14 @@ def gauge(name):
 
 def test_64_concurrent_streams_all_end_in_done():
     t = time.monotonic()
-    results = run_all(CLIENTS, stream)
+    results = run_at_once(CLIENTS, stream)
     bad = [(i, r) for i, r in enumerate(results) if r != "ok"]
     assert not bad, bad
     print(f"  {CLIENTS} streams in {time.monotonic() - t:.1f} s")
 
 
 def test_clients_that_hang_up_leave_the_server_serving():
-    results = run_all(HANGUPS, hang_up)
+    results = run_at_once(HANGUPS, hang_up)
     assert results == ["ok"] * HANGUPS, results
     # the rest of the queue is cancelled at its next token (or dropped before it starts)
     deadline = time.monotonic() + 20
@@ -106,9 +85,4 @@ def test_clients_that_hang_up_leave_the_server_serving():
 
 
 if __name__ == "__main__":
-    tests = [v for k, v in sorted(globals().items()) if k.startswith("test_") and callable(v)]
-    for t in tests:
-        t()
-        print(f"ok {t.__name__}")
-    print(f"{len(tests)} passed")
-    sys.exit(0)
+    main(globals())

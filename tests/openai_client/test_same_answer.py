@@ -10,10 +10,10 @@ script.
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
+from _common import main
 
 BASE_URL = os.environ.get("FUSEBOX_BASE_URL", "http://127.0.0.1:8080/v1")
 ROOT_URL = BASE_URL.removesuffix("/v1")
@@ -82,9 +82,4 @@ def test_greedy_completion_equals_generate():
 
 
 if __name__ == "__main__":
-    tests = [v for k, v in sorted(globals().items()) if k.startswith("test_") and callable(v)]
-    for t in tests:
-        t()
-        print(f"ok {t.__name__}")
-    print(f"{len(tests)} passed")
-    sys.exit(0)
+    main(globals())

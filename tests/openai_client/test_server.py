@@ -11,12 +11,12 @@ import atexit
 import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import httpx
 import openai
+from _common import main, run_at_once
 
 BASE_URL = os.environ.get("FUSEBOX_BASE_URL", "http://127.0.0.1:8080/v1")
 MODEL = os.environ.get("FUSEBOX_MODEL", "tiny-qwen3")
@@ -353,27 +353,17 @@ def test_full_queue_is_rate_limited():
         return
     s = Server.get()
     c = client(s.base_url, KEY)
-    n = 32
-    go = threading.Barrier(n)
-    results = [None] * n
 
-    def one(i):
-        go.wait()
+    def one(_):
         try:
             c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=120, temperature=0)
-            results[i] = "ok"
+            return "ok"
         except openai.RateLimitError as e:
             assert e.code == "queue_full", e.body
             assert e.response.headers.get("retry-after") == "1", e.response.headers
-            results[i] = "429"
-        except Exception as e:  # noqa: BLE001 (reported below)
-            results[i] = repr(e)
+            return "429"
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_at_once(32, one)
     assert set(results) <= {"ok", "429"}, results
     assert "ok" in results and "429" in results, results
     # and the server serves once the burst is over
@@ -392,9 +382,4 @@ def test_shutdown_exits_0():
 
 
 if __name__ == "__main__":
-    tests = [v for k, v in sorted(globals().items()) if k.startswith("test_") and callable(v)]
-    for t in tests:
-        t()
-        print(f"ok {t.__name__}")
-    print(f"{len(tests)} passed")
-    sys.exit(0)
+    main(globals())
