@@ -39,7 +39,6 @@ pub(super) fn covers(d: &Dev, compute_major: i32) -> bool {
         && matches!(d.gs, 32 | 64 | 128)
         && d.n % 16 == 0
         && d.k % d.gs.max(64) == 0
-        && d.n < (1 << 30)
 }
 
 /// Warps that split a row tile's k: as few as fill the device (about 16 warps
