@@ -36,8 +36,12 @@
 // and xs f32 [k / gs, mp] (per group, the sum of hi + lo: the 8 of a thread in
 // order, then a butterfly over the gs / 8 threads of the group). One thread
 // per 8 values of an input row; k % 64 == 0.
+//
+// Grouped (MoE) use: with `order`, row r of xb is input row order[r] / x_div
+// of x (the pair's token for a shared input, x_div = slots; the pair itself,
+// x_div = 1), and a negative order[r] is a zero row.
 extern "C" __global__ void qmm_prep(const float* __restrict__ x, u32* __restrict__ xb, float* __restrict__ xs, int m,
-                                    int mp, int k, int gs) {
+                                    int mp, int k, int gs, const int* __restrict__ order, int x_div) {
     FB_PROLOGUE();
     const int per_row = k / 8, tpg = gs / 8;
     const long long total = (long long)mp * per_row;
@@ -48,8 +52,13 @@ extern "C" __global__ void qmm_prep(const float* __restrict__ x, u32* __restrict
         const int r = ok ? (int)(c / per_row) : 0, j8 = ok ? (int)(c - (long long)r * per_row) : 0;
         u32 hi[8], lo[8];
         float s = 0.f;
-        if (ok && r < m) {
-            const float4* p = (const float4*)(x + (long long)r * k + 8 * j8);
+        long long src = r;
+        if (order && ok && r < m) {
+            const int pr = order[r];
+            src = pr < 0 ? -1 : pr / x_div;
+        }
+        if (ok && r < m && src >= 0) {
+            const float4* p = (const float4*)(x + src * k + 8 * j8);
             const float4 a = p[0], b = p[1];
             const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
@@ -127,16 +136,16 @@ __device__ __forceinline__ void qmm_mmas(float (&d)[NT][4], const u32 (&a)[2][4]
 }
 
 // GS: group size; NT: 8-column tiles of x (hi and lo of 4 input rows each;
-// m <= 4 NT). mp = 4 NT (qmm_prep's padded rows).
+// m <= 4 NT). xs holds xsm rows per group (qmm_prep's mp); output row r goes
+// to row orow[r] of out (r when orow is null).
 template <int GS, int NT>
 __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* __restrict__ sc,
                                          const void* __restrict__ bi, const u32* __restrict__ xb,
-                                         const float* __restrict__ xs, float* __restrict__ out, int n, int k, int m,
-                                         int sdt, int ksw) {
+                                         const float* __restrict__ xs, int xsm, float* __restrict__ out,
+                                         const int* __restrict__ orow, int n, int k, int m, int sdt, int ksw) {
     constexpr int U = GS > 64 ? GS : 64;         // k per unit: whole steps and whole groups
     constexpr int GPS = GS < 64 ? 64 / GS : 1;   // groups a step ends
     constexpr int SPG = GS > 64 ? GS / 64 : 1;   // steps a group spans
-    constexpr int MP = NT * 4;
     constexpr int QMM_DEPTH = QmmDepth<GS, NT>::v;
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -210,7 +219,7 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
                         const float bb1 = sb_val(cs[4 * q + 3], sdt) - 128.f * sc1;
 #pragma unroll
                         for (int j = 0; j < NT; j++) {
-                            const float X = xs[(long long)grp * MP + j * 4 + t];
+                            const float X = xs[(long long)grp * xsm + j * 4 + t];
                             acc[j][0] = fmaf(sc0, d[j][0] + d[j][1], fmaf(bb0, X, acc[j][0]));
                             acc[j][1] = fmaf(sc1, d[j][2] + d[j][3], fmaf(bb1, X, acc[j][1]));
 #pragma unroll
@@ -244,8 +253,9 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
         for (int j = 0; j < NT; j++) {
             const int r = j * 4 + t;
             if (r < m) {
-                out[(long long)r * n + row0] = acc[j][0];
-                out[(long long)r * n + row1] = acc[j][1];
+                const long long o = (long long)(orow ? orow[r] : r) * n;
+                out[o + row0] = acc[j][0];
+                out[o + row1] = acc[j][1];
             }
         }
     }
@@ -257,7 +267,7 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
 #define QMM(GS, NT, MINB)                                                                                          \
     extern "C" __global__ void __launch_bounds__(256, MINB) qmm4_g##GS##_n##NT(QMM_ARGS) {                         \
         FB_PROLOGUE_DEFERRED();                                                                                    \
-        qmm_impl<GS, NT>(w, sc, bi, xb, xs, out, n, k, m, sdt, ksw);                                               \
+        qmm_impl<GS, NT>(w, sc, bi, xb, xs, 4 * NT, out, nullptr, n, k, m, sdt, ksw);                              \
     }
 QMM(32, 1, 2)
 QMM(32, 2, 1)
@@ -271,3 +281,87 @@ QMM(128, 1, 2)
 QMM(128, 2, 2)
 QMM(128, 4, 1)
 QMM(128, 8, 1)
+
+// MoE grouping for the grouped launches below. The pairs = m * slots (row,
+// slot) entries of ids, sorted by expert into `order` (the pairs of expert 0,
+// then of expert 1, ...; -1 after the last valid one), cut into chunks of at
+// most 32 pairs of one expert: chunk c is table[1 + 4c ..] = (expert, first
+// index into order, pairs), and table[0] is the chunk count. A pair whose
+// expert is outside [0, experts) gets a zero output row here. The order
+// within an expert follows the atomics, and no result depends on it: a row's
+// product does not depend on the other rows of its tile.
+#define QMM_GROUP_MAX_EXPERTS 1024
+extern "C" __global__ void __launch_bounds__(1024) qmm_group(const int* __restrict__ ids, int pairs, int experts,
+                                                             int* __restrict__ order, int* __restrict__ table,
+                                                             float* __restrict__ out, int n) {
+    FB_PROLOGUE();
+    __shared__ int cnt[QMM_GROUP_MAX_EXPERTS], first[QMM_GROUP_MAX_EXPERTS], chunk0[QMM_GROUP_MAX_EXPERTS];
+    __shared__ int valid;
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int e = ids[p];
+        if (e >= 0 && e < experts) {
+            atomicAdd(&cnt[e], 1);
+        } else {
+            for (int c = 0; c < n; c++) out[(long long)p * n + c] = 0.f;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int s = 0, c = 0;
+        for (int e = 0; e < experts; e++) {
+            first[e] = s, chunk0[e] = c;
+            s += cnt[e], c += (cnt[e] + 31) / 32;
+        }
+        table[0] = c;
+        valid = s;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+        for (int j = 0; 32 * j < cnt[e]; j++) {
+            int* t = table + 1 + 4 * (chunk0[e] + j);
+            t[0] = e, t[1] = first[e] + 32 * j, t[2] = min(32, cnt[e] - 32 * j), t[3] = 0;
+        }
+        cnt[e] = 0;   // from here: pairs placed
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int e = ids[p];
+        if (e >= 0 && e < experts) order[first[e] + atomicAdd(&cnt[e], 1)] = p;
+    }
+    for (int r = valid + threadIdx.x; r < pairs; r += blockDim.x) order[r] = -1;
+}
+
+// The grouped (MoE) product: block row blockIdx.y is chunk blockIdx.y of
+// qmm_group's table (blocks past the chunk count return at once); its pairs'
+// rows of xb (qmm_prep with `order`) against the chunk's expert, each output
+// row to its pair's row of out [pairs, n]. w_estride: u32 words per expert;
+// sb_estride: scale (and bias) elements per expert.
+#define QMME_ARGS                                                                                                  \
+    const u32 *__restrict__ w, const void *__restrict__ sc, const void *__restrict__ bi, const u32 *__restrict__ xb, \
+        const float *__restrict__ xs, int xsm, float *__restrict__ out, const int *__restrict__ order,              \
+        const int *__restrict__ table, int n, int k, int sdt, int ksw, long long w_estride, long long sb_estride
+#define QMME(GS, NT, MINB)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256, MINB) qmme4_g##GS##_n##NT(QMME_ARGS) {                       \
+        FB_PROLOGUE_DEFERRED();                                                                                    \
+        fb_grid_wait();                                                                                            \
+        if ((int)blockIdx.y >= table[0]) return;                                                                   \
+        const int* t = table + 1 + 4 * blockIdx.y;                                                                 \
+        const int e = t[0], first = t[1], rows = t[2];                                                             \
+        const long long sbo = (long long)e * sb_estride * (sdt == 0 ? 4 : 2);                                      \
+        qmm_impl<GS, NT>(w + e * w_estride, (const char*)sc + sbo, (const char*)bi + sbo, xb + (long long)first * k, \
+                         xs + first, xsm, out, order + first, n, k, rows, sdt, ksw);                               \
+    }
+QMME(32, 1, 2)
+QMME(32, 2, 1)
+QMME(32, 4, 1)
+QMME(32, 8, 1)
+QMME(64, 1, 2)
+QMME(64, 2, 2)
+QMME(64, 4, 1)
+QMME(64, 8, 1)
+QMME(128, 1, 2)
+QMME(128, 2, 2)
+QMME(128, 4, 1)
+QMME(128, 8, 1)

@@ -7,7 +7,7 @@
 use fusebox_core::cuda::{backend_for_tests, CudaBackend};
 use fusebox_core::fusion::Site;
 use fusebox_core::{Backend, DType, GgmlType, Tensor, Weight};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod common;
@@ -98,5 +98,80 @@ fn tc_matmul_is_deterministic() {
     for _ in 0..3 {
         let b = gpu_matmul(&be, &gw, &x, 16, n, k);
         assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "two runs differ");
+    }
+}
+
+/// `expert_matmul` on the GPU.
+fn gpu_experts(be: &CudaBackend, gw: &Weight, x: &Tensor, ids: &Tensor, n: usize) -> Vec<f32> {
+    let (m, slots) = (ids.shape()[0], ids.shape()[1]);
+    let mut out = poisoned(be, &[m, slots, n]);
+    be.expert_matmul(&be.upload(x.clone()).unwrap(), gw, &be.upload(ids.clone()).unwrap(), &mut out).unwrap();
+    read(be, &out)
+}
+
+/// MoE prefill: past `ROW_EXACT_MAX` rows the pairs are grouped by expert
+/// (kernels `qmm_group`, `qmme4_*`), shared input or one per pair, chunks of
+/// up to 32 pairs; against the CPU, run to run bitwise, and with the site on
+/// a pair's row is bitwise the same at every pair count.
+#[test]
+fn grouped_expert_matmul_matches_cpu() {
+    let Some(be) = backend_for_tests() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(33);
+    let weights = [
+        ("4-bit g64 bf16", affine(&mut r, 8, 64, 512, 4, 64, DType::BF16)),
+        ("4-bit g32 f16", affine(&mut r, 16, 48, 256, 4, 32, DType::F16)),
+        ("4-bit g128 f32", affine(&mut r, 4, 32, 1024, 4, 128, DType::F32)),
+        ("Q4_0", ggml(&mut r, GgmlType::Q4_0, 8, 64, 512)),
+        ("Q4_K", ggml(&mut r, GgmlType::Q4_K, 6, 32, 256)),
+    ];
+    for (name, w) in &weights {
+        let (e, n, k) = w.dims();
+        let gw = be.upload_weight(w.clone()).unwrap();
+        for (m, slots) in [(33, 1), (40, 2), (100, 4)] {
+            // mostly valid experts, a few outside [0, e) (zero rows)
+            let idv: Vec<i32> = (0..m * slots)
+                .map(|i| if i % 37 == 5 { [-1, e as i32][i % 2] } else { r.random_range(0..e as i32) })
+                .collect();
+            let ids = Tensor::from_i32(&[m, slots], &idv).unwrap();
+            for shared in [true, false] {
+                let xs = if shared { vec![m, k] } else { vec![m, slots, k] };
+                let x = Tensor::from_f32(&xs, &randv(&mut r, xs.iter().product())).unwrap();
+                let what = format!("{name} m={m} slots={slots} shared={shared}");
+                let c = cpu();
+                c.policy().override_site(Site::IntDot, Some(false));
+                let mut want = Tensor::zeros(&[m, slots, n], DType::F32);
+                let valid: Vec<i32> = idv.iter().map(|&i| i.clamp(0, e as i32 - 1)).collect();
+                c.expert_matmul(&x, w, &Tensor::from_i32(&[m, slots], &valid).unwrap(), &mut want).unwrap();
+                let mut want = want.as_f32().unwrap().to_vec();
+                for (p, &i) in idv.iter().enumerate() {
+                    if i < 0 || i >= e as i32 {
+                        want[p * n..(p + 1) * n].fill(0.0);
+                    }
+                }
+                be.set_fused(Site::TcMatmul, false);
+                let got = gpu_experts(&be, &gw, &x, &ids, n);
+                check(&got, &want, 1e-4, &what);
+                let again = gpu_experts(&be, &gw, &x, &ids, n);
+                assert!(got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: two runs differ");
+                // with the site on, the first row's pairs alone give the same bits
+                be.set_fused(Site::TcMatmul, true);
+                let first =
+                    if shared { x.as_f32().unwrap()[..k].to_vec() } else { x.as_f32().unwrap()[..slots * k].to_vec() };
+                let xs1 = if shared { vec![1, k] } else { vec![1, slots, k] };
+                let one = gpu_experts(
+                    &be,
+                    &gw,
+                    &Tensor::from_f32(&xs1, &first).unwrap(),
+                    &Tensor::from_i32(&[1, slots], &idv[..slots]).unwrap(),
+                    n,
+                );
+                let all = gpu_experts(&be, &gw, &x, &ids, n);
+                assert!(
+                    one.iter().zip(&all[..slots * n]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}: row 0 alone differs from row 0 of {m} rows"
+                );
+                be.set_fused(Site::TcMatmul, false);
+            }
+        }
     }
 }

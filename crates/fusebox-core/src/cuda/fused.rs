@@ -327,6 +327,10 @@ impl CudaBackend {
         let (Ok(dg), Ok(du), Ok(dd)) = (Dev::of(e.gate, "moe"), Dev::of(e.up, "moe"), Dev::of(e.down, "moe")) else {
             return Ok(false);
         };
+        // expert weights the grouped tensor-core kernels serve take the graph path
+        if [&dg, &du, &dd].iter().any(|d| self.qmm_serves_experts(d, 1)) {
+            return Ok(false);
+        }
         let (d, ff) = (dg.k, dg.n);
         let same = dg.fmt == du.fmt && dg.gs == du.gs && dg.sdt == du.sdt && (du.n, du.k) == (ff, d);
         if !same

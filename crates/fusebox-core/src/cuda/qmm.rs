@@ -24,21 +24,50 @@ const XS_SLOT: usize = 8;
 /// The affine 4-bit format in gemv.rs' table.
 const FMT_Q4: usize = 5;
 
+/// Grouped (MoE) scratch slots: x in bf16, group sums, the pairs sorted by
+/// expert, the chunk table.
+const GXB_SLOT: usize = 9;
+const GXS_SLOT: usize = 10;
+const ORDER_SLOT: usize = 11;
+const TABLE_SLOT: usize = 12;
+/// The most experts `qmm_group` sorts (`QMM_GROUP_MAX_EXPERTS`).
+const MAX_EXPERTS: usize = 1024;
+/// Input rows of one grouped chunk (one expert's pairs, 8 column tiles).
+const CHUNK_ROWS: usize = 32;
+
 /// `qmm4_g{32,64,128}_n{1,2,4,8}`.
 const KERNELS: [[&str; 4]; 3] = [
     ["qmm4_g32_n1", "qmm4_g32_n2", "qmm4_g32_n4", "qmm4_g32_n8"],
     ["qmm4_g64_n1", "qmm4_g64_n2", "qmm4_g64_n4", "qmm4_g64_n8"],
     ["qmm4_g128_n1", "qmm4_g128_n2", "qmm4_g128_n4", "qmm4_g128_n8"],
 ];
+/// `qmme4_g{32,64,128}_n{1,2,4,8}`: the grouped kernels.
+const GROUPED: [[&str; 4]; 3] = [
+    ["qmme4_g32_n1", "qmme4_g32_n2", "qmme4_g32_n4", "qmme4_g32_n8"],
+    ["qmme4_g64_n1", "qmme4_g64_n2", "qmme4_g64_n4", "qmme4_g64_n8"],
+    ["qmme4_g128_n1", "qmme4_g128_n2", "qmme4_g128_n4", "qmme4_g128_n8"],
+];
+
+fn group_index(gs: usize) -> usize {
+    match gs {
+        32 => 0,
+        64 => 1,
+        _ => 2,
+    }
+}
 
 /// Whether the kernel covers a weight of this shape (whatever the switch says).
 pub(super) fn covers(d: &Dev, compute_major: i32) -> bool {
-    compute_major >= 8
-        && d.fmt == FMT_Q4
-        && d.experts == 1
-        && matches!(d.gs, 32 | 64 | 128)
-        && d.n % 16 == 0
-        && d.k % d.gs.max(64) == 0
+    d.experts == 1 && covers_matrix(d, compute_major)
+}
+
+/// Whether the grouped kernels cover an expert weight of this shape.
+pub(super) fn covers_experts(d: &Dev, compute_major: i32) -> bool {
+    d.experts <= MAX_EXPERTS && covers_matrix(d, compute_major)
+}
+
+fn covers_matrix(d: &Dev, compute_major: i32) -> bool {
+    compute_major >= 8 && d.fmt == FMT_Q4 && matches!(d.gs, 32 | 64 | 128) && d.n % 16 == 0 && d.k % d.gs.max(64) == 0
 }
 
 /// Warps that split a row tile's k: as few as fill the device (about 16 warps
@@ -59,6 +88,19 @@ impl CudaBackend {
     /// of such a weight step aside, so that one row and many compute alike.
     pub(super) fn qmm_serves(&self, d: &Dev) -> bool {
         crate::backend::Backend::fused(self, Site::TcMatmul) && covers(d, self.info.compute_capability.0)
+    }
+
+    /// Whether `expert_matmul` of `d` over `m` input rows takes the grouped
+    /// kernels: always past `ROW_EXACT_MAX` rows (prefill: each expert's
+    /// weight read once per 32 of its pairs instead of once per pair), and
+    /// at every row count while site `tc_matmul` is on (one row as many).
+    /// `FUSEBOX_GROUPED_MOE=0` keeps the per-pair GEMVs past `ROW_EXACT_MAX`
+    /// rows (A/B runs).
+    pub(super) fn qmm_serves_experts(&self, d: &Dev, m: usize) -> bool {
+        static GROUPED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let grouped = *GROUPED.get_or_init(|| std::env::var("FUSEBOX_GROUPED_MOE").map(|v| v != "0").unwrap_or(true));
+        let tc = crate::backend::Backend::fused(self, Site::TcMatmul);
+        ((grouped && m > crate::backend::ROW_EXACT_MAX) || tc) && covers_experts(d, self.info.compute_capability.0)
     }
 
     /// `out[m, n] = x[m, k] @ w^T` for `1 <= m <= QMM_MAX_ROWS`.
@@ -86,18 +128,15 @@ impl CudaBackend {
                 Arg::I(mp as i32),
                 Arg::I(k as i32),
                 Arg::I(gs as i32),
+                Arg::P(0),
+                Arg::I(1),
             ],
         )?;
         let ksw = k_split(d, self.sm_count as usize);
         let tiles = n / 16;
         let blocks = tiles.div_ceil(WARPS / ksw);
         let smem = if ksw > 1 { WARPS * nt * 2 * 32 * 4 } else { 0 };
-        let g = match gs {
-            32 => 0,
-            64 => 1,
-            _ => 2,
-        };
-        let name = KERNELS[g][nt.trailing_zeros() as usize];
+        let name = KERNELS[group_index(gs)][nt.trailing_zeros() as usize];
         self.launch(
             FILE,
             name,
@@ -114,6 +153,85 @@ impl CudaBackend {
                 Arg::I(m as i32),
                 Arg::I(d.sdt),
                 Arg::I(ksw as i32),
+            ],
+        )
+    }
+
+    /// The expert products of `pairs = m * slots` (row, slot) pairs, grouped by
+    /// expert (`ids` I32 [pairs]): `out[p, :] = w[ids[p]] @ x_p`, x_p row
+    /// `p / x_div` of x (x_div = slots for a shared input, 1 for one input
+    /// per pair). Each expert's weight is read once per 32 of its pairs.
+    pub(super) fn qmm_experts(&self, d: &Dev, x: u64, out: u64, ids: u64, pairs: usize, x_div: usize) -> Result<()> {
+        ensure!(x % 16 == 0, "cuda qmm: input rows at {x:#x} are not 16-byte aligned");
+        ensure!(pairs < (1 << 24), "cuda qmm: {pairs} expert pairs is too many for one launch");
+        let (n, k, gs) = (d.n, d.k, d.gs);
+        let chunks = pairs.div_ceil(CHUNK_ROWS) + d.experts.min(pairs);
+        ensure!(chunks <= 65535, "cuda qmm: {pairs} expert pairs need {chunks} chunks (at most 65535)");
+        let order = self.scratch(ORDER_SLOT, pairs * 4)?;
+        let table = self.scratch(TABLE_SLOT, (1 + 4 * chunks) * 4)?;
+        self.launch(
+            FILE,
+            "qmm_group",
+            ((1, 1, 1), (1024, 1, 1), 0),
+            &[
+                Arg::P(ids),
+                Arg::I(pairs as i32),
+                Arg::I(d.experts as i32),
+                Arg::P(order),
+                Arg::P(table),
+                Arg::P(out),
+                Arg::I(n as i32),
+            ],
+        )?;
+        // padded by one chunk of zero rows, which the last chunk's tiles read
+        let mp = pairs + CHUNK_ROWS;
+        let xb = self.scratch(GXB_SLOT, mp * 2 * k * 2)?;
+        let xs = self.scratch(GXS_SLOT, mp * (k / 32) * 4)?;
+        let threads = mp * k / 8;
+        let blocks = threads.div_ceil(THREADS as usize).min(self.sm_count as usize * 8);
+        self.launch(
+            FILE,
+            "qmm_prep",
+            ((blocks as u32, 1, 1), (THREADS, 1, 1), 0),
+            &[
+                Arg::P(x),
+                Arg::P(xb),
+                Arg::P(xs),
+                Arg::I(pairs as i32),
+                Arg::I(mp as i32),
+                Arg::I(k as i32),
+                Arg::I(gs as i32),
+                Arg::P(order),
+                Arg::I(x_div as i32),
+            ],
+        )?;
+        // the tile width from the most pairs a chunk can hold, the k split from
+        // the shape: a pair's product is the same at every pair count
+        let nt = pairs.min(CHUNK_ROWS).div_ceil(4).next_power_of_two();
+        let ksw = k_split(d, self.sm_count as usize);
+        let blocks = (n / 16).div_ceil(WARPS / ksw);
+        let smem = if ksw > 1 { WARPS * nt * 2 * 32 * 4 } else { 0 };
+        let name = GROUPED[group_index(gs)][nt.trailing_zeros() as usize];
+        self.launch(
+            FILE,
+            name,
+            ((blocks as u32, chunks as u32, 1), (THREADS, 1, 1), smem as u32),
+            &[
+                Arg::P(d.w),
+                Arg::P(d.sc),
+                Arg::P(d.bi),
+                Arg::P(xb),
+                Arg::P(xs),
+                Arg::I(mp as i32),
+                Arg::P(out),
+                Arg::P(order),
+                Arg::P(table),
+                Arg::I(n as i32),
+                Arg::I(k as i32),
+                Arg::I(d.sdt),
+                Arg::I(ksw as i32),
+                Arg::L(d.w_estride() / 4),
+                Arg::L(d.sb_estride()),
             ],
         )
     }
