@@ -753,7 +753,7 @@ impl CudaBackend {
             return Ok(());
         }
         if self.qmm_serves_experts(&d, m) {
-            return self.qmm_experts(&d, px, po, pi, m * slots, if shared { slots } else { 1 });
+            return self.qmm_experts(&d, px, po, pi, m, m * slots, if shared { slots } else { 1 });
         }
         // up to ROW_EXACT_MAX rows: the k split of one row's slots, so each
         // row's products are bitwise the decode step's

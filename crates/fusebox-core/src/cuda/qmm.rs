@@ -32,8 +32,10 @@ const ORDER_SLOT: usize = 11;
 const TABLE_SLOT: usize = 12;
 /// The most experts `qmm_group` sorts (`QMM_GROUP_MAX_EXPERTS`).
 const MAX_EXPERTS: usize = 1024;
-/// Input rows of one grouped chunk (one expert's pairs, 8 column tiles).
+/// Pairs of one grouped chunk (one expert's pairs, 8 column tiles): hi and
+/// lo parts of 32, or (prefill) 64 in bf16.
 const CHUNK_ROWS: usize = 32;
+const FAST_CHUNK_ROWS: usize = 64;
 
 /// `qmm4_g{32,64,128}_n{1,2,4,8}`.
 const KERNELS: [[&str; 4]; 3] = [
@@ -41,12 +43,20 @@ const KERNELS: [[&str; 4]; 3] = [
     ["qmm4_g64_n1", "qmm4_g64_n2", "qmm4_g64_n4", "qmm4_g64_n8"],
     ["qmm4_g128_n1", "qmm4_g128_n2", "qmm4_g128_n4", "qmm4_g128_n8"],
 ];
+/// `qmmf4_g{32,64,128}`: the grouped prefill kernels (x in bf16 only).
+const GROUPED_FAST: [&str; 3] = ["qmmf4_g32", "qmmf4_g64", "qmmf4_g128"];
 /// `qmme4_g{32,64,128}_n{1,2,4,8}`: the grouped kernels.
 const GROUPED: [[&str; 4]; 3] = [
     ["qmme4_g32_n1", "qmme4_g32_n2", "qmme4_g32_n4", "qmme4_g32_n8"],
     ["qmme4_g64_n1", "qmme4_g64_n2", "qmme4_g64_n4", "qmme4_g64_n8"],
     ["qmme4_g128_n1", "qmme4_g128_n2", "qmme4_g128_n4", "qmme4_g128_n8"],
 ];
+
+/// `FUSEBOX_GROUPED_MOE` (default on), read once.
+fn grouped_moe() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FUSEBOX_GROUPED_MOE").map(|v| v != "0").unwrap_or(true))
+}
 
 fn group_index(gs: usize) -> usize {
     match gs {
@@ -97,10 +107,12 @@ impl CudaBackend {
     /// `FUSEBOX_GROUPED_MOE=0` keeps the per-pair GEMVs past `ROW_EXACT_MAX`
     /// rows (A/B runs).
     pub(super) fn qmm_serves_experts(&self, d: &Dev, m: usize) -> bool {
-        static GROUPED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let grouped = *GROUPED.get_or_init(|| std::env::var("FUSEBOX_GROUPED_MOE").map(|v| v != "0").unwrap_or(true));
-        let tc = crate::backend::Backend::fused(self, Site::TcMatmul);
-        ((grouped && m > crate::backend::ROW_EXACT_MAX) || tc) && covers_experts(d, self.info.compute_capability.0)
+        (m > crate::backend::ROW_EXACT_MAX && grouped_moe() || self.tc_on())
+            && covers_experts(d, self.info.compute_capability.0)
+    }
+
+    fn tc_on(&self) -> bool {
+        crate::backend::Backend::fused(self, Site::TcMatmul)
     }
 
     /// `out[m, n] = x[m, k] @ w^T` for `1 <= m <= QMM_MAX_ROWS`.
@@ -129,6 +141,7 @@ impl CudaBackend {
                 Arg::I(k as i32),
                 Arg::I(gs as i32),
                 Arg::P(0),
+                Arg::I(1),
                 Arg::I(1),
             ],
         )?;
@@ -161,11 +174,28 @@ impl CudaBackend {
     /// expert (`ids` I32 [pairs]): `out[p, :] = w[ids[p]] @ x_p`, x_p row
     /// `p / x_div` of x (x_div = slots for a shared input, 1 for one input
     /// per pair). Each expert's weight is read once per 32 of its pairs.
-    pub(super) fn qmm_experts(&self, d: &Dev, x: u64, out: u64, ids: u64, pairs: usize, x_div: usize) -> Result<()> {
+    ///
+    /// Past `ROW_EXACT_MAX` rows with site `tc_matmul` off (prefill) x enters
+    /// in bf16 alone (what the cuBLAS prefill of dense layers computes with),
+    /// 64 pairs a chunk; otherwise as hi and lo parts, 32 pairs a chunk, and
+    /// a pair's product is the same bits at every pair count.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn qmm_experts(
+        &self,
+        d: &Dev,
+        x: u64,
+        out: u64,
+        ids: u64,
+        m: usize,
+        pairs: usize,
+        x_div: usize,
+    ) -> Result<()> {
         ensure!(x % 16 == 0, "cuda qmm: input rows at {x:#x} are not 16-byte aligned");
         ensure!(pairs < (1 << 24), "cuda qmm: {pairs} expert pairs is too many for one launch");
         let (n, k, gs) = (d.n, d.k, d.gs);
-        let chunks = pairs.div_ceil(CHUNK_ROWS) + d.experts.min(pairs);
+        let fast = m > crate::backend::ROW_EXACT_MAX && !self.tc_on();
+        let chunk = if fast { FAST_CHUNK_ROWS } else { CHUNK_ROWS };
+        let chunks = pairs.div_ceil(chunk) + d.experts.min(pairs);
         ensure!(chunks <= 65535, "cuda qmm: {pairs} expert pairs need {chunks} chunks (at most 65535)");
         let order = self.scratch(ORDER_SLOT, pairs * 4)?;
         let table = self.scratch(TABLE_SLOT, (1 + 4 * chunks) * 4)?;
@@ -181,10 +211,11 @@ impl CudaBackend {
                 Arg::P(table),
                 Arg::P(out),
                 Arg::I(n as i32),
+                Arg::I(chunk as i32),
             ],
         )?;
         // padded by one chunk of zero rows, which the last chunk's tiles read
-        let mp = pairs + CHUNK_ROWS;
+        let mp = pairs + chunk;
         let xb = self.scratch(GXB_SLOT, mp * 2 * k * 2)?;
         let xs = self.scratch(GXS_SLOT, mp * (k / 32) * 4)?;
         let threads = mp * k / 8;
@@ -203,15 +234,18 @@ impl CudaBackend {
                 Arg::I(gs as i32),
                 Arg::P(order),
                 Arg::I(x_div as i32),
+                Arg::I(!fast as i32),
             ],
         )?;
         // the tile width from the most pairs a chunk can hold, the k split from
         // the shape: a pair's product is the same at every pair count
-        let nt = pairs.min(CHUNK_ROWS).div_ceil(4).next_power_of_two();
+        let nt = if fast { 8 } else { pairs.min(CHUNK_ROWS).div_ceil(4).next_power_of_two() };
         let ksw = k_split(d, self.sm_count as usize);
         let blocks = (n / 16).div_ceil(WARPS / ksw);
-        let smem = if ksw > 1 { WARPS * nt * 2 * 32 * 4 } else { 0 };
-        let name = GROUPED[group_index(gs)][nt.trailing_zeros() as usize];
+        let per_thread = if fast { 4 } else { 2 };
+        let smem = if ksw > 1 { WARPS * nt * per_thread * 32 * 4 } else { 0 };
+        let name =
+            if fast { GROUPED_FAST[group_index(gs)] } else { GROUPED[group_index(gs)][nt.trailing_zeros() as usize] };
         self.launch(
             FILE,
             name,
