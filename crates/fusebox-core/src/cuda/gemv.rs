@@ -12,6 +12,11 @@
 //!   affine weight dequantized to bf16 in scratch, x rounded to bf16); f32 and
 //!   f16 weights run f32 SGEMM (f16 widened to f32 in scratch).
 //!   `FUSEBOX_PREFILL_F32=1` takes the f32 path for every format.
+//! * expert matmuls (MoE): up to `ROW_EXACT_MAX` rows, one GEMV per (row,
+//!   slot) pair; past it, 4-bit weights are grouped by expert (qmm.rs:
+//!   each expert's weight read once per 64 of its pairs, on the tensor
+//!   cores), other formats stay per pair. `FUSEBOX_GROUPED_MOE=0` keeps the
+//!   per-pair GEMVs.
 //! * GGUF weights are re-laid out at upload as MLX affine weights: Q4_0, Q4_1
 //!   and Q8_0 exactly (4/8-bit, group 32, f16 scales and biases, f32 if a
 //!   bias would overflow f16); Q4_K and Q5_K exactly as 4/5-bit group 32 with

@@ -6,6 +6,13 @@
 //! The k split is planned from the weight's shape and the device alone, never
 //! from the row count, so a row's product is bitwise the same at every row
 //! count (tests/cuda_qmm.rs checks it).
+//!
+//! MoE expert matmuls past `ROW_EXACT_MAX` rows (prefill) use the same kernel
+//! grouped by expert whatever the site says: `qmm_group` sorts the (row,
+//! slot) pairs by expert and cuts them into chunks of one expert's pairs,
+//! `qmm_prep` gathers the chunks' input rows, and one `qmmf4_g{GS}` launch
+//! (x in bf16, 64 pairs a chunk) or, with the site on, `qmme4_g{GS}_n{NT}`
+//! (hi and lo parts, 32 pairs a chunk) runs a block row per chunk.
 
 use anyhow::{ensure, Result};
 
