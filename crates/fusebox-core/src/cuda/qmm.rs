@@ -65,6 +65,22 @@ fn grouped_moe() -> bool {
     *ON.get_or_init(|| std::env::var("FUSEBOX_GROUPED_MOE").map(|v| v != "0").unwrap_or(true))
 }
 
+/// One `qmm_prep` launch: `m` rows of x (row r = `order[r] / x_div` when
+/// `order` is not null) into `xb` and `xs` padded to `mp` rows; `hl`: hi and
+/// lo parts, else bf16 alone.
+struct Prep {
+    x: u64,
+    xb: u64,
+    xs: u64,
+    m: usize,
+    mp: usize,
+    k: usize,
+    gs: usize,
+    order: u64,
+    x_div: usize,
+    hl: bool,
+}
+
 fn group_index(gs: usize) -> usize {
     match gs {
         32 => 0,
@@ -122,6 +138,29 @@ impl CudaBackend {
         crate::backend::Backend::fused(self, Site::TcMatmul)
     }
 
+    /// `qmm_prep`: x (rows gathered through `order` when it is not null) into
+    /// the kernels' bf16 fragment order and group sums.
+    fn qmm_prep(&self, p: Prep) -> Result<()> {
+        let blocks = (p.mp * p.k / 8).div_ceil(THREADS as usize).min(self.sm_count as usize * 8);
+        self.launch(
+            FILE,
+            "qmm_prep",
+            ((blocks as u32, 1, 1), (THREADS, 1, 1), 0),
+            &[
+                Arg::P(p.x),
+                Arg::P(p.xb),
+                Arg::P(p.xs),
+                Arg::I(p.m as i32),
+                Arg::I(p.mp as i32),
+                Arg::I(p.k as i32),
+                Arg::I(p.gs as i32),
+                Arg::P(p.order),
+                Arg::I(p.x_div as i32),
+                Arg::I(p.hl as i32),
+            ],
+        )
+    }
+
     /// `out[m, n] = x[m, k] @ w^T` for `1 <= m <= QMM_MAX_ROWS`.
     pub(super) fn qmm(&self, d: &Dev, x: u64, out: u64, m: usize) -> Result<()> {
         ensure!((1..=QMM_MAX_ROWS).contains(&m), "cuda qmm: {m} input rows (1 to {QMM_MAX_ROWS})");
@@ -133,25 +172,7 @@ impl CudaBackend {
         // buffers never move when another row count comes
         let xb = self.scratch(XB_SLOT, QMM_MAX_ROWS * 2 * k * 2)?;
         let xs = self.scratch(XS_SLOT, QMM_MAX_ROWS * (k / 32) * 4)?;
-        let threads = mp * k / 8;
-        let blocks = threads.div_ceil(THREADS as usize).min(self.sm_count as usize * 8);
-        self.launch(
-            FILE,
-            "qmm_prep",
-            ((blocks as u32, 1, 1), (THREADS, 1, 1), 0),
-            &[
-                Arg::P(x),
-                Arg::P(xb),
-                Arg::P(xs),
-                Arg::I(m as i32),
-                Arg::I(mp as i32),
-                Arg::I(k as i32),
-                Arg::I(gs as i32),
-                Arg::P(0),
-                Arg::I(1),
-                Arg::I(1),
-            ],
-        )?;
+        self.qmm_prep(Prep { x, xb, xs, m, mp, k, gs, order: 0, x_div: 1, hl: true })?;
         let ksw = k_split(d, self.sm_count as usize);
         let tiles = n / 16;
         let blocks = tiles.div_ceil(WARPS / ksw);
@@ -225,25 +246,7 @@ impl CudaBackend {
         let mp = pairs + chunk;
         let xb = self.scratch(GXB_SLOT, mp * 2 * k * 2)?;
         let xs = self.scratch(GXS_SLOT, mp * (k / 32) * 4)?;
-        let threads = mp * k / 8;
-        let blocks = threads.div_ceil(THREADS as usize).min(self.sm_count as usize * 8);
-        self.launch(
-            FILE,
-            "qmm_prep",
-            ((blocks as u32, 1, 1), (THREADS, 1, 1), 0),
-            &[
-                Arg::P(x),
-                Arg::P(xb),
-                Arg::P(xs),
-                Arg::I(pairs as i32),
-                Arg::I(mp as i32),
-                Arg::I(k as i32),
-                Arg::I(gs as i32),
-                Arg::P(order),
-                Arg::I(x_div as i32),
-                Arg::I(!fast as i32),
-            ],
-        )?;
+        self.qmm_prep(Prep { x, xb, xs, m: pairs, mp, k, gs, order, x_div, hl: !fast })?;
         // the tile width from the most pairs a chunk can hold, the k split from
         // the shape: a pair's product is the same at every pair count
         let nt = if fast { 8 } else { pairs.min(CHUNK_ROWS).div_ceil(4).next_power_of_two() };
