@@ -234,6 +234,12 @@ impl Tensor {
         Ok(bytemuck::cast_slice(self.host_bytes()?))
     }
 
+    /// Raw 16-bit words of an F16 or BF16 tensor, writable.
+    pub fn as_u16_mut(&mut self) -> Result<&mut [u16]> {
+        ensure!(matches!(self.dtype, DType::F16 | DType::BF16), "expected a 16-bit float tensor, got {}", self.dtype);
+        Ok(bytemuck::cast_slice_mut(self.host_bytes_mut()?))
+    }
+
     /// Copy a host float tensor out as f32 values.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         Ok(match self.dtype {

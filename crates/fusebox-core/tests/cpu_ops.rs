@@ -558,3 +558,38 @@ fn zero_width_rows_are_errors_not_panics() {
     assert!(b.softmax(&zf(&[2, 0]), &mut zf(&[2, 0])).is_err());
     assert!(b.rms_norm(&zf(&[2, 0]), &zf(&[0]), 1e-6, &mut zf(&[2, 0])).is_err());
 }
+
+/// `FUSEBOX_KV_DTYPE=f16`: kv_write rounds keys and values to f16 once, and
+/// attention over the f16 cache is bitwise attention over an f32 cache that
+/// holds the same rounded values (decode and prefill, every tail length).
+#[test]
+fn attention_over_an_f16_cache_is_attention_over_its_values() {
+    let mut r = rng(41);
+    let b = backend();
+    for (heads, kv_heads, d) in [(4, 2, 64), (6, 3, 128), (2, 1, 24)] {
+        for (cap, p0, m) in [(37, 30, 1), (21, 0, 7), (64, 13, 5)] {
+            let shape = [cap, kv_heads, d];
+            let k = uniform(&mut r, cap * kv_heads * d, 3.0);
+            let v = uniform(&mut r, k.len(), 3.0);
+            let mut c16 = LayerKv { k: Tensor::zeros(&shape, DType::F16), v: Tensor::zeros(&shape, DType::F16) };
+            let all: Vec<i32> = (0..cap as i32).collect();
+            b.kv_write(&tf(&shape, &k), &tf(&shape, &v), &ti(&all), &mut c16).unwrap();
+            let round = |x: &[f32]| x.iter().map(|&a| f16::from_f32(a).to_f32()).collect::<Vec<f32>>();
+            let (kr, vr) = (round(&k), round(&v));
+            assert_eq!(c16.k.to_f32_vec().unwrap(), kr, "kv_write into f16: keys");
+            assert_eq!(c16.v.to_f32_vec().unwrap(), vr, "kv_write into f16: values");
+            let c32 = LayerKv { k: tf(&shape, &kr), v: tf(&shape, &vr) };
+            let pos: Vec<i32> = (p0..p0 + m as i32).collect();
+            let q = tf(&[m, heads, d], &uniform(&mut r, m * heads * d, 2.0));
+            let scale = 1.0 / (d as f32).sqrt();
+            let (mut a, mut want) = (zf(&[m, heads, d]), zf(&[m, heads, d]));
+            b.attention(&q, &c16, &ti(&pos), scale, &mut a).unwrap();
+            b.attention(&q, &c32, &ti(&pos), scale, &mut want).unwrap();
+            let (a, want) = (a.as_f32().unwrap(), want.as_f32().unwrap());
+            assert!(
+                a.iter().zip(want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "heads {heads}/{kv_heads} d {d} cap {cap} p0 {p0} m {m}: f16 cache differs"
+            );
+        }
+    }
+}

@@ -56,6 +56,77 @@ pub fn weighted_sum(p: &[f32], values: &[f32], stride: usize, o: &mut [f32]) {
     }
 }
 
+/// [`scores`] against keys stored as f16 (`FUSEBOX_KV_DTYPE=f16`): bitwise
+/// what [`scores`] gives on the same values widened to f32.
+pub fn scores_f16(q: &[f32], keys: &[u16], stride: usize, scale: f32, s: &mut [f32]) {
+    let d = q.len();
+    let n = s.len();
+    assert!(n == 0 || (n - 1) * stride + d <= keys.len(), "attention keys: rows past the cache");
+    let mut t = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::has_avx2_fma() && has_f16c() {
+        while t + 4 <= n {
+            // SAFETY: AVX2/FMA/F16C are present; rows t..t+4 lie inside `keys` (asserted above).
+            let v = unsafe { x86::dot4_f16(q, keys.as_ptr().add(t * stride), stride) };
+            for (i, x) in v.iter().enumerate() {
+                s[t + i] = x * scale;
+            }
+            t += 4;
+        }
+    }
+    let mut row = [0f32; MAX_D];
+    let wide = &mut row[..d];
+    for (i, st) in s.iter_mut().enumerate().skip(t) {
+        widen(&keys[i * stride..i * stride + d], wide);
+        *st = dot_f32(q, wide) * scale;
+    }
+}
+
+/// [`weighted_sum`] of values stored as f16: bitwise what it gives on the
+/// same values widened to f32.
+pub fn weighted_sum_f16(p: &[f32], values: &[u16], stride: usize, o: &mut [f32]) {
+    let d = o.len();
+    o.fill(0.0);
+    let n = p.len();
+    assert!(n == 0 || (n - 1) * stride + d <= values.len(), "attention values: rows past the cache");
+    let mut t = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::has_avx2_fma() && has_f16c() && d % 8 == 0 {
+        while t + 4 <= n {
+            // SAFETY: AVX2/FMA/F16C are present; rows t..t+4 lie inside `values`; d % 8 == 0.
+            unsafe { x86::axpy4_f16(&p[t..t + 4], values.as_ptr().add(t * stride), stride, o) };
+            t += 4;
+        }
+    }
+    let mut row = [0f32; MAX_D];
+    let wide = &mut row[..d];
+    for (i, &pi) in p.iter().enumerate().skip(t) {
+        widen(&values[i * stride..i * stride + d], wide);
+        axpy(pi, wide, o);
+    }
+}
+
+/// The largest head dimension the f16 cache paths take (they widen a row on
+/// the stack).
+pub const MAX_D: usize = 512;
+
+fn widen(src: &[u16], dst: &mut [f32]) {
+    for (d, &h) in dst.iter_mut().zip(src) {
+        *d = crate::dtype::f16_to_f32(h);
+    }
+}
+
+fn has_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -72,6 +143,54 @@ mod x86 {
             let mut a = _mm256_loadu_ps(op);
             for (c, wc) in w.iter().enumerate() {
                 a = _mm256_fmadd_ps(*wc, _mm256_loadu_ps(v.add(c * stride + i)), a);
+            }
+            _mm256_storeu_ps(op, a);
+        }
+    }
+
+    /// `q . row_c` for the four f16 rows at `k + c * stride`, in the order of
+    /// `gemm::x86::tile::<1>` (so the same bits on the same values).
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C; the four rows of `q.len()` values are readable.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_f16(q: &[f32], k: *const u16, stride: usize) -> [f32; 4] {
+        let d = q.len();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let body = d / 8 * 8;
+        let mut i = 0;
+        while i < body {
+            let xv = _mm256_loadu_ps(q.as_ptr().add(i));
+            for (c, a) in acc.iter_mut().enumerate() {
+                let wv = _mm256_cvtph_ps(_mm_loadu_si128(k.add(c * stride + i) as *const __m128i));
+                *a = _mm256_fmadd_ps(xv, wv, *a);
+            }
+            i += 8;
+        }
+        let mut out = [0f32; 4];
+        for c in 0..4 {
+            let mut s = crate::cpu::avx2::hsum8(acc[c]);
+            for (t, &qt) in q.iter().enumerate().skip(body) {
+                s = qt.mul_add(crate::dtype::f16_to_f32(*k.add(c * stride + t)), s);
+            }
+            out[c] = s;
+        }
+        out
+    }
+
+    /// [`axpy4`] over four f16 rows.
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C; the four rows of `o.len()` (a multiple of 8) values are readable.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy4_f16(p: &[f32], v: *const u16, stride: usize, o: &mut [f32]) {
+        let w: [__m256; 4] = std::array::from_fn(|c| _mm256_set1_ps(p[c]));
+        for i in (0..o.len()).step_by(8) {
+            let op = o.as_mut_ptr().add(i);
+            let mut a = _mm256_loadu_ps(op);
+            for (c, wc) in w.iter().enumerate() {
+                let row = _mm256_cvtph_ps(_mm_loadu_si128(v.add(c * stride + i) as *const __m128i));
+                a = _mm256_fmadd_ps(*wc, row, a);
             }
             _mm256_storeu_ps(op, a);
         }

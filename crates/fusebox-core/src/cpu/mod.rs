@@ -35,6 +35,8 @@ const MAX_HEAD_DIM: usize = 1024;
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     policy: FusionPolicy,
+    /// The KV cache in f16 (`FUSEBOX_KV_DTYPE=f16`) instead of f32.
+    kv_f16: bool,
 }
 
 impl CpuBackend {
@@ -42,7 +44,18 @@ impl CpuBackend {
     pub fn new(threads: usize) -> Result<Self> {
         let pool =
             rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("fusebox-cpu-{i}")).build()?;
-        Ok(CpuBackend { pool, policy: FusionPolicy::resolve(BackendKind::Cpu, "cpu")? })
+        let kv_f16 = match std::env::var("FUSEBOX_KV_DTYPE").as_deref() {
+            Err(_) | Ok("f32") | Ok("bf16") => false,
+            Ok("f16") => true,
+            Ok(other) => bail!("FUSEBOX_KV_DTYPE={other}: expected f32 or f16 on the CPU (bf16 or f32 on CUDA)"),
+        };
+        Ok(CpuBackend { pool, policy: FusionPolicy::resolve(BackendKind::Cpu, "cpu")?, kv_f16 })
+    }
+
+    /// Keep KV caches allocated from now on in f16 (half the bytes attention
+    /// reads; keys and values rounded once) or f32.
+    pub fn set_kv_f16(&mut self, on: bool) {
+        self.kv_f16 = on;
     }
 
     /// This backend's fusion decisions (defaults, tuned file, environment).
@@ -231,6 +244,14 @@ fn positions_of<'a>(positions: &'a Tensor, m: usize, op: &str) -> Result<&'a [i3
 }
 
 impl Backend for CpuBackend {
+    fn kv_dtype(&self) -> DType {
+        if self.kv_f16 {
+            DType::F16
+        } else {
+            DType::F32
+        }
+    }
+
     fn name(&self) -> String {
         format!("cpu ({} threads)", self.threads())
     }
@@ -651,6 +672,17 @@ impl Backend for CpuBackend {
             bail!("kv_write: position {p} is past the cache capacity {cap}");
         }
         let (ks, vs) = (k.as_f32()?, v.as_f32()?);
+        if cache.k.dtype() == DType::F16 {
+            use half::slice::HalfFloatSliceExt;
+            for (src, dst) in [(ks, cache.k.as_u16_mut()?), (vs, cache.v.as_u16_mut()?)] {
+                let dst: &mut [half::f16] = bytemuck::cast_slice_mut(dst);
+                for (i, &p) in pos.iter().enumerate() {
+                    let p = p as usize;
+                    dst[p * row..(p + 1) * row].convert_from_f32_slice(&src[i * row..(i + 1) * row]);
+                }
+            }
+            return Ok(());
+        }
         for (src, dst) in [(ks, cache.k.as_f32_mut()?), (vs, cache.v.as_f32_mut()?)] {
             for (i, &p) in pos.iter().enumerate() {
                 let p = p as usize;
@@ -674,7 +706,14 @@ impl Backend for CpuBackend {
         if let Some(&p) = pos.iter().find(|&&p| p as usize >= cap) {
             bail!("attention: position {p} is past the cache capacity {cap}");
         }
-        let (qs, ks, vs) = (q.as_f32()?, cache.k.as_f32()?, cache.v.as_f32()?);
+        let f16 = cache.k.dtype() == DType::F16;
+        ensure!(!f16 || d <= attn::MAX_D, "attention: head dim {d} over {} with an f16 cache", attn::MAX_D);
+        let qs = q.as_f32()?;
+        let (ks, vs, ks16, vs16) = if f16 {
+            (&[][..], &[][..], cache.k.as_u16()?, cache.v.as_u16()?)
+        } else {
+            (cache.k.as_f32()?, cache.v.as_f32()?, &[][..], &[][..])
+        };
         let os = out.as_f32_mut()?;
         let kv_row = kv_heads * d;
         let f = |(idx, o): (usize, &mut [f32])| {
@@ -683,7 +722,11 @@ impl Backend for CpuBackend {
             let qv = &qs[idx * d..(idx + 1) * d];
             let len = pos[i] as usize + 1;
             with_scratch(len, |s| {
-                attn::scores(qv, &ks[kvh * d..], kv_row, scale, s);
+                if f16 {
+                    attn::scores_f16(qv, &ks16[kvh * d..], kv_row, scale, s);
+                } else {
+                    attn::scores(qv, &ks[kvh * d..], kv_row, scale, s);
+                }
                 let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                 let mut sum = 0f32;
                 for st in s.iter_mut() {
@@ -692,7 +735,11 @@ impl Backend for CpuBackend {
                 }
                 let inv = 1.0 / sum;
                 s.iter_mut().for_each(|st| *st *= inv);
-                attn::weighted_sum(s, &vs[kvh * d..], kv_row, o);
+                if f16 {
+                    attn::weighted_sum_f16(s, &vs16[kvh * d..], kv_row, o);
+                } else {
+                    attn::weighted_sum(s, &vs[kvh * d..], kv_row, o);
+                }
             })
         };
         self.pool.install(|| os.par_chunks_exact_mut(d).enumerate().for_each(f));
