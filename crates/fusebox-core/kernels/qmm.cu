@@ -39,11 +39,9 @@
 //
 // Grouped (MoE) use: with `order`, row r of xb is input row order[r] / x_div
 // of x (the pair's token for a shared input, x_div = slots; the pair itself,
-// x_div = 1), and a negative order[r] is a zero row. With hl == 0 (prefill,
-// where x in bf16 is what the cuBLAS path also computes with) xb holds only
-// row r = bf16(x_r) and xs its sums.
+// x_div = 1), and a negative order[r] is a zero row.
 extern "C" __global__ void qmm_prep(const float* __restrict__ x, u32* __restrict__ xb, float* __restrict__ xs, int m,
-                                    int mp, int k, int gs, const int* __restrict__ order, int x_div, int hl) {
+                                    int mp, int k, int gs, const int* __restrict__ order, int x_div) {
     FB_PROLOGUE();
     const int per_row = k / 8, tpg = gs / 8;
     const long long total = (long long)mp * per_row;
@@ -68,7 +66,7 @@ extern "C" __global__ void qmm_prep(const float* __restrict__ x, u32* __restrict
                 hi[i] = f32_to_bf16(v[i]);
                 const float h = bf16_to_f32((bf16_t)hi[i]);
                 lo[i] = f32_to_bf16(v[i] - h);
-                s += hl ? h + bf16_to_f32((bf16_t)lo[i]) : h;
+                s += h + bf16_to_f32((bf16_t)lo[i]);
             }
         } else {
 #pragma unroll
@@ -78,11 +76,9 @@ extern "C" __global__ void qmm_prep(const float* __restrict__ x, u32* __restrict
         if (ok) {
             uint4 q;
             q.x = hi[0] | (hi[4] << 16), q.y = hi[1] | (hi[5] << 16), q.z = hi[2] | (hi[6] << 16), q.w = hi[3] | (hi[7] << 16);
-            *(uint4*)(xb + ((long long)((1 + hl) * r) * per_row + j8) * 4) = q;
-            if (hl) {
-                q.x = lo[0] | (lo[4] << 16), q.y = lo[1] | (lo[5] << 16), q.z = lo[2] | (lo[6] << 16), q.w = lo[3] | (lo[7] << 16);
-                *(uint4*)(xb + ((long long)(2 * r + 1) * per_row + j8) * 4) = q;
-            }
+            *(uint4*)(xb + ((long long)(2 * r) * per_row + j8) * 4) = q;
+            q.x = lo[0] | (lo[4] << 16), q.y = lo[1] | (lo[5] << 16), q.z = lo[2] | (lo[6] << 16), q.w = lo[3] | (lo[7] << 16);
+            *(uint4*)(xb + ((long long)(2 * r + 1) * per_row + j8) * 4) = q;
             if (j8 % tpg == 0) xs[(long long)(j8 / tpg) * mp + r] = s;
         }
     }
@@ -139,11 +135,10 @@ __device__ __forceinline__ void qmm_mmas(float (&d)[NT][4], const u32 (&a)[2][4]
     }
 }
 
-// GS: group size; NT: 8-column tiles of x (HL: hi and lo of 4 input rows
-// each, m <= 4 NT; else 8 input rows in bf16, m <= 8 NT). xs holds xsm rows
-// per group (qmm_prep's mp); output row r goes to row orow[r] of out (r when
-// orow is null).
-template <int GS, int NT, bool HL = true>
+// GS: group size; NT: 8-column tiles of x (hi and lo of 4 input rows each;
+// m <= 4 NT). xs holds xsm rows per group (qmm_prep's mp); output row r goes
+// to row orow[r] of out (r when orow is null).
+template <int GS, int NT>
 __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* __restrict__ sc,
                                          const void* __restrict__ bi, const u32* __restrict__ xb,
                                          const float* __restrict__ xs, int xsm, float* __restrict__ out,
@@ -186,14 +181,10 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
         if (s0 + p < s1) QMM_LOAD(p, s0 + p);
     fb_grid_wait();   // x (qmm_prep's output) is ready from here on
 
-    // HL: acc[j][i] is weight row g + 8i against input row 4j + t; else
-    // acc[j][2i + c] is weight row g + 8i against input row 8j + 2t + c
-    constexpr int AC = HL ? 2 : 4;
-    float acc[NT][AC], d[NT][4];
+    float acc[NT][2], d[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; j++) {
-#pragma unroll
-        for (int i = 0; i < AC; i++) acc[j][i] = 0.f;
+        acc[j][0] = acc[j][1] = 0.f;
 #pragma unroll
         for (int i = 0; i < 4; i++) d[j][i] = 0.f;
     }
@@ -228,18 +219,9 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
                         const float bb1 = sb_val(cs[4 * q + 3], sdt) - 128.f * sc1;
 #pragma unroll
                         for (int j = 0; j < NT; j++) {
-                            if constexpr (HL) {
-                                const float X = xs[(long long)grp * xsm + j * 4 + t];
-                                acc[j][0] = fmaf(sc0, d[j][0] + d[j][1], fmaf(bb0, X, acc[j][0]));
-                                acc[j][1] = fmaf(sc1, d[j][2] + d[j][3], fmaf(bb1, X, acc[j][1]));
-                            } else {
-                                const float X0 = xs[(long long)grp * xsm + j * 8 + 2 * t];
-                                const float X1 = xs[(long long)grp * xsm + j * 8 + 2 * t + 1];
-                                acc[j][0] = fmaf(sc0, d[j][0], fmaf(bb0, X0, acc[j][0]));
-                                acc[j][1] = fmaf(sc0, d[j][1], fmaf(bb0, X1, acc[j][1]));
-                                acc[j][2] = fmaf(sc1, d[j][2], fmaf(bb1, X0, acc[j][2]));
-                                acc[j][3] = fmaf(sc1, d[j][3], fmaf(bb1, X1, acc[j][3]));
-                            }
+                            const float X = xs[(long long)grp * xsm + j * 4 + t];
+                            acc[j][0] = fmaf(sc0, d[j][0] + d[j][1], fmaf(bb0, X, acc[j][0]));
+                            acc[j][1] = fmaf(sc1, d[j][2] + d[j][3], fmaf(bb1, X, acc[j][1]));
 #pragma unroll
                             for (int i = 0; i < 4; i++) d[j][i] = 0.f;
                         }
@@ -252,40 +234,28 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
 
     // the k slices of a row tile meet in shared memory; slice 0 adds the others in order
     if (ksw > 1) {
-        extern __shared__ float red[];   // [QMM_WARPS][NT * AC][32]
+        extern __shared__ float red[];   // [QMM_WARPS][NT * 2][32]
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
-            for (int i = 0; i < AC; i++) red[(wid * NT * AC + j * AC + i) * 32 + lane] = acc[j][i];
+            for (int i = 0; i < 2; i++) red[(wid * NT * 2 + j * 2 + i) * 32 + lane] = acc[j][i];
         __syncthreads();
         if (ks == 0) {
             for (int o = 1; o < ksw; o++)
 #pragma unroll
                 for (int j = 0; j < NT; j++)
 #pragma unroll
-                    for (int i = 0; i < AC; i++) acc[j][i] += red[((wid + o) * NT * AC + j * AC + i) * 32 + lane];
+                    for (int i = 0; i < 2; i++) acc[j][i] += red[((wid + o) * NT * 2 + j * 2 + i) * 32 + lane];
         }
     }
     if (ks == 0 && tile_ok) {
 #pragma unroll
         for (int j = 0; j < NT; j++) {
-            if constexpr (HL) {
-                const int r = j * 4 + t;
-                if (r < m) {
-                    const long long o = (long long)(orow ? orow[r] : r) * n;
-                    out[o + row0] = acc[j][0];
-                    out[o + row1] = acc[j][1];
-                }
-            } else {
-#pragma unroll
-                for (int c = 0; c < 2; c++) {
-                    const int r = j * 8 + 2 * t + c;
-                    if (r < m) {
-                        const long long o = (long long)(orow ? orow[r] : r) * n;
-                        out[o + row0] = acc[j][c];
-                        out[o + row1] = acc[j][2 + c];
-                    }
-                }
+            const int r = j * 4 + t;
+            if (r < m) {
+                const long long o = (long long)(orow ? orow[r] : r) * n;
+                out[o + row0] = acc[j][0];
+                out[o + row1] = acc[j][1];
             }
         }
     }
@@ -315,7 +285,7 @@ QMM(128, 8, 1)
 // MoE grouping for the grouped launches below. The pairs = m * slots (row,
 // slot) entries of ids, sorted by expert into `order` (the pairs of expert 0,
 // then of expert 1, ...; -1 after the last valid one), cut into chunks of at
-// most `chunk` pairs of one expert: chunk c is table[1 + 4c ..] = (expert, first
+// most 32 pairs of one expert: chunk c is table[1 + 4c ..] = (expert, first
 // index into order, pairs), and table[0] is the chunk count. A pair whose
 // expert is outside [0, experts) gets a zero output row here. The order
 // within an expert follows the atomics, and no result depends on it: a row's
@@ -323,7 +293,7 @@ QMM(128, 8, 1)
 #define QMM_GROUP_MAX_EXPERTS 1024
 extern "C" __global__ void __launch_bounds__(1024) qmm_group(const int* __restrict__ ids, int pairs, int experts,
                                                              int* __restrict__ order, int* __restrict__ table,
-                                                             float* __restrict__ out, int n, int chunk) {
+                                                             float* __restrict__ out, int n) {
     FB_PROLOGUE();
     __shared__ int cnt[QMM_GROUP_MAX_EXPERTS], first[QMM_GROUP_MAX_EXPERTS], chunk0[QMM_GROUP_MAX_EXPERTS];
     __shared__ int valid;
@@ -342,16 +312,16 @@ extern "C" __global__ void __launch_bounds__(1024) qmm_group(const int* __restri
         int s = 0, c = 0;
         for (int e = 0; e < experts; e++) {
             first[e] = s, chunk0[e] = c;
-            s += cnt[e], c += (cnt[e] + chunk - 1) / chunk;
+            s += cnt[e], c += (cnt[e] + 31) / 32;
         }
         table[0] = c;
         valid = s;
     }
     __syncthreads();
     for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-        for (int j = 0; chunk * j < cnt[e]; j++) {
+        for (int j = 0; 32 * j < cnt[e]; j++) {
             int* t = table + 1 + 4 * (chunk0[e] + j);
-            t[0] = e, t[1] = first[e] + chunk * j, t[2] = min(chunk, cnt[e] - chunk * j), t[3] = 0;
+            t[0] = e, t[1] = first[e] + 32 * j, t[2] = min(32, cnt[e] - 32 * j), t[3] = 0;
         }
         cnt[e] = 0;   // from here: pairs placed
     }
@@ -372,31 +342,26 @@ extern "C" __global__ void __launch_bounds__(1024) qmm_group(const int* __restri
     const u32 *__restrict__ w, const void *__restrict__ sc, const void *__restrict__ bi, const u32 *__restrict__ xb, \
         const float *__restrict__ xs, int xsm, float *__restrict__ out, const int *__restrict__ order,              \
         const int *__restrict__ table, int n, int k, int sdt, int ksw, long long w_estride, long long sb_estride
-#define QMME(NAME, GS, NT, HL, MINB)                                                                               \
-    extern "C" __global__ void __launch_bounds__(256, MINB) NAME(QMME_ARGS) {                                      \
+#define QMME(GS, NT, MINB)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256, MINB) qmme4_g##GS##_n##NT(QMME_ARGS) {                       \
         FB_PROLOGUE_DEFERRED();                                                                                    \
         fb_grid_wait();                                                                                            \
         if ((int)blockIdx.y >= table[0]) return;                                                                   \
         const int* t = table + 1 + 4 * blockIdx.y;                                                                 \
         const int e = t[0], first = t[1], rows = t[2];                                                             \
         const long long sbo = (long long)e * sb_estride * (sdt == 0 ? 4 : 2);                                      \
-        qmm_impl<GS, NT, HL>(w + e * w_estride, (const char*)sc + sbo, (const char*)bi + sbo,                      \
-                             xb + (long long)first * (HL ? k : k / 2), xs + first, xsm, out, order + first, n, k,  \
-                             rows, sdt, ksw);                                                                      \
+        qmm_impl<GS, NT>(w + e * w_estride, (const char*)sc + sbo, (const char*)bi + sbo, xb + (long long)first * k, \
+                         xs + first, xsm, out, order + first, n, k, rows, sdt, ksw);                               \
     }
-QMME(qmme4_g32_n1, 32, 1, true, 2)
-QMME(qmme4_g32_n2, 32, 2, true, 1)
-QMME(qmme4_g32_n4, 32, 4, true, 1)
-QMME(qmme4_g32_n8, 32, 8, true, 1)
-QMME(qmme4_g64_n1, 64, 1, true, 2)
-QMME(qmme4_g64_n2, 64, 2, true, 2)
-QMME(qmme4_g64_n4, 64, 4, true, 1)
-QMME(qmme4_g64_n8, 64, 8, true, 1)
-QMME(qmme4_g128_n1, 128, 1, true, 2)
-QMME(qmme4_g128_n2, 128, 2, true, 2)
-QMME(qmme4_g128_n4, 128, 4, true, 1)
-QMME(qmme4_g128_n8, 128, 8, true, 1)
-// prefill (bf16 x, 8 input rows a tile): 64 pairs a chunk
-QMME(qmmf4_g32, 32, 8, false, 1)
-QMME(qmmf4_g64, 64, 8, false, 1)
-QMME(qmmf4_g128, 128, 8, false, 1)
+QMME(32, 1, 2)
+QMME(32, 2, 1)
+QMME(32, 4, 1)
+QMME(32, 8, 1)
+QMME(64, 1, 2)
+QMME(64, 2, 2)
+QMME(64, 4, 1)
+QMME(64, 8, 1)
+QMME(128, 1, 2)
+QMME(128, 2, 2)
+QMME(128, 4, 1)
+QMME(128, 8, 1)

@@ -14,7 +14,7 @@
 //!   `FUSEBOX_PREFILL_F32=1` takes the f32 path for every format.
 //! * expert matmuls (MoE): up to `ROW_EXACT_MAX` rows, one GEMV per (row,
 //!   slot) pair; past it, 4-bit weights are grouped by expert (qmm.rs:
-//!   each expert's weight read once per 64 of its pairs, on the tensor
+//!   each expert's weight read once per 32 of its pairs, on the tensor
 //!   cores), other formats stay per pair. `FUSEBOX_GROUPED_MOE=0` keeps the
 //!   per-pair GEMVs.
 //! * GGUF weights are re-laid out at upload as MLX affine weights: Q4_0, Q4_1
@@ -758,7 +758,7 @@ impl CudaBackend {
             return Ok(());
         }
         if self.qmm_serves_experts(&d, m) {
-            return self.qmm_experts(&d, px, po, pi, m, m * slots, if shared { slots } else { 1 });
+            return self.qmm_experts(&d, px, po, pi, m * slots, if shared { slots } else { 1 });
         }
         // up to ROW_EXACT_MAX rows: the k split of one row's slots, so each
         // row's products are bitwise the decode step's
