@@ -121,17 +121,14 @@ template <int GS, int NT> struct QmmDepth { static constexpr int v = GS == 32 ? 
 // `step` MMAs of one group: the two words' four nibble pairs of rows g
 // (a) and g+8 (b), masked by `mask` (all ones, or zero for the other
 // group's threads), against every 8-column tile of x.
-// A thread's B column (g) is input row 4j + g/2 of tile j: past the m rows
-// it holds zeros or rows the caller does not read back, so it is not loaded
-// (the MMA's other columns do not depend on it; one row reads a quarter of x).
 template <int NT>
 __device__ __forceinline__ void qmm_mmas(float (&d)[NT][4], const u32 (&a)[2][4], const u32 (&b)[2][4], u32 mask,
-                                         const u32* __restrict__ xr, long long xt, int off, const bool (&live)[NT]) {
+                                         const u32* __restrict__ xr, long long xt, int off) {
 #pragma unroll
     for (int j = 0; j < NT; j++) {
 #pragma unroll
         for (int wi = 0; wi < 2; wi++) {
-            const uint4 xv = live[j] ? __ldg((const uint4*)(xr + j * xt + off + wi * 4)) : make_uint4(0u, 0u, 0u, 0u);
+            const uint4 xv = __ldg((const uint4*)(xr + j * xt + off + wi * 4));
             mma_bf16(d[j], a[wi][0] & mask, b[wi][0] & mask, a[wi][1] & mask, b[wi][1] & mask, xv.x, xv.y);
             mma_bf16(d[j], a[wi][2] & mask, b[wi][2] & mask, a[wi][3] & mask, b[wi][3] & mask, xv.z, xv.w);
         }
@@ -195,9 +192,6 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
     const u32* xr = xb + (long long)g * (k / 2) + 8 * t;
     const long long xt = (long long)8 * (k / 2);   // u32 words between 8-row tiles
     const u32 mA = t < 2 ? 0xffffffffu : 0u;        // groups of 32: threads of the step's first group
-    bool live[NT];                                    // this thread's x column of tile j is an input row
-#pragma unroll
-    for (int j = 0; j < NT; j++) live[j] = j * 4 + (g >> 1) < m;
 
     for (int sb = s0; sb < s1; sb += QMM_DEPTH) {
 #pragma unroll
@@ -216,7 +210,7 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
                 b[1][0] = nib_pair<0>(c1.y), b[1][1] = nib_pair<1>(c1.y), b[1][2] = nib_pair<2>(c1.y), b[1][3] = nib_pair<3>(c1.y);
 #pragma unroll
                 for (int q = 0; q < GPS; q++) {
-                    qmm_mmas<NT>(d, a, b, GS == 32 ? (q == 0 ? mA : ~mA) : 0xffffffffu, xr, xt, s * 32, live);
+                    qmm_mmas<NT>(d, a, b, GS == 32 ? (q == 0 ? mA : ~mA) : 0xffffffffu, xr, xt, s * 32);
                     // a group ends here: apply its scale and bias
                     if ((s + 1) % SPG == 0) {
                         const int grp = (s * 64 + q * 32) / GS;
