@@ -9,7 +9,8 @@
 #   scripts/peer-bench.sh cpu [ROW ...]
 #       Here (no GPU): builds llama.cpp's CPU llama-bench (-DGGML_NATIVE=ON),
 #       runs `llama-bench -p 512 -n 128 -d 0,512 -r 5 -t THREADS -o json` against
-#       `fusebox bench --device cpu --threads THREADS -m FILE --prompt-len 512 --gen 128 --reps 5`
+#       `FUSEBOX_KV_DTYPE=f16 fusebox bench --device cpu --threads THREADS -m FILE --prompt-len 512 --gen 128 --reps 5`
+#       (an f16 KV cache on both sides: llama-bench's default; set FUSEBOX_KV_DTYPE=f32 for fusebox's exact path)
 #       and writes PEER_OUT/peer-cpu-DATE.md with the raw JSON in
 #       PEER_OUT/data/peer-cpu-DATE/ (PEER_OUT: docs/benchmark_results).
 #       Default rows: smollm2-135m-q4_1 (the real asset) qwen3-0.6b-q4_0 qwen3-0.6b-q4_0-pure.
@@ -278,6 +279,8 @@ mode_cpu() {
     DATA_NOTE="data/$base/ (llama-N.json: llama-bench -o json, fusebox-N.json: fusebox bench, per round N)"
     LLAMA_ARGS=(-t "$THREADS")
     FUSEBOX_ARGS=(--device cpu --threads "$THREADS")
+    # llama-bench keeps its KV cache in f16 (-ctk/-ctv f16): fusebox does the same unless told otherwise
+    export FUSEBOX_KV_DTYPE=${FUSEBOX_KV_DTYPE:-f16}
     SCRIPT_CMD="ROUNDS=$ROUNDS REPS=$REPS PROMPT_LEN=$PROMPT_LEN GEN=$GEN scripts/peer-bench.sh cpu${*:+ $*}"
 
     local row file
@@ -302,7 +305,7 @@ mode_cpu() {
         "the development machine: $cpu, $(nproc) cores, $mem, $(uname -sr); both programs with $THREADS threads" \
         "$cmake_cmd (in target/peer, GIT_CEILING_DIRECTORIES set so the commit is not fusebox's)" \
         "llama-bench -m FILE -p $PROMPT_LEN -n $GEN -d 0,$PROMPT_LEN -r $REPS -o json -t $THREADS" \
-        "fusebox bench --device cpu --threads $THREADS -m FILE --prompt-len $PROMPT_LEN --gen $GEN --reps $REPS --out-dir OUT"
+        "FUSEBOX_KV_DTYPE=$FUSEBOX_KV_DTYPE fusebox bench --device cpu --threads $THREADS -m FILE --prompt-len $PROMPT_LEN --gen $GEN --reps $REPS --out-dir OUT"
     python3 tools/synthetic/peer_table.py "$DATA" >"$PEER_OUT/$base.md"
     cat "$PEER_OUT/$base.md"
     say "wrote $PEER_OUT/$base.md and $DATA/"
