@@ -34,10 +34,11 @@
 // relative error against the CPU's s*q+b; the others about 1e-6).
 //
 // Where the time goes (H200, m = 1): bf16 runs at 72-100% of copy bandwidth
-// from 4096x4096 up; 4-bit is bound by the SM's integer (PRMT/LOP3) and
-// bookkeeping instructions, not by memory (30-57% of copy; ncu: issue slots
-// 65% busy, math-pipe throttle). A tensor-core path over a re-laid-out weight
-// would be the next step for it.
+// from 4096x4096 up; 4-bit reaches 28-61% of copy, bound by the SM's integer
+// (PRMT/LOP3) and bookkeeping instructions on some shapes (ncu: issue slots
+// 65% busy, math-pipe throttle) and by latency on others: on 4096x12288 the
+// plan leaves one block of 8 warps per SM, which issues on 40% of cycles with
+// DRAM at 30% (docs/benchmark_results/qmm-one-row-h200-2026-12-06.md).
 #include "common.cuh"
 #include "gemv.cuh"
 
