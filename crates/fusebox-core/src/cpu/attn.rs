@@ -64,9 +64,9 @@ pub fn scores_f16(q: &[f32], keys: &[u16], stride: usize, scale: f32, s: &mut [f
     assert!(n == 0 || (n - 1) * stride + d <= keys.len(), "attention keys: rows past the cache");
     let mut t = 0;
     #[cfg(target_arch = "x86_64")]
-    if super::kernels::has_avx2_fma() && has_f16c() {
+    if super::kernels::has_avx2_fma() {
         while t + 4 <= n {
-            // SAFETY: AVX2/FMA/F16C are present; rows t..t+4 lie inside `keys` (asserted above).
+            // SAFETY: AVX2/FMA/F16C are present (has_avx2_fma checks all three); rows t..t+4 lie inside `keys` (asserted above).
             let v = unsafe { x86::dot4_f16(q, keys.as_ptr().add(t * stride), stride) };
             for (i, x) in v.iter().enumerate() {
                 s[t + i] = x * scale;
@@ -74,7 +74,7 @@ pub fn scores_f16(q: &[f32], keys: &[u16], stride: usize, scale: f32, s: &mut [f
             t += 4;
         }
     }
-    let mut row = [0f32; MAX_D];
+    let mut row = [0f32; super::MAX_HEAD_DIM];
     let wide = &mut row[..d];
     for (i, st) in s.iter_mut().enumerate().skip(t) {
         widen(&keys[i * stride..i * stride + d], wide);
@@ -91,14 +91,14 @@ pub fn weighted_sum_f16(p: &[f32], values: &[u16], stride: usize, o: &mut [f32])
     assert!(n == 0 || (n - 1) * stride + d <= values.len(), "attention values: rows past the cache");
     let mut t = 0;
     #[cfg(target_arch = "x86_64")]
-    if super::kernels::has_avx2_fma() && has_f16c() && d % 8 == 0 {
+    if super::kernels::has_avx2_fma() && d % 8 == 0 {
         while t + 4 <= n {
-            // SAFETY: AVX2/FMA/F16C are present; rows t..t+4 lie inside `values`; d % 8 == 0.
+            // SAFETY: AVX2/FMA/F16C are present (has_avx2_fma checks all three); rows t..t+4 lie inside `values`; d % 8 == 0.
             unsafe { x86::axpy4_f16(&p[t..t + 4], values.as_ptr().add(t * stride), stride, o) };
             t += 4;
         }
     }
-    let mut row = [0f32; MAX_D];
+    let mut row = [0f32; super::MAX_HEAD_DIM];
     let wide = &mut row[..d];
     for (i, &pi) in p.iter().enumerate().skip(t) {
         widen(&values[i * stride..i * stride + d], wide);
@@ -106,24 +106,9 @@ pub fn weighted_sum_f16(p: &[f32], values: &[u16], stride: usize, o: &mut [f32])
     }
 }
 
-/// The largest head dimension the f16 cache paths take (they widen a row on
-/// the stack).
-pub const MAX_D: usize = 512;
-
 fn widen(src: &[u16], dst: &mut [f32]) {
     for (d, &h) in dst.iter_mut().zip(src) {
         *d = crate::dtype::f16_to_f32(h);
-    }
-}
-
-fn has_f16c() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 

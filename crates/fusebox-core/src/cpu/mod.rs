@@ -29,7 +29,7 @@ use crate::tensor::Tensor;
 
 /// Work smaller than this many elements runs on the calling thread.
 const PAR_MIN: usize = 1 << 15;
-/// The widest head the rotary op supports.
+/// The widest head the rotary op and the f16-cache attention support (rows on the stack).
 const MAX_HEAD_DIM: usize = 1024;
 
 pub struct CpuBackend {
@@ -50,12 +50,6 @@ impl CpuBackend {
             Ok(other) => bail!("FUSEBOX_KV_DTYPE={other}: expected f32 or f16 on the CPU (bf16 or f32 on CUDA)"),
         };
         Ok(CpuBackend { pool, policy: FusionPolicy::resolve(BackendKind::Cpu, "cpu")?, kv_f16 })
-    }
-
-    /// Keep KV caches allocated from now on in f16 (half the bytes attention
-    /// reads; keys and values rounded once) or f32.
-    pub fn set_kv_f16(&mut self, on: bool) {
-        self.kv_f16 = on;
     }
 
     /// This backend's fusion decisions (defaults, tuned file, environment).
@@ -707,7 +701,7 @@ impl Backend for CpuBackend {
             bail!("attention: position {p} is past the cache capacity {cap}");
         }
         let f16 = cache.k.dtype() == DType::F16;
-        ensure!(!f16 || d <= attn::MAX_D, "attention: head dim {d} over {} with an f16 cache", attn::MAX_D);
+        ensure!(!f16 || d <= MAX_HEAD_DIM, "attention: head dim {d} over {MAX_HEAD_DIM} with an f16 cache");
         let qs = q.as_f32()?;
         let (ks, vs, ks16, vs16) = if f16 {
             (&[][..], &[][..], cache.k.as_u16()?, cache.v.as_u16()?)
