@@ -1,5 +1,5 @@
 //! The CPU's `int_dot` site: packed-weight matmuls with the input quantized
-//! to int16 in blocks of 32. Against f64 over the dequantized weight and the
+//! to int16 in blocks of 32 (of 256 for the K-quants). Against f64 over the dequantized weight and the
 //! int16-rounded input the integer kernels are exact up to f32 rounding;
 //! against the f32 input they carry the int16 rounding (relative RMS about
 //! 1e-5); row r of an m-row product is bitwise the one-row product.
@@ -17,10 +17,10 @@ fn int_backend(on: bool) -> fusebox_core::cpu::CpuBackend {
     b
 }
 
-/// `x` as the integer path sees it: blocks of 32 scaled by amax / 16383 and rounded.
-fn int_rounded(x: &[f32]) -> Vec<f32> {
+/// `x` as the integer path sees it: blocks of `span` scaled by amax / 16383 and rounded.
+fn int_rounded(x: &[f32], span: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
-    for b in x.chunks_exact(32) {
+    for b in x.chunks_exact(span) {
         let d = b.iter().fold(0f32, |a, v| a.max(v.abs())) / 16383.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         out.extend(b.iter().map(|&v| (v * inv).round() * d));
@@ -50,16 +50,18 @@ fn matmul(b: &dyn Backend, w: &Weight, x: &[f32], m: usize) -> Vec<f32> {
     out.as_f32().unwrap().to_vec()
 }
 
-fn weights(r: &mut ChaCha8Rng, rows: usize, cols: usize) -> Vec<(String, Weight)> {
+/// Test weights with the input span their integer kernels take.
+fn weights(r: &mut ChaCha8Rng, rows: usize, cols: usize) -> Vec<(String, Weight, usize)> {
     let mut v = Vec::new();
     for bits in [4, 8] {
         for group in [32, 64, 128] {
-            v.push((format!("{bits}-bit g{group}"), common::affine(r, 1, rows, cols, bits, group, DType::BF16)));
+            v.push((format!("{bits}-bit g{group}"), common::affine(r, 1, rows, cols, bits, group, DType::BF16), 32));
         }
     }
-    v.push(("4-bit g64 f16 scales".into(), common::affine(r, 1, rows, cols, 4, 64, DType::F16)));
+    v.push(("4-bit g64 f16 scales".into(), common::affine(r, 1, rows, cols, 4, 64, DType::F16), 32));
     for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
-        v.push((ty.name().to_string(), common::ggml(r, ty, 1, rows, cols)));
+        let span = if ty.block_size() == 256 { 256 } else { 32 };
+        v.push((ty.name().to_string(), common::ggml(r, ty, 1, rows, cols), span));
     }
     v
 }
@@ -69,13 +71,13 @@ fn int_dot_is_exact_on_the_int16_input_and_close_on_the_f32_one() {
     let (on, off) = (int_backend(true), int_backend(false));
     let mut r = ChaCha8Rng::seed_from_u64(11);
     let (rows, cols) = (45, 512);
-    for (name, w) in weights(&mut r, rows, cols) {
+    for (name, w, span) in weights(&mut r, rows, cols) {
         for m in [1, 3, 32] {
             let mut x = common::randv(&mut r, m * cols);
             x[..32].fill(0.0); // an all-zero block
             let got = matmul(&on, &w, &x, m);
             let what = format!("{name} m={m}");
-            common::check(&got, &reference(&w, &int_rounded(&x), 0), 1e-5, &format!("{what} vs int16 input"));
+            common::check(&got, &reference(&w, &int_rounded(&x, span), 0), 1e-5, &format!("{what} vs int16 input"));
             let e = common::check(&got, &reference(&w, &x, 0), 2e-4, &format!("{what} vs f32 input"));
             // the f32 path stays the f32 path
             common::check(&matmul(&off, &w, &x, m), &reference(&w, &x, 0), 1e-5, &format!("{what} off"));
@@ -110,10 +112,15 @@ fn int_dot_expert_matmul_matches_reference() {
             for s in 0..k {
                 let ex = idv[row * k + s] as usize;
                 let o = (row * k + s) * n;
-                let want = reference(&w, &int_rounded(&x[row * cols..(row + 1) * cols]), ex);
+                let want = reference(&w, &int_rounded(&x[row * cols..(row + 1) * cols], 32), ex);
                 common::check(&y.as_f32().unwrap()[o..o + n], &want, 1e-5, "expert_matmul shared");
                 let xr = &xs[(row * k + s) * cols..(row * k + s + 1) * cols];
-                common::check(&y2.as_f32().unwrap()[o..o + n], &reference(&w, &int_rounded(xr), ex), 1e-5, "per slot");
+                common::check(
+                    &y2.as_f32().unwrap()[o..o + n],
+                    &reference(&w, &int_rounded(xr, 32), ex),
+                    1e-5,
+                    "per slot",
+                );
             }
         }
     }

@@ -15,6 +15,12 @@
 //! per 16 values; MLX affine 4/8-bit: the group's scale and bias), so a
 //! block contributes `s * dy * sum(q * yq) + b * ysum` with
 //! `ysum = dy * sum(yq)`.
+//!
+//! K-quant rows (Q4_K, Q5_K, Q6_K) take an input quantized with one scale per
+//! super-block of 256 ([`span`]), so that the integer products of a whole
+//! super-block, each pre-multiplied by its sub-block's integer scale, add up
+//! in i32 and meet the floats once per 256 values instead of once per 32
+//! (the worst case, Q6_K's 32 * 128 * 16383 * 32, stays below 2^31).
 
 use crate::quant::GgmlType;
 
@@ -33,26 +39,40 @@ pub struct IntRow {
 const QMAX: f32 = 16383.0;
 
 impl IntRow {
-    /// Quantize `x` (a multiple of 32 values) into `self`, reusing its buffers.
-    pub fn quantize(&mut self, x: &[f32]) {
-        debug_assert!(x.len() % 32 == 0);
-        let blocks = x.len() / 32;
+    /// Quantize `x` into `self` with one scale per `span` values (32 or 256;
+    /// `x.len()` a multiple of it), reusing its buffers. `d` and `sum` stay
+    /// per block of 32 (a span's scale repeated).
+    pub fn quantize(&mut self, x: &[f32], span: usize) {
+        debug_assert!(span % 32 == 0 && x.len() % span == 0);
         self.q.resize(x.len(), 0);
-        self.d.resize(blocks, 0.0);
-        self.sum.resize(blocks, 0.0);
-        for (b, xb) in x.chunks_exact(32).enumerate() {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        self.d.resize(x.len() / 32, 0.0);
+        self.sum.resize(x.len() / 32, 0.0);
+        for (si, xs) in x.chunks_exact(span).enumerate() {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
             let d = amax / QMAX;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut s = 0i32;
-            for (q, &v) in self.q[32 * b..32 * b + 32].iter_mut().zip(xb) {
-                let r = (v * inv).round().clamp(-QMAX, QMAX) as i32;
-                *q = r as i16;
-                s += r;
+            for (bj, xb) in xs.chunks_exact(32).enumerate() {
+                let b = si * span / 32 + bj;
+                let mut s = 0i32;
+                for (q, &v) in self.q[32 * b..32 * b + 32].iter_mut().zip(xb) {
+                    let r = (v * inv).round().clamp(-QMAX, QMAX) as i32;
+                    *q = r as i16;
+                    s += r;
+                }
+                self.d[b] = d;
+                self.sum[b] = d * s as f32;
             }
-            self.d[b] = d;
-            self.sum[b] = d * s as f32;
         }
+    }
+}
+
+/// Values per input scale that the integer kernels of `ty` expect: 256 for
+/// the K-quants (their super-block), 32 for the rest.
+pub fn span(ty: GgmlType) -> usize {
+    if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K) {
+        256
+    } else {
+        32
     }
 }
 
@@ -233,14 +253,17 @@ mod x86 {
     }
 
     /// Q4_K (or Q5_K, `q5`): super-blocks of 256 values in 8 sub-blocks of
-    /// 32, each `d * sc * q - dmin * m` with 6-bit `sc` and `m`.
+    /// 32, each `d * sc * q - dmin * m` with 6-bit `sc` and `m`. `y` has one
+    /// scale per super-block ([`super::span`]): each sub-block's `q * sc`
+    /// (at most 31 * 63) meets `yq` in i16 multiply-adds and the super-block
+    /// sums in i32.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q45_k(row: &[u8], y: &IntRow, q5: bool) -> f32 {
         let ts = if q5 { 176 } else { 144 };
         let m4 = _mm256_set1_epi8(0x0f);
         let one = _mm256_set1_epi8(1);
-        let (mut a, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut bias, mut bias1) = (0f32, 0f32);
+        let mut a = _mm256_setzero_ps();
+        let mut bias = 0f32;
         for (bi, blk) in row.chunks_exact(ts).enumerate() {
             let p = blk.as_ptr();
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
@@ -248,6 +271,10 @@ mod x86 {
             let scales = &blk[4..16];
             let qs = p.add(if q5 { 48 } else { 16 });
             let qh = if q5 { _mm256_loadu_si256(p.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
+            let yq = y.q.as_ptr().add(256 * bi) as *const __m256i;
+            let ys = y.sum.as_ptr().add(8 * bi);
+            let mut acc = _mm256_setzero_si256();
+            let mut mins = 0f32;
             for c in 0..4 {
                 let v = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
                 let mut lo = _mm256_and_si256(v, m4);
@@ -260,30 +287,42 @@ mod x86 {
                     lo = _mm256_or_si256(lo, bit(2 * c as i32));
                     hi = _mm256_or_si256(hi, bit(2 * c as i32 + 1));
                 }
-                // the two sub-blocks into two accumulators: one chain of eight FMAs a
-                // super-block bounded the loop
-                for (sub, v, a, bias) in [(2 * c, lo, &mut a, &mut bias), (2 * c + 1, hi, &mut a1, &mut bias1)] {
+                for (sub, v) in [(2 * c, lo), (2 * c + 1, hi)] {
                     let (sc, m) = scale_min_k4(sub, scales);
-                    let b = bi * 8 + sub;
+                    let s = _mm256_set1_epi16(sc as i16);
                     let (l, h) = widen(v);
-                    acc(a, d * sc as f32 * *y.d.get_unchecked(b), dot16(l, h, y, b));
-                    *bias = (-dmin * m as f32).mul_add(*y.sum.get_unchecked(b), *bias);
+                    let p = _mm256_add_epi32(
+                        _mm256_madd_epi16(_mm256_mullo_epi16(l, s), _mm256_loadu_si256(yq.add(2 * sub))),
+                        _mm256_madd_epi16(_mm256_mullo_epi16(h, s), _mm256_loadu_si256(yq.add(2 * sub + 1))),
+                    );
+                    acc = _mm256_add_epi32(acc, p);
+                    mins = (m as f32).mul_add(*ys.add(sub), mins);
                 }
             }
+            acc_sb(&mut a, d * *y.d.get_unchecked(8 * bi), acc);
+            bias = (-dmin).mul_add(mins, bias);
         }
-        hsum(_mm256_add_ps(a, a1)) + (bias + bias1)
+        hsum(a) + bias
+    }
+
+    /// `a += s * acc` (a super-block's i32 sums).
+    #[inline(always)]
+    unsafe fn acc_sb(a: &mut __m256, s: f32, acc: __m256i) {
+        *a = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(acc), *a);
     }
 
     /// Q6_K: super-blocks of 256 values, `d * sc * (q - 32)` with an i8 `sc`
-    /// per 16 values.
+    /// per 16 values; `y` as for [`q45_k`], `(q - 32) * sc` at most 4096.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q6_k(row: &[u8], y: &IntRow) -> f32 {
         let (m4, m3, k32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3), _mm256_set1_epi16(32));
-        let (mut a, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut a = _mm256_setzero_ps();
         for (bi, blk) in row.chunks_exact(210).enumerate() {
             let p = blk.as_ptr();
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
             let d = f16(p.add(208));
+            let yq = y.q.as_ptr().add(256 * bi) as *const __m256i;
+            let mut acc = _mm256_setzero_si256();
             for n in 0..2 {
                 let ql_a = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
                 let ql_b = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
@@ -296,19 +335,23 @@ mod x86 {
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql_b, 4), m4), high(_mm256_srli_epi16(qh, 6))),
                 ];
                 for (g, v) in groups.into_iter().enumerate() {
-                    let b = bi * 8 + 4 * n + g;
+                    let b = 4 * n + g;
                     let (l, h) = widen(v);
-                    let yp = y.q.as_ptr().add(32 * b) as *const __m256i;
-                    let pl = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_sub_epi16(l, k32), _mm256_loadu_si256(yp)));
-                    let ph =
-                        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_sub_epi16(h, k32), _mm256_loadu_si256(yp.add(1))));
-                    let dd = d * *y.d.get_unchecked(b);
-                    let sc = p.add(192 + 8 * n + 2 * g) as *const i8;
-                    acc(&mut a, dd * *sc as f32, pl);
-                    acc(&mut a1, dd * *sc.add(1) as f32, ph);
+                    let sc = p.add(192 + 2 * b) as *const i8;
+                    let (sl, sh) = (_mm256_set1_epi16(*sc as i16), _mm256_set1_epi16(*sc.add(1) as i16));
+                    let pl = _mm256_madd_epi16(
+                        _mm256_mullo_epi16(_mm256_sub_epi16(l, k32), sl),
+                        _mm256_loadu_si256(yq.add(2 * b)),
+                    );
+                    let ph = _mm256_madd_epi16(
+                        _mm256_mullo_epi16(_mm256_sub_epi16(h, k32), sh),
+                        _mm256_loadu_si256(yq.add(2 * b + 1)),
+                    );
+                    acc = _mm256_add_epi32(acc, _mm256_add_epi32(pl, ph));
                 }
             }
+            acc_sb(&mut a, d * *y.d.get_unchecked(8 * bi), acc);
         }
-        hsum(_mm256_add_ps(a, a1))
+        hsum(a)
     }
 }

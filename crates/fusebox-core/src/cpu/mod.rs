@@ -64,14 +64,15 @@ impl CpuBackend {
     /// The `rows`-long inputs of `xs` quantized to int16 when the `int_dot`
     /// site is on and takes this weight; `None` for the f32 path.
     fn int_inputs(&self, w: &Rows, xs: &[f32], k: usize) -> Option<Vec<IntRow>> {
-        if !self.policy.is_on(Site::IntDot) || !w.int_supported() || k % 32 != 0 {
+        let span = w.int_span();
+        if !self.policy.is_on(Site::IntDot) || !w.int_supported() || k % span != 0 {
             return None;
         }
         Some(
             xs.chunks_exact(k)
                 .map(|x| {
                     let mut q = IntRow::default();
-                    q.quantize(x);
+                    q.quantize(x, span);
                     q
                 })
                 .collect(),
@@ -153,6 +154,15 @@ impl<'a> Rows<'a> {
             Rows::Affine(a) => a.int_supported(),
             Rows::Ggml(g) => g.int_supported(),
             _ => false,
+        }
+    }
+
+    /// Values per scale of the integer input this weight's kernels take
+    /// ([`intdot::span`]).
+    fn int_span(&self) -> usize {
+        match self {
+            Rows::Ggml(g) => intdot::span(g.ty),
+            _ => 32,
         }
     }
 

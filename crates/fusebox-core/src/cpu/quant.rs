@@ -240,7 +240,7 @@ impl<'a> AffineRows<'a> {
 /// Rows of a ggml block-quantized weight.
 pub struct GgmlRows<'a> {
     bytes: &'a [u8],
-    ty: GgmlType,
+    pub(super) ty: GgmlType,
     cols: usize,
 }
 
