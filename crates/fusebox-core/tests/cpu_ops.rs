@@ -566,7 +566,7 @@ fn zero_width_rows_are_errors_not_panics() {
 fn attention_over_an_f16_cache_is_attention_over_its_values() {
     let mut r = rng(41);
     let b = backend();
-    for (heads, kv_heads, d) in [(4, 2, 64), (6, 3, 128), (2, 1, 24)] {
+    for (heads, kv_heads, d) in [(4, 2, 64), (6, 3, 128), (2, 1, 24), (8, 2, 40), (3, 1, 32)] {
         for (cap, p0, m) in [(37, 30, 1), (21, 0, 7), (64, 13, 5)] {
             let shape = [cap, kv_heads, d];
             let k = uniform(&mut r, cap * kv_heads * d, 3.0);
