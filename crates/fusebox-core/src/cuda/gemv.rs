@@ -501,15 +501,18 @@ impl CudaBackend {
         } else {
             (k, sh.ring)
         };
-        // Split k over up to 8 warps when there are fewer than about 12 row
-        // groups an SM (measured on an H100, 4-bit g64: 4096 rows of 4096 or
-        // 12288 go from 39 and 42% of the copy bandwidth to 42 and 58% with
-        // two warps on a group; 12288 rows lose with a split). With many row
-        // groups each warp takes several, so the grid is one wave: 8 warps a
-        // block, 2 blocks an SM (1 for m > 1). Decided on the one-row launch
+        // Split k over up to 8 warps when there are few row groups: about 12
+        // an SM for dense rows and for one affine product (measured on an
+        // H100, 4-bit g64: 4096 rows of 4096 or 12288 go from 39 and 42% of
+        // the copy bandwidth to 42 and 58% with two warps on a group, and
+        // Qwen3-8B 4-bit decode from 267 to 274 tok/s; 12288 rows lose with a
+        // split), about 4 for affine expert products over several pairs (12
+        // took Qwen3-30B-A3B 4-bit decode from 275 to 266 tok/s). With many
+        // row groups each warp takes several, so the grid is one wave: 8 warps
+        // a block, 2 blocks an SM (1 for m > 1). Decided on the one-row launch
         // over split_pairs pairs.
         let sms = self.sm_count as usize;
-        let split_below = sms * 12;
+        let split_below = sms * if d.affine() && split_pairs > 1 { 4 } else { 12 };
         let wave = sms * WARPS * if one { 2 } else { 1 };
         let work1 = n.div_ceil(sh1.r) * split_pairs.min(65535);
         let (ks, gw) = if let Some(ks) = ksplit_override() {
