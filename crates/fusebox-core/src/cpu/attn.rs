@@ -139,10 +139,10 @@ fn prefetch_rows(src: &[u16], at: usize, stride: usize, rows: usize, d: usize) {
     }
 }
 
+/// f16 words to f32 (exact), through the `half` crate's slice conversion.
 fn widen(src: &[u16], dst: &mut [f32]) {
-    for (d, &h) in dst.iter_mut().zip(src) {
-        *d = crate::dtype::f16_to_f32(h);
-    }
+    use half::slice::HalfFloatSliceExt;
+    bytemuck::cast_slice::<u16, half::f16>(src).convert_to_f32_slice(dst);
 }
 
 #[cfg(target_arch = "x86_64")]
