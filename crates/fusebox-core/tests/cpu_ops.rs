@@ -593,3 +593,55 @@ fn attention_over_an_f16_cache_is_attention_over_its_values() {
         }
     }
 }
+
+/// Benchmark, not a check (run with `--ignored --nocapture`): decode
+/// attention of one row over Qwen3-0.6B's shape (16 heads over 8 kv heads of
+/// 128) at 512 and 1024 positions, 28 layers' caches so they do not sit in
+/// the caches, on 2 threads; f16 cache, or f32 with `FUSEBOX_BENCH_F32=1`.
+/// Prints the 10th-percentile and median time of one layer.
+#[test]
+#[ignore]
+fn cpu_attention_bandwidth() {
+    let b = CpuBackend::new(2).unwrap();
+    let (cap, kvh, heads, d) = (1024, 8, 16, 128);
+    let shape = [cap, kvh, d];
+    let mut r = rng(5);
+    let kr: Vec<f32> = (0..cap * kvh * d).map(|_| r.random::<f32>() - 0.5).collect();
+    let f32c = std::env::var("FUSEBOX_BENCH_F32").is_ok_and(|v| v == "1");
+    let cache = || {
+        if f32c {
+            return LayerKv { k: tf(&shape, &kr), v: tf(&shape, &kr) };
+        }
+        let mut c = LayerKv { k: Tensor::zeros(&shape, DType::F16), v: Tensor::zeros(&shape, DType::F16) };
+        let all: Vec<i32> = (0..cap as i32).collect();
+        b.kv_write(&tf(&shape, &kr), &tf(&shape, &kr), &ti(&all), &mut c).unwrap();
+        c
+    };
+    let caches: Vec<LayerKv> = (0..28).map(|_| cache()).collect();
+    let q = tf(&[1, heads, d], &kr[..heads * d]);
+    let mut out = zf(&[1, heads, d]);
+    for len in [512i32, 1024] {
+        let pos = ti(&[len - 1]);
+        let mut v = Vec::new();
+        b.run(&mut || {
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                for c in &caches {
+                    b.attention(&q, c, &pos, 0.1, &mut out)?;
+                }
+                v.push(t.elapsed().as_secs_f64() / caches.len() as f64);
+            }
+            Ok(())
+        })
+        .unwrap();
+        v.sort_by(f64::total_cmp);
+        let bytes = 2.0 * len as f64 * (kvh * d * if f32c { 4 } else { 2 }) as f64;
+        println!(
+            "{} cache, {len} positions: {:.1} us p10, {:.1} us median a layer, {:.2} GB/s of keys and values (p10)",
+            if f32c { "f32" } else { "f16" },
+            v[2] * 1e6,
+            v[10] * 1e6,
+            bytes / v[2] / 1e9
+        );
+    }
+}

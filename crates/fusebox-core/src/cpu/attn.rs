@@ -110,11 +110,11 @@ pub fn weighted_sum_f16(p: &[f32], values: &[u16], stride: usize, o: &mut [f32])
 
 /// Rows ahead of the one being read that the f16 loops ask the cache for:
 /// a head's rows sit `stride` apart (all kv heads of a position between
-/// them), a few to a 4 KB page, where the hardware prefetcher stops. On a
-/// 2-core EPYC (Qwen3-0.6B's 8 kv heads of 128, 512-1024 positions) this
-/// took the f16 loops from 7-10 to 10-12.5 GB/s; 4 rows ahead measured the
-/// same, 16 worse, and the same prefetch in the f32 loops (rows twice as
-/// long) measured no gain at 512 positions and a loss at 1024, so they go
+/// them), a few to a 4 KB page, where the hardware prefetcher stops. A small
+/// gain on the 2-core EPYC: a layer's decode attention 5-10% faster at 512
+/// positions, 0-6% at 1024 (docs/benchmark_results/cpu-attention-prefetch-2026-12-07.md);
+/// 4 rows ahead measured the same, 16 worse, and the same prefetch in the f32
+/// loops (rows twice as long) measured a loss at 1024 positions, so they go
 /// without.
 const AHEAD: usize = 8;
 
