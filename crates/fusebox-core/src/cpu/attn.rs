@@ -111,8 +111,8 @@ pub fn weighted_sum_f16(p: &[f32], values: &[u16], stride: usize, o: &mut [f32])
 /// Rows ahead of the one being read that the f16 loops ask the cache for:
 /// a head's rows sit `stride` apart (all kv heads of a position between
 /// them), a few to a 4 KB page, where the hardware prefetcher stops. A small
-/// gain on the 2-core EPYC: a layer's decode attention 5-10% faster at 512
-/// positions, 0-6% at 1024 (docs/benchmark_results/cpu-attention-prefetch-2026-12-07.md);
+/// gain on the 2-core EPYC: a layer's decode attention 2-12% faster at 512
+/// positions, -2 to 8% at 1024 (docs/benchmark_results/cpu-attention-prefetch-2026-12-07.md);
 /// 4 rows ahead measured the same, 16 worse, and the same prefetch in the f32
 /// loops (rows twice as long) measured a loss at 1024 positions, so they go
 /// without.
