@@ -125,3 +125,37 @@ fn int_dot_expert_matmul_matches_reference() {
         }
     }
 }
+
+/// Benchmark, not a check (run with `--ignored --nocapture`): one-row
+/// integer matmuls of Q4_K and Q6_K weights of 1024 and 4096 rows x 1024 on
+/// one thread, inside `Backend::run`; prints the 10th-percentile time of a
+/// call in values per second.
+#[test]
+#[ignore]
+fn cpu_int_dot_speed() {
+    let b = fusebox_core::cpu::CpuBackend::new(1).unwrap();
+    b.policy().override_site(Site::IntDot, Some(true));
+    let mut r = ChaCha8Rng::seed_from_u64(1);
+    for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+        for rows in [1024usize, 4096] {
+            let cols = 1024;
+            let w = common::ggml(&mut r, ty, 1, rows, cols);
+            let x = Tensor::from_f32(&[1, cols], &common::randv(&mut r, cols)).unwrap();
+            let mut out = Tensor::zeros(&[1, rows], DType::F32);
+            let calls = 20 * ((1 << 26) / (rows * cols));
+            let mut v = Vec::with_capacity(calls);
+            b.run(&mut || {
+                for _ in 0..calls {
+                    let t = std::time::Instant::now();
+                    b.matmul(&x, &w, &mut out)?;
+                    v.push(t.elapsed().as_secs_f64());
+                }
+                Ok(())
+            })
+            .unwrap();
+            v.sort_by(f64::total_cmp);
+            let s = v[v.len() / 10];
+            println!("{} {rows} x {cols}: {:.1} us, {:.2} Gval/s", ty.name(), s * 1e6, (rows * cols) as f64 / s / 1e9);
+        }
+    }
+}
