@@ -16,27 +16,10 @@
 // softmax (one barrier per tile) and merge the warps at the end; prefill blocks (Q = 64, or 32 for d 256)
 // compute the whole tile's scores, a block-wide softmax step, then P V. Both are scalar f32 FMA.
 #include "common.cuh"
+#include "attn.cuh"
 
 #define ATTN_THREADS 128
 
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 r;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-    return r;
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ u32 dynamic_smem_size() {
-    u32 r;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-    return r;
-}
 // 8 bf16 (one 16-byte word) to f32
 __device__ __forceinline__ void bf16x8_to_f32(uint4 w, float* f) {
     f[0] = __uint_as_float(w.x << 16);
@@ -139,38 +122,13 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf1
     const int tid = threadIdx.x;
     const int nsplit = gridDim.x, split = blockIdx.x;
     const int g = blockIdx.y;
-    const int tile = gridDim.z - 1 - blockIdx.z;  // longest (latest) query tiles first
     const int G = heads / kvh;
-    // row_tiles > 0 (rows taken one at a time): block z takes query tile z % row_tiles of row z / row_tiles
-    // only, so each row's blocks (key range, splits, tiles) are those of a one-row launch at its position;
-    // else the m * G query vectors are packed Q to a block
     long n_u, u0;
-    if (row_tiles > 0) {
-        const long row = tile / row_tiles;
-        u0 = row * G + (long)(tile % row_tiles) * Q;
-        n_u = row * G + G;
-    } else {
-        u0 = (long)tile * Q;
-        n_u = (long)m * G;
-    }
+    attn_vectors(Q, m, G, row_tiles, u0, n_u);
 
     if (dynamic_smem_size() < (u32)C::SMEM) {
         // launched with too little shared memory: make the failure loud (NaN output) instead of corrupting
-        for (int i = tid; i < Q * d; i += C::NT) {
-            long u = u0 + i / d;
-            if (u >= n_u) continue;
-            long row = u / G, h = (long)g * G + u % G;
-            long pidx = row * heads + h;
-            long slot = pidx * nsplit + split;
-            if (nsplit == 1) out[pidx * d + i % d] = __int_as_float(0x7fc00000);
-            else {
-                part_acc[slot * d + i % d] = __int_as_float(0x7fc00000);
-                if (i % d == 0) {
-                    part_ml[slot * 2] = 0.f;
-                    part_ml[slot * 2 + 1] = 1.f;
-                }
-            }
-        }
+        attn_fill(Q, u0, n_u, G, heads, d, __int_as_float(0x7fc00000), 0.f, 1.f, out, part_acc, part_ml);
         return;
     }
 
@@ -208,17 +166,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf1
 
     if (t_begin >= t_end) {
         // nothing to do (beyond the length): an empty partial, or zeros for rows without keys
-        for (int i = tid; i < Q * d; i += C::NT) {
-            long u = u0 + i / d;
-            if (u >= n_u) continue;
-            long row = u / G, h = (long)g * G + u % G;
-            long pidx = row * heads + h;
-            if (nsplit == 1) out[pidx * d + i % d] = 0.f;
-            else if (i % d == 0) {
-                part_ml[(pidx * nsplit + split) * 2] = -INFINITY;
-                part_ml[(pidx * nsplit + split) * 2 + 1] = 0.f;
-            }
-        }
+        attn_fill(Q, u0, n_u, G, heads, d, 0.f, -INFINITY, 0.f, out, part_acc, part_ml);
         return;
     }
 
@@ -226,51 +174,10 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf1
     const bf16_t* kbase = kc + (long)g * d;
     const bf16_t* vbase = vc + (long)g * d;
 
-    // queue the loads of key tile `t` into stage `st`; rows at or past len and dims past d are zero
-    // Each thread copies the 16-byte chunk `lc` of rows lr0, lr0 + RPS, ... of the [K; V] tile (2 TK rows).
-    constexpr int RPS = C::NT / C::DC;
-    constexpr bool EXACT = RPS <= C::TK && C::TK % RPS == 0;  // then row s * RPS + lr0 is K or V by s alone
-    const int lc = tid % C::DC, lr0 = tid / C::DC;
-    const bool lc_ok = lc * 8 < d;
+    // queue the loads of key tile `t` into stage `st`
     auto load_tile = [&](int t, int st) {
-        bf16_t* kd = kv + st * (2 * C::TK * C::KROW);
-        const int kb = t * C::TK;
-        if (aligned && kb + C::TK <= len && lc_ok) {
-            // a whole tile: no bounds
-            const bf16_t* kt0 = kbase + (long)kb * kv_row + lc * 8;
-            const bf16_t* vt0 = vbase + (long)kb * kv_row + lc * 8;
-#pragma unroll
-            for (int s = 0; s < (2 * C::TK + RPS - 1) / RPS; s++) {
-                const int rr = lr0 + s * RPS;  // row of [K; V]
-                if ((2 * C::TK) % RPS != 0 && rr >= 2 * C::TK) break;
-                const bool is_v = EXACT ? s * RPS >= C::TK : rr >= C::TK;
-                const int r = is_v ? rr - C::TK : rr;
-                cp_async16(kd + rr * C::KROW + lc * 8, (is_v ? vt0 : kt0) + (long)r * kv_row, 16);
-            }
-        } else if (aligned) {
-#pragma unroll
-            for (int s = 0; s < (2 * C::TK + RPS - 1) / RPS; s++) {
-                const int rr = lr0 + s * RPS;  // row of [K; V]
-                if ((2 * C::TK) % RPS != 0 && rr >= 2 * C::TK) break;
-                const bool is_v = rr >= C::TK;
-                const int key = kb + (is_v ? rr - C::TK : rr);
-                const bool ok = key < len && lc_ok;
-                const bf16_t* src = (is_v ? vbase : kbase) + (ok ? (long)key * kv_row + lc * 8 : 0);
-                cp_async16(kd + rr * C::KROW + lc * 8, src, ok ? 16 : 0);
-            }
-        } else {
-            for (int s = 0; s < (2 * C::TK + RPS - 1) / RPS; s++) {
-                const int rr = lr0 + s * RPS;
-                if (rr >= 2 * C::TK) break;
-                const bool is_v = rr >= C::TK;
-                const int key = kb + (is_v ? rr - C::TK : rr);
-                const bool ok = key < len && lc_ok;
-                const bf16_t* src = (is_v ? vbase : kbase) + (ok ? (long)key * kv_row + lc * 8 : 0);
-                bf16_t* dst = kd + rr * C::KROW + lc * 8;
-#pragma unroll
-                for (int e = 0; e < 8; e++) dst[e] = ok ? src[e] : (bf16_t)0;
-            }
-        }
+        attn_load_tile<C::TK, C::KROW, C::DC, C::NT>(kv + st * (2 * C::TK * C::KROW), kbase, vbase, kv_row,
+                                                     t * C::TK, len, d, aligned);
     };
 
     const int warp = tid >> 5, lane = tid & 31;

@@ -97,3 +97,13 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     v = lane < nw ? scratch[lane] : -INFINITY;
     return warp_max(v);
 }
+
+// d += A B on the tensor cores (sm_80+): A 16x16 bf16 (row-major fragments: a0 rows g, k 2t..2t+1; a1 rows
+// g + 8; a2, a3 the same at k + 8), B 16x8 bf16 (b0 k 2t..2t+1 of column g; b1 k + 8), d 16x8 f32 (rows g,
+// g + 8, columns 2t, 2t + 1), for lane = 4 g + t. Two bf16 share a register, the lower k in the low half.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}

@@ -84,13 +84,6 @@ extern "C" __global__ void qmm_prep(const float* __restrict__ x, u32* __restrict
     }
 }
 
-__device__ __forceinline__ void mma_bf16(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // Nibbles i and i + 4 of w as the bf16 pair (128 + q_i, 128 + q_{i+4}).
 template <int I> __device__ __forceinline__ u32 nib_pair(u32 w) { return lop3_and_or<0x000F000Fu>(w >> (4 * I), 0x43004300u); }
 

@@ -157,6 +157,18 @@ fn check_all(g: &CudaBackend, problems: &[Problem], seed: u64) {
     assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), problems.len(), failures.join("\n"));
 }
 
+/// `check_all` with the scalar prefill blocks, then with the tensor-core ones (`set_attn_tc`); decode-sized
+/// problems take the same kernels both times.
+fn check_both(g: &CudaBackend, problems: &[Problem], seed: u64) {
+    let before = g.attn_tc();
+    for tc in [false, true] {
+        g.set_attn_tc(tc);
+        print!("tensor-core prefill {}: ", if tc { "on " } else { "off" });
+        check_all(g, problems, seed);
+    }
+    g.set_attn_tc(before);
+}
+
 const HEAD_DIMS: [usize; 5] = [8, 16, 32, 64, 128];
 const HEADS: [(usize, usize); 5] = [(4, 1), (4, 2), (6, 2), (32, 8), (16, 16)];
 const ROWS: [usize; 5] = [1, 2, 7, 64, 200];
@@ -234,7 +246,7 @@ fn cuda_attention_matches_cpu_prefill_and_chunks() {
             }
         }
     }
-    check_all(&g, &problems, 3);
+    check_both(&g, &problems, 3);
 }
 
 /// Single-token decode at lengths around tile and split boundaries.
@@ -278,29 +290,43 @@ fn cuda_attention_matches_cpu_odd_positions_and_shapes() {
             problems.push(Problem { m: 130, heads, kvh, d, cap: 1500, positions, scale: scale_for(d, &mut r) });
         }
     }
-    check_all(&g, &problems, 7);
+    check_both(&g, &problems, 7);
 }
 
 /// Positions outside [0, capacity) produce zero rows (the CPU backend would reject them); others are unaffected.
 #[test]
 fn cuda_attention_out_of_range_positions_give_zeros() {
     let Some(g) = gpu() else { return };
-    let c = cpu();
     let mut r = rng(8);
+    // 6 rows (taken one at a time), then 48 (packed prefill blocks, scalar and tensor-core) with the bad ones
+    // at the front, in the middle and last
+    check_out_of_range(&g, &mut r, &[5, -1, 299, 300, 100000, 42]);
+    let mut positions: Vec<i32> = (200..248).collect();
+    for (i, bad) in [(0, -7), (17, 300), (30, -1), (47, 4000)] {
+        positions[i] = bad;
+    }
+    for tc in [false, true] {
+        g.set_attn_tc(tc);
+        check_out_of_range(&g, &mut r, &positions);
+    }
+}
+
+fn check_out_of_range(g: &CudaBackend, r: &mut ChaCha8Rng, positions: &[i32]) {
+    let c = cpu();
     let (heads, kvh, d, cap) = (8, 2, 64, 300);
-    let positions = vec![5, -1, 299, 300, 100000, 42];
-    let good: Vec<usize> = vec![0, 2, 5];
-    let p = Problem { m: positions.len(), heads, kvh, d, cap, positions: positions.clone(), scale: 0.125 };
-    // run the GPU on all rows; the CPU on the valid ones only (same random draws: run CPU part by hand)
+    let m = positions.len();
+    let good: Vec<usize> = (0..m).filter(|&i| (0..cap as i32).contains(&positions[i])).collect();
+    // run the GPU on all rows; the CPU on the valid ones only
     let row = kvh * d;
     let kf: Vec<f32> = (0..cap * row).map(|_| round_bf16(r.random_range(-1.0..1.0))).collect();
     let vf: Vec<f32> = (0..cap * row).map(|_| round_bf16(r.random_range(-1.0..1.0))).collect();
-    let q = uniform(&mut r, p.m * heads * d, 1.0);
+    let q = uniform(r, m * heads * d, 1.0);
     let shape = [cap, kvh, d];
-    let gcache = LayerKv { k: dev_bf16(&g, &shape, &bf16_bits(&kf)), v: dev_bf16(&g, &shape, &bf16_bits(&vf)) };
-    let mut gout = poisoned(&g, &[p.m, heads, d]);
-    g.attention(&dev_f32(&g, &[p.m, heads, d], &q), &gcache, &dev_i32(&g, &positions), p.scale, &mut gout).unwrap();
-    let got = read(&g, &gout);
+    let scale = 0.125;
+    let gcache = LayerKv { k: dev_bf16(g, &shape, &bf16_bits(&kf)), v: dev_bf16(g, &shape, &bf16_bits(&vf)) };
+    let mut gout = poisoned(g, &[m, heads, d]);
+    g.attention(&dev_f32(g, &[m, heads, d], &q), &gcache, &dev_i32(g, positions), scale, &mut gout).unwrap();
+    let got = read(g, &gout);
     let hd = heads * d;
     let cq: Vec<f32> = good.iter().flat_map(|&i| q[i * hd..(i + 1) * hd].to_vec()).collect();
     let cpos: Vec<i32> = good.iter().map(|&i| positions[i]).collect();
@@ -310,17 +336,42 @@ fn cuda_attention_out_of_range_positions_give_zeros() {
         &Tensor::from_f32(&[good.len(), heads, d], &cq).unwrap(),
         &ccache,
         &Tensor::from_i32(&[good.len()], &cpos).unwrap(),
-        p.scale,
+        scale,
         &mut cout,
     )
     .unwrap();
     let want = read(&c, &cout);
     let got_good: Vec<f32> = good.iter().flat_map(|&i| got[i * hd..(i + 1) * hd].to_vec()).collect();
     let e = rel_err(&got_good, &want);
-    assert!(e < TOL, "valid rows: rel err {e:.3e}");
-    for i in [1usize, 3, 4] {
-        assert!(got[i * hd..(i + 1) * hd].iter().all(|&x| x == 0.0), "row {i} (position {}) not zero", positions[i]);
+    assert!(e < TOL, "{m} rows (tensor cores {}): valid rows: rel err {e:.3e}", g.attn_tc());
+    for i in (0..m).filter(|i| !good.contains(i)) {
+        assert!(
+            got[i * hd..(i + 1) * hd].iter().all(|&x| x == 0.0),
+            "{m} rows (tensor cores {}): row {i} (position {}) not zero",
+            g.attn_tc(),
+            positions[i]
+        );
     }
+}
+
+/// Packed (prefill) problems at the edges of the tensor-core blocks: a 512-row chunk at the end of a
+/// 4096-row cache, very sharp scales (the hi/lo split's headroom), one-row-per-group layouts.
+#[test]
+fn cuda_attention_packed_edge_cases() {
+    let Some(g) = gpu() else { return };
+    let mut problems = vec![];
+    for d in [64usize, 128] {
+        let s = 1.0 / (d as f32).sqrt();
+        for (heads, kvh) in [(32, 8), (32, 4), (16, 16)] {
+            let positions = (3584..4096).collect();
+            problems.push(Problem { m: 512, heads, kvh, d, cap: 4096, positions, scale: s });
+            let positions = (0..100).collect();
+            problems.push(Problem { m: 100, heads, kvh, d, cap: 100, positions, scale: 8.0 * s });
+            let positions = (0..70).map(|i| 2 * i).collect();
+            problems.push(Problem { m: 70, heads, kvh, d, cap: 200, positions, scale: 16.0 * s });
+        }
+    }
+    check_both(&g, &problems, 13);
 }
 
 /// A prefill, decode steps and a second prefill chunk through kv_write on both backends (inputs pre-rounded
@@ -410,6 +461,7 @@ fn cuda_attention_graph_replay_follows_positions() {
 fn cuda_attention_speed() {
     let Some(g) = gpu() else { return };
     println!("{}", g.name());
+    let tc_default = g.attn_tc();
     let (heads, kvh, d) = (32usize, 8usize, 128usize);
     let mut r = rng(11);
     let scale = 1.0 / (d as f32).sqrt();
@@ -468,14 +520,32 @@ fn cuda_attention_speed() {
         // K/V bytes the kernels must read: every row up to the last position, once per kv head
         let kv_bytes = (2 * len * kvh * d * 2) as f64;
         let flops = 4.0 * (heads * d) as f64 * pos.iter().map(|&p| p as f64 + 1.0).sum::<f64>();
-        let eager = time(
-            &mut || {
-                for c in &caches {
-                    g.attention(&q, c, &gpos, scale, &mut out).unwrap();
-                }
-            },
-            20,
-        ) / layers as f64;
+        let mut eager_of = |tc: bool| {
+            g.set_attn_tc(tc);
+            time(
+                &mut || {
+                    for c in &caches {
+                        g.attention(&q, c, &gpos, scale, &mut out).unwrap();
+                    }
+                },
+                20,
+            ) / layers as f64
+        };
+        if m > 32 {
+            // prefill: the scalar and the tensor-core blocks, interleaved, medians of 5
+            let (mut off, mut on): (Vec<f64>, Vec<f64>) = (0..5).map(|_| (eager_of(false), eager_of(true))).unzip();
+            off.sort_by(f64::total_cmp);
+            on.sort_by(f64::total_cmp);
+            println!(
+                "m {m:4} len {len:6}: scalar {:8.2} us ({:6.2} TFLOP/s), tensor cores {:8.2} us ({:6.2} TFLOP/s), {:.2}x",
+                off[2] * 1e6,
+                flops / off[2] / 1e12,
+                on[2] * 1e6,
+                flops / on[2] / 1e12,
+                off[2] / on[2]
+            );
+        }
+        let eager = eager_of(tc_default);
         let mut graph_us = f64::NAN;
         if g.graphs_enabled() {
             let key = 0x5eed_0000 + (m * 1_000_000 + len) as u64;

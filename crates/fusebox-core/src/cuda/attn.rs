@@ -13,6 +13,11 @@
 //! `ROW_EXACT_MAX` rows are taken one row at a time, each with exactly the
 //! blocks and splits of a one-row (decode) launch, so a speculative verify
 //! pass gives every row the decode step's output bit for bit.
+//!
+//! Packed prefill blocks (64 query vectors) can run on the tensor cores
+//! instead (`attention_tc.cu`, `FUSEBOX_ATTN_TC=1` / `set_attn_tc`): the same
+//! grid, splits and partials, so only the kernel name and its shared memory
+//! change; decode and the row-by-row verify path never take them.
 
 use std::sync::Mutex;
 
@@ -25,6 +30,7 @@ use crate::kv::LayerKv;
 use crate::tensor::Tensor;
 
 const FILE: &str = "attention.cu";
+const FILE_TC: &str = "attention_tc.cu";
 const THREADS: u32 = 128;
 /// Rows the one-row (decode) call sizes scratch slot 2 for (see `attention_impl`).
 const DECODE_ROWS: usize = 4;
@@ -62,6 +68,17 @@ const KERNELS: &[(usize, usize, &str)] = &[
     (256, 8, "attn_d256_q8"),
     (256, 32, "attn_d256_q32"),
 ];
+
+/// Tensor-core prefill kernels (64 query vectors a block, 64-key tiles) by padded head dim.
+const KERNELS_TC: &[(usize, &str)] = &[(64, "attn_tc_d64"), (128, "attn_tc_d128")];
+/// Query vectors per tensor-core block (the scalar prefill blocks' `q_max`, so grids and splits agree).
+const TC_Q: usize = 64;
+
+/// The block shape of tensor-core kernel `dp`, mirroring `TcCfg` in attention_tc.cu.
+fn cfg_tc(dp: usize) -> Cfg {
+    let tk = 64;
+    Cfg { tk, smem: 2 * 2 * tk * (dp + 8) * 2 + TC_Q * 4 }
+}
 
 /// The block shape of kernel `(dp, q)`, mirroring `AttnCfg` in attention.cu.
 struct Cfg {
@@ -102,13 +119,13 @@ static OCCUPANCY: Mutex<Vec<(usize, &str, usize)>> = Mutex::new(Vec::new());
 impl CudaBackend {
     /// How many blocks of attention kernel `name` (with `smem` bytes of shared memory) fit on one SM at once,
     /// from the driver's occupancy calculator (asked once per kernel; 2 if it cannot answer).
-    fn attn_blocks_per_sm(&self, name: &'static str, smem: usize) -> usize {
+    fn attn_blocks_per_sm(&self, file: &'static str, name: &'static str, smem: usize) -> usize {
         let ord = self.info.ordinal;
         if let Some(&(_, _, n)) = OCCUPANCY.lock().unwrap().iter().find(|e| e.0 == ord && e.1 == name) {
             return n;
         }
         let n = self
-            .func(FILE, name)
+            .func(file, name)
             .ok()
             .and_then(|f| {
                 super::allow_dynamic_smem(&f, name, smem).ok()?;
@@ -280,12 +297,21 @@ impl CudaBackend {
         } else {
             q_max(dp)
         };
-        let name = KERNELS
-            .iter()
-            .find(|&&(a, b, _)| a == dp && b == qb)
-            .map(|&(_, _, s)| s)
-            .expect("a kernel for every (padded head_dim, query block)");
-        let c = cfg(dp, qb);
+        // Packed prefill blocks run on the tensor cores where there is a kernel for the head dim (sm_80+).
+        let tc = (!by_row && qb == TC_Q && self.attn_tc() && self.info.compute_capability.0 >= 8)
+            .then(|| KERNELS_TC.iter().find(|&&(a, _)| a == dp).map(|&(_, s)| s))
+            .flatten();
+        let (file, name, c) = match tc {
+            Some(name) => (FILE_TC, name, cfg_tc(dp)),
+            None => {
+                let name = KERNELS
+                    .iter()
+                    .find(|&&(a, b, _)| a == dp && b == qb)
+                    .map(|&(_, _, s)| s)
+                    .expect("a kernel for every (padded head_dim, query block)");
+                (FILE, name, cfg(dp, qb))
+            }
+        };
         let tiles = n.div_ceil(qb);
         let grid_z = if by_row { m * tiles } else { tiles };
         ensure!(grid_z <= 65535 && kvh <= 65535, "cuda attention: {m} rows x {heads} heads is too many");
@@ -293,7 +319,7 @@ impl CudaBackend {
         // splits than the capacity has tiles. Depends on shapes only (by_row: those of one row), so scratch
         // sizes stay fixed in a decode loop and every row splits as a decode step does.
         let base = kvh * tiles;
-        let target = self.attn_blocks_per_sm(name, c.smem) * self.sm_count as usize;
+        let target = self.attn_blocks_per_sm(file, name, c.smem) * self.sm_count as usize;
         // (rounded down: a second split of work that already fills the GPU costs a combine pass for nothing)
         let splits = (target / base).clamp(1, cap.div_ceil(c.tk).clamp(1, 256));
         let (pacc, pml) = if splits > 1 {
@@ -315,7 +341,7 @@ impl CudaBackend {
         };
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         self.launch(
-            FILE,
+            file,
             name,
             ((splits as u32, kvh as u32, grid_z as u32), (THREADS, 1, 1), c.smem as u32),
             &[
@@ -372,6 +398,10 @@ mod tests {
             let c = cfg(dp, q);
             assert!(c.smem <= 227 * 1024, "d{dp} q{q}: {} bytes", c.smem);
             assert!(dp / 8 * (q / q.min(8)) <= THREADS as usize);
+        }
+        for &(dp, _) in KERNELS_TC {
+            assert!(cfg_tc(dp).smem <= 227 * 1024, "tc d{dp}");
+            assert_eq!(q_max(dp), TC_Q, "tc d{dp}: the scalar prefill block it replaces");
         }
     }
 }

@@ -15,8 +15,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 
 /// Shared headers, spliced in where a source says `#include "name"`.
-const HEADERS: &[(&str, &str)] =
-    &[("common.cuh", include_str!("../../kernels/common.cuh")), ("gemv.cuh", include_str!("../../kernels/gemv.cuh"))];
+const HEADERS: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../../kernels/common.cuh")),
+    ("gemv.cuh", include_str!("../../kernels/gemv.cuh")),
+    ("attn.cuh", include_str!("../../kernels/attn.cuh")),
+];
 
 /// The kernel files, one per op family.
 pub const SOURCES: &[(&str, &str)] = &[
@@ -24,6 +27,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("norm_rope.cu", include_str!("../../kernels/norm_rope.cu")),
     ("gemv.cu", include_str!("../../kernels/gemv.cu")),
     ("attention.cu", include_str!("../../kernels/attention.cu")),
+    ("attention_tc.cu", include_str!("../../kernels/attention_tc.cu")),
     ("moe.cu", include_str!("../../kernels/moe.cu")),
     ("sample.cu", include_str!("../../kernels/sample.cu")),
     ("fused.cu", include_str!("../../kernels/fused.cu")),

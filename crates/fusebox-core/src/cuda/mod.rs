@@ -154,6 +154,8 @@ pub struct CudaBackend {
     policy: crate::fusion::FusionPolicy,
     /// f32 cuBLAS prefill for every weight format (`FUSEBOX_PREFILL_F32=1`).
     pub(crate) prefill_f32: bool,
+    /// Prefill attention on the tensor cores (`CudaOptions::attn_tc`; `set_attn_tc` for A/B runs).
+    pub(crate) attn_tc: std::sync::atomic::AtomicBool,
     /// Per-kernel event timing (`FUSEBOX_KERNEL_TIMING`).
     timing: Option<timing::KernelTiming>,
 }
@@ -180,6 +182,9 @@ pub struct CudaOptions {
     /// Run prefill GEMMs in f32 (`FUSEBOX_PREFILL_F32=1`) instead of bf16
     /// tensor cores.
     pub prefill_f32: bool,
+    /// Prefill attention on the tensor cores (`FUSEBOX_ATTN_TC`, see
+    /// `attention_tc.cu`) instead of the scalar f32 blocks.
+    pub attn_tc: bool,
 }
 
 impl CudaOptions {
@@ -194,12 +199,13 @@ impl CudaOptions {
             graphs: std::env::var("FUSEBOX_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true),
             kv_f32,
             prefill_f32: std::env::var("FUSEBOX_PREFILL_F32").is_ok_and(|v| v == "1"),
+            attn_tc: std::env::var("FUSEBOX_ATTN_TC").is_ok_and(|v| v == "1"),
         })
     }
 
     /// f32 KV cache and f32 prefill: the GPU computes like the CPU's f32 path.
     pub fn exact() -> CudaOptions {
-        CudaOptions { graphs: true, kv_f32: true, prefill_f32: true }
+        CudaOptions { graphs: true, kv_f32: true, prefill_f32: true, attn_tc: false }
     }
 }
 
@@ -264,9 +270,20 @@ impl CudaBackend {
             kv_f32: opts.kv_f32,
             policy: crate::fusion::FusionPolicy::resolve(crate::fusion::BackendKind::Cuda, &info.name)?,
             prefill_f32: opts.prefill_f32,
+            attn_tc: std::sync::atomic::AtomicBool::new(opts.attn_tc),
             pdl,
             info,
         })
+    }
+
+    /// Whether prefill attention runs on the tensor cores (`FUSEBOX_ATTN_TC`).
+    pub fn attn_tc(&self) -> bool {
+        self.attn_tc.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Switch prefill attention between the tensor-core and the scalar kernels (for A/B runs and tests).
+    pub fn set_attn_tc(&self, on: bool) {
+        self.attn_tc.store(on, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This backend's fusion decisions (defaults, tuned file, environment).
