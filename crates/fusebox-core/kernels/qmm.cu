@@ -128,10 +128,39 @@ __device__ __forceinline__ void qmm_mmas(float (&d)[NT][4], const u32 (&a)[2][4]
     }
 }
 
+// qmm_mmas with x from a staged step in shared memory: xr is this thread's
+// first fragment's shared address, xt the bytes between 8-row tiles.
+template <int NT>
+__device__ __forceinline__ void qmm_mmas_staged(float (&d)[NT][4], const u32 (&a)[2][4], const u32 (&b)[2][4],
+                                                u32 mask, u32 xr, u32 xt) {
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+#pragma unroll
+        for (int wi = 0; wi < 2; wi++) {
+            uint4 xv;
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(xv.x), "=r"(xv.y), "=r"(xv.z), "=r"(xv.w)
+                         : "r"(xr + j * xt + wi * 16));
+            mma_bf16(d[j], a[wi][0] & mask, b[wi][0] & mask, a[wi][1] & mask, b[wi][1] & mask, xv.x, xv.y);
+            mma_bf16(d[j], a[wi][2] & mask, b[wi][2] & mask, a[wi][3] & mask, b[wi][3] & mask, xv.z, xv.w);
+        }
+    }
+}
+
+// Staged x (grouped launches): every warp of a block walks the same k steps
+// (ksw = 1), so a step's x tile (8 NT rows of 64 values, 128 bytes each) is
+// copied to shared memory once per block (cp.async, QMM_XD steps ahead) and
+// read by all 8 row tiles, instead of each warp reading it from L2: with 32
+// pairs and 16 weight rows a warp, x was 16 times the weight's bytes.
+#define QMM_XD 4
+#define QMM_XROWW 36   // u32 words per staged row: 32 + 4 (8 rows x 4 threads' 16-byte reads hit distinct banks)
+template <int NT> struct QmmStage { static constexpr int BYTES = QMM_XD * 8 * NT * QMM_XROWW * 4; };
+
 // GS: group size; NT: 8-column tiles of x (hi and lo of 4 input rows each;
 // m <= 4 NT). xs holds xsm rows per group (qmm_prep's mp); output row r goes
-// to row orow[r] of out (r when orow is null).
-template <int GS, int NT>
+// to row orow[r] of out (r when orow is null). SX: x staged in shared memory
+// (QmmStage<NT>::BYTES of dynamic shared memory; ksw must be 1).
+template <int GS, int NT, bool SX>
 __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* __restrict__ sc,
                                          const void* __restrict__ bi, const u32* __restrict__ xb,
                                          const float* __restrict__ xs, int xsm, float* __restrict__ out,
@@ -173,6 +202,24 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
     for (int p = 0; p < QMM_DEPTH; p++)
         if (s0 + p < s1) QMM_LOAD(p, s0 + p);
     fb_grid_wait();   // x (qmm_prep's output) is ready from here on
+    extern __shared__ __attribute__((aligned(16))) u32 qmm_xstage[];   // SX: [QMM_XD][8 NT][QMM_XROWW]
+    const u32 xst = smem_addr(qmm_xstage);
+    constexpr u32 XSTAGE = 8 * NT * QMM_XROWW * 4;   // bytes of one staged step
+    // SX: queue step s's x tile into stage s % QMM_XD (a commit group either way, so the counts stay uniform)
+    auto x_load = [&](int s) {
+        if (s < s1) {
+            const u32 dst = xst + (u32)(s % QMM_XD) * XSTAGE;
+            for (int c = threadIdx.x; c < 8 * NT * 8; c += blockDim.x) {
+                const int r = c >> 3, q = c & 7;
+                cp_async16(dst + (u32)((r * QMM_XROWW + 4 * q) * 4), xb + (long long)r * (k / 2) + s * 32 + 4 * q);
+            }
+        }
+        cp_async_commit();
+    };
+    if constexpr (SX) {
+#pragma unroll
+        for (int i = 0; i < QMM_XD - 1; i++) x_load(s0 + i);
+    }
 
     float acc[NT][2], d[NT][4];
 #pragma unroll
@@ -185,6 +232,7 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
     const u32* xr = xb + (long long)g * (k / 2) + 8 * t;
     const long long xt = (long long)8 * (k / 2);   // u32 words between 8-row tiles
     const u32 mA = t < 2 ? 0xffffffffu : 0u;        // groups of 32: threads of the step's first group
+    const u32 xrs = (u32)((g * QMM_XROWW + 8 * t) * 4);   // SX: xr's offset in a staged step
 
     for (int sb = s0; sb < s1; sb += QMM_DEPTH) {
 #pragma unroll
@@ -196,6 +244,12 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
 #pragma unroll
                 for (int i = 0; i < NSB; i++) cs[i] = rs[p][i];
                 if (s + QMM_DEPTH < s1) QMM_LOAD(p, s + QMM_DEPTH);
+                if constexpr (SX) {
+                    // step s landed for everyone, and everyone is done with step s - 1's stage: refill it
+                    cp_async_wait<QMM_XD - 2>();
+                    __syncthreads();
+                    x_load(s + QMM_XD - 1);
+                }
                 u32 a[2][4], b[2][4];
                 a[0][0] = nib_pair<0>(c0.x), a[0][1] = nib_pair<1>(c0.x), a[0][2] = nib_pair<2>(c0.x), a[0][3] = nib_pair<3>(c0.x);
                 a[1][0] = nib_pair<0>(c0.y), a[1][1] = nib_pair<1>(c0.y), a[1][2] = nib_pair<2>(c0.y), a[1][3] = nib_pair<3>(c0.y);
@@ -203,7 +257,11 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
                 b[1][0] = nib_pair<0>(c1.y), b[1][1] = nib_pair<1>(c1.y), b[1][2] = nib_pair<2>(c1.y), b[1][3] = nib_pair<3>(c1.y);
 #pragma unroll
                 for (int q = 0; q < GPS; q++) {
-                    qmm_mmas<NT>(d, a, b, GS == 32 ? (q == 0 ? mA : ~mA) : 0xffffffffu, xr, xt, s * 32);
+                    const u32 mask = GS == 32 ? (q == 0 ? mA : ~mA) : 0xffffffffu;
+                    if constexpr (SX)
+                        qmm_mmas_staged<NT>(d, a, b, mask, xst + (u32)(s % QMM_XD) * XSTAGE + xrs, 8 * QMM_XROWW * 4);
+                    else
+                        qmm_mmas<NT>(d, a, b, mask, xr, xt, s * 32);
                     // a group ends here: apply its scale and bias
                     if ((s + 1) % SPG == 0) {
                         const int grp = (s * 64 + q * 32) / GS;
@@ -260,7 +318,7 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
 #define QMM(GS, NT, MINB)                                                                                          \
     extern "C" __global__ void __launch_bounds__(256, MINB) qmm4_g##GS##_n##NT(QMM_ARGS) {                         \
         FB_PROLOGUE_DEFERRED();                                                                                    \
-        qmm_impl<GS, NT>(w, sc, bi, xb, xs, 4 * NT, out, nullptr, n, k, m, sdt, ksw);                              \
+        qmm_impl<GS, NT, false>(w, sc, bi, xb, xs, 4 * NT, out, nullptr, n, k, m, sdt, ksw);                              \
     }
 QMM(32, 1, 2)
 QMM(32, 2, 1)
@@ -330,7 +388,8 @@ extern "C" __global__ void __launch_bounds__(1024) qmm_group(const int* __restri
 // qmm_group's table (blocks past the chunk count return at once); its pairs'
 // rows of xb (qmm_prep with `order`) against the chunk's expert, each output
 // row to its pair's row of out [pairs, n]. w_estride: u32 words per expert;
-// sb_estride: scale (and bias) elements per expert.
+// sb_estride: scale (and bias) elements per expert. x is staged (ksw = 1,
+// QmmStage<NT>::BYTES of dynamic shared memory).
 #define QMME_ARGS                                                                                                  \
     const u32 *__restrict__ w, const void *__restrict__ sc, const void *__restrict__ bi, const u32 *__restrict__ xb, \
         const float *__restrict__ xs, int xsm, float *__restrict__ out, const int *__restrict__ order,              \
@@ -343,7 +402,7 @@ extern "C" __global__ void __launch_bounds__(1024) qmm_group(const int* __restri
         const int* t = table + 1 + 4 * blockIdx.y;                                                                 \
         const int e = t[0], first = t[1], rows = t[2];                                                             \
         const long long sbo = (long long)e * sb_estride * (sdt == 0 ? 4 : 2);                                      \
-        qmm_impl<GS, NT>(w + e * w_estride, (const char*)sc + sbo, (const char*)bi + sbo, xb + (long long)first * k, \
+        qmm_impl<GS, NT, true>(w + e * w_estride, (const char*)sc + sbo, (const char*)bi + sbo, xb + (long long)first * k, \
                          xs + first, xsm, out, order + first, n, k, rows, sdt, ksw);                               \
     }
 QMME(32, 1, 2)

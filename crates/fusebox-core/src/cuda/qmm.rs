@@ -13,7 +13,9 @@
 //! `qmm_prep` gathers the chunks' input rows (hi and lo parts: x in bf16
 //! alone put the tiny 4-bit MoE fixture at relative RMS 3.6e-3 against the
 //! CPU, over the 2e-3 bar), and one `qmme4_g{GS}_n{NT}` launch runs a block
-//! row per chunk of up to 32 pairs.
+//! row per chunk of up to 32 pairs. Its blocks stage each k step of the
+//! chunk's x in shared memory for their 8 row tiles (no k split): read by
+//! every warp from L2, x had been 16 times the weight's bytes.
 
 use anyhow::{ensure, Result};
 
@@ -96,6 +98,12 @@ pub(super) fn covers_experts(d: &Dev, compute_major: i32) -> bool {
 
 fn covers_matrix(d: &Dev, compute_major: i32) -> bool {
     compute_major >= 8 && d.fmt == FMT_Q4 && matches!(d.gs, 32 | 64 | 128) && d.n % 16 == 0 && d.k % d.gs.max(64) == 0
+}
+
+/// Dynamic shared memory of a grouped launch: `QMM_XD` (4) staged x steps of
+/// `8 nt` rows, `QMM_XROWW` (36) words each (`QmmStage` in qmm.cu).
+fn staged_x_bytes(nt: usize) -> usize {
+    4 * 8 * nt * 36 * 4
 }
 
 /// Warps that split a row tile's k: as few as fill the device (about 16 warps
@@ -220,12 +228,13 @@ impl CudaBackend {
         let xb = self.scratch(GXB_SLOT, mp * 2 * k * 2)?;
         let xs = self.scratch(GXS_SLOT, mp * (k / 32) * 4)?;
         self.qmm_prep(Prep { x, xb, xs, m: pairs, mp, k, gs, order, x_div })?;
-        // the tile width from the most pairs a chunk can hold, the k split from
-        // the shape: a pair's product is the same at every pair count
+        // the tile width from the most pairs a chunk can hold, and no k split (the
+        // block's 8 row tiles share each staged x step; the chunks fill the GPU):
+        // a pair's product is the same at every pair count
         let nt = pairs.min(CHUNK_ROWS).div_ceil(4).next_power_of_two();
-        let ksw = k_split(d, self.sm_count as usize);
-        let blocks = (n / 16).div_ceil(WARPS / ksw);
-        let smem = if ksw > 1 { WARPS * nt * 2 * 32 * 4 } else { 0 };
+        let ksw = 1;
+        let blocks = (n / 16).div_ceil(WARPS);
+        let smem = staged_x_bytes(nt);
         let name = GROUPED[group_index(gs)][nt.trailing_zeros() as usize];
         self.launch(
             FILE,
