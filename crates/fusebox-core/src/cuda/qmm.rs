@@ -232,7 +232,6 @@ impl CudaBackend {
         // block's 8 row tiles share each staged x step; the chunks fill the GPU):
         // a pair's product is the same at every pair count
         let nt = pairs.min(CHUNK_ROWS).div_ceil(4).next_power_of_two();
-        let ksw = 1;
         let blocks = (n / 16).div_ceil(WARPS);
         let smem = staged_x_bytes(nt);
         let name = GROUPED[group_index(gs)][nt.trailing_zeros() as usize];
@@ -253,7 +252,7 @@ impl CudaBackend {
                 Arg::I(n as i32),
                 Arg::I(k as i32),
                 Arg::I(d.sdt),
-                Arg::I(ksw as i32),
+                Arg::I(1), // ksw
                 Arg::L(d.w_estride() / 4),
                 Arg::L(d.sb_estride()),
             ],
