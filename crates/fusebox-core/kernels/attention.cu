@@ -134,13 +134,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf1
 
     // per-query setup: position (-1 = no keys), running max and sum, scaled q in smem
     for (int i = tid; i < Q; i += C::NT) {
-        long u = u0 + i;
-        int p = -1;
-        if (u < n_u) {
-            p = positions[u / G];
-            if (p < 0 || p >= cap) p = -1;
-        }
-        pos_s[i] = p;
+        pos_s[i] = attn_position(positions, u0 + i, n_u, G, cap);
         m_s[i] = -INFINITY;
         l_s[i] = 0.f;
         a_s[i] = 0.f;
@@ -375,15 +369,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf1
     load_tile(t_begin, 0);
     cp_async_commit();
     for (int t = t_begin; t < t_end; t++) {
-        const int st = (t - t_begin) & 1;
-        if (t + 1 < t_end) {
-            load_tile(t + 1, st ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        const int st = attn_next_tile(t, t_begin, t_end, load_tile);
         const bf16_t* ks_tile = kv + st * (2 * C::TK * C::KROW);
         const bf16_t* vs_tile = ks_tile + C::TK * C::KROW;
         const int kb = t * C::TK;

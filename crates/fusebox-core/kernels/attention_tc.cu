@@ -72,15 +72,7 @@ __device__ __forceinline__ void attn_tc_body(const float* __restrict__ q, const 
         attn_fill(TC_Q, u0, n_u, G, heads, d, __int_as_float(0x7fc00000), 0.f, 1.f, out, part_acc, part_ml);
         return;
     }
-    if (tid < TC_Q) {
-        const long u = u0 + tid;
-        int p = -1;
-        if (u < n_u) {
-            p = positions[u / G];
-            if (p < 0 || p >= cap) p = -1;
-        }
-        pos_s[tid] = p;
-    }
+    if (tid < TC_Q) pos_s[tid] = attn_position(positions, u0 + tid, n_u, G, cap);
     __syncthreads();
     int len = 0;
 #pragma unroll 8
@@ -140,15 +132,7 @@ __device__ __forceinline__ void attn_tc_body(const float* __restrict__ q, const 
     load_tile(t_begin, 0);
     cp_async_commit();
     for (int t = t_begin; t < t_end; t++) {
-        const int st = (t - t_begin) & 1;
-        if (t + 1 < t_end) {
-            load_tile(t + 1, st ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        const int st = attn_next_tile(t, t_begin, t_end, load_tile);
         const int kb = t * TC_TK;
         if (kb <= wmax) {  // else every key of the tile is past every position of the warp
             const u32 ks = smem_addr(kv + st * (2 * TC_TK * C::KROW));

@@ -36,6 +36,13 @@ __device__ __forceinline__ void attn_vectors(int Q, int m, int G, int row_tiles,
     }
 }
 
+// Query vector u's position: that of its row, -1 (no keys) when u >= n_u or the position is outside [0, cap).
+__device__ __forceinline__ int attn_position(const int* __restrict__ positions, long u, long n_u, int G, int cap) {
+    if (u >= n_u) return -1;
+    const int p = positions[u / G];
+    return p < 0 || p >= cap ? -1 : p;
+}
+
 // Every output of the block's Q query vectors without computing anything: `value` (NaN: launched with too
 // little shared memory; 0: no keys), or with splits a partial of sum l_part (0: empty, read as absent by
 // attn_combine; with max 0 and acc `value`).
@@ -107,4 +114,20 @@ __device__ __forceinline__ void attn_load_tile(bf16_t* kd, const bf16_t* kbase, 
             for (int e = 0; e < 8; e++) dst[e] = ok ? src[e] : (bf16_t)0;
         }
     }
+}
+
+// The two-stage tile pipeline of a block's key range [t_begin, t_end): before computing tile t, queue tile t + 1
+// (load_tile(t + 1, stage)) and wait until tile t has landed for every thread. Returns tile t's stage.
+template <class Load>
+__device__ __forceinline__ int attn_next_tile(int t, int t_begin, int t_end, Load& load_tile) {
+    const int st = (t - t_begin) & 1;
+    if (t + 1 < t_end) {
+        load_tile(t + 1, st ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+    return st;
 }
