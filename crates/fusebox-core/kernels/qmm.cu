@@ -113,15 +113,19 @@ template <int GS, int NT> struct QmmDepth { static constexpr int v = GS == 32 ? 
 
 // `step` MMAs of one group: the two words' four nibble pairs of rows g
 // (a) and g+8 (b), masked by `mask` (all ones, or zero for the other
-// group's threads), against every 8-column tile of x.
+// group's threads), against every 8-column tile of x. xrows: the x rows (hi
+// and lo) of the product past this thread's fragment row of the first tile;
+// fragments at or past it are zero rows and not loaded (one input row fills
+// 2 of a tile's 8 rows: loading them all read 4 times the x needed).
 template <int NT>
 __device__ __forceinline__ void qmm_mmas(float (&d)[NT][4], const u32 (&a)[2][4], const u32 (&b)[2][4], u32 mask,
-                                         const u32* __restrict__ xr, long long xt, int off) {
+                                         const u32* __restrict__ xr, long long xt, int off, int xrows) {
 #pragma unroll
     for (int j = 0; j < NT; j++) {
 #pragma unroll
         for (int wi = 0; wi < 2; wi++) {
-            const uint4 xv = __ldg((const uint4*)(xr + j * xt + off + wi * 4));
+            const uint4 xv =
+                8 * j < xrows ? __ldg((const uint4*)(xr + j * xt + off + wi * 4)) : make_uint4(0u, 0u, 0u, 0u);
             mma_bf16(d[j], a[wi][0] & mask, b[wi][0] & mask, a[wi][1] & mask, b[wi][1] & mask, xv.x, xv.y);
             mma_bf16(d[j], a[wi][2] & mask, b[wi][2] & mask, a[wi][3] & mask, b[wi][3] & mask, xv.z, xv.w);
         }
@@ -261,7 +265,7 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
                     if constexpr (SX)
                         qmm_mmas_staged<NT>(d, a, b, mask, xst + (u32)(s % QMM_XD) * XSTAGE + xrs, 8 * QMM_XROWW * 4);
                     else
-                        qmm_mmas<NT>(d, a, b, mask, xr, xt, s * 32);
+                        qmm_mmas<NT>(d, a, b, mask, xr, xt, s * 32, 2 * m - g);
                     // a group ends here: apply its scale and bias
                     if ((s + 1) % SPG == 0) {
                         const int grp = (s * 64 + q * 32) / GS;
