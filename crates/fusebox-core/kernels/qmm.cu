@@ -392,23 +392,27 @@ extern "C" __global__ void __launch_bounds__(1024) qmm_group(const int* __restri
 // qmm_group's table (blocks past the chunk count return at once); its pairs'
 // rows of xb (qmm_prep with `order`) against the chunk's expert, each output
 // row to its pair's row of out [pairs, n]. w_estride: u32 words per expert;
-// sb_estride: scale (and bias) elements per expert. x is staged (ksw = 1,
-// QmmStage<NT>::BYTES of dynamic shared memory).
+// sb_estride: scale (and bias) elements per expert. The staged kernels take
+// ksw = 1 and QmmStage<NT>::BYTES of dynamic shared memory.
 #define QMME_ARGS                                                                                                  \
     const u32 *__restrict__ w, const void *__restrict__ sc, const void *__restrict__ bi, const u32 *__restrict__ xb, \
         const float *__restrict__ xs, int xsm, float *__restrict__ out, const int *__restrict__ order,              \
         const int *__restrict__ table, int n, int k, int sdt, int ksw, long long w_estride, long long sb_estride
-#define QMME(GS, NT, MINB)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(256, MINB) qmme4_g##GS##_n##NT(QMME_ARGS) {                       \
+#define QMME_KERNEL(NAME, SX, GS, NT, MINB)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, MINB) NAME(QMME_ARGS) {                                      \
         FB_PROLOGUE_DEFERRED();                                                                                    \
         fb_grid_wait();                                                                                            \
         if ((int)blockIdx.y >= table[0]) return;                                                                   \
         const int* t = table + 1 + 4 * blockIdx.y;                                                                 \
         const int e = t[0], first = t[1], rows = t[2];                                                             \
         const long long sbo = (long long)e * sb_estride * (sdt == 0 ? 4 : 2);                                      \
-        qmm_impl<GS, NT, true>(w + e * w_estride, (const char*)sc + sbo, (const char*)bi + sbo, xb + (long long)first * k, \
-                         xs + first, xsm, out, order + first, n, k, rows, sdt, ksw);                               \
+        qmm_impl<GS, NT, SX>(w + e * w_estride, (const char*)sc + sbo, (const char*)bi + sbo,                      \
+                             xb + (long long)first * k, xs + first, xsm, out, order + first, n, k, rows, sdt, ksw); \
     }
+// qmme4_*: x read by each warp (k split from the shape); qmmx4_*: x staged (ksw = 1)
+#define QMME(GS, NT, MINB)                                                  \
+    QMME_KERNEL(qmme4_g##GS##_n##NT, false, GS, NT, MINB)                   \
+    QMME_KERNEL(qmmx4_g##GS##_n##NT, true, GS, NT, MINB)
 QMME(32, 1, 2)
 QMME(32, 2, 1)
 QMME(32, 4, 1)

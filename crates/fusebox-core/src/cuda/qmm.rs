@@ -13,9 +13,10 @@
 //! `qmm_prep` gathers the chunks' input rows (hi and lo parts: x in bf16
 //! alone put the tiny 4-bit MoE fixture at relative RMS 3.6e-3 against the
 //! CPU, over the 2e-3 bar), and one `qmme4_g{GS}_n{NT}` launch runs a block
-//! row per chunk of up to 32 pairs. Its blocks stage each k step of the
-//! chunk's x in shared memory for their 8 row tiles (no k split): read by
-//! every warp from L2, x had been 16 times the weight's bytes.
+//! row per chunk of up to 32 pairs. With `FUSEBOX_GROUPED_STAGED=1` the
+//! blocks stage each k step of the chunk's x in shared memory for their 8
+//! row tiles (`qmmx4_*`, no k split) instead of every warp reading it from
+//! L2, where x is 16 times the weight's bytes (opt-in until measured).
 
 use anyhow::{ensure, Result};
 
@@ -57,6 +58,18 @@ const GROUPED: [[&str; 4]; 3] = [
     ["qmme4_g64_n1", "qmme4_g64_n2", "qmme4_g64_n4", "qmme4_g64_n8"],
     ["qmme4_g128_n1", "qmme4_g128_n2", "qmme4_g128_n4", "qmme4_g128_n8"],
 ];
+/// `qmmx4_g{32,64,128}_n{1,2,4,8}`: the grouped kernels with x staged in shared memory.
+const GROUPED_STAGED: [[&str; 4]; 3] = [
+    ["qmmx4_g32_n1", "qmmx4_g32_n2", "qmmx4_g32_n4", "qmmx4_g32_n8"],
+    ["qmmx4_g64_n1", "qmmx4_g64_n2", "qmmx4_g64_n4", "qmmx4_g64_n8"],
+    ["qmmx4_g128_n1", "qmmx4_g128_n2", "qmmx4_g128_n4", "qmmx4_g128_n8"],
+];
+
+/// `FUSEBOX_GROUPED_STAGED` (default off until measured), read once.
+fn grouped_staged() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FUSEBOX_GROUPED_STAGED").is_ok_and(|v| v == "1"))
+}
 
 /// `FUSEBOX_GROUPED_MOE` (default on), read once.
 fn grouped_moe() -> bool {
@@ -228,13 +241,22 @@ impl CudaBackend {
         let xb = self.scratch(GXB_SLOT, mp * 2 * k * 2)?;
         let xs = self.scratch(GXS_SLOT, mp * (k / 32) * 4)?;
         self.qmm_prep(Prep { x, xb, xs, m: pairs, mp, k, gs, order, x_div })?;
-        // the tile width from the most pairs a chunk can hold, and no k split (the
-        // block's 8 row tiles share each staged x step; the chunks fill the GPU):
-        // a pair's product is the same at every pair count
+        // the tile width from the most pairs a chunk can hold, the k split from the
+        // shape (staged: none, the block's 8 row tiles share each x step and the
+        // chunks fill the GPU): a pair's product is the same at every pair count
         let nt = pairs.min(CHUNK_ROWS).div_ceil(4).next_power_of_two();
-        let blocks = (n / 16).div_ceil(WARPS);
-        let smem = staged_x_bytes(nt);
-        let name = GROUPED[group_index(gs)][nt.trailing_zeros() as usize];
+        let staged = grouped_staged();
+        let ksw = if staged { 1 } else { k_split(d, self.sm_count as usize) };
+        let blocks = (n / 16).div_ceil(WARPS / ksw);
+        let smem = if staged {
+            staged_x_bytes(nt)
+        } else if ksw > 1 {
+            WARPS * nt * 2 * 32 * 4
+        } else {
+            0
+        };
+        let names = if staged { &GROUPED_STAGED } else { &GROUPED };
+        let name = names[group_index(gs)][nt.trailing_zeros() as usize];
         self.launch(
             FILE,
             name,
@@ -252,7 +274,7 @@ impl CudaBackend {
                 Arg::I(n as i32),
                 Arg::I(k as i32),
                 Arg::I(d.sdt),
-                Arg::I(1), // ksw
+                Arg::I(ksw as i32),
                 Arg::L(d.w_estride() / 4),
                 Arg::L(d.sb_estride()),
             ],
