@@ -297,8 +297,14 @@ impl CudaBackend {
         } else {
             q_max(dp)
         };
-        // Packed prefill blocks run on the tensor cores where there is a kernel for the head dim (sm_80+).
-        let tc = (!by_row && qb == TC_Q && self.attn_tc() && self.info.compute_capability.0 >= 8)
+        // Packed prefill blocks run on the tensor cores where there is a kernel for the head dim (sm_80+; q and
+        // out are read and written as float2).
+        let tc = (!by_row
+            && qb == TC_Q
+            && self.attn_tc()
+            && self.info.compute_capability.0 >= 8
+            && pq % 8 == 0
+            && po % 8 == 0)
             .then(|| KERNELS_TC.iter().find(|&&(a, _)| a == dp).map(|&(_, s)| s))
             .flatten();
         let (file, name, c) = match tc {
