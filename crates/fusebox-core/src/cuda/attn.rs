@@ -80,6 +80,15 @@ fn cfg_tc(dp: usize) -> Cfg {
     Cfg { tk, smem: 2 * 2 * tk * (dp + 8) * 2 + TC_Q * 4 }
 }
 
+/// The tensor-core kernel for a launch, if it takes one: packed prefill blocks (`q = TC_Q`, not by row) of a
+/// head dim it has, where `allowed` (switched on, sm_80+, q and out 8-byte aligned: it moves them as float2).
+fn tc_kernel(dp: usize, q: usize, by_row: bool, allowed: bool) -> Option<&'static str> {
+    if !allowed || by_row || q != TC_Q {
+        return None;
+    }
+    KERNELS_TC.iter().find(|&&(a, _)| a == dp).map(|&(_, s)| s)
+}
+
 /// The block shape of kernel `(dp, q)`, mirroring `AttnCfg` in attention.cu.
 struct Cfg {
     /// keys per tile
@@ -297,16 +306,12 @@ impl CudaBackend {
         } else {
             q_max(dp)
         };
-        // Packed prefill blocks run on the tensor cores where there is a kernel for the head dim (sm_80+; q and
-        // out are read and written as float2).
-        let tc = (!by_row
-            && qb == TC_Q
-            && self.attn_tc()
-            && self.info.compute_capability.0 >= 8
-            && pq % 8 == 0
-            && po % 8 == 0)
-            .then(|| KERNELS_TC.iter().find(|&&(a, _)| a == dp).map(|&(_, s)| s))
-            .flatten();
+        let tc = tc_kernel(
+            dp,
+            qb,
+            by_row,
+            self.attn_tc() && self.info.compute_capability.0 >= 8 && pq % 8 == 0 && po % 8 == 0,
+        );
         let (file, name, c) = match tc {
             Some(name) => (FILE_TC, name, cfg_tc(dp)),
             None => {
@@ -409,5 +414,17 @@ mod tests {
             assert!(cfg_tc(dp).smem <= 227 * 1024, "tc d{dp}");
             assert_eq!(q_max(dp), TC_Q, "tc d{dp}: the scalar prefill block it replaces");
         }
+    }
+
+    #[test]
+    fn tensor_core_kernel_only_for_packed_prefill_blocks() {
+        // only packed q64 prefill blocks of head dims 64 and 128 (padded), where allowed
+        assert_eq!(tc_kernel(128, 64, false, true), Some("attn_tc_d128"));
+        assert_eq!(tc_kernel(64, 64, false, true), Some("attn_tc_d64"));
+        assert_eq!(tc_kernel(128, 64, false, false), None);
+        assert_eq!(tc_kernel(128, 64, true, true), None);
+        assert_eq!(tc_kernel(128, 8, false, true), None);
+        assert_eq!(tc_kernel(32, 64, false, true), None);
+        assert_eq!(tc_kernel(256, 32, false, true), None);
     }
 }
