@@ -136,7 +136,7 @@ fn cpu_int_dot_speed() {
     let b = fusebox_core::cpu::CpuBackend::new(1).unwrap();
     b.policy().override_site(Site::IntDot, Some(true));
     let mut r = ChaCha8Rng::seed_from_u64(1);
-    for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K] {
         for rows in [1024usize, 4096] {
             let cols = 1024;
             let w = common::ggml(&mut r, ty, 1, rows, cols);
