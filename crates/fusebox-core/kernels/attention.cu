@@ -126,11 +126,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf1
     long n_u, u0;
     attn_vectors(Q, m, G, row_tiles, u0, n_u);
 
-    if (dynamic_smem_size() < (u32)C::SMEM) {
-        // launched with too little shared memory: make the failure loud (NaN output) instead of corrupting
-        attn_fill(Q, u0, n_u, G, heads, d, __int_as_float(0x7fc00000), 0.f, 1.f, out, part_acc, part_ml);
-        return;
-    }
+    if (attn_smem_short(C::SMEM, Q, u0, n_u, G, heads, d, out, part_acc, part_ml)) return;
 
     // per-query setup: position (-1 = no keys), running max and sum, scaled q in smem
     for (int i = tid; i < Q; i += C::NT) {
@@ -150,13 +146,8 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf1
         qs[qi * C::QROW + c] = x;
     }
     __syncthreads();
-    int len = 0;
-#pragma unroll
-    for (int i = 0; i < Q; i++) len = max(len, pos_s[i] + 1);
-    const int n_tiles = (len + C::TK - 1) / C::TK;
-    const int per_split = (n_tiles + nsplit - 1) / nsplit;
-    const int t_begin = split * per_split;
-    const int t_end = min(t_begin + per_split, n_tiles);
+    int len, t_begin, t_end;
+    attn_key_tiles(pos_s, Q, C::TK, len, t_begin, t_end);
 
     if (t_begin >= t_end) {
         // nothing to do (beyond the length): an empty partial, or zeros for rows without keys

@@ -69,19 +69,11 @@ __device__ __forceinline__ void attn_tc_body(const float* __restrict__ q, const 
     const int G = heads / kvh;
     long u0, n_u;
     attn_vectors(TC_Q, m, G, row_tiles, u0, n_u);
-    if (dynamic_smem_size() < (u32)C::SMEM) {
-        attn_fill(TC_Q, u0, n_u, G, heads, d, __int_as_float(0x7fc00000), 0.f, 1.f, out, part_acc, part_ml);
-        return;
-    }
+    if (attn_smem_short(C::SMEM, TC_Q, u0, n_u, G, heads, d, out, part_acc, part_ml)) return;
     if (tid < TC_Q) pos_s[tid] = attn_position(positions, u0 + tid, n_u, G, cap);
     __syncthreads();
-    int len = 0;
-#pragma unroll 8
-    for (int i = 0; i < TC_Q; i++) len = max(len, pos_s[i] + 1);
-    const int n_tiles = (len + TC_TK - 1) / TC_TK;
-    const int per_split = (n_tiles + nsplit - 1) / nsplit;
-    const int t_begin = split * per_split;
-    const int t_end = min(t_begin + per_split, n_tiles);
+    int len, t_begin, t_end;
+    attn_key_tiles(pos_s, TC_Q, TC_TK, len, t_begin, t_end);
     if (t_begin >= t_end) {
         attn_fill(TC_Q, u0, n_u, G, heads, d, 0.f, -INFINITY, 0.f, out, part_acc, part_ml);
         return;

@@ -43,6 +43,18 @@ __device__ __forceinline__ int attn_position(const int* __restrict__ positions, 
     return p < 0 || p >= cap ? -1 : p;
 }
 
+// The key range of a block's Q query vectors (positions pos_s, -1 for none): len = 1 + the largest position,
+// cut into tiles of TK keys, of which this split (blockIdx.x of gridDim.x) takes [t_begin, t_end).
+__device__ __forceinline__ void attn_key_tiles(const int* pos_s, int Q, int TK, int& len, int& t_begin, int& t_end) {
+    len = 0;
+#pragma unroll 8
+    for (int i = 0; i < Q; i++) len = max(len, pos_s[i] + 1);
+    const int n_tiles = (len + TK - 1) / TK;
+    const int per_split = (n_tiles + gridDim.x - 1) / gridDim.x;
+    t_begin = blockIdx.x * per_split;
+    t_end = min(t_begin + per_split, n_tiles);
+}
+
 // Every output of the block's Q query vectors without computing anything: `value` (NaN: launched with too
 // little shared memory; 0: no keys), or with splits a partial of sum l_part (0: empty, read as absent by
 // attn_combine; with max 0 and acc `value`).
@@ -65,6 +77,16 @@ __device__ __forceinline__ void attn_fill(int Q, long u0, long n_u, int G, int h
             }
         }
     }
+}
+
+// A block launched with less dynamic shared memory than `need` bytes writes NaN to every output (a loud
+// failure instead of corruption) and returns true; the caller returns.
+__device__ __forceinline__ bool attn_smem_short(u32 need, int Q, long u0, long n_u, int G, int heads, int d,
+                                                float* __restrict__ out, float* __restrict__ part_acc,
+                                                float* __restrict__ part_ml) {
+    if (dynamic_smem_size() >= need) return false;
+    attn_fill(Q, u0, n_u, G, heads, d, __int_as_float(0x7fc00000), 0.f, 1.f, out, part_acc, part_ml);
+    return true;
 }
 
 // Queue the cp.async loads of the key tile starting at key kb into `kd` ([K; V] rows of KROW bf16, TK each);

@@ -113,42 +113,26 @@ template <int GS, int NT> struct QmmDepth { static constexpr int v = GS == 32 ? 
 
 // `step` MMAs of one group: the two words' four nibble pairs of rows g
 // (a) and g+8 (b), masked by `mask` (all ones, or zero for the other
-// group's threads), against every 8-column tile of x. xrows: the x rows (hi
-// and lo) of the product past this thread's fragment row of the first tile;
-// fragments at or past it are zero rows and not loaded (one input row fills
-// 2 of a tile's 8 rows: loading them all read 4 times the x needed).
-template <int NT>
+// group's threads), against every 8-column tile of x, whose B fragments
+// ld(j, wi) gives (tile j, word pair wi).
+template <int NT, class Ld>
 __device__ __forceinline__ void qmm_mmas(float (&d)[NT][4], const u32 (&a)[2][4], const u32 (&b)[2][4], u32 mask,
-                                         const u32* __restrict__ xr, long long xt, int off, int xrows) {
+                                         Ld ld) {
 #pragma unroll
     for (int j = 0; j < NT; j++) {
 #pragma unroll
         for (int wi = 0; wi < 2; wi++) {
-            const uint4 xv =
-                8 * j < xrows ? __ldg((const uint4*)(xr + j * xt + off + wi * 4)) : make_uint4(0u, 0u, 0u, 0u);
+            const uint4 xv = ld(j, wi);
             mma_bf16(d[j], a[wi][0] & mask, b[wi][0] & mask, a[wi][1] & mask, b[wi][1] & mask, xv.x, xv.y);
             mma_bf16(d[j], a[wi][2] & mask, b[wi][2] & mask, a[wi][3] & mask, b[wi][3] & mask, xv.z, xv.w);
         }
     }
 }
 
-// qmm_mmas with x from a staged step in shared memory: xr is this thread's
-// first fragment's shared address, xt the bytes between 8-row tiles.
-template <int NT>
-__device__ __forceinline__ void qmm_mmas_staged(float (&d)[NT][4], const u32 (&a)[2][4], const u32 (&b)[2][4],
-                                                u32 mask, u32 xr, u32 xt) {
-#pragma unroll
-    for (int j = 0; j < NT; j++) {
-#pragma unroll
-        for (int wi = 0; wi < 2; wi++) {
-            uint4 xv;
-            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(xv.x), "=r"(xv.y), "=r"(xv.z), "=r"(xv.w)
-                         : "r"(xr + j * xt + wi * 16));
-            mma_bf16(d[j], a[wi][0] & mask, b[wi][0] & mask, a[wi][1] & mask, b[wi][1] & mask, xv.x, xv.y);
-            mma_bf16(d[j], a[wi][2] & mask, b[wi][2] & mask, a[wi][3] & mask, b[wi][3] & mask, xv.z, xv.w);
-        }
-    }
+__device__ __forceinline__ uint4 lds128(u32 addr) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+    return v;
 }
 
 // Staged x (grouped launches): every warp of a block walks the same k steps
@@ -262,10 +246,18 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
 #pragma unroll
                 for (int q = 0; q < GPS; q++) {
                     const u32 mask = GS == 32 ? (q == 0 ? mA : ~mA) : 0xffffffffu;
-                    if constexpr (SX)
-                        qmm_mmas_staged<NT>(d, a, b, mask, xst + (u32)(s % QMM_XD) * XSTAGE + xrs, 8 * QMM_XROWW * 4);
-                    else
-                        qmm_mmas<NT>(d, a, b, mask, xr, xt, s * 32, 2 * m - g);
+                    if constexpr (SX) {
+                        // this thread's fragments in the staged step
+                        const u32 xa = xst + (u32)(s % QMM_XD) * XSTAGE + xrs;
+                        qmm_mmas<NT>(d, a, b, mask, [&](int j, int wi) { return lds128(xa + j * 8 * QMM_XROWW * 4 + wi * 16); });
+                    } else {
+                        // fragments of x rows at or past 2 m (hi and lo of each input row) are zero rows: not
+                        // loaded (one input row fills 2 of a tile's 8: loading them all read 4 times the x needed)
+                        qmm_mmas<NT>(d, a, b, mask, [&](int j, int wi) {
+                            return 8 * j + g < 2 * m ? __ldg((const uint4*)(xr + j * xt + s * 32 + wi * 4))
+                                                     : make_uint4(0u, 0u, 0u, 0u);
+                        });
+                    }
                     // a group ends here: apply its scale and bias
                     if ((s + 1) % SPG == 0) {
                         const int grp = (s * 64 + q * 32) / GS;
@@ -322,7 +314,7 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
 #define QMM(GS, NT, MINB)                                                                                          \
     extern "C" __global__ void __launch_bounds__(256, MINB) qmm4_g##GS##_n##NT(QMM_ARGS) {                         \
         FB_PROLOGUE_DEFERRED();                                                                                    \
-        qmm_impl<GS, NT, false>(w, sc, bi, xb, xs, 4 * NT, out, nullptr, n, k, m, sdt, ksw);                              \
+        qmm_impl<GS, NT, false>(w, sc, bi, xb, xs, 4 * NT, out, nullptr, n, k, m, sdt, ksw);                       \
     }
 QMM(32, 1, 2)
 QMM(32, 2, 1)

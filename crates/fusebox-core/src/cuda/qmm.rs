@@ -46,24 +46,22 @@ const MAX_EXPERTS: usize = 1024;
 /// Input rows of one grouped chunk (one expert's pairs, 8 column tiles).
 const CHUNK_ROWS: usize = 32;
 
-/// `qmm4_g{32,64,128}_n{1,2,4,8}`.
-const KERNELS: [[&str; 4]; 3] = [
-    ["qmm4_g32_n1", "qmm4_g32_n2", "qmm4_g32_n4", "qmm4_g32_n8"],
-    ["qmm4_g64_n1", "qmm4_g64_n2", "qmm4_g64_n4", "qmm4_g64_n8"],
-    ["qmm4_g128_n1", "qmm4_g128_n2", "qmm4_g128_n4", "qmm4_g128_n8"],
-];
-/// `qmme4_g{32,64,128}_n{1,2,4,8}`: the grouped kernels.
-const GROUPED: [[&str; 4]; 3] = [
-    ["qmme4_g32_n1", "qmme4_g32_n2", "qmme4_g32_n4", "qmme4_g32_n8"],
-    ["qmme4_g64_n1", "qmme4_g64_n2", "qmme4_g64_n4", "qmme4_g64_n8"],
-    ["qmme4_g128_n1", "qmme4_g128_n2", "qmme4_g128_n4", "qmme4_g128_n8"],
-];
-/// `qmmx4_g{32,64,128}_n{1,2,4,8}`: the grouped kernels with x staged in shared memory.
-const GROUPED_STAGED: [[&str; 4]; 3] = [
-    ["qmmx4_g32_n1", "qmmx4_g32_n2", "qmmx4_g32_n4", "qmmx4_g32_n8"],
-    ["qmmx4_g64_n1", "qmmx4_g64_n2", "qmmx4_g64_n4", "qmmx4_g64_n8"],
-    ["qmmx4_g128_n1", "qmmx4_g128_n2", "qmmx4_g128_n4", "qmmx4_g128_n8"],
-];
+/// A kernel family's names by group size (32, 64, 128) and column tiles (1, 2, 4, 8).
+macro_rules! names {
+    ($p:literal) => {
+        [
+            [concat!($p, "_g32_n1"), concat!($p, "_g32_n2"), concat!($p, "_g32_n4"), concat!($p, "_g32_n8")],
+            [concat!($p, "_g64_n1"), concat!($p, "_g64_n2"), concat!($p, "_g64_n4"), concat!($p, "_g64_n8")],
+            [concat!($p, "_g128_n1"), concat!($p, "_g128_n2"), concat!($p, "_g128_n4"), concat!($p, "_g128_n8")],
+        ]
+    };
+}
+/// The dense kernels.
+const KERNELS: [[&str; 4]; 3] = names!("qmm4");
+/// The grouped kernels: x read by every warp, k split from the shape.
+const GROUPED: [[&str; 4]; 3] = names!("qmme4");
+/// The grouped kernels with x staged in shared memory (no k split).
+const GROUPED_STAGED: [[&str; 4]; 3] = names!("qmmx4");
 
 /// `FUSEBOX_GROUPED_STAGED` (default off until measured), read once.
 fn grouped_staged() -> bool {
@@ -117,6 +115,16 @@ fn covers_matrix(d: &Dev, compute_major: i32) -> bool {
 /// `8 nt` rows, `QMM_XROWW` (36) words each (`QmmStage` in qmm.cu).
 fn staged_x_bytes(nt: usize) -> usize {
     4 * 8 * nt * 36 * 4
+}
+
+/// Dynamic shared memory where `ksw` warps split a row tile's k and meet in
+/// shared memory (`red` in qmm.cu: 8 warps x `2 nt` values x 32 lanes).
+fn ksplit_bytes(nt: usize, ksw: usize) -> usize {
+    if ksw > 1 {
+        WARPS * nt * 2 * 32 * 4
+    } else {
+        0
+    }
 }
 
 /// Warps that split a row tile's k: as few as fill the device (about 16 warps
@@ -188,7 +196,7 @@ impl CudaBackend {
         let ksw = k_split(d, self.sm_count as usize);
         let tiles = n / 16;
         let blocks = tiles.div_ceil(WARPS / ksw);
-        let smem = if ksw > 1 { WARPS * nt * 2 * 32 * 4 } else { 0 };
+        let smem = ksplit_bytes(nt, ksw);
         let name = KERNELS[group_index(gs)][nt.trailing_zeros() as usize];
         self.launch(
             FILE,
@@ -248,13 +256,7 @@ impl CudaBackend {
         let staged = grouped_staged();
         let ksw = if staged { 1 } else { k_split(d, self.sm_count as usize) };
         let blocks = (n / 16).div_ceil(WARPS / ksw);
-        let smem = if staged {
-            staged_x_bytes(nt)
-        } else if ksw > 1 {
-            WARPS * nt * 2 * 32 * 4
-        } else {
-            0
-        };
+        let smem = if staged { staged_x_bytes(nt) } else { ksplit_bytes(nt, ksw) };
         let names = if staged { &GROUPED_STAGED } else { &GROUPED };
         let name = names[group_index(gs)][nt.trailing_zeros() as usize];
         self.launch(
