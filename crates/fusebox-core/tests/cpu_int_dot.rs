@@ -127,22 +127,24 @@ fn int_dot_expert_matmul_matches_reference() {
 }
 
 /// Benchmark, not a check (run with `--ignored --nocapture`): one-row
-/// integer matmuls of Q4_K and Q6_K weights of 1024 and 4096 rows x 1024 on
-/// one thread, inside `Backend::run`; prints the 10th-percentile time of a
-/// call in values per second.
+/// integer matmuls of Q4_0, Q4_K and Q6_K weights x 1024 inside
+/// `Backend::run`: 1024 and 4096 rows on one thread (cache-resident), then
+/// 131072 rows (75-110 MB, streamed from memory as in decode) on 1 and 2
+/// threads; prints the 10th-percentile time of a call in values and weight
+/// bytes per second.
 #[test]
 #[ignore]
 fn cpu_int_dot_speed() {
-    let b = fusebox_core::cpu::CpuBackend::new(1).unwrap();
-    b.policy().override_site(Site::IntDot, Some(true));
     let mut r = ChaCha8Rng::seed_from_u64(1);
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K] {
-        for rows in [1024usize, 4096] {
+    for (threads, rows) in [(1, 1024usize), (1, 4096), (1, 131072), (2, 131072)] {
+        let b = fusebox_core::cpu::CpuBackend::new(threads).unwrap();
+        b.policy().override_site(Site::IntDot, Some(true));
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K] {
             let cols = 1024;
             let w = common::ggml(&mut r, ty, 1, rows, cols);
             let x = Tensor::from_f32(&[1, cols], &common::randv(&mut r, cols)).unwrap();
             let mut out = Tensor::zeros(&[1, rows], DType::F32);
-            let calls = 20 * ((1 << 26) / (rows * cols));
+            let calls = (20 * ((1 << 26) / (rows * cols))).max(10);
             let mut v = Vec::with_capacity(calls);
             b.run(&mut || {
                 for _ in 0..calls {
@@ -155,7 +157,14 @@ fn cpu_int_dot_speed() {
             .unwrap();
             v.sort_by(f64::total_cmp);
             let s = v[v.len() / 10];
-            println!("{} {rows} x {cols}: {:.1} us, {:.2} Gval/s", ty.name(), s * 1e6, (rows * cols) as f64 / s / 1e9);
+            let (vals, bytes) = ((rows * cols) as f64, (rows * cols / ty.block_size() * ty.type_size()) as f64);
+            println!(
+                "{} {rows} x {cols}, {threads} thread(s): {:.1} us, {:.2} Gval/s, {:.1} GB/s",
+                ty.name(),
+                s * 1e6,
+                vals / s / 1e9,
+                bytes / s / 1e9
+            );
         }
     }
 }

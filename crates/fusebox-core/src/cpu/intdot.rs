@@ -18,9 +18,13 @@
 //!
 //! K-quant rows (Q4_K, Q5_K, Q6_K) take an input quantized with one scale per
 //! super-block of 256 ([`span`]), so that the integer products of a whole
-//! super-block, each pre-multiplied by its sub-block's integer scale, add up
-//! in i32 and meet the floats once per 256 values instead of once per 32
-//! (the worst case, Q6_K's 32 * 128 * 16383 * 32, stays below 2^31).
+//! super-block add up in i32 and meet the floats once per 256 values instead
+//! of once per 32. Their kernels split the int16 input into a signed high
+//! and an unsigned low byte ([`IntRow::hi`], `lo`): the weights, bytes of
+//! 0..63, meet each in `vpmaddubsw` (32 products per instruction, no
+//! widening) and their sub-block scale in `vpmaddwd`; the two sums meet as
+//! `256 * hi + lo` once per super-block. Same products, same exact integer
+//! sums as int16 multiply-adds, about half the instructions.
 
 use crate::quant::GgmlType;
 
@@ -32,6 +36,14 @@ pub struct IntRow {
     pub d: Vec<f32>,
     /// Per block: `d * sum(q)`, the block's sum as the integer dot sees it.
     pub sum: Vec<f32>,
+    /// `q` split into bytes, `q = 256 * hi + lo` (`hi` in -64..63, `lo`
+    /// in 0..255): the K-quant kernels meet 8-bit weights with them in
+    /// `vpmaddubsw`, 32 products per instruction, without widening the
+    /// weights, and still see the exact int16 input.
+    pub hi: Vec<i8>,
+    pub lo: Vec<u8>,
+    /// Per 16 values: `d * sum(q)` (Q6_K's `- 32` offset meets it).
+    pub sum16: Vec<f32>,
 }
 
 /// The largest quantized magnitude: 2^14 - 1, so that the sum of two 8-bit
@@ -47,20 +59,28 @@ impl IntRow {
         self.q.resize(x.len(), 0);
         self.d.resize(x.len() / 32, 0.0);
         self.sum.resize(x.len() / 32, 0.0);
+        self.hi.resize(x.len(), 0);
+        self.lo.resize(x.len(), 0);
+        self.sum16.resize(x.len() / 16, 0.0);
         for (si, xs) in x.chunks_exact(span).enumerate() {
             let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
             let d = amax / QMAX;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             for (bj, xb) in xs.chunks_exact(32).enumerate() {
                 let b = si * span / 32 + bj;
-                let mut s = 0i32;
-                for (q, &v) in self.q[32 * b..32 * b + 32].iter_mut().zip(xb) {
+                let mut s = [0i32; 2];
+                for (i, &v) in xb.iter().enumerate() {
                     let r = (v * inv).round().clamp(-QMAX, QMAX) as i32;
-                    *q = r as i16;
-                    s += r;
+                    let at = 32 * b + i;
+                    self.q[at] = r as i16;
+                    self.hi[at] = (r >> 8) as i8;
+                    self.lo[at] = (r & 0xff) as u8;
+                    s[i / 16] += r;
                 }
                 self.d[b] = d;
-                self.sum[b] = d * s as f32;
+                self.sum[b] = d * (s[0] + s[1]) as f32;
+                self.sum16[2 * b] = d * s[0] as f32;
+                self.sum16[2 * b + 1] = d * s[1] as f32;
             }
         }
     }
@@ -145,7 +165,6 @@ mod x86 {
 
     use super::IntRow;
     use crate::cpu::avx2::hsum8 as hsum;
-    use crate::quant::ggml::scale_min_k4;
 
     const PREFETCH: usize = 1024;
 
@@ -246,35 +265,96 @@ mod x86 {
         hsum(a) + bias
     }
 
-    /// 32 bytes of values (one per byte, below 128) as two i16 halves.
+    /// Q4_K/Q5_K's 8 six-bit scales and 8 six-bit mins from the 12 packed
+    /// bytes, as two little-endian u64s (byte j: sub-block j's).
     #[inline(always)]
-    unsafe fn widen(v: __m256i) -> (__m256i, __m256i) {
-        (_mm256_cvtepu8_epi16(_mm256_castsi256_si128(v)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1)))
+    fn k4_scales(s: &[u8]) -> (u64, u64) {
+        let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+        let (a, b, c) = (w(0), w(4), w(8));
+        let (k6, k4, k2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+        let sc_hi = (c & k4) | (((a >> 6) & k2) << 4);
+        let m_hi = ((c >> 4) & k4) | (((b >> 6) & k2) << 4);
+        ((a & k6) as u64 | (sc_hi as u64) << 32, (b & k6) as u64 | (m_hi as u64) << 32)
+    }
+
+    /// `vpshufb` controls that spread word `j` of a 128-bit lane over all
+    /// of it (both lanes alike).
+    const WORD: [[u8; 32]; 8] = {
+        let mut t = [[0u8; 32]; 8];
+        let mut j = 0;
+        while j < 8 {
+            let mut i = 0;
+            while i < 32 {
+                t[j][i] = (2 * j + i % 2) as u8;
+                i += 1;
+            }
+            j += 1;
+        }
+        t
+    };
+
+    /// Controls that put word `2b` of a lane over the low lane and word
+    /// `2b + 1` over the high one (Q6_K: a scale per 16 values).
+    const WORD_PAIR: [[u8; 32]; 4] = {
+        let mut t = [[0u8; 32]; 4];
+        let mut b = 0;
+        while b < 4 {
+            let mut i = 0;
+            while i < 32 {
+                t[b][i] = (2 * (2 * b + i / 16) + i % 2) as u8;
+                i += 1;
+            }
+            b += 1;
+        }
+        t
+    };
+
+    #[inline(always)]
+    unsafe fn ctrl(c: &[u8; 32]) -> __m256i {
+        _mm256_loadu_si256(c.as_ptr() as *const __m256i)
+    }
+
+    /// The i32 lanes of `sum(sc * q * y)` over 32 values whose weights `q`
+    /// (bytes 0..63) sit in `q`, split as in [`IntRow::hi`]: `acc.0` takes the
+    /// products with `hi`, `acc.1` those with `lo`.
+    #[inline(always)]
+    unsafe fn dot32(acc: &mut (__m256i, __m256i), q: __m256i, sc: __m256i, y: &IntRow, at: usize) {
+        let yh = _mm256_loadu_si256(y.hi.as_ptr().add(at) as *const __m256i);
+        let yl = _mm256_loadu_si256(y.lo.as_ptr().add(at) as *const __m256i);
+        acc.0 = _mm256_add_epi32(acc.0, _mm256_madd_epi16(_mm256_maddubs_epi16(q, yh), sc));
+        acc.1 = _mm256_add_epi32(acc.1, _mm256_madd_epi16(_mm256_maddubs_epi16(yl, q), sc));
+    }
+
+    /// `a += s * (256 * acc.0 + acc.1)` (a super-block's split sums).
+    #[inline(always)]
+    unsafe fn acc_split(a: &mut __m256, s: f32, acc: (__m256i, __m256i)) {
+        let v = _mm256_fmadd_ps(_mm256_set1_ps(256.0), _mm256_cvtepi32_ps(acc.0), _mm256_cvtepi32_ps(acc.1));
+        *a = _mm256_fmadd_ps(_mm256_set1_ps(s), v, *a);
     }
 
     /// Q4_K (or Q5_K, `q5`): super-blocks of 256 values in 8 sub-blocks of
     /// 32, each `d * sc * q - dmin * m` with 6-bit `sc` and `m`. `y` has one
-    /// scale per super-block ([`super::span`]): each sub-block's `q * sc`
-    /// (at most 31 * 63) meets `yq` in i16 multiply-adds and the super-block
-    /// sums in i32.
+    /// scale per super-block ([`super::span`]); the weights (0..31) meet its
+    /// bytes in `vpmaddubsw` and the sub-block scale in `vpmaddwd`, and the
+    /// super-block sums in i32 (per lane at most 32 * 31 * 255 * 63).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q45_k(row: &[u8], y: &IntRow, q5: bool) -> f32 {
         let ts = if q5 { 176 } else { 144 };
         let m4 = _mm256_set1_epi8(0x0f);
         let one = _mm256_set1_epi8(1);
         let mut a = _mm256_setzero_ps();
-        let mut bias = 0f32;
         for (bi, blk) in row.chunks_exact(ts).enumerate() {
             let p = blk.as_ptr();
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
             let (d, dmin) = (f16(p), f16(p.add(2)));
-            let scales = &blk[4..16];
+            let (sc, m) = k4_scales(&blk[4..16]);
+            let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+            let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(m as i64)));
+            let ys = _mm256_loadu_ps(y.sum.as_ptr().add(8 * bi));
+            a = _mm256_fmadd_ps(_mm256_set1_ps(-dmin), _mm256_mul_ps(mins, ys), a);
             let qs = p.add(if q5 { 48 } else { 16 });
             let qh = if q5 { _mm256_loadu_si256(p.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
-            let yq = y.q.as_ptr().add(256 * bi) as *const __m256i;
-            let ys = y.sum.as_ptr().add(8 * bi);
-            let mut acc = _mm256_setzero_si256();
-            let mut mins = 0f32;
+            let mut acc = (_mm256_setzero_si256(), _mm256_setzero_si256());
             for c in 0..4 {
                 let v = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
                 let mut lo = _mm256_and_si256(v, m4);
@@ -287,43 +367,40 @@ mod x86 {
                     lo = _mm256_or_si256(lo, bit(2 * c as i32));
                     hi = _mm256_or_si256(hi, bit(2 * c as i32 + 1));
                 }
-                for (sub, v) in [(2 * c, lo), (2 * c + 1, hi)] {
-                    let (sc, m) = scale_min_k4(sub, scales);
-                    let s = _mm256_set1_epi16(sc as i16);
-                    let (l, h) = widen(v);
-                    let p = _mm256_add_epi32(
-                        _mm256_madd_epi16(_mm256_mullo_epi16(l, s), _mm256_loadu_si256(yq.add(2 * sub))),
-                        _mm256_madd_epi16(_mm256_mullo_epi16(h, s), _mm256_loadu_si256(yq.add(2 * sub + 1))),
-                    );
-                    acc = _mm256_add_epi32(acc, p);
-                    mins = (m as f32).mul_add(*ys.add(sub), mins);
+                for (sub, q) in [(2 * c, lo), (2 * c + 1, hi)] {
+                    let s = _mm256_shuffle_epi8(scales, ctrl(&WORD[sub]));
+                    dot32(&mut acc, q, s, y, 256 * bi + 32 * sub);
                 }
             }
-            acc_sb(&mut a, d * *y.d.get_unchecked(8 * bi), acc);
-            bias = (-dmin).mul_add(mins, bias);
+            acc_split(&mut a, d * *y.d.get_unchecked(8 * bi), acc);
         }
-        hsum(a) + bias
-    }
-
-    /// `a += s * acc` (a super-block's i32 sums).
-    #[inline(always)]
-    unsafe fn acc_sb(a: &mut __m256, s: f32, acc: __m256i) {
-        *a = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(acc), *a);
+        hsum(a)
     }
 
     /// Q6_K: super-blocks of 256 values, `d * sc * (q - 32)` with an i8 `sc`
-    /// per 16 values; `y` as for [`q45_k`], `(q - 32) * sc` at most 4096.
+    /// per 16 values; `y` as for [`q45_k`]. The weights go in as `q`
+    /// (0..63; `vpmaddubsw` of `lo` and `q` peaks at 2 * 255 * 63, inside
+    /// i16) and the `- 32` meets `y`'s sums per 16 ([`IntRow::sum16`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q6_k(row: &[u8], y: &IntRow) -> f32 {
-        let (m4, m3, k32) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3), _mm256_set1_epi16(32));
+        let (m4, m3) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
         let mut a = _mm256_setzero_ps();
         for (bi, blk) in row.chunks_exact(210).enumerate() {
             let p = blk.as_ptr();
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
             let d = f16(p.add(208));
-            let yq = y.q.as_ptr().add(256 * bi) as *const __m256i;
-            let mut acc = _mm256_setzero_si256();
-            for n in 0..2 {
+            let sc8 = _mm_loadu_si128(p.add(192) as *const __m128i);
+            let sc16 = _mm256_cvtepi8_epi16(sc8);
+            let halves = [_mm256_permute2x128_si256(sc16, sc16, 0x00), _mm256_permute2x128_si256(sc16, sc16, 0x11)];
+            let s16 = y.sum16.as_ptr().add(16 * bi);
+            let off = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8))),
+                _mm256_loadu_ps(s16.add(8)),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)), _mm256_loadu_ps(s16)),
+            );
+            a = _mm256_fmadd_ps(_mm256_set1_ps(-32.0 * d), off, a);
+            let mut acc = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for (n, &half) in halves.iter().enumerate() {
                 let ql_a = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
                 let ql_b = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
                 let qh = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
@@ -334,23 +411,12 @@ mod x86 {
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql_a, 4), m4), high(_mm256_srli_epi16(qh, 4))),
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql_b, 4), m4), high(_mm256_srli_epi16(qh, 6))),
                 ];
-                for (g, v) in groups.into_iter().enumerate() {
-                    let b = 4 * n + g;
-                    let (l, h) = widen(v);
-                    let sc = p.add(192 + 2 * b) as *const i8;
-                    let (sl, sh) = (_mm256_set1_epi16(*sc as i16), _mm256_set1_epi16(*sc.add(1) as i16));
-                    let pl = _mm256_madd_epi16(
-                        _mm256_mullo_epi16(_mm256_sub_epi16(l, k32), sl),
-                        _mm256_loadu_si256(yq.add(2 * b)),
-                    );
-                    let ph = _mm256_madd_epi16(
-                        _mm256_mullo_epi16(_mm256_sub_epi16(h, k32), sh),
-                        _mm256_loadu_si256(yq.add(2 * b + 1)),
-                    );
-                    acc = _mm256_add_epi32(acc, _mm256_add_epi32(pl, ph));
+                for (g, q) in groups.into_iter().enumerate() {
+                    let s = _mm256_shuffle_epi8(half, ctrl(&WORD_PAIR[g]));
+                    dot32(&mut acc, q, s, y, 256 * bi + 32 * (4 * n + g));
                 }
             }
-            acc_sb(&mut a, d * *y.d.get_unchecked(8 * bi), acc);
+            acc_split(&mut a, d * *y.d.get_unchecked(8 * bi), acc);
         }
         hsum(a)
     }
