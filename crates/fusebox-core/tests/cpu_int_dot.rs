@@ -168,3 +168,36 @@ fn cpu_int_dot_speed() {
         }
     }
 }
+
+/// Benchmark, not a check (run with `--ignored --nocapture`): the prefill
+/// matmul (512 input rows, past the one-row path) of Q4_K and Q6_K weights
+/// of 1024 rows x 1024 and 3072 x 1024 on one thread; prints the
+/// 10th-percentile time in GFLOP/s.
+#[test]
+#[ignore]
+fn cpu_prefill_matmul_speed() {
+    let b = fusebox_core::cpu::CpuBackend::new(1).unwrap();
+    let mut r = ChaCha8Rng::seed_from_u64(2);
+    let m = 512;
+    for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+        for (rows, cols) in [(1024usize, 1024usize), (3072, 1024), (1024, 3072)] {
+            let w = common::ggml(&mut r, ty, 1, rows, cols);
+            let x = Tensor::from_f32(&[m, cols], &common::randv(&mut r, m * cols)).unwrap();
+            let mut out = Tensor::zeros(&[m, rows], DType::F32);
+            let mut v = Vec::new();
+            b.run(&mut || {
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    b.matmul(&x, &w, &mut out)?;
+                    v.push(t.elapsed().as_secs_f64());
+                }
+                Ok(())
+            })
+            .unwrap();
+            v.sort_by(f64::total_cmp);
+            let s = v[v.len() / 10];
+            let flop = 2.0 * (m * rows * cols) as f64;
+            println!("{} {m} x {cols} x {rows}: {:.2} ms, {:.1} GFLOP/s", ty.name(), s * 1e3, flop / s / 1e9);
+        }
+    }
+}

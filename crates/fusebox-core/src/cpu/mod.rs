@@ -511,17 +511,18 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         // Prefill: convert a block of weight rows to f32 once, use it for every input row.
-        const BN: usize = 16;
+        const BN: usize = gemm::NR;
         let optr = SharedMut(os.as_mut_ptr());
         self.pool.install(|| {
             (0..n.div_ceil(BN)).into_par_iter().for_each(|b| {
                 let j0 = b * BN;
                 let nb = BN.min(n - j0);
-                with_scratch(nb * k, |buf| {
+                with_scratch(2 * BN * k, |buf| {
+                    let (buf, panel) = buf.split_at_mut(BN * k);
                     for jj in 0..nb {
                         rows.row_into(j0 + jj, k, &mut buf[jj * k..(jj + 1) * k]);
                     }
-                    gemm::block_product(xs, m, buf, nb, k, |r, jj, v| {
+                    gemm::block_product(xs, m, buf, nb, k, panel, |r, jj, v| {
                         // SAFETY: each (r, j0+jj) is written by exactly one task, inside `os`.
                         unsafe { optr.write(r * n + j0 + jj, v) };
                     });
