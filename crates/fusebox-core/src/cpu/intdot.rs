@@ -166,7 +166,21 @@ mod x86 {
     use super::IntRow;
     use crate::cpu::avx2::hsum8 as hsum;
 
-    const PREFETCH: usize = 1024;
+    /// How far ahead of the block being read to prefetch. Decode streams
+    /// the weights from memory once per token; 4096 bytes ahead (prefetching
+    /// every line of a K-quant block) against 1024 (one line per block) took
+    /// Qwen3-0.6B Q4_K_M decode on two threads from 25.5 / 15.6 / 29.1 to
+    /// 30.5 / 25.3 / 32.7 tok/s, interleaved on the development machine.
+    const PREFETCH: usize = 4096;
+
+    /// Prefetch the `LINES` cache lines at `p + PREFETCH` (a block of up to
+    /// `64 * LINES` bytes; the next block's covers a line it shares).
+    #[inline(always)]
+    unsafe fn pf<const LINES: usize>(p: *const u8) {
+        for l in 0..LINES {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64 * l) as *const i8);
+        }
+    }
 
     /// 8 lanes of `sum(q * y)` over a block of 32: `lo` and `hi` hold values
     /// 0..15 and 16..31 as i16.
@@ -214,7 +228,7 @@ mod x86 {
         let p = row.as_ptr();
         for b in 0..row.len() / ts {
             let blk = p.add(b * ts);
-            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            pf::<1>(blk);
             let d = f16(blk);
             let (lo, hi) = nibbles(blk.add(if q4_1 { 4 } else { 2 }), false);
             acc(&mut a, d * *y.d.get_unchecked(b), dot16(lo, hi, y, b));
@@ -230,7 +244,7 @@ mod x86 {
         let p = row.as_ptr();
         for b in 0..row.len() / 34 {
             let blk = p.add(b * 34);
-            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            pf::<1>(blk);
             let lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2) as *const __m128i));
             let hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18) as *const __m128i));
             acc(&mut a, f16(blk) * *y.d.get_unchecked(b), dot16(lo, hi, y, b));
@@ -249,7 +263,7 @@ mod x86 {
             let (sc, bi) = sb(g);
             for c in g * per_group..(g + 1) * per_group {
                 let at = bytes.add(bits as usize * 4 * c);
-                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
+                pf::<1>(at);
                 let (lo, hi) = if bits == 4 {
                     nibbles(at, true)
                 } else {
@@ -345,7 +359,7 @@ mod x86 {
         let mut a = _mm256_setzero_ps();
         for (bi, blk) in row.chunks_exact(ts).enumerate() {
             let p = blk.as_ptr();
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+            pf::<3>(p);
             let (d, dmin) = (f16(p), f16(p.add(2)));
             let (sc, m) = k4_scales(&blk[4..16]);
             let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
@@ -387,7 +401,7 @@ mod x86 {
         let mut a = _mm256_setzero_ps();
         for (bi, blk) in row.chunks_exact(210).enumerate() {
             let p = blk.as_ptr();
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+            pf::<4>(p);
             let d = f16(p.add(208));
             let sc8 = _mm_loadu_si128(p.add(192) as *const __m128i);
             let sc16 = _mm256_cvtepi8_epi16(sc8);
