@@ -346,14 +346,19 @@ fn fill_cache(b: &CpuBackend, seed: u64, cache: &mut LayerKv, new_pos: &[i32]) -
 fn attention_matches_reference_for_decode_and_prefill() {
     let mut r = rng(5);
     let b = backend();
-    // (cap, p0, m): decode late in the cache, then prefill from 0 and after a prefix.
+    // (cap, p0, m): decode late in the cache, then prefill from 0 and after a prefix;
+    // past 32 rows the blocked prefill path (also with the positions reversed: m < 0).
     // Cache rows past the last position hold random data that must stay masked.
-    let cases = [(333, 300, 1), (40, 0, 1), (40, 0, 5), (64, 11, 19), (29, 10, 19)];
-    for [heads, kv_heads] in [[4, 2], [4, 1], [6, 3], [4, 4]] {
+    let cases = [(333, 300, 1), (40, 0, 1), (40, 0, 5), (64, 11, 19), (29, 10, 19), (80, 0, 40), (100, 17, -45i32)];
+    for [heads, kv_heads] in [[4, 2], [4, 1], [6, 3], [4, 4], [16, 1], [18, 1]] {
         for d in [8, 32, 64, 128] {
             for (cap, p0, m) in cases {
+                let (m, rev) = (m.unsigned_abs() as usize, m < 0);
                 let mut cache = new_cache(cap, kv_heads, d);
-                let pos: Vec<i32> = (p0..p0 + m as i32).collect();
+                let mut pos: Vec<i32> = (p0..p0 + m as i32).collect();
+                if rev {
+                    pos.reverse();
+                }
                 let [k, v] = fill_cache(&b, r.random(), &mut cache, &pos);
                 let (shape, scale) = ([m, heads, d], 1.0 / (d as f32).sqrt());
                 let q = uniform(&mut r, m * heads * d, 2.0);
@@ -567,7 +572,7 @@ fn attention_over_an_f16_cache_is_attention_over_its_values() {
     let mut r = rng(41);
     let b = backend();
     for (heads, kv_heads, d) in [(4, 2, 64), (6, 3, 128), (2, 1, 24), (8, 2, 40), (3, 1, 32)] {
-        for (cap, p0, m) in [(37, 30, 1), (21, 0, 7), (64, 13, 5)] {
+        for (cap, p0, m) in [(37, 30, 1), (21, 0, 7), (64, 13, 5), (80, 13, 41)] {
             let shape = [cap, kv_heads, d];
             let k = uniform(&mut r, cap * kv_heads * d, 3.0);
             let v = uniform(&mut r, k.len(), 3.0);

@@ -15,7 +15,7 @@ use super::kernels::dot_f32;
 /// Weight rows per block: the micro-kernel's width (two 8-lane vectors).
 pub const NR: usize = 16;
 /// Input rows per micro-kernel call.
-const MR: usize = 6;
+pub const MR: usize = 6;
 /// Values of `k` per pass of the tile before it adds into the totals.
 const KC: usize = 256;
 
@@ -42,16 +42,7 @@ pub fn block_product(
             let rows = MR.min(m - r);
             let mut out = [[0f32; NR]; MR];
             // SAFETY: AVX2/FMA are present; rows r..r+rows of x and the panel hold k values each.
-            unsafe {
-                match rows {
-                    6 => x86::panel_tile::<6>(x, r, k, panel, &mut out),
-                    5 => x86::panel_tile::<5>(x, r, k, panel, &mut out),
-                    4 => x86::panel_tile::<4>(x, r, k, panel, &mut out),
-                    3 => x86::panel_tile::<3>(x, r, k, panel, &mut out),
-                    2 => x86::panel_tile::<2>(x, r, k, panel, &mut out),
-                    _ => x86::panel_tile::<1>(x, r, k, panel, &mut out),
-                }
-            }
+            unsafe { x86::tile_rows(x, r, rows, k, panel, NR, &mut out) };
             for (i, o) in out[..rows].iter().enumerate() {
                 for (j, &v) in o[..nb].iter().enumerate() {
                     put(r + i, j, v);
@@ -129,14 +120,47 @@ pub(super) mod x86 {
         }
     }
 
+    /// [`panel_tile`] on `rows` (at most [`MR`]) rows from `r0`.
+    ///
+    /// # Safety
+    /// As for [`panel_tile`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_rows(
+        x: &[f32],
+        r0: usize,
+        rows: usize,
+        k: usize,
+        panel: &[f32],
+        ps: usize,
+        out: &mut [[f32; NR]; MR],
+    ) {
+        match rows {
+            6 => panel_tile::<6>(x, r0, k, panel, ps, out),
+            5 => panel_tile::<5>(x, r0, k, panel, ps, out),
+            4 => panel_tile::<4>(x, r0, k, panel, ps, out),
+            3 => panel_tile::<3>(x, r0, k, panel, ps, out),
+            2 => panel_tile::<2>(x, r0, k, panel, ps, out),
+            _ => panel_tile::<1>(x, r0, k, panel, ps, out),
+        }
+    }
+
     /// `out[i][j] = x_{r0+i} . w_j` for `i < R` over `k` values, the
-    /// weights packed k-major in `panel` (`NR` per `kk`).
+    /// weights packed k-major in `panel` (`w_j[kk]` at `panel[kk * ps + j]`;
+    /// `ps` is `NR` for a packed block, or a row length: the prefill
+    /// attention's values are their own panel).
     ///
     /// # Safety
     /// AVX2 and FMA are present (the bounds are checked).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn panel_tile<const R: usize>(x: &[f32], r0: usize, k: usize, panel: &[f32], out: &mut [[f32; NR]; MR]) {
-        assert!(R <= MR && (r0 + R) * k <= x.len() && NR * k <= panel.len());
+    pub unsafe fn panel_tile<const R: usize>(
+        x: &[f32],
+        r0: usize,
+        k: usize,
+        panel: &[f32],
+        ps: usize,
+        out: &mut [[f32; NR]; MR],
+    ) {
+        assert!(R <= MR && (r0 + R) * k <= x.len() && ps >= NR && (k == 0 || (k - 1) * ps + NR <= panel.len()));
         let xp = x.as_ptr().add(r0 * k);
         let pp = panel.as_ptr();
         let mut total = [[_mm256_setzero_ps(); 2]; R];
@@ -145,8 +169,8 @@ pub(super) mod x86 {
             let end = (k0 + KC).min(k);
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             for kk in k0..end {
-                let b0 = _mm256_loadu_ps(pp.add(kk * NR));
-                let b1 = _mm256_loadu_ps(pp.add(kk * NR + 8));
+                let b0 = _mm256_loadu_ps(pp.add(kk * ps));
+                let b1 = _mm256_loadu_ps(pp.add(kk * ps + 8));
                 for (i, a) in acc.iter_mut().enumerate() {
                     let xv = _mm256_broadcast_ss(&*xp.add(i * k + kk));
                     a[0] = _mm256_fmadd_ps(xv, b0, a[0]);

@@ -5,6 +5,7 @@
 //! f32. Work is spread over a rayon pool owned by the backend.
 
 mod attn;
+mod attn_block;
 mod avx2;
 mod gemm;
 mod intdot;
@@ -104,6 +105,13 @@ impl SharedMut {
     #[inline]
     unsafe fn write(self, i: usize, v: f32) {
         *self.0.add(i) = v;
+    }
+
+    /// # Safety
+    /// `i..i + v.len()` is in bounds and no other thread touches it.
+    #[inline]
+    unsafe fn write_row(self, i: usize, v: &[f32]) {
+        std::ptr::copy_nonoverlapping(v.as_ptr(), self.0.add(i), v.len());
     }
 }
 
@@ -721,6 +729,53 @@ impl Backend for CpuBackend {
         };
         let os = out.as_f32_mut()?;
         let kv_row = kv_heads * d;
+        if m > ROW_EXACT_MAX && group <= attn_block::QB && attn_block::supported(d) {
+            // prefill: blocks of a group's heads at a few positions; a task
+            // widens its kv head's rows once for a chunk of blocks
+            const BLOCKS_PER_TASK: usize = 8;
+            let per = attn_block::QB / group;
+            let chunk = per * BLOCKS_PER_TASK;
+            let chunks = m.div_ceil(chunk);
+            let optr = SharedMut(os.as_mut_ptr());
+            self.pool.install(|| {
+                (0..kv_heads * chunks).into_par_iter().for_each(|task| {
+                    let (kvh, c) = (task / chunks, task % chunks);
+                    let rows = c * chunk..((c + 1) * chunk).min(m);
+                    let len = rows.clone().map(|i| pos[i] as usize + 1).max().unwrap_or(0);
+                    let (keys, values) = if f16 {
+                        (attn_block::KvRows::F16(&ks16[kvh * d..]), attn_block::KvRows::F16(&vs16[kvh * d..]))
+                    } else {
+                        (attn_block::KvRows::F32(&ks[kvh * d..]), attn_block::KvRows::F32(&vs[kvh * d..]))
+                    };
+                    let nq_max = per * group;
+                    with_scratch(2 * len * d + 2 * nq_max * d + attn_block::scratch_len(len, d), |buf| {
+                        let (kf, rest) = buf.split_at_mut(len * d);
+                        let (vf, rest) = rest.split_at_mut(len * d);
+                        let (qb, rest) = rest.split_at_mut(nq_max * d);
+                        let (ob, rest) = rest.split_at_mut(nq_max * d);
+                        keys.widen(len, kv_row, d, kf);
+                        values.widen(len, kv_row, d, vf);
+                        for b0 in rows.clone().step_by(per) {
+                            let block = b0..(b0 + per).min(rows.end);
+                            let nq = block.len() * group;
+                            let mut lens = [0usize; attn_block::QB];
+                            for (ii, i) in block.clone().enumerate() {
+                                lens[ii * group..(ii + 1) * group].fill(pos[i] as usize + 1);
+                                let at = (i * heads + kvh * group) * d;
+                                qb[ii * group * d..(ii + 1) * group * d].copy_from_slice(&qs[at..at + group * d]);
+                            }
+                            attn_block::block(&qb[..nq * d], &lens[..nq], kf, vf, scale, rest, &mut ob[..nq * d]);
+                            for (ii, i) in block.enumerate() {
+                                let o = &ob[ii * group * d..(ii + 1) * group * d];
+                                // SAFETY: row i's heads of this kv head are written by this task alone, inside `os`.
+                                unsafe { optr.write_row((i * heads + kvh * group) * d, o) };
+                            }
+                        }
+                    })
+                })
+            });
+            return Ok(());
+        }
         let f = |(idx, o): (usize, &mut [f32])| {
             let (i, h) = (idx / heads, idx % heads);
             let kvh = h / group;
