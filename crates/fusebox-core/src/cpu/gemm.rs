@@ -19,10 +19,10 @@ pub const MR: usize = 6;
 /// Values of `k` per pass of the tile before it adds into the totals.
 const KC: usize = 256;
 
-/// `put(r, j, x_r . w_j)` for every input row `r < m` of `x` (`m * k`) and
-/// weight row `j < nb` of `w` (`nb * k`, `nb <= NR`); `panel` is scratch of
-/// `NR * k` values. The order of the additions depends only on `k`, so
-/// results are deterministic.
+/// `put(r, o)` with `o[j] = x_r . w_j` for every input row `r < m` of `x`
+/// (`m * k`) and weight row `j < nb` of `w` (`nb * k`, `nb <= NR`); `panel`
+/// is scratch of `NR * k` values. The order of the additions depends only on
+/// `k`, so results are deterministic.
 pub fn block_product(
     x: &[f32],
     m: usize,
@@ -30,7 +30,7 @@ pub fn block_product(
     nb: usize,
     k: usize,
     panel: &mut [f32],
-    mut put: impl FnMut(usize, usize, f32),
+    mut put: impl FnMut(usize, &[f32]),
 ) {
     assert!(nb <= NR && w.len() >= nb * k && x.len() >= m * k && panel.len() >= NR * k);
     #[cfg(target_arch = "x86_64")]
@@ -44,18 +44,18 @@ pub fn block_product(
             // SAFETY: AVX2/FMA are present; rows r..r+rows of x and the panel hold k values each.
             unsafe { x86::tile_rows(x, r, rows, k, panel, NR, &mut out) };
             for (i, o) in out[..rows].iter().enumerate() {
-                for (j, &v) in o[..nb].iter().enumerate() {
-                    put(r + i, j, v);
-                }
+                put(r + i, &o[..nb]);
             }
             r += rows;
         }
         return;
     }
+    let mut o = [0f32; NR];
     for i in 0..m {
-        for j in 0..nb {
-            put(i, j, dot_f32(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]));
+        for (j, oj) in o[..nb].iter_mut().enumerate() {
+            *oj = dot_f32(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
         }
+        put(i, &o[..nb]);
     }
 }
 
@@ -250,7 +250,7 @@ mod tests {
             let w: Vec<f32> = (0..nb * k).map(|_| rnd()).collect();
             let mut got = vec![f32::NAN; m * nb];
             let mut panel = vec![0f32; super::NR * k];
-            block_product(&x, m, &w, nb, k, &mut panel, |r, j, v| got[r * nb + j] = v);
+            block_product(&x, m, &w, nb, k, &mut panel, |r, o| got[r * nb..(r + 1) * nb].copy_from_slice(o));
             for r in 0..m {
                 for j in 0..nb {
                     let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum();

@@ -530,9 +530,9 @@ impl Backend for CpuBackend {
                     for jj in 0..nb {
                         rows.row_into(j0 + jj, k, &mut buf[jj * k..(jj + 1) * k]);
                     }
-                    gemm::block_product(xs, m, buf, nb, k, panel, |r, jj, v| {
-                        // SAFETY: each (r, j0+jj) is written by exactly one task, inside `os`.
-                        unsafe { optr.write(r * n + j0 + jj, v) };
+                    gemm::block_product(xs, m, buf, nb, k, panel, |r, o| {
+                        // SAFETY: each (r, j0..j0+nb) is written by exactly one task, inside `os`.
+                        unsafe { optr.write_row(r * n + j0, o) };
                     });
                 })
             })
