@@ -25,7 +25,11 @@ template <int FMT, int M> struct Cfg {
 #else
     static constexpr int R4 = 4;
 #endif
-    static constexpr int R = M == 1 ? (WPL > 6 ? 2 : R4) : (F::AFF ? 1 : 2);
+    // two or four input rows: half one row's (4 spill at 128 registers); eight:
+    // 1 (affine) or 2. (Fewer rows a warp than one row's 4 leaves fewer weight
+    // bytes in flight: two input rows in the 8-row kernel cost 3.5x one row,
+    // docs/benchmark_results/h100-2026-12-07.md.)
+    static constexpr int R = M == 1 ? (WPL > 6 ? 2 : R4) : M <= 4 ? R4 / 2 : (F::AFF ? 1 : 2);
     static constexpr int RING = 8 * D * R * 32 * WPL;          // ring words per block (8 warps)
     static constexpr int SUMG = F::G16 ? 16 : F::LU;           // values per staged x sum (one per unit)
 };

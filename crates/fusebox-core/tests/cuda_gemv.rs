@@ -58,9 +58,10 @@ fn affine_matmul_matches_cpu() {
             for (n, k) in [(7, 3 * group), (300, 1024 + group), (1, 4096), big] {
                 let w = affine(&mut r, 1, n, k, bits, group, sdt);
                 let gw = be.upload_weight(w.clone()).unwrap();
-                for m in [1, 3, 8, 12] {
+                // 40 rows: past ROW_EXACT_MAX, the dequantized weight through cuBLAS
+                for m in [1, 3, 8, 12, 40] {
                     let (got, want) = both_matmul(&be, &w, &gw, m, &mut r);
-                    let gemm = m > 8;
+                    let gemm = m > fusebox_core::backend::ROW_EXACT_MAX;
                     let what = format!("{bits}-bit g{group} {sdt} scales [{m}, {k}] x [{n}, {k}]^T");
                     let e = check(&got, &want, if gemm { 1e-2 } else { 1e-3 }, &what);
                     worst[gemm as usize] = worst[gemm as usize].max(e);
@@ -81,9 +82,9 @@ fn gguf_matmul_matches_cpu() {
             let w = ggml(&mut r, ty, 1, n, k);
             let gw = be.upload_weight(w.clone()).unwrap();
             assert!(matches!(gw, Weight::Affine { .. }), "{} should become an affine weight", ty.name());
-            for m in [1, 4, 12] {
+            for m in [1, 4, 12, 40] {
                 let (got, want) = both_matmul(&be, &w, &gw, m, &mut r);
-                let gemm = m > 8;
+                let gemm = m > fusebox_core::backend::ROW_EXACT_MAX;
                 let what = format!("{} [{m}, {k}] x [{n}, {k}]^T", ty.name());
                 let e = check(&got, &want, if gemm { 1e-2 } else { 1e-3 }, &what);
                 worst[gemm as usize] = worst[gemm as usize].max(e);
@@ -339,4 +340,38 @@ fn cuda_gemv_bandwidth() {
         }
     }
     println!("{}", rows.join("\n"));
+}
+
+/// Row r of an m-row product is bitwise the one-row product of row r, for
+/// every GEMV variant (1, 2, 4 and 8 rows a kernel) and a split or unsplit k:
+/// what makes a speculative verify pass score exactly what decode steps do.
+#[test]
+fn gemv_rows_are_bitwise_one_row_products() {
+    let Some(be) = backend_for_tests() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(15);
+    let weights = vec![
+        ("bf16 4096 x 1024", dense(&mut r, DType::BF16, 1, 4096, 1024)),
+        ("4-bit g64 4096 x 2048", affine(&mut r, 1, 4096, 2048, 4, 64, DType::BF16)),
+        ("4-bit g64 300 x 1024", affine(&mut r, 1, 300, 1024, 4, 64, DType::BF16)),
+        ("8-bit g32 1000 x 512", affine(&mut r, 1, 1000, 512, 8, 32, DType::F16)),
+        ("6-bit g16 (Q6_K) 256 x 512", ggml(&mut r, GgmlType::Q6_K, 1, 256, 512)),
+    ];
+    for (name, w) in weights {
+        let (_, n, k) = w.dims();
+        let gw = be.upload_weight(w).unwrap();
+        for m in [2, 3, 4, 5, 8, 12, 32] {
+            let xs = randv(&mut r, m * k);
+            let mut out = poisoned(&be, &[m, n]);
+            be.matmul(&be.upload(Tensor::from_f32(&[m, k], &xs).unwrap()).unwrap(), &gw, &mut out).unwrap();
+            let got = read(&be, &out);
+            for row in 0..m {
+                let mut one = poisoned(&be, &[1, n]);
+                let x1 = Tensor::from_f32(&[1, k], &xs[row * k..(row + 1) * k]).unwrap();
+                be.matmul(&be.upload(x1).unwrap(), &gw, &mut one).unwrap();
+                let want = read(&be, &one);
+                let same = got[row * n..(row + 1) * n].iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{name}: row {row} of {m} differs from its one-row product");
+            }
+        }
+    }
 }

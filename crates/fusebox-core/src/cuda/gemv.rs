@@ -45,21 +45,31 @@ pub const MAX_GEMV_ROWS: usize = 8;
 const THREADS: u32 = 256;
 const WARPS: usize = THREADS as usize / 32;
 
-/// Vector GEMV kernels: `[format][one row, up to 8 rows]`. Formats: 0 f32,
-/// 1 f16, 2 bf16, then affine 2, 3, 4, 5, 6, 8 bits, then 6-bit with group
-/// size 16 (the GGUF Q6_K layout).
-const GEMV: [[&str; 2]; 10] = [
-    ["gemv_f32_m1", "gemv_f32_mn"],
-    ["gemv_f16_m1", "gemv_f16_mn"],
-    ["gemv_bf16_m1", "gemv_bf16_mn"],
-    ["gemv_q2_m1", "gemv_q2_mn"],
-    ["gemv_q3_m1", "gemv_q3_mn"],
-    ["gemv_q4_m1", "gemv_q4_mn"],
-    ["gemv_q5_m1", "gemv_q5_mn"],
-    ["gemv_q6_m1", "gemv_q6_mn"],
-    ["gemv_q8_m1", "gemv_q8_mn"],
-    ["gemv_q6g16_m1", "gemv_q6g16_mn"],
+/// Vector GEMV kernels: `[format][one row, up to 2, 4, 8 rows]`
+/// ([`template_rows`]). Formats: 0 f32, 1 f16, 2 bf16, then affine 2, 3, 4,
+/// 5, 6, 8 bits, then 6-bit with group size 16 (the GGUF Q6_K layout).
+const GEMV: [[&str; 4]; 10] = [
+    ["gemv_f32_m1", "gemv_f32_m2", "gemv_f32_m4", "gemv_f32_mn"],
+    ["gemv_f16_m1", "gemv_f16_m2", "gemv_f16_m4", "gemv_f16_mn"],
+    ["gemv_bf16_m1", "gemv_bf16_m2", "gemv_bf16_m4", "gemv_bf16_mn"],
+    ["gemv_q2_m1", "gemv_q2_m2", "gemv_q2_m4", "gemv_q2_mn"],
+    ["gemv_q3_m1", "gemv_q3_m2", "gemv_q3_m4", "gemv_q3_mn"],
+    ["gemv_q4_m1", "gemv_q4_m2", "gemv_q4_m4", "gemv_q4_mn"],
+    ["gemv_q5_m1", "gemv_q5_m2", "gemv_q5_m4", "gemv_q5_mn"],
+    ["gemv_q6_m1", "gemv_q6_m2", "gemv_q6_m4", "gemv_q6_mn"],
+    ["gemv_q8_m1", "gemv_q8_m2", "gemv_q8_m4", "gemv_q8_mn"],
+    ["gemv_q6g16_m1", "gemv_q6g16_m2", "gemv_q6g16_m4", "gemv_q6g16_mn"],
 ];
+/// The kernel variant (its compile-time row count: 1, 2, 4 or 8) that takes
+/// `m` input rows, and its index into [`GEMV`].
+fn template_rows(m: usize) -> (usize, usize) {
+    match m {
+        1 => (1, 0),
+        2 => (2, 1),
+        3 | 4 => (4, 2),
+        _ => (8, 3),
+    }
+}
 /// Dense rows that are not 16-byte aligned: scalar loads.
 const GEMV_SCALAR: [&str; 3] = ["gemv_scalar_f32", "gemv_scalar_f16", "gemv_scalar_bf16"];
 
@@ -80,7 +90,8 @@ struct Shape {
 
 /// `pre_hopper`: compute capability below 9.0 (the kernels take fewer affine
 /// rows per warp there, to stay within 128 registers).
-fn shape(fmt: usize, one_row: bool, pre_hopper: bool) -> Shape {
+/// Mirrors `Cfg` in kernels/gemv.cuh for the kernel of `mt` rows (1, 2, 4 or 8).
+fn shape(fmt: usize, mt: usize, pre_hopper: bool) -> Shape {
     let affine = fmt >= 3;
     let g16 = fmt == 9;
     let bits = match fmt {
@@ -108,12 +119,14 @@ fn shape(fmt: usize, one_row: bool, pre_hopper: bool) -> Shape {
         1
     };
     let wpl = words + 2 * sbw;
-    let r = match (one_row, affine) {
-        (true, _) if wpl > 6 => 2,
-        (true, true) if pre_hopper => 2,
-        (true, _) => 4,
-        (false, true) => 1,
-        (false, false) => 2,
+    let r = match (mt, affine) {
+        (1, _) if wpl > 6 => 2,
+        (1, true) if pre_hopper => 2,
+        (1, _) => 4,
+        (2 | 4, true) if pre_hopper => 1,
+        (2 | 4, _) => 2,
+        (_, true) => 1,
+        (_, false) => 2,
     };
     const STAGES: usize = 3;
     Shape { lu, r, ring: 4 * WARPS * STAGES * r * 32 * wpl, sumg: if g16 { 16 } else { lu } }
@@ -464,11 +477,11 @@ impl CudaBackend {
         ensure!(pairs < i32::MAX as usize, "cuda expert_matmul: {pairs} (row, slot) pairs");
         ensure!(m == 1 || pairs == 1, "cuda gemv: {m} input rows over {pairs} pairs");
         let (n, k) = (d.n, d.k);
-        let one = m == 1;
+        let (mt, variant) = template_rows(m);
         let pre_hopper = self.info.compute_capability.0 < 9;
-        let sh = shape(d.fmt, one, pre_hopper);
+        let sh = shape(d.fmt, mt, pre_hopper);
         // the one-row shape, which the k split is planned for
-        let sh1 = shape(d.fmt, true, pre_hopper);
+        let sh1 = shape(d.fmt, 1, pre_hopper);
         // rows of k dense values start 16-byte aligned only when k fills whole vectors
         let vector = (d.affine() || (k % sh.lu == 0 && d.w % 16 == 0)) && x % 16 == 0;
         let gy = pairs.min(65535);
@@ -509,11 +522,11 @@ impl CudaBackend {
         // split), about 4 for affine expert products over several pairs (12
         // took Qwen3-30B-A3B 4-bit decode from 275 to 266 tok/s). With many
         // row groups each warp takes several, so the grid is one wave: 8 warps
-        // a block, 2 blocks an SM (1 for m > 1). Decided on the one-row launch
+        // a block, 2 blocks an SM (1 for more than 4 rows). Decided on the one-row launch
         // over split_pairs pairs.
         let sms = self.sm_count as usize;
         let split_below = sms * if d.affine() && split_pairs > 1 { 4 } else { 12 };
-        let wave = sms * WARPS * if one { 2 } else { 1 };
+        let wave = sms * WARPS * if mt <= 4 { 2 } else { 1 };
         let work1 = n.div_ceil(sh1.r) * split_pairs.min(65535);
         let (ks, gw) = if let Some(ks) = ksplit_override() {
             (ks, 1)
@@ -526,7 +539,7 @@ impl CudaBackend {
         } else {
             (1, (groups * gy).div_ceil(wave))
         };
-        let name = GEMV[d.fmt][usize::from(!one)];
+        let name = GEMV[d.fmt][variant];
         Ok(Plan { name, vector, rows_per_warp: sh.r, blocks: groups.div_ceil(WARPS / ks * gw), gy, ks, kw, gw, smem })
     }
 
@@ -619,9 +632,16 @@ impl CudaBackend {
         ensure!(out % 16 == 0, "cuda dequantize: output at {out:#x} is not 16-byte aligned");
         let per = if d.k % 8 == 0 { 8 } else { 1 };
         let dt = if d.affine() { -1 } else { d.fmt as i32 };
+        // 4- and 8-bit affine rows: the kernel that reads 8 values at once
+        let fast = d.affine() && d.bits % 4 == 0 && per == 8 && d.w % 8 == 0 && ((nrows * d.k / 8) as u64) < (1 << 32);
+        let name = match (fast, d.bits) {
+            (true, 4) => "dequant_rows_q4",
+            (true, 8) => "dequant_rows_q8",
+            _ => "dequant_rows",
+        };
         self.launch(
             FILE,
-            "dequant_rows",
+            name,
             grid_1d(nrows * d.k / per, self.sm_count),
             &[
                 Arg::P(d.w),
