@@ -14,9 +14,9 @@
 //! blocks and splits of a one-row (decode) launch, so a speculative verify
 //! pass gives every row the decode step's output bit for bit.
 //!
-//! Packed prefill blocks (64 query vectors) can run on the tensor cores
-//! instead (`attention_tc.cu`, `FUSEBOX_ATTN_TC=1` / `set_attn_tc`): the same
-//! grid, splits and partials, so only the kernel name and its shared memory
+//! Packed prefill blocks (64 query vectors) run on the tensor cores by
+//! default (`attention_tc.cu`; `FUSEBOX_ATTN_TC=0` / `set_attn_tc` for the
+//! scalar blocks): the same grid, splits and partials, so only the kernel name and its shared memory
 //! change; decode and the row-by-row verify path never take them.
 
 use std::sync::Mutex;

@@ -182,8 +182,8 @@ pub struct CudaOptions {
     /// Run prefill GEMMs in f32 (`FUSEBOX_PREFILL_F32=1`) instead of bf16
     /// tensor cores.
     pub prefill_f32: bool,
-    /// Prefill attention on the tensor cores (`FUSEBOX_ATTN_TC`, see
-    /// `attention_tc.cu`) instead of the scalar f32 blocks.
+    /// Prefill attention on the tensor cores (`FUSEBOX_ATTN_TC`, default on;
+    /// see `attention_tc.cu`) instead of the scalar f32 blocks.
     pub attn_tc: bool,
 }
 
@@ -199,7 +199,7 @@ impl CudaOptions {
             graphs: std::env::var("FUSEBOX_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true),
             kv_f32,
             prefill_f32: std::env::var("FUSEBOX_PREFILL_F32").is_ok_and(|v| v == "1"),
-            attn_tc: std::env::var("FUSEBOX_ATTN_TC").is_ok_and(|v| v == "1"),
+            attn_tc: std::env::var("FUSEBOX_ATTN_TC").map(|v| v != "0").unwrap_or(true),
         })
     }
 

@@ -13,10 +13,10 @@
 //! `qmm_prep` gathers the chunks' input rows (hi and lo parts: x in bf16
 //! alone put the tiny 4-bit MoE fixture at relative RMS 3.6e-3 against the
 //! CPU, over the 2e-3 bar), and one `qmme4_g{GS}_n{NT}` launch runs a block
-//! row per chunk of up to 32 pairs. With `FUSEBOX_GROUPED_STAGED=1` the
-//! blocks stage each k step of the chunk's x in shared memory for their 8
-//! row tiles (`qmmx4_*`, no k split) instead of every warp reading it from
-//! L2, where x is 16 times the weight's bytes (opt-in until measured).
+//! row per chunk of up to 32 pairs. By default the blocks stage each k step
+//! of the chunk's x in shared memory for their 8 row tiles (`qmmx4_*`, no k
+//! split) instead of every warp reading it from L2, where x is 16 times the
+//! weight's bytes (`FUSEBOX_GROUPED_STAGED=0` runs the unstaged `qmme4_*`).
 
 use anyhow::{ensure, Result};
 
@@ -63,10 +63,11 @@ const GROUPED: [[&str; 4]; 3] = names!("qmme4");
 /// The grouped kernels with x staged in shared memory (no k split).
 const GROUPED_STAGED: [[&str; 4]; 3] = names!("qmmx4");
 
-/// `FUSEBOX_GROUPED_STAGED` (default off until measured), read once.
+/// `FUSEBOX_GROUPED_STAGED` (default on: Qwen3-30B-A3B pp512 6,686 -> 8,357
+/// tok/s on an H100; `0` restores `qmme4_*`), read once.
 fn grouped_staged() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FUSEBOX_GROUPED_STAGED").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var("FUSEBOX_GROUPED_STAGED").map(|v| v != "0").unwrap_or(true))
 }
 
 /// `FUSEBOX_GROUPED_MOE` (default on), read once.
