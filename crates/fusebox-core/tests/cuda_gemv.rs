@@ -271,7 +271,9 @@ fn device_weight(be: &CudaBackend, bits: u32, group: usize, sdt: DType, n: usize
 /// graph replays of 100 launches that rotate over enough weight copies to
 /// spill the L2. Run with `--ignored --nocapture` on a GPU;
 /// `FUSEBOX_BENCH_ALL=1` adds more formats, `FUSEBOX_BENCH_ONLY=4-bit` (a
-/// substring of "<format> <n>x<k>") picks rows.
+/// substring of "<format> <n>x<k>") picks rows, `FUSEBOX_BENCH_M=1,4,16`
+/// times those input row counts (default 1; each line also gives the time
+/// as a multiple of the same weight's one-row product when 1 is listed).
 #[test]
 #[ignore]
 fn cuda_gemv_bandwidth() {
@@ -289,6 +291,10 @@ fn cuda_gemv_bandwidth() {
     }
     // FUSEBOX_BENCH_ONLY: time only the rows whose label contains it (profiling)
     let only = std::env::var("FUSEBOX_BENCH_ONLY").unwrap_or_default();
+    let ms: Vec<usize> = match std::env::var("FUSEBOX_BENCH_M") {
+        Ok(v) => v.split(',').map(|t| t.trim().parse().expect("FUSEBOX_BENCH_M: a list like 1,4,16")).collect(),
+        Err(_) => vec![1],
+    };
     let mut rows = vec![];
     let mut key = 0x6762_0000u64;
     for &(fmt, bits, group, sdt) in &formats {
@@ -303,39 +309,46 @@ fn cuda_gemv_bandwidth() {
             for c in 1..copies {
                 ws.push(device_weight(&be, bits, group, sdt, n, k, 10 * c as u64 + 1));
             }
-            let mut x = be.zeros(&[1, k], DType::F32).unwrap();
-            be.fill_random(&mut x, 7, -1.0, 1.0).unwrap();
-            let mut out = be.zeros(&[1, n], DType::F32).unwrap();
-            const REPS: usize = 100;
-            key += 1;
-            let mut f = || {
-                for i in 0..REPS {
-                    be.matmul(&x, &ws[i % copies], &mut out)?;
-                }
-                Ok(())
-            };
-            for _ in 0..3 {
-                be.run_graph(key, &mut f).unwrap();
-            }
-            be.synchronize().unwrap();
-            let mut times = vec![];
-            for _ in 0..5 {
-                let t = std::time::Instant::now();
-                for _ in 0..4 {
+            let mut one_row = None;
+            for &m in &ms {
+                let mut x = be.zeros(&[m, k], DType::F32).unwrap();
+                be.fill_random(&mut x, 7, -1.0, 1.0).unwrap();
+                let mut out = be.zeros(&[m, n], DType::F32).unwrap();
+                const REPS: usize = 100;
+                key += 1;
+                let mut f = || {
+                    for i in 0..REPS {
+                        be.matmul(&x, &ws[i % copies], &mut out)?;
+                    }
+                    Ok(())
+                };
+                for _ in 0..3 {
                     be.run_graph(key, &mut f).unwrap();
                 }
                 be.synchronize().unwrap();
-                times.push(t.elapsed().as_secs_f64() / (4 * REPS) as f64);
+                let mut times = vec![];
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    for _ in 0..4 {
+                        be.run_graph(key, &mut f).unwrap();
+                    }
+                    be.synchronize().unwrap();
+                    times.push(t.elapsed().as_secs_f64() / (4 * REPS) as f64);
+                }
+                times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                let s = times[times.len() / 2];
+                if m == 1 {
+                    one_row = Some(s);
+                }
+                let gbs = bytes as f64 / s / 1e9;
+                let vs_one = one_row.map(|t| format!(" {:>5.2}x one row", s / t)).unwrap_or_default();
+                rows.push(format!(
+                    "{fmt:>14} {n:>6} x {k:<6} m {m:>2} {:>8.1} MB {:>8.2} us {gbs:>7.0} GB/s {:>5.1}% of copy{vs_one}",
+                    bytes as f64 / 1e6,
+                    s * 1e6,
+                    100.0 * gbs / copy
+                ));
             }
-            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            let s = times[times.len() / 2];
-            let gbs = bytes as f64 / s / 1e9;
-            rows.push(format!(
-                "{fmt:>14} {n:>6} x {k:<6} {:>8.1} MB {:>8.2} us {gbs:>7.0} GB/s {:>5.1}% of copy",
-                bytes as f64 / 1e6,
-                s * 1e6,
-                100.0 * gbs / copy
-            ));
             drop(ws);
         }
     }
