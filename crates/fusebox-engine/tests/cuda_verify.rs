@@ -39,7 +39,7 @@ fn synthetic_qwen3(be: &dyn Backend, quant: Quant) -> Decoder {
 fn synthetic_models(be: &dyn Backend) -> Vec<(&'static str, Decoder)> {
     vec![
         ("qwen3-0.6b bf16", synthetic_qwen3(be, Quant::Bf16)),
-        ("qwen3-0.6b q4g64", synthetic_qwen3(be, Quant::Affine { bits: 4 })),
+        ("qwen3-0.6b q4g64", synthetic_qwen3(be, Quant::Affine { bits: 4, group: 64 })),
     ]
 }
 

@@ -43,20 +43,31 @@ pub fn config(shape: &str) -> Result<ModelConfig> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quant {
     Bf16,
-    /// MLX affine, `bits` bits, group 64.
+    /// MLX affine: `bits` bits, groups of `group` (`q4g32` is the layout GGUF
+    /// Q4_0, Q4_1 and Q4_K take on the GPU).
     Affine {
         bits: u32,
+        group: usize,
     },
 }
 
 impl Quant {
+    /// `bf16`, or `q<bits>g<group>` with bits 2-6 or 8 and a group of 32, 64 or 128.
     pub fn parse(s: &str) -> Result<Quant> {
-        Ok(match s {
-            "bf16" => Quant::Bf16,
-            "q4g64" => Quant::Affine { bits: 4 },
-            "q8g64" => Quant::Affine { bits: 8 },
-            other => bail!("unknown --quant \"{other}\" (known: bf16, q4g64, q8g64)"),
-        })
+        if s == "bf16" {
+            return Ok(Quant::Bf16);
+        }
+        let parsed = s.strip_prefix('q').and_then(|r| r.split_once('g')).and_then(|(b, g)| {
+            let (bits, group) = (b.parse::<u32>().ok()?, g.parse::<usize>().ok()?);
+            ((2..=8).contains(&bits) && bits != 7 && [32, 64, 128].contains(&group)).then_some((bits, group))
+        });
+        match parsed {
+            Some((bits, group)) => Ok(Quant::Affine { bits, group }),
+            None => bail!(
+                "unknown --quant \"{s}\" (known: bf16, or q<bits>g<group> with bits 2, 3, 4, 5, 6 or 8 and group 32, 64 \
+                 or 128: q4g64, q8g64, q4g32, ...)"
+            ),
+        }
     }
 }
 
@@ -90,8 +101,7 @@ impl<'a> SyntheticSource<'a> {
         let shape = |last: usize| [lead.clone(), vec![last]].concat();
         match self.quant {
             Quant::Bf16 => Weight::dense(self.random(&shape(cols), DType::BF16, -0.02, 0.02)?),
-            Quant::Affine { bits } => {
-                let group = 64;
+            Quant::Affine { bits, group } => {
                 let q = self.random(&shape(cols * bits as usize / 32), DType::U32, 0.0, 0.0)?;
                 let s = self.random(&shape(cols / group), DType::BF16, 0.001, 0.003)?;
                 let b = self.random(&shape(cols / group), DType::BF16, -0.01, 0.01)?;
@@ -113,5 +123,22 @@ impl WeightSource for SyntheticSource<'_> {
     }
     fn has(&self, _module: &str) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Quant;
+
+    #[test]
+    fn quant_names_parse() {
+        assert_eq!(Quant::parse("bf16").unwrap(), Quant::Bf16);
+        assert_eq!(Quant::parse("q4g64").unwrap(), Quant::Affine { bits: 4, group: 64 });
+        assert_eq!(Quant::parse("q4g32").unwrap(), Quant::Affine { bits: 4, group: 32 });
+        assert_eq!(Quant::parse("q8g128").unwrap(), Quant::Affine { bits: 8, group: 128 });
+        for bad in ["q7g64", "q4g48", "q4", "g64", "f16", "q4g64x"] {
+            let e = Quant::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("q4g64"), "{e}");
+        }
     }
 }

@@ -37,7 +37,8 @@ pub struct Args {
     /// full-precision reference).
     #[arg(long, requires = "model")]
     pub f32: bool,
-    /// Weight format of a synthetic model: bf16, q4g64 or q8g64 (MLX affine).
+    /// Weight format of a synthetic model: bf16, or MLX affine q<bits>g<group>
+    /// (q4g64, q8g64; q4g32 is the GPU layout of GGUF Q4_0 / Q4_K).
     #[arg(long, default_value = "bf16", value_name = "FORMAT")]
     pub quant: String,
     /// Prompt tokens per repetition.

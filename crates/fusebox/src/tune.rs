@@ -31,7 +31,7 @@ const DEFAULT_MODELS: [&str; 3] = ["qwen3-0.6b:bf16", "qwen3-8b:q4g64", "qwen3-3
 pub struct Args {
     /// Models to measure (repeatable): SHAPE:FORMAT for synthetic weights
     /// (shapes qwen3-0.6b, qwen3-8b, qwen3-30b-a3b, llama-3.1-8b; formats bf16,
-    /// q4g64, q8g64), or a model directory / .gguf file.
+    /// or MLX affine q<bits>g<group>: q4g64, q8g64, q4g32), or a model directory / .gguf file.
     /// [default: qwen3-0.6b:bf16 qwen3-8b:q4g64 qwen3-30b-a3b:q4g64]
     #[arg(short, long, value_name = "MODEL")]
     pub model: Vec<String>,
