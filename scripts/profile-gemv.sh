@@ -9,7 +9,8 @@
 #
 # Environment: SHAPES ("4096x12288 4096x4096": n x k, as the bench labels
 # them), ROWS_CURVE (1,2,4,8,16), ROWS_NCU (1 16), TEST_BIN (the cuda_gemv test
-# executable; default: the one .gpu/run.sh knows), NCU=0 skips Nsight Compute.
+# executable; default: the one .gpu/run.sh knows), NCU=0 skips Nsight Compute,
+# CURVE=0 the curve.
 set -euo pipefail
 out=${1:-${OUT:-/tmp}/profile-gemv}
 mkdir -p "$out"
@@ -19,7 +20,7 @@ bin=$(realpath "$bin")
 shapes=${SHAPES:-4096x12288 4096x4096}
 curve=${ROWS_CURVE:-1,2,4,8,16}
 cd crates/fusebox-core
-for site in 0 1; do
+for site in $([[ ${CURVE:-1} == 1 ]] && echo 0 1); do
     for s in $shapes; do
         FUSEBOX_FUSED_TC_MATMUL=$site FUSEBOX_BENCH_ONLY="4-bit g64 ${s}" FUSEBOX_BENCH_M=$curve \
             "$bin" --ignored --nocapture cuda_gemv_bandwidth 2>&1 | grep -E "copy bandwidth|of copy" |

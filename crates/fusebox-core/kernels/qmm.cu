@@ -26,13 +26,18 @@
 // (i, i+4) of one word, the pairs one shift and one LOP3 give, and qmm_prep
 // stores each run of 8 x values in the order 0,4,1,5,2,6,3,7 so that one
 // 16-byte load is the B fragments of two MMAs. With groups of 32 a step holds
-// two groups (threads 0-1 and 2-3), so each group's MMAs run with the other
-// group's threads' A fragments zeroed.
+// two groups, and every MMA must stay inside one: thread t takes the words
+// (8 values) at 8t and 32 + 8t of the step instead (two 4-byte loads; a quad
+// still reads 32 contiguous bytes of each half), so its first word's MMAs are
+// the first group's and its second word's the second's, and qmm_prep stores
+// the step's eight runs of x in the order 0,4,1,5,2,6,3,7 (run 2t + i of the
+// stored step is run t + 4i of x), so that x is read as for the other sizes.
 #include "common.cuh"
 #include "gemv.cuh"
 
 // x f32 [m, k] -> xb bf16 [2 mp, k] (row 2r: bf16(x_r), row 2r + 1:
-// bf16(x_r - that); 8-value runs stored 0,4,1,5,2,6,3,7; rows of r >= m zero)
+// bf16(x_r - that); 8-value runs stored 0,4,1,5,2,6,3,7, and with gs == 32
+// the runs of each 64 in the order 0,4,1,5,2,6,3,7 too; rows of r >= m zero)
 // and xs f32 [k / gs, mp] (per group, the sum of hi + lo: the 8 of a thread in
 // order, then a butterfly over the gs / 8 threads of the group). One thread
 // per 8 values of an input row; k % 64 == 0.
@@ -74,11 +79,14 @@ extern "C" __global__ void qmm_prep(const float* __restrict__ x, u32* __restrict
         }
         for (int o = 1; o < tpg; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (ok) {
+            // groups of 32: run a of a 64-value step is stored as run 2 (a % 4) + a / 4
+            const int a8 = j8 & 7;
+            const int js = gs == 32 ? (j8 & ~7) | (2 * (a8 & 3) + (a8 >> 2)) : j8;
             uint4 q;
             q.x = hi[0] | (hi[4] << 16), q.y = hi[1] | (hi[5] << 16), q.z = hi[2] | (hi[6] << 16), q.w = hi[3] | (hi[7] << 16);
-            *(uint4*)(xb + ((long long)(2 * r) * per_row + j8) * 4) = q;
+            *(uint4*)(xb + ((long long)(2 * r) * per_row + js) * 4) = q;
             q.x = lo[0] | (lo[4] << 16), q.y = lo[1] | (lo[5] << 16), q.z = lo[2] | (lo[6] << 16), q.w = lo[3] | (lo[7] << 16);
-            *(uint4*)(xb + ((long long)(2 * r + 1) * per_row + j8) * 4) = q;
+            *(uint4*)(xb + ((long long)(2 * r + 1) * per_row + js) * 4) = q;
             if (j8 % tpg == 0) xs[(long long)(j8 / tpg) * mp + r] = s;
         }
     }
@@ -98,11 +106,12 @@ __device__ __forceinline__ uint2 ld_stream2(const uint2* p) {
     return v;
 }
 // A scale or bias as raw bits (f32, or a 16-bit value), converted where used.
+// Through the L1: a row's next groups share the 32-byte sector (streamed past
+// the L1, every step fetched the whole sector from the L2 again: at one input
+// row, twice the weight's L2 traffic).
 __device__ __forceinline__ u32 ld_sb_raw(const void* p, long long i, int sdt) {
-    if (sdt == 0) return ld_stream((const u32*)p + i);
-    unsigned short h;
-    asm volatile("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(h) : "l"((const unsigned short*)p + i));
-    return h;
+    if (sdt == 0) return __ldg((const u32*)p + i);
+    return __ldg((const unsigned short*)p + i);
 }
 __device__ __forceinline__ float sb_val(u32 r, int sdt) { return sdt == 0 ? __uint_as_float(r) : sb_f32((unsigned short)r, sdt); }
 
@@ -111,20 +120,18 @@ __device__ __forceinline__ float sb_val(u32 r, int sdt) { return sdt == 0 ? __ui
 // groups of 32 double the scales (within the register budget)
 template <int GS, int NT> struct QmmDepth { static constexpr int v = GS == 32 ? (NT >= 8 ? 2 : 3) : 4; };
 
-// `step` MMAs of one group: the two words' four nibble pairs of rows g
-// (a) and g+8 (b), masked by `mask` (all ones, or zero for the other
-// group's threads), against every 8-column tile of x, whose B fragments
-// ld(j, wi) gives (tile j, word pair wi).
-template <int NT, class Ld>
-__device__ __forceinline__ void qmm_mmas(float (&d)[NT][4], const u32 (&a)[2][4], const u32 (&b)[2][4], u32 mask,
-                                         Ld ld) {
+// The MMAs of words W0 .. W0 + WN - 1 (each: four nibble pairs of rows g
+// (a) and g+8 (b), two MMAs) against every 8-column tile of x, whose B
+// fragments ld(j, wi) gives (tile j, word wi).
+template <int NT, int W0, int WN, class Ld>
+__device__ __forceinline__ void qmm_mmas(float (&d)[NT][4], const u32 (&a)[2][4], const u32 (&b)[2][4], Ld ld) {
 #pragma unroll
     for (int j = 0; j < NT; j++) {
 #pragma unroll
-        for (int wi = 0; wi < 2; wi++) {
+        for (int wi = W0; wi < W0 + WN; wi++) {
             const uint4 xv = ld(j, wi);
-            mma_bf16(d[j], a[wi][0] & mask, b[wi][0] & mask, a[wi][1] & mask, b[wi][1] & mask, xv.x, xv.y);
-            mma_bf16(d[j], a[wi][2] & mask, b[wi][2] & mask, a[wi][3] & mask, b[wi][3] & mask, xv.z, xv.w);
+            mma_bf16(d[j], a[wi][0], b[wi][0], a[wi][1], b[wi][1], xv.x, xv.y);
+            mma_bf16(d[j], a[wi][2], b[wi][2], a[wi][3], b[wi][3], xv.z, xv.w);
         }
     }
 }
@@ -166,18 +173,23 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
     const int units = k / U, ng = k / GS;
     const int s0 = units * ks / ksw * (U / 64), s1 = units * (ks + 1) / ksw * (U / 64);
     const int kw = k / 8;   // u32 words per weight row
-    const uint2* w0 = (const uint2*)(w + (long long)row0 * kw) + t;
-    const uint2* w1 = (const uint2*)(w + (long long)row1 * kw) + t;
+    // groups of 32: words 8s + t and 8s + 4 + t of step s; else the two at 8s + 2t
+    const u32* w0 = w + (long long)row0 * kw + (GS == 32 ? t : 2 * t);
+    const u32* w1 = w + (long long)row1 * kw + (GS == 32 ? t : 2 * t);
     const long long sb0 = (long long)row0 * ng, sb1 = (long long)row1 * ng;
 
     // the ring: per step, the thread's 8 bytes of rows g and g+8 and the
     // scale and bias of each group the step ends
+    auto ld_words = [](const u32* p) {
+        if constexpr (GS == 32) return make_uint2(ld_stream(p), ld_stream(p + 4));
+        else return ld_stream2((const uint2*)p);
+    };
     constexpr int NSB = GPS * 4;
     uint2 rw[QMM_DEPTH][2];
     u32 rs[QMM_DEPTH][NSB];
 #define QMM_LOAD(P, S)                                                                                          \
     do {                                                                                                        \
-        rw[P][0] = ld_stream2(w0 + (S) * 4), rw[P][1] = ld_stream2(w1 + (S) * 4);                               \
+        rw[P][0] = ld_words(w0 + (S) * 8), rw[P][1] = ld_words(w1 + (S) * 8);                                   \
         if (((S) + 1) % SPG == 0) {                                                                             \
             _Pragma("unroll") for (int q = 0; q < GPS; q++) {                                                   \
                 const int grp = ((S) * 64 + (q + 1) * (64 / GPS) - 1) / GS;                                     \
@@ -219,7 +231,6 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
     // this thread's B fragments: x row (hi or lo) nt * 8 + g of xb
     const u32* xr = xb + (long long)g * (k / 2) + 8 * t;
     const long long xt = (long long)8 * (k / 2);   // u32 words between 8-row tiles
-    const u32 mA = t < 2 ? 0xffffffffu : 0u;        // groups of 32: threads of the step's first group
     const u32 xrs = (u32)((g * QMM_XROWW + 8 * t) * 4);   // SX: xr's offset in a staged step
 
     for (int sb = s0; sb < s1; sb += QMM_DEPTH) {
@@ -245,18 +256,23 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
                 b[1][0] = nib_pair<0>(c1.y), b[1][1] = nib_pair<1>(c1.y), b[1][2] = nib_pair<2>(c1.y), b[1][3] = nib_pair<3>(c1.y);
 #pragma unroll
                 for (int q = 0; q < GPS; q++) {
-                    const u32 mask = GS == 32 ? (q == 0 ? mA : ~mA) : 0xffffffffu;
-                    if constexpr (SX) {
-                        // this thread's fragments in the staged step
-                        const u32 xa = xst + (u32)(s % QMM_XD) * XSTAGE + xrs;
-                        qmm_mmas<NT>(d, a, b, mask, [&](int j, int wi) { return lds128(xa + j * 8 * QMM_XROWW * 4 + wi * 16); });
+                    // this thread's fragments in the staged step
+                    const u32 xa = xst + (u32)(s % QMM_XD) * XSTAGE + xrs;
+                    auto lds = [&](int j, int wi) { return lds128(xa + j * 8 * QMM_XROWW * 4 + wi * 16); };
+                    // fragments of x rows at or past 2 m (hi and lo of each input row) are zero rows: not
+                    // loaded (one input row fills 2 of a tile's 8: loading them all read 4 times the x needed)
+                    auto ldg = [&](int j, int wi) {
+                        return 8 * j + g < 2 * m ? __ldg((const uint4*)(xr + j * xt + s * 32 + wi * 4))
+                                                 : make_uint4(0u, 0u, 0u, 0u);
+                    };
+                    // groups of 32: word q is group q's; else both words are the step's group
+                    constexpr int W0 = 0, WN = GS == 32 ? 1 : 2;
+                    if (q == 0) {
+                        if constexpr (SX) qmm_mmas<NT, W0, WN>(d, a, b, lds);
+                        else qmm_mmas<NT, W0, WN>(d, a, b, ldg);
                     } else {
-                        // fragments of x rows at or past 2 m (hi and lo of each input row) are zero rows: not
-                        // loaded (one input row fills 2 of a tile's 8: loading them all read 4 times the x needed)
-                        qmm_mmas<NT>(d, a, b, mask, [&](int j, int wi) {
-                            return 8 * j + g < 2 * m ? __ldg((const uint4*)(xr + j * xt + s * 32 + wi * 4))
-                                                     : make_uint4(0u, 0u, 0u, 0u);
-                        });
+                        if constexpr (SX) qmm_mmas<NT, 1, 1>(d, a, b, lds);
+                        else qmm_mmas<NT, 1, 1>(d, a, b, ldg);
                     }
                     // a group ends here: apply its scale and bias
                     if ((s + 1) % SPG == 0) {
