@@ -47,6 +47,12 @@ fn every_kernel_file_compiles_without_spills() {
             assert!(!image.is_empty(), "{file}: empty cubin");
             if arch == "sm_90a" {
                 println!("== {file} ({arch})\n{log}");
+                // FUSEBOX_CUBIN_DIR=DIR keeps each file's image, to read its SASS
+                // without a GPU (`nvdisasm -c DIR/gemv.cubin`, PyPI nvidia-cuda-nvdisasm)
+                if let Some(dir) = std::env::var_os("FUSEBOX_CUBIN_DIR") {
+                    let p = std::path::Path::new(&dir).join(file.replace(".cu", ".cubin"));
+                    std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&p, &image)).unwrap();
+                }
             }
             let mut kernel = String::new();
             for line in log.lines() {
