@@ -28,7 +28,7 @@
 // 16-byte load is the B fragments of two MMAs. With groups of 32 a step holds
 // two groups, and every MMA must stay inside one: thread t takes the words
 // (8 values) at 8t and 32 + 8t of the step instead (two 4-byte loads; a quad
-// still reads 32 contiguous bytes of each half), so its first word's MMAs are
+// reads 16 contiguous bytes twice, the same 32-byte sector), so its first word's MMAs are
 // the first group's and its second word's the second's, and qmm_prep stores
 // the step's eight runs of x in the order 0,4,1,5,2,6,3,7 (run 2t + i of the
 // stored step is run t + 4i of x), so that x is read as for the other sizes.
