@@ -134,7 +134,9 @@ pub fn compile(file: &str, arch: &str, extra: &[&str], ptx: bool) -> Result<(Vec
 }
 
 /// Preprocessor switches the environment sets (read once):
-/// `FUSEBOX_GEMV_PREFETCH=0` defines `FB_GEMV_NO_PREFETCH` (gemv.cuh).
+/// `FUSEBOX_GEMV_PREFETCH=0` defines `FB_GEMV_NO_PREFETCH` (gemv.cuh), and
+/// `FUSEBOX_NVRTC_DEFINES` adds `-DNAME[=VALUE]` switches of its own (kernel
+/// experiments: variants of a compile-time parameter A/B'd in one binary).
 fn env_defines() -> &'static [String] {
     static D: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     D.get_or_init(|| {
@@ -144,8 +146,30 @@ fn env_defines() -> &'static [String] {
             Ok("1") | Err(_) => {}
             Ok(v) => eprintln!("fusebox: FUSEBOX_GEMV_PREFETCH={v}: expected 0 or 1; keeping the prefetch"),
         }
+        if let Ok(v) = std::env::var("FUSEBOX_NVRTC_DEFINES") {
+            for t in v.split_whitespace() {
+                match nvrtc_define(t) {
+                    Some(def) => d.push(def),
+                    None => {
+                        eprintln!("fusebox: FUSEBOX_NVRTC_DEFINES: \"{t}\" is not -DNAME or -DNAME=VALUE; left out")
+                    }
+                }
+            }
+        }
         d
     })
+}
+
+/// `t` as an NVRTC define when it is `-DNAME` or `-DNAME=VALUE` (NAME an
+/// identifier, VALUE letters, digits, `_`, `.`, `+`, `-`): nothing that could
+/// be read as another compiler option.
+fn nvrtc_define(t: &str) -> Option<String> {
+    let body = t.strip_prefix("-D")?;
+    let (name, value) = body.split_once('=').unwrap_or((body, ""));
+    let ident = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let value_ok = value.chars().all(|c| c.is_ascii_alphanumeric() || "_.+-".contains(c));
+    (ident && value_ok && !(body.contains('=') && value.is_empty())).then(|| t.to_string())
 }
 
 /// A cubin for `file` on `arch`, from the disk cache or freshly compiled.
@@ -179,4 +203,19 @@ pub fn cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
         }
     }
     Ok(image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nvrtc_define;
+
+    #[test]
+    fn only_plain_defines_pass() {
+        for ok in ["-DFB_X", "-DFB_QMM_DEPTH_N1=6", "-D_A=1.5", "-DB=-2"] {
+            assert_eq!(nvrtc_define(ok).as_deref(), Some(ok));
+        }
+        for bad in ["FB_X", "-D", "-D1X", "-DX=", "-DX=a b", "-DX=$(y)", "--use_fast_math", "-DX;Y", "-IX"] {
+            assert_eq!(nvrtc_define(bad), None, "{bad}");
+        }
+    }
 }
