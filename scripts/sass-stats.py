@@ -65,8 +65,12 @@ def main():
         print(f"loop at lines {a0}-{a1}: {n} instructions")
         print("  " + ", ".join(f"{o} {c}" for o, c in mix.most_common(a.top)))
     if a.values and loops:
-        # the hot loop: the one with the most FFMA/HMMA (the math), not the outermost
-        hot = max(loops, key=lambda t: (t[3]["FFMA"] + t[3]["HMMA"], -t[0]))
+        # the hot loop: the densest in math (FFMA/HMMA a instruction) among those with
+        # a fair share of it, so that neither an outer loop around several copies
+        # (a kernel may hold one per dtype) nor a small epilogue loop is taken
+        math = lambda t: t[3]["FFMA"] + t[3]["HMMA"]
+        most = max(math(t) for t in loops)
+        hot = max((t for t in loops if math(t) * 4 >= most), key=lambda t: (math(t) / t[0], -t[0]))
         per = hot[0] / a.values
         vps = 4 / per * a.sms * a.ghz * 1e9
         print(f"hot loop (lines {hot[1]}-{hot[2]}): {hot[0]} warp instructions for {a.values} values = {per:.3f} a value;")
