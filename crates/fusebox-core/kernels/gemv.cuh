@@ -262,29 +262,12 @@ struct RowsOut {
 // bytes the launch provided. bx: the block's index among the blocks of this
 // product (blockIdx.x, or less for a fused kernel that runs several products
 // side by side). Results go through out.store(pair + input row, row, value).
-// SDTC: the scale dtype when known at compile time (-1: sdt at run time). With
-// FB_GEMV_SDT (an experiment, FUSEBOX_NVRTC_DEFINES) an affine product
-// branches once to the instantiation of its dtype: no dtype branch per scale,
-// at three times the affine code (and its compile time).
-template <int FMT, int M, class O, int SDTC = -1>
+template <int FMT, int M, class O>
 __device__ __forceinline__ void gemv_impl(const char* __restrict__ w, const void* __restrict__ sc,
                                           const void* __restrict__ bi, const float* __restrict__ x, const O& out,
-                                          const int* __restrict__ ids, int n, int k, int m, int gs, int sdt_rt,
+                                          const int* __restrict__ ids, int n, int k, int m, int gs, int sdt,
                                           int ksplit, int x_div, int pairs, int experts, long long w_estride,
                                           long long sb_estride, int kw, int gw, int smem, int bx) {
-#ifdef FB_GEMV_SDT
-    if constexpr (SDTC < 0 && Fmt<FMT>::AFF && !Fmt<FMT>::G16) {  // (groups of 16 spill at 4 rows)
-#define FB_GEMV_AS(S)                                                                                          \
-    gemv_impl<FMT, M, O, S>(w, sc, bi, x, out, ids, n, k, m, gs, S, ksplit, x_div, pairs, experts, w_estride, \
-                            sb_estride, kw, gw, smem, bx)
-        if (sdt_rt == 2) FB_GEMV_AS(2);
-        else if (sdt_rt == 1) FB_GEMV_AS(1);
-        else FB_GEMV_AS(0);
-#undef FB_GEMV_AS
-        return;
-    }
-#endif
-    const int sdt = SDTC >= 0 ? SDTC : sdt_rt;
     typedef Fmt<FMT> F;
     typedef Cfg<FMT, M> CF;
     constexpr int R = CF::R, D = CF::D, WORDS = F::WORDS, LU = F::LU, SBW = CF::SBW, WPL = CF::WPL;
