@@ -5,6 +5,21 @@
 
 use fusebox_core::cuda::{compile, libs};
 
+/// Whether libnvrtc loads; without it a test skips with the reason, or fails
+/// under `FUSEBOX_REQUIRE_CUDA=1`.
+fn nvrtc_present() -> bool {
+    match libs::ensure_nvrtc() {
+        Ok(_) => true,
+        Err(e) if std::env::var("FUSEBOX_REQUIRE_CUDA").is_ok_and(|v| v == "1") => {
+            panic!("FUSEBOX_REQUIRE_CUDA=1 but NVRTC is unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: {e} (run scripts/fetch-assets.sh)");
+            false
+        }
+    }
+}
+
 /// Kernels are launched with programmatic dependent launch, so each must
 /// wait for its predecessor first (FB_PROLOGUE in common.cuh).
 #[test]
@@ -32,11 +47,7 @@ fn every_kernel_starts_with_the_prologue() {
 
 #[test]
 fn every_kernel_file_compiles_without_spills() {
-    if let Err(e) = libs::ensure_nvrtc() {
-        if std::env::var("FUSEBOX_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
-            panic!("FUSEBOX_REQUIRE_CUDA=1 but NVRTC is unavailable: {e}");
-        }
-        eprintln!("skipped: {e} (run scripts/fetch-assets.sh)");
+    if !nvrtc_present() {
         return;
     }
     let mut spills = vec![];
@@ -74,11 +85,7 @@ fn every_kernel_file_compiles_without_spills() {
 /// (wait for the previous kernel before any load): that variant must build too.
 #[test]
 fn the_gemv_without_prefetch_compiles() {
-    if let Err(e) = libs::ensure_nvrtc() {
-        if std::env::var("FUSEBOX_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
-            panic!("NVRTC is required: {e}");
-        }
-        eprintln!("skipped: {e} (run scripts/fetch-assets.sh)");
+    if !nvrtc_present() {
         return;
     }
     let (image, log) =
