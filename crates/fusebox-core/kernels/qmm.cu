@@ -105,20 +105,41 @@ __device__ __forceinline__ uint2 ld_stream2(const uint2* p) {
     asm volatile("ld.global.nc.L1::no_allocate.v2.b32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
 }
-// A scale or bias as raw bits (f32, or a 16-bit value), converted where used.
-// Through the L1: a row's next groups share the 32-byte sector (streamed past
-// the L1, every step fetched the whole sector from the L2 again: at one input
-// row, twice the weight's L2 traffic).
-__device__ __forceinline__ u32 ld_sb_raw(const void* p, long long i, int sdt) {
-    if (sdt == 0) return __ldg((const u32*)p + i);
-    return __ldg((const unsigned short*)p + i);
+// A scale or bias as raw bits (f32, or a 16-bit value: QmmSb), converted
+// where used (sb_val). Loaded through the L1: a row's next groups share the
+// 32-byte sector (streamed past the L1, every step fetched the whole sector
+// from the L2 again: at one input row, twice the weight's L2 traffic).
+template <bool F32> struct QmmSb { typedef u32 T; };
+template <> struct QmmSb<false> { typedef unsigned short T; };
+template <int SDT> __device__ __forceinline__ float sb_val(u32 r) {
+    if constexpr (SDT == 0) return __uint_as_float(r);
+    else if constexpr (SDT == 2) return __uint_as_float(r << 16);
+    else return f16_to_f32((f16_t)r);
 }
-__device__ __forceinline__ float sb_val(u32 r, int sdt) { return sdt == 0 ? __uint_as_float(r) : sb_f32((unsigned short)r, sdt); }
 
 #define QMM_WARPS 8
 // k steps of weights (and their scales) in flight per warp: 4, fewer where
-// groups of 32 double the scales (within the register budget)
-template <int GS, int NT> struct QmmDepth { static constexpr int v = GS == 32 ? (NT >= 8 ? 2 : 3) : 4; };
+// groups of 32 double the scales or 8 tiles of x come from the L2 (SX false),
+// within the register budget. A multiple of the steps a group spans (2 for
+// groups of 128): the load pointers move that many steps at a time.
+template <int GS, int NT, bool SX> struct QmmDepth {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    static constexpr int L2X8 = GS == 32 ? 1 : 2;   // 8 tiles from the L2 before Hopper
+#else
+    static constexpr int L2X8 = 2;
+#endif
+    static constexpr int v = NT >= 8 && !SX ? (GS == 64 ? 4 : L2X8) : GS == 32 ? (NT >= 8 ? 2 : 3) : 4;
+};
+// Experiments (FUSEBOX_NVRTC_DEFINES): the depth of the one-tile (1-4 rows)
+// dense kernels, and their blocks an SM (__launch_bounds__: 2 caps them at 128
+// registers, 3 at 80).
+#ifdef FB_QMM_DEPTH_N1
+template <int GS> struct QmmDepth<GS, 1, false> { static constexpr int v = FB_QMM_DEPTH_N1; };
+#endif
+#ifndef FB_QMM_MINB_N1
+#define FB_QMM_MINB_N1 2
+#endif
+
 
 // The MMAs of words W0 .. W0 + WN - 1 (each: four nibble pairs of rows g
 // (a) and g+8 (b), two MMAs) against every 8-column tile of x, whose B
@@ -155,15 +176,16 @@ template <int NT> struct QmmStage { static constexpr int BYTES = QMM_XD * 8 * NT
 // m <= 4 NT). xs holds xsm rows per group (qmm_prep's mp); output row r goes
 // to row orow[r] of out (r when orow is null). SX: x staged in shared memory
 // (QmmStage<NT>::BYTES of dynamic shared memory; ksw must be 1).
-template <int GS, int NT, bool SX>
+template <int GS, int NT, bool SX, int SDT>
 __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* __restrict__ sc,
                                          const void* __restrict__ bi, const u32* __restrict__ xb,
                                          const float* __restrict__ xs, int xsm, float* __restrict__ out,
-                                         const int* __restrict__ orow, int n, int k, int m, int sdt, int ksw) {
+                                         const int* __restrict__ orow, int n, int k, int m, int ksw) {
     constexpr int U = GS > 64 ? GS : 64;         // k per unit: whole steps and whole groups
     constexpr int GPS = GS < 64 ? 64 / GS : 1;   // groups a step ends
     constexpr int SPG = GS > 64 ? GS / 64 : 1;   // steps a group spans
-    constexpr int QMM_DEPTH = QmmDepth<GS, NT>::v;
+    constexpr int QMM_DEPTH = QmmDepth<GS, NT, SX>::v;
+    static_assert(QMM_DEPTH % SPG == 0, "the load pointers move whole groups");
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int tiles = n / 16, per_block = QMM_WARPS / ksw;
@@ -174,9 +196,17 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
     const int s0 = units * ks / ksw * (U / 64), s1 = units * (ks + 1) / ksw * (U / 64);
     const int kw = k / 8;   // u32 words per weight row
     // groups of 32: words 8s + t and 8s + 4 + t of step s; else the two at 8s + 2t
-    const u32* w0 = w + (long long)row0 * kw + (GS == 32 ? t : 2 * t);
-    const u32* w1 = w + (long long)row1 * kw + (GS == 32 ? t : 2 * t);
-    const long long sb0 = (long long)row0 * ng, sb1 = (long long)row1 * ng;
+    // (these and the scale pointers below run with the loads: at step s0, then
+    // QMM_DEPTH steps ahead of the MMAs)
+    const u32* w0 = w + (long long)row0 * kw + (GS == 32 ? t : 2 * t) + s0 * 8;
+    const u32* w1 = w + (long long)row1 * kw + (GS == 32 ? t : 2 * t) + s0 * 8;
+    // scales and biases of rows g and g+8 (f32, or 16-bit values)
+    typedef typename QmmSb<SDT == 0>::T SbT;
+    const int g0 = s0 * 64 / GS;   // s0 is a multiple of SPG
+    const SbT* sc0 = (const SbT*)sc + (long long)row0 * ng + g0;
+    const SbT* sc1 = (const SbT*)sc + (long long)row1 * ng + g0;
+    const SbT* bi0 = (const SbT*)bi + (long long)row0 * ng + g0;
+    const SbT* bi1 = (const SbT*)bi + (long long)row1 * ng + g0;
 
     // the ring: per step, the thread's 8 bytes of rows g and g+8 and the
     // scale and bias of each group the step ends
@@ -187,20 +217,30 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
     constexpr int NSB = GPS * 4;
     uint2 rw[QMM_DEPTH][2];
     u32 rs[QMM_DEPTH][NSB];
-#define QMM_LOAD(P, S)                                                                                          \
+    // Step (the pointers' step) + O into ring slot P, O a compile-time offset:
+    // every address is a pointer plus an immediate (indices recomputed per load
+    // cost more instructions than the MMAs). The pointers' step is a multiple of SPG.
+#define QMM_LOAD(P, O)                                                                                           \
     do {                                                                                                        \
-        rw[P][0] = ld_words(w0 + (S) * 8), rw[P][1] = ld_words(w1 + (S) * 8);                                   \
-        if (((S) + 1) % SPG == 0) {                                                                             \
+        rw[P][0] = ld_words(w0 + (O) * 8), rw[P][1] = ld_words(w1 + (O) * 8);                                   \
+        if (((O) + 1) % SPG == 0) {                                                                             \
             _Pragma("unroll") for (int q = 0; q < GPS; q++) {                                                   \
-                const int grp = ((S) * 64 + (q + 1) * (64 / GPS) - 1) / GS;                                     \
-                rs[P][4 * q + 0] = ld_sb_raw(sc, sb0 + grp, sdt), rs[P][4 * q + 1] = ld_sb_raw(bi, sb0 + grp, sdt); \
-                rs[P][4 * q + 2] = ld_sb_raw(sc, sb1 + grp, sdt), rs[P][4 * q + 3] = ld_sb_raw(bi, sb1 + grp, sdt); \
+                const int gi = ((O) * 64 + (q + 1) * (64 / GPS) - 1) / GS;                                      \
+                rs[P][4 * q + 0] = __ldg(sc0 + gi), rs[P][4 * q + 1] = __ldg(bi0 + gi);                         \
+                rs[P][4 * q + 2] = __ldg(sc1 + gi), rs[P][4 * q + 3] = __ldg(bi1 + gi);                         \
             }                                                                                                   \
         }                                                                                                       \
     } while (0)
+    // the pointers move QMM_DEPTH steps (a multiple of SPG) at a time
+    auto advance = [&]() {
+        w0 += QMM_DEPTH * 8, w1 += QMM_DEPTH * 8;
+        constexpr int dg = QMM_DEPTH * 64 / GS;
+        sc0 += dg, sc1 += dg, bi0 += dg, bi1 += dg;
+    };
 #pragma unroll
     for (int p = 0; p < QMM_DEPTH; p++)
-        if (s0 + p < s1) QMM_LOAD(p, s0 + p);
+        if (s0 + p < s1) QMM_LOAD(p, p);
+    advance();
     fb_grid_wait();   // x (qmm_prep's output) is ready from here on
     extern __shared__ __attribute__((aligned(16))) u32 qmm_xstage[];   // SX: [QMM_XD][8 NT][QMM_XROWW]
     const u32 xst = smem_addr(qmm_xstage);
@@ -229,7 +269,8 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
         for (int i = 0; i < 4; i++) d[j][i] = 0.f;
     }
     // this thread's B fragments: x row (hi or lo) nt * 8 + g of xb
-    const u32* xr = xb + (long long)g * (k / 2) + 8 * t;
+    // (runs with the MMAs: at step sb of the pass)
+    const u32* xr = xb + (long long)g * (k / 2) + 8 * t + s0 * 32;
     const long long xt = (long long)8 * (k / 2);   // u32 words between 8-row tiles
     const u32 xrs = (u32)((g * QMM_XROWW + 8 * t) * 4);   // SX: xr's offset in a staged step
 
@@ -238,11 +279,18 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
         for (int p = 0; p < QMM_DEPTH; p++) {
             const int s = sb + p;
             if (s < s1) {
+                // The ring slot is refilled (step s + QMM_DEPTH) once this step is done
+                // with it, at the end: refilled here, its registers would have to move.
+                // Except for 8 tiles of x read from the L2, which then run out of
+                // registers (one step less ahead is the price of the late refill).
+                constexpr bool LATE = SX || NT < 8;
                 const uint2 c0 = rw[p][0], c1 = rw[p][1];
                 u32 cs[NSB];
 #pragma unroll
                 for (int i = 0; i < NSB; i++) cs[i] = rs[p][i];
-                if (s + QMM_DEPTH < s1) QMM_LOAD(p, s + QMM_DEPTH);
+                if constexpr (!LATE) {
+                    if (s + QMM_DEPTH < s1) QMM_LOAD(p, p);
+                }
                 if constexpr (SX) {
                     // step s landed for everyone, and everyone is done with step s - 1's stage: refill it
                     cp_async_wait<QMM_XD - 2>();
@@ -262,7 +310,7 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
                     // fragments of x rows at or past 2 m (hi and lo of each input row) are zero rows: not
                     // loaded (one input row fills 2 of a tile's 8: loading them all read 4 times the x needed)
                     auto ldg = [&](int j, int wi) {
-                        return 8 * j + g < 2 * m ? __ldg((const uint4*)(xr + j * xt + s * 32 + wi * 4))
+                        return 8 * j + g < 2 * m ? __ldg((const uint4*)(xr + j * xt + p * 32 + wi * 4))
                                                  : make_uint4(0u, 0u, 0u, 0u);
                     };
                     // groups of 32: word q is group q's; else both words are the step's group
@@ -277,21 +325,26 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
                     // a group ends here: apply its scale and bias
                     if ((s + 1) % SPG == 0) {
                         const int grp = (s * 64 + q * 32) / GS;
-                        const float sc0 = sb_val(cs[4 * q + 0], sdt), sc1 = sb_val(cs[4 * q + 2], sdt);
-                        const float bb0 = sb_val(cs[4 * q + 1], sdt) - 128.f * sc0;
-                        const float bb1 = sb_val(cs[4 * q + 3], sdt) - 128.f * sc1;
+                        const float f0 = sb_val<SDT>(cs[4 * q + 0]), f1 = sb_val<SDT>(cs[4 * q + 2]);
+                        const float bb0 = sb_val<SDT>(cs[4 * q + 1]) - 128.f * f0;
+                        const float bb1 = sb_val<SDT>(cs[4 * q + 3]) - 128.f * f1;
 #pragma unroll
                         for (int j = 0; j < NT; j++) {
                             const float X = xs[(long long)grp * xsm + j * 4 + t];
-                            acc[j][0] = fmaf(sc0, d[j][0] + d[j][1], fmaf(bb0, X, acc[j][0]));
-                            acc[j][1] = fmaf(sc1, d[j][2] + d[j][3], fmaf(bb1, X, acc[j][1]));
+                            acc[j][0] = fmaf(f0, d[j][0] + d[j][1], fmaf(bb0, X, acc[j][0]));
+                            acc[j][1] = fmaf(f1, d[j][2] + d[j][3], fmaf(bb1, X, acc[j][1]));
 #pragma unroll
                             for (int i = 0; i < 4; i++) d[j][i] = 0.f;
                         }
                     }
                 }
+                if constexpr (LATE) {
+                    if (s + QMM_DEPTH < s1) QMM_LOAD(p, p);
+                }
             }
         }
+        advance();
+        xr += QMM_DEPTH * 32;
     }
 #undef QMM_LOAD
 
@@ -324,23 +377,38 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
     }
 }
 
+// The scale dtype (0 f32, 1 f16, 2 bf16) as a template argument: a run-time
+// dtype cost a branch and a second predicated load per scale.
+#define QMM_SDT(CALL_WITH_S)                          \
+    do {                                              \
+        if (sdt == 0) {                               \
+            constexpr int S = 0;                      \
+            CALL_WITH_S;                              \
+        } else if (sdt == 1) {                        \
+            constexpr int S = 1;                      \
+            CALL_WITH_S;                              \
+        } else {                                      \
+            constexpr int S = 2;                      \
+            CALL_WITH_S;                              \
+        }                                             \
+    } while (0)
 #define QMM_ARGS                                                                                                   \
     const u32 *__restrict__ w, const void *__restrict__ sc, const void *__restrict__ bi, const u32 *__restrict__ xb, \
         const float *__restrict__ xs, float *__restrict__ out, int n, int k, int m, int sdt, int ksw
 #define QMM(GS, NT, MINB)                                                                                          \
     extern "C" __global__ void __launch_bounds__(256, MINB) qmm4_g##GS##_n##NT(QMM_ARGS) {                         \
         FB_PROLOGUE_DEFERRED();                                                                                    \
-        qmm_impl<GS, NT, false>(w, sc, bi, xb, xs, 4 * NT, out, nullptr, n, k, m, sdt, ksw);                       \
+        QMM_SDT((qmm_impl<GS, NT, false, S>(w, sc, bi, xb, xs, 4 * NT, out, nullptr, n, k, m, ksw)));            \
     }
-QMM(32, 1, 2)
+QMM(32, 1, FB_QMM_MINB_N1)
 QMM(32, 2, 1)
 QMM(32, 4, 1)
 QMM(32, 8, 1)
-QMM(64, 1, 2)
+QMM(64, 1, FB_QMM_MINB_N1)
 QMM(64, 2, 2)
 QMM(64, 4, 1)
 QMM(64, 8, 1)
-QMM(128, 1, 2)
+QMM(128, 1, FB_QMM_MINB_N1)
 QMM(128, 2, 2)
 QMM(128, 4, 1)
 QMM(128, 8, 1)
@@ -414,8 +482,9 @@ extern "C" __global__ void __launch_bounds__(1024) qmm_group(const int* __restri
         const int* t = table + 1 + 4 * blockIdx.y;                                                                 \
         const int e = t[0], first = t[1], rows = t[2];                                                             \
         const long long sbo = (long long)e * sb_estride * (sdt == 0 ? 4 : 2);                                      \
-        qmm_impl<GS, NT, SX>(w + e * w_estride, (const char*)sc + sbo, (const char*)bi + sbo,                      \
-                             xb + (long long)first * k, xs + first, xsm, out, order + first, n, k, rows, sdt, ksw); \
+        QMM_SDT((qmm_impl<GS, NT, SX, S>(w + e * w_estride, (const char*)sc + sbo, (const char*)bi + sbo,         \
+                                         xb + (long long)first * k, xs + first, xsm, out, order + first, n, k,    \
+                                         rows, ksw)));                                                            \
     }
 // qmme4_*: x read by each warp (k split from the shape); qmmx4_*: x staged (ksw = 1)
 #define QMME(GS, NT, MINB)                                                  \
