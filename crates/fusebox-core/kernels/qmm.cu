@@ -130,16 +130,6 @@ template <int GS, int NT, bool SX> struct QmmDepth {
 #endif
     static constexpr int v = NT >= 8 && !SX ? (GS == 64 ? 4 : L2X8) : GS == 32 ? (NT >= 8 ? 2 : 3) : 4;
 };
-// Experiments (FUSEBOX_NVRTC_DEFINES): the depth of the one-tile (1-4 rows)
-// dense kernels, and their blocks an SM (__launch_bounds__: 2 caps them at 128
-// registers, 3 at 80).
-#ifdef FB_QMM_DEPTH_N1
-template <int GS> struct QmmDepth<GS, 1, false> { static constexpr int v = FB_QMM_DEPTH_N1; };
-#endif
-#ifndef FB_QMM_MINB_N1
-#define FB_QMM_MINB_N1 2
-#endif
-
 
 // The MMAs of words W0 .. W0 + WN - 1 (each: four nibble pairs of rows g
 // (a) and g+8 (b), two MMAs) against every 8-column tile of x, whose B
@@ -400,15 +390,15 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
         FB_PROLOGUE_DEFERRED();                                                                                    \
         QMM_SDT((qmm_impl<GS, NT, false, S>(w, sc, bi, xb, xs, 4 * NT, out, nullptr, n, k, m, ksw)));            \
     }
-QMM(32, 1, FB_QMM_MINB_N1)
+QMM(32, 1, 2)
 QMM(32, 2, 1)
 QMM(32, 4, 1)
 QMM(32, 8, 1)
-QMM(64, 1, FB_QMM_MINB_N1)
+QMM(64, 1, 2)
 QMM(64, 2, 2)
 QMM(64, 4, 1)
 QMM(64, 8, 1)
-QMM(128, 1, FB_QMM_MINB_N1)
+QMM(128, 1, 2)
 QMM(128, 2, 2)
 QMM(128, 4, 1)
 QMM(128, 8, 1)

@@ -92,28 +92,3 @@ fn the_gemv_without_prefetch_compiles() {
         compile::compile("gemv.cu", "sm_90a", &["-DFB_GEMV_NO_PREFETCH"], false).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(!image.is_empty(), "empty cubin: {log}");
 }
-
-/// The qmm experiment switches (FUSEBOX_NVRTC_DEFINES) build; the log says
-/// whether a variant spills (printed with --nocapture).
-#[test]
-fn the_qmm_experiments_compile() {
-    if !nvrtc_present() {
-        return;
-    }
-    for defs in [&["-DFB_QMM_DEPTH_N1=6"][..], &["-DFB_QMM_MINB_N1=3"], &["-DFB_QMM_DEPTH_N1=2", "-DFB_QMM_MINB_N1=3"]]
-    {
-        let mut opts = defs.to_vec();
-        opts.push("--ptxas-options=-v");
-        let (image, log) = compile::compile("qmm.cu", "sm_90a", &opts, false).unwrap_or_else(|e| panic!("{e:#}"));
-        assert!(!image.is_empty(), "{defs:?}: empty cubin: {log}");
-        let mut kernel = String::new();
-        for line in log.lines() {
-            if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-                kernel = rest.split('\'').next().unwrap_or("").to_string();
-            }
-            if kernel.starts_with("qmm4_g64_n1") && (line.contains("Used") || line.contains("spill")) {
-                println!("{defs:?} {kernel}: {}", line.trim());
-            }
-        }
-    }
-}
