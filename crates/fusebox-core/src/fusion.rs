@@ -200,8 +200,8 @@ pub const TABLE: &[Rule] = &[
         backend: BackendKind::Cuda,
         site: Site::TcMatmul,
         on: false,
-        reason: "passes the gate and verifies 16 rows at 1.72 decode steps (the GEMV: 11.1), but decodes one row \
-                 at 0.48-0.68x the GEMV on Qwen3-8B/0.6B 4-bit, H100 (docs/benchmark_results/fused-tc_matmul-h100.md)",
+        reason: "passes the gate and verifies 16 rows of Qwen3-8B 4-bit in 7.7 ms (the GEMV: 42 ms), but decodes one \
+                 row in 4.5 ms where the GEMV takes 3.7, H100 (docs/benchmark_results/qmm-lean-h100-2026-12-07.md)",
     },
     Rule { backend: BackendKind::Cpu, site: Site::QkNorm, on: false, reason: "no fused CPU path" },
     Rule { backend: BackendKind::Cpu, site: Site::Moe, on: false, reason: "no fused CPU path" },
