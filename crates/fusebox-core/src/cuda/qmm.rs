@@ -1,10 +1,10 @@
 //! Site `tc_matmul`: a 4-bit affine weight's matmul for 1 to [`QMM_MAX_ROWS`]
 //! input rows on the tensor cores (kernels/qmm.cu). `qmm_prep` splits x into
 //! two bf16 parts (in the kernel's fragment order) with each group's sum, then one
-//! `qmm4_g{GS}_n{NT}` launch reads the weight once for all rows. From
-//! [`staged_rows`] rows on, `qmms4_*` stages x once per block of 8 row tiles
-//! (every warp of `qmm4_*` reads its x tiles from L2: at 16 rows 8 times the
-//! weight's bytes) and runs the same k slices as blocks, added by `qmm_ksum`.
+//! `qmm4_g{GS}_n{NT}` launch reads the weight once for all rows. From 17
+//! rows on (`FUSEBOX_QMM_STAGED_ROWS`), `qmms4_*` stages x once per block of
+//! 8 row tiles instead (every warp of `qmm4_*` reads its x tiles from L2) and
+//! runs the same k slices as blocks, added by `qmm_ksum`.
 //!
 //! The k split is planned from the weight's shape and the device alone, never
 //! from the row count, so a row's product is bitwise the same at every row
@@ -77,14 +77,16 @@ fn grouped_staged() -> bool {
     *ON.get_or_init(|| std::env::var("FUSEBOX_GROUPED_STAGED").map(|v| v != "0").unwrap_or(true))
 }
 
-/// `FUSEBOX_QMM_STAGED_ROWS` (default 5): the dense product of this many
+/// `FUSEBOX_QMM_STAGED_ROWS` (default 17): the dense product of this many
 /// input rows or more takes `qmms4_*` (x staged once per block of 8 row
 /// tiles, the same k slices as blocks) instead of `qmm4_*`, whose every warp
-/// reads its x tiles from L2 (with 16 rows 8 times the weight's bytes). Both
-/// compute a row bitwise alike. Read once.
+/// reads its x tiles from L2. Both compute a row bitwise alike. On an H100
+/// (4096 x 12288) staging took 32 rows from 80.9 to 49.4 us and 8 rows from
+/// 25.3 to 24.0, but 16 rows from 35.8 to 37.6 and one row from 19.3 to 23.2
+/// (docs/benchmark_results/qmm-lean-h100-2026-12-07.md). Read once.
 fn staged_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| std::env::var("FUSEBOX_QMM_STAGED_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(5))
+    *ROWS.get_or_init(|| std::env::var("FUSEBOX_QMM_STAGED_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(17))
 }
 
 /// `FUSEBOX_GROUPED_MOE` (default on), read once.
