@@ -166,11 +166,15 @@ template <int NT> struct QmmStage { static constexpr int BYTES = QMM_XD * 8 * NT
 // m <= 4 NT). xs holds xsm rows per group (qmm_prep's mp); output row r goes
 // to row orow[r] of out (r when orow is null). SX: x staged in shared memory
 // (QmmStage<NT>::BYTES of dynamic shared memory; ksw must be 1).
+// kgrid > 0: the k slices are blocks (blockIdx.y of kgrid, split as ksw
+// warps would split them: the same slices, so a row's sum is bitwise the
+// same), each block 8 row tiles; slice y's sums go to out + y m n (the
+// partials qmm_ksum adds in slice order when kgrid > 1).
 template <int GS, int NT, bool SX, int SDT>
 __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* __restrict__ sc,
                                          const void* __restrict__ bi, const u32* __restrict__ xb,
                                          const float* __restrict__ xs, int xsm, float* __restrict__ out,
-                                         const int* __restrict__ orow, int n, int k, int m, int ksw) {
+                                         const int* __restrict__ orow, int n, int k, int m, int ksw, int kgrid) {
     constexpr int U = GS > 64 ? GS : 64;         // k per unit: whole steps and whole groups
     constexpr int GPS = GS < 64 ? 64 / GS : 1;   // groups a step ends
     constexpr int SPG = GS > 64 ? GS / 64 : 1;   // steps a group spans
@@ -178,12 +182,14 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
     static_assert(QMM_DEPTH % SPG == 0, "the load pointers move whole groups");
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int tiles = n / 16, per_block = QMM_WARPS / ksw;
-    const int rt = blockIdx.x * per_block + wid / ksw, ks = wid % ksw;
+    const int kin = kgrid > 0 ? 1 : ksw;         // k slices inside the block
+    const int nsl = kgrid > 0 ? kgrid : ksw;     // k slices in all
+    const int tiles = n / 16, per_block = QMM_WARPS / kin;
+    const int rt = blockIdx.x * per_block + wid / kin, ks = kgrid > 0 ? (int)blockIdx.y : wid % kin;
     const bool tile_ok = rt < tiles;
     const int row0 = tile_ok ? rt * 16 + g : g, row1 = row0 + 8;
     const int units = k / U, ng = k / GS;
-    const int s0 = units * ks / ksw * (U / 64), s1 = units * (ks + 1) / ksw * (U / 64);
+    const int s0 = units * ks / nsl * (U / 64), s1 = units * (ks + 1) / nsl * (U / 64);
     const int kw = k / 8;   // u32 words per weight row
     // groups of 32: words 8s + t and 8s + 4 + t of step s; else the two at 8s + 2t
     // (these and the scale pointers below run with the loads: at step s0, then
@@ -339,7 +345,7 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
 #undef QMM_LOAD
 
     // the k slices of a row tile meet in shared memory; slice 0 adds the others in order
-    if (ksw > 1) {
+    if (kin > 1) {
         extern __shared__ float red[];   // [QMM_WARPS][NT * 2][32]
 #pragma unroll
         for (int j = 0; j < NT; j++)
@@ -354,7 +360,8 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
                     for (int i = 0; i < 2; i++) acc[j][i] += red[((wid + o) * NT * 2 + j * 2 + i) * 32 + lane];
         }
     }
-    if (ks == 0 && tile_ok) {
+    if ((kgrid > 0 || ks == 0) && tile_ok) {
+        if (kgrid > 1) out += (long long)blockIdx.y * m * n;
 #pragma unroll
         for (int j = 0; j < NT; j++) {
             const int r = j * 4 + t;
@@ -388,7 +395,15 @@ __device__ __forceinline__ void qmm_impl(const u32* __restrict__ w, const void* 
 #define QMM(GS, NT, MINB)                                                                                          \
     extern "C" __global__ void __launch_bounds__(256, MINB) qmm4_g##GS##_n##NT(QMM_ARGS) {                         \
         FB_PROLOGUE_DEFERRED();                                                                                    \
-        QMM_SDT((qmm_impl<GS, NT, false, S>(w, sc, bi, xb, xs, 4 * NT, out, nullptr, n, k, m, ksw)));            \
+        QMM_SDT((qmm_impl<GS, NT, false, S>(w, sc, bi, xb, xs, 4 * NT, out, nullptr, n, k, m, ksw, 0)));         \
+    }
+// qmms4_*: the same product with x staged in shared memory for 8 row tiles and
+// the k slices as blocks (grid: row blocks x ksw; QmmStage<NT>::BYTES of dynamic
+// shared memory; with ksw > 1, out holds ksw partials of m x n for qmm_ksum)
+#define QMMS(GS, NT, MINB)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256, MINB) qmms4_g##GS##_n##NT(QMM_ARGS) {                        \
+        FB_PROLOGUE_DEFERRED();                                                                                    \
+        QMM_SDT((qmm_impl<GS, NT, true, S>(w, sc, bi, xb, xs, 4 * NT, out, nullptr, n, k, m, 1, ksw)));          \
     }
 QMM(32, 1, 2)
 QMM(32, 2, 1)
@@ -474,7 +489,7 @@ extern "C" __global__ void __launch_bounds__(1024) qmm_group(const int* __restri
         const long long sbo = (long long)e * sb_estride * (sdt == 0 ? 4 : 2);                                      \
         QMM_SDT((qmm_impl<GS, NT, SX, S>(w + e * w_estride, (const char*)sc + sbo, (const char*)bi + sbo,         \
                                          xb + (long long)first * k, xs + first, xsm, out, order + first, n, k,    \
-                                         rows, ksw)));                                                            \
+                                         rows, ksw, 0)));                                                         \
     }
 // qmme4_*: x read by each warp (k split from the shape); qmmx4_*: x staged (ksw = 1)
 #define QMME(GS, NT, MINB)                                                  \
@@ -492,3 +507,28 @@ QMME(128, 1, 2)
 QMME(128, 2, 2)
 QMME(128, 4, 1)
 QMME(128, 8, 1)
+
+QMMS(32, 1, 2)
+QMMS(32, 2, 1)
+QMMS(32, 4, 1)
+QMMS(32, 8, 1)
+QMMS(64, 1, 2)
+QMMS(64, 2, 2)
+QMMS(64, 4, 1)
+QMMS(64, 8, 1)
+QMMS(128, 1, 2)
+QMMS(128, 2, 2)
+QMMS(128, 4, 1)
+QMMS(128, 8, 1)
+
+// out[i] = part[0][i] + part[1][i] + ... in slice order (the order in which
+// the k-split warps of qmm4_* add: the same bits), total = m n.
+extern "C" __global__ void __launch_bounds__(256) qmm_ksum(const float* __restrict__ part, float* __restrict__ out,
+                                                          int slices, int total) {
+    FB_PROLOGUE();
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        float a = part[i];
+        for (int o = 1; o < slices; o++) a += part[(long long)o * total + i];
+        out[i] = a;
+    }
+}

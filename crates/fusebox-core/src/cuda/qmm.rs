@@ -1,7 +1,10 @@
 //! Site `tc_matmul`: a 4-bit affine weight's matmul for 1 to [`QMM_MAX_ROWS`]
 //! input rows on the tensor cores (kernels/qmm.cu). `qmm_prep` splits x into
 //! two bf16 parts (in the kernel's fragment order) with each group's sum, then one
-//! `qmm4_g{GS}_n{NT}` launch reads the weight once for all rows.
+//! `qmm4_g{GS}_n{NT}` launch reads the weight once for all rows. From 17
+//! rows on (`FUSEBOX_QMM_STAGED_ROWS`), `qmms4_*` stages x once per block of
+//! 8 row tiles instead (every warp of `qmm4_*` reads its x tiles from L2) and
+//! runs the same k slices as blocks, added by `qmm_ksum`.
 //!
 //! The k split is planned from the weight's shape and the device alone, never
 //! from the row count, so a row's product is bitwise the same at every row
@@ -32,6 +35,8 @@ const WARPS: usize = 8;
 /// Scratch slots: x in bf16, and the group sums.
 const XB_SLOT: usize = 7;
 const XS_SLOT: usize = 8;
+/// The k slices' partial sums of a staged dense launch (`qmms4_*`, ksw > 1).
+const PART_SLOT: usize = 13;
 /// The affine 4-bit format in gemv.rs' table.
 const FMT_Q4: usize = 5;
 
@@ -58,6 +63,8 @@ macro_rules! names {
 }
 /// The dense kernels.
 const KERNELS: [[&str; 4]; 3] = names!("qmm4");
+/// The dense kernels with x staged in shared memory, k slices as blocks.
+const STAGED: [[&str; 4]; 3] = names!("qmms4");
 /// The grouped kernels: x read by every warp, k split from the shape.
 const GROUPED: [[&str; 4]; 3] = names!("qmme4");
 /// The grouped kernels with x staged in shared memory (no k split).
@@ -70,10 +77,33 @@ fn grouped_staged() -> bool {
     *ON.get_or_init(|| std::env::var("FUSEBOX_GROUPED_STAGED").map(|v| v != "0").unwrap_or(true))
 }
 
+/// `FUSEBOX_QMM_STAGED_ROWS` (default 17): the dense product of this many
+/// input rows or more takes `qmms4_*` (x staged once per block of 8 row
+/// tiles, the same k slices as blocks) instead of `qmm4_*`, whose every warp
+/// reads its x tiles from L2. Both compute a row bitwise alike. On an H100
+/// (4096 x 12288) staging took 32 rows from 80.9 to 49.4 us and 8 rows from
+/// 25.3 to 24.0, but 16 rows from 35.8 to 37.6 and one row from 19.3 to 23.2
+/// (docs/benchmark_results/qmm-lean-h100-2026-12-07.md). Read once.
+fn staged_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| std::env::var("FUSEBOX_QMM_STAGED_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(17))
+}
+
 /// `FUSEBOX_GROUPED_MOE` (default on), read once.
 fn grouped_moe() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("FUSEBOX_GROUPED_MOE").map(|v| v != "0").unwrap_or(true))
+}
+
+/// A staged dense launch: x prepared (`xb`, `xs`), `m` rows in `nt` column
+/// tiles, `ksw` k slices.
+struct Staged {
+    xb: u64,
+    xs: u64,
+    out: u64,
+    m: usize,
+    nt: usize,
+    ksw: usize,
 }
 
 /// One `qmm_prep` launch: `m` rows of x (row r = `order[r] / x_div` when
@@ -196,6 +226,9 @@ impl CudaBackend {
         self.qmm_prep(Prep { x, xb, xs, m, mp, k, gs, order: 0, x_div: 1 })?;
         let ksw = k_split(d, self.sm_count as usize);
         let tiles = n / 16;
+        if m >= staged_rows() {
+            return self.qmm_staged(d, Staged { xb, xs, out, m, nt, ksw });
+        }
         let blocks = tiles.div_ceil(WARPS / ksw);
         let smem = ksplit_bytes(nt, ksw);
         let name = KERNELS[group_index(gs)][nt.trailing_zeros() as usize];
@@ -217,6 +250,52 @@ impl CudaBackend {
                 Arg::I(ksw as i32),
             ],
         )
+    }
+
+    /// `qmms4_*`: one block per 8 row tiles and k slice (the slices of
+    /// `k_split`), x staged in shared memory; with several slices their
+    /// partial sums meet in `qmm_ksum`, in slice order.
+    fn qmm_staged(&self, d: &Dev, p: Staged) -> Result<()> {
+        let (n, k) = (d.n, d.k);
+        let sms = self.sm_count as usize;
+        // k_split keeps ksw * n under 512 per SM; sized for that and the most rows, so
+        // a captured graph's partials never move
+        let part = if p.ksw > 1 { self.scratch(PART_SLOT, QMM_MAX_ROWS * 512 * sms * 4)? } else { p.out };
+        ensure!(
+            p.ksw * n * p.m <= QMM_MAX_ROWS * 512 * sms,
+            "cuda qmm: {} k slices of {n} outputs overflow the partials",
+            p.ksw
+        );
+        let name = STAGED[group_index(d.gs)][p.nt.trailing_zeros() as usize];
+        self.launch(
+            FILE,
+            name,
+            (((n / 16).div_ceil(WARPS) as u32, p.ksw as u32, 1), (THREADS, 1, 1), staged_x_bytes(p.nt) as u32),
+            &[
+                Arg::P(d.w),
+                Arg::P(d.sc),
+                Arg::P(d.bi),
+                Arg::P(p.xb),
+                Arg::P(p.xs),
+                Arg::P(part),
+                Arg::I(n as i32),
+                Arg::I(k as i32),
+                Arg::I(p.m as i32),
+                Arg::I(d.sdt),
+                Arg::I(p.ksw as i32),
+            ],
+        )?;
+        if p.ksw > 1 {
+            let total = p.m * n;
+            let blocks = total.div_ceil(THREADS as usize).min(sms * 4);
+            self.launch(
+                FILE,
+                "qmm_ksum",
+                ((blocks as u32, 1, 1), (THREADS, 1, 1), 0),
+                &[Arg::P(part), Arg::P(p.out), Arg::I(p.ksw as i32), Arg::I(total as i32)],
+            )?;
+        }
+        Ok(())
     }
 
     /// The expert products of `pairs = m * slots` (row, slot) pairs, grouped by
