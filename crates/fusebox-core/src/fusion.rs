@@ -200,8 +200,9 @@ pub const TABLE: &[Rule] = &[
         backend: BackendKind::Cuda,
         site: Site::TcMatmul,
         on: false,
-        reason: "passes the gate and verifies 16 rows of Qwen3-8B 4-bit in 7.7 ms (the GEMV: 42 ms), but decodes one \
-                 row in 4.5 ms where the GEMV takes 3.7, H100 (docs/benchmark_results/qmm-lean-h100-2026-12-07.md)",
+        reason: "passes the gate and verifies 16 rows of Qwen3-8B 4-bit in 7.7 ms (the GEMV: 42 ms, fused-tc_matmul-h100.md), \
+                 but decodes one row in 4.5 ms where the GEMV takes 3.7, H100 \
+                 (docs/benchmark_results/qmm-lean-h100-2026-12-07.md)",
     },
     Rule { backend: BackendKind::Cpu, site: Site::QkNorm, on: false, reason: "no fused CPU path" },
     Rule { backend: BackendKind::Cpu, site: Site::Moe, on: false, reason: "no fused CPU path" },

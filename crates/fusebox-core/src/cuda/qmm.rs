@@ -95,17 +95,6 @@ fn grouped_moe() -> bool {
     *ON.get_or_init(|| std::env::var("FUSEBOX_GROUPED_MOE").map(|v| v != "0").unwrap_or(true))
 }
 
-/// A staged dense launch: x prepared (`xb`, `xs`), `m` rows in `nt` column
-/// tiles, `ksw` k slices.
-struct Staged {
-    xb: u64,
-    xs: u64,
-    out: u64,
-    m: usize,
-    nt: usize,
-    ksw: usize,
-}
-
 /// One `qmm_prep` launch: `m` rows of x (row r = `order[r] / x_div` when
 /// `order` is not null) into `xb` and `xs` padded to `mp` rows.
 struct Prep {
@@ -224,75 +213,53 @@ impl CudaBackend {
         let xb = self.scratch(XB_SLOT, QMM_MAX_ROWS * 2 * k * 2)?;
         let xs = self.scratch(XS_SLOT, QMM_MAX_ROWS * (k / 32) * 4)?;
         self.qmm_prep(Prep { x, xb, xs, m, mp, k, gs, order: 0, x_div: 1 })?;
-        let ksw = k_split(d, self.sm_count as usize);
+        let sms = self.sm_count as usize;
+        let ksw = k_split(d, sms);
         let tiles = n / 16;
-        if m >= staged_rows() {
-            return self.qmm_staged(d, Staged { xb, xs, out, m, nt, ksw });
-        }
-        let blocks = tiles.div_ceil(WARPS / ksw);
-        let smem = ksplit_bytes(nt, ksw);
-        let name = KERNELS[group_index(gs)][nt.trailing_zeros() as usize];
+        let gi = group_index(gs);
+        let ti = nt.trailing_zeros() as usize;
+        // staged (`qmms4_*`): one block per 8 row tiles and k slice (the slices of
+        // `k_split`), x in shared memory; with several slices their partial sums
+        // meet in `qmm_ksum`, in slice order. Else `qmm4_*`: the k slices are warps.
+        let staged = m >= staged_rows();
+        let (name, grid, smem, dst) = if staged {
+            // k_split keeps ksw * n under 512 per SM; sized for that and the most rows,
+            // so a captured graph's partials never move
+            let dst = if ksw > 1 { self.scratch(PART_SLOT, QMM_MAX_ROWS * 512 * sms * 4)? } else { out };
+            ensure!(
+                ksw * n * m <= QMM_MAX_ROWS * 512 * sms,
+                "cuda qmm: {ksw} k slices of {n} outputs overflow the partials"
+            );
+            (STAGED[gi][ti], (tiles.div_ceil(WARPS) as u32, ksw as u32, 1), staged_x_bytes(nt), dst)
+        } else {
+            (KERNELS[gi][ti], (tiles.div_ceil(WARPS / ksw) as u32, 1, 1), ksplit_bytes(nt, ksw), out)
+        };
         self.launch(
             FILE,
             name,
-            ((blocks as u32, 1, 1), (THREADS, 1, 1), smem as u32),
+            (grid, (THREADS, 1, 1), smem as u32),
             &[
                 Arg::P(d.w),
                 Arg::P(d.sc),
                 Arg::P(d.bi),
                 Arg::P(xb),
                 Arg::P(xs),
-                Arg::P(out),
+                Arg::P(dst),
                 Arg::I(n as i32),
                 Arg::I(k as i32),
                 Arg::I(m as i32),
                 Arg::I(d.sdt),
                 Arg::I(ksw as i32),
             ],
-        )
-    }
-
-    /// `qmms4_*`: one block per 8 row tiles and k slice (the slices of
-    /// `k_split`), x staged in shared memory; with several slices their
-    /// partial sums meet in `qmm_ksum`, in slice order.
-    fn qmm_staged(&self, d: &Dev, p: Staged) -> Result<()> {
-        let (n, k) = (d.n, d.k);
-        let sms = self.sm_count as usize;
-        // k_split keeps ksw * n under 512 per SM; sized for that and the most rows, so
-        // a captured graph's partials never move
-        let part = if p.ksw > 1 { self.scratch(PART_SLOT, QMM_MAX_ROWS * 512 * sms * 4)? } else { p.out };
-        ensure!(
-            p.ksw * n * p.m <= QMM_MAX_ROWS * 512 * sms,
-            "cuda qmm: {} k slices of {n} outputs overflow the partials",
-            p.ksw
-        );
-        let name = STAGED[group_index(d.gs)][p.nt.trailing_zeros() as usize];
-        self.launch(
-            FILE,
-            name,
-            (((n / 16).div_ceil(WARPS) as u32, p.ksw as u32, 1), (THREADS, 1, 1), staged_x_bytes(p.nt) as u32),
-            &[
-                Arg::P(d.w),
-                Arg::P(d.sc),
-                Arg::P(d.bi),
-                Arg::P(p.xb),
-                Arg::P(p.xs),
-                Arg::P(part),
-                Arg::I(n as i32),
-                Arg::I(k as i32),
-                Arg::I(p.m as i32),
-                Arg::I(d.sdt),
-                Arg::I(p.ksw as i32),
-            ],
         )?;
-        if p.ksw > 1 {
-            let total = p.m * n;
+        if staged && ksw > 1 {
+            let total = m * n;
             let blocks = total.div_ceil(THREADS as usize).min(sms * 4);
             self.launch(
                 FILE,
                 "qmm_ksum",
                 ((blocks as u32, 1, 1), (THREADS, 1, 1), 0),
-                &[Arg::P(part), Arg::P(p.out), Arg::I(p.ksw as i32), Arg::I(total as i32)],
+                &[Arg::P(dst), Arg::P(out), Arg::I(ksw as i32), Arg::I(total as i32)],
             )?;
         }
         Ok(())
