@@ -65,17 +65,50 @@ fn every_kernel_file_compiles_without_spills() {
                     std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&p, &image)).unwrap();
                 }
             }
-            let mut kernel = String::new();
-            for line in log.lines() {
-                if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-                    kernel = rest.split('\'').next().unwrap_or("").to_string();
-                }
-                if let Some(n) = line.split("bytes spill stores").next().and_then(|s| s.split(',').next_back()) {
-                    if line.contains("bytes spill stores") && n.trim().parse::<u32>().unwrap_or(0) > 0 {
-                        spills.push(format!("{file} {arch} {kernel}: {}", line.trim()));
-                    }
+            spills.extend(spilling_kernels(&log).into_iter().map(|k| format!("{file} {arch} {k}")));
+        }
+    }
+    assert!(spills.is_empty(), "register spills:\n{}", spills.join("\n"));
+}
+
+/// The kernels of a `--ptxas-options=-v` log that spill, with ptxas' line.
+fn spilling_kernels(log: &str) -> Vec<String> {
+    let mut out = vec![];
+    let mut kernel = String::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            kernel = rest.split('\'').next().unwrap_or("").to_string();
+        }
+        if let Some(n) = line.split("bytes spill stores").next().and_then(|s| s.split(',').next_back()) {
+            if line.contains("bytes spill stores") && n.trim().parse::<u32>().unwrap_or(0) > 0 {
+                out.push(format!("{kernel}: {}", line.trim()));
+            }
+        }
+    }
+    out
+}
+
+/// The GEMV core's integer dot products (`FB_INT_DOT`, the `int_dot` site on
+/// CUDA) compile without spills, alone and in the fused kernels.
+#[test]
+fn the_int_dot_gemv_compiles_without_spills() {
+    if !nvrtc_present() {
+        return;
+    }
+    let mut spills = vec![];
+    for file in ["gemv.cu", "fused.cu"] {
+        for arch in ["sm_90a", "sm_80"] {
+            let (image, log) = compile::compile(file, arch, &["-DFB_INT_DOT", "--ptxas-options=-v"], false)
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            assert!(!image.is_empty(), "{file}: empty cubin: {log}");
+            if arch == "sm_90a" {
+                println!("== {file} ({arch}, FB_INT_DOT)\n{log}");
+                if let Some(dir) = std::env::var_os("FUSEBOX_CUBIN_DIR") {
+                    let p = std::path::Path::new(&dir).join(file.replace(".cu", "-int.cubin"));
+                    std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&p, &image)).unwrap();
                 }
             }
+            spills.extend(spilling_kernels(&log).into_iter().map(|k| format!("{file} {arch} {k}")));
         }
     }
     assert!(spills.is_empty(), "register spills:\n{}", spills.join("\n"));
