@@ -2,11 +2,15 @@
 // product per launch) and fused.cu (products with fused epilogues). The
 // design is described at the top of gemv.cu.
 
+// FMT 0..9: the weight formats (gemv.cu); FMT + 16: the same weights through
+// integer dot products (IntDot below: 4- and 8-bit affine only).
 template <int FMT> struct Fmt {
-    static constexpr bool AFF = FMT >= 3;
-    static constexpr bool G16 = FMT == 9;  // 6-bit in groups of 16 (GGUF Q6_K); other formats: groups >= 32
-    static constexpr int BITS = FMT == 0 ? 32 : FMT <= 2 ? 16 : FMT == 8 ? 8 : FMT == 9 ? 6 : FMT - 1;
-    static constexpr int LU = FMT == 0 ? 4 : FMT <= 2 ? 8 : FMT == 8 ? 16 : 32;  // values per lane unit
+    static constexpr int B = FMT % 16;  // the weight format
+    static constexpr bool INT = FMT >= 16;
+    static constexpr bool AFF = B >= 3;
+    static constexpr bool G16 = B == 9;  // 6-bit in groups of 16 (GGUF Q6_K); other formats: groups >= 32
+    static constexpr int BITS = B == 0 ? 32 : B <= 2 ? 16 : B == 8 ? 8 : B == 9 ? 6 : B - 1;
+    static constexpr int LU = B == 0 ? 4 : B <= 2 ? 8 : B == 8 ? 16 : 32;  // values per lane unit
     static constexpr int WORDS = LU * BITS / 32;                                   // u32 words per lane unit
     // affine: f = A0 + q * 2^-P
     static constexpr int P = BITS == 4 ? 8 : BITS;
@@ -91,11 +95,12 @@ template <u32 V> __device__ __forceinline__ u32 reg_const() {
 // Value I of a lane unit as f32: the weight itself for dense formats, the
 // biased f = A0 + q * 2^-P for affine ones.
 template <int FMT, int I> __device__ __forceinline__ float unit_value(const u32 (&w)[Fmt<FMT>::WORDS]) {
-    if constexpr (FMT == 0) {
+    constexpr int B = Fmt<FMT>::B;
+    if constexpr (B == 0) {
         return __uint_as_float(w[I]);
-    } else if constexpr (FMT == 1) {
+    } else if constexpr (B == 1) {
         return f16_to_f32((f16_t)((I & 1) ? (w[I / 2] >> 16) : (w[I / 2] & 0xffffu)));
-    } else if constexpr (FMT == 2) {
+    } else if constexpr (B == 2) {
         return __uint_as_float((I & 1) ? (w[I / 2] & 0xffff0000u) : (w[I / 2] << 16));
     } else if constexpr (Fmt<FMT>::BITS == 4) {
         // nibble I lives in byte (I % 8) / 2 of word I / 8, low half for even I;
@@ -223,7 +228,7 @@ __device__ __forceinline__ void do_unit(const u32 (&wr)[R][Fmt<FMT>::WORDS], con
     }
 }
 
-// Integer dot products (FB_INT_DOT; 4- and 8-bit affine weights): each
+// Integer dot products (FMT + 16; 4- and 8-bit affine weights): each
 // block quantizes its x window to int16 once per unit of LU values (scale
 // amax / 32767, rounded to nearest), and a unit's dot product is exact int32
 // arithmetic in dp2a (two int16 x values times two weight bytes a step), so a
@@ -233,14 +238,10 @@ __device__ __forceinline__ void do_unit(const u32 (&wr)[R][Fmt<FMT>::WORDS], con
 // Staged unit (UB bytes): LU int16 values (4-bit: each 8 ordered 0 2 4 6 1 3 5
 // 7, to meet the low and high nibbles of a word), then sx and X (f32), 8
 // bytes of padding (which also keeps lanes' 16-byte reads off shared banks).
-#ifdef FB_INT_DOT
-constexpr bool kIntDot = true;
-#else
-constexpr bool kIntDot = false;
-#endif
 template <int FMT> struct IntDot {
     typedef Fmt<FMT> F;
-    static constexpr bool ON = kIntDot && F::AFF && !F::G16 && (F::BITS == 4 || F::BITS == 8);
+    static_assert(!F::INT || (F::B == 5 || F::B == 8), "integer dot products take 4- and 8-bit affine weights");
+    static constexpr bool ON = F::INT;
     static constexpr int UB = 2 * F::LU + 16;
 };
 

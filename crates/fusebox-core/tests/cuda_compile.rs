@@ -88,32 +88,6 @@ fn spilling_kernels(log: &str) -> Vec<String> {
     out
 }
 
-/// The GEMV core's integer dot products (`FB_INT_DOT`, the `int_dot` site on
-/// CUDA) compile without spills, alone and in the fused kernels.
-#[test]
-fn the_int_dot_gemv_compiles_without_spills() {
-    if !nvrtc_present() {
-        return;
-    }
-    let mut spills = vec![];
-    for file in ["gemv.cu", "fused.cu"] {
-        for arch in ["sm_90a", "sm_80"] {
-            let (image, log) = compile::compile(file, arch, &["-DFB_INT_DOT", "--ptxas-options=-v"], false)
-                .unwrap_or_else(|e| panic!("{e:#}"));
-            assert!(!image.is_empty(), "{file}: empty cubin: {log}");
-            if arch == "sm_90a" {
-                println!("== {file} ({arch}, FB_INT_DOT)\n{log}");
-                if let Some(dir) = std::env::var_os("FUSEBOX_CUBIN_DIR") {
-                    let p = std::path::Path::new(&dir).join(file.replace(".cu", "-int.cubin"));
-                    std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&p, &image)).unwrap();
-                }
-            }
-            spills.extend(spilling_kernels(&log).into_iter().map(|k| format!("{file} {arch} {k}")));
-        }
-    }
-    assert!(spills.is_empty(), "register spills:\n{}", spills.join("\n"));
-}
-
 /// `FUSEBOX_GEMV_PREFETCH=0` compiles the GEMV core with `FB_GEMV_NO_PREFETCH`
 /// (wait for the previous kernel before any load): that variant must build too.
 #[test]
