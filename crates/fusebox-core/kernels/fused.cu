@@ -181,6 +181,8 @@ QKV(fused_qkv_q5, 6)
 QKV(fused_qkv_q6, 7)
 QKV(fused_qkv_q8, 8)
 QKV(fused_qkv_q6g16, 9)
+QKV(fused_qkv_q4i, 21)
+QKV(fused_qkv_q8i, 24)
 
 // ----------------------------------------------------------- rope_kv_append
 // The qk_norm epilogue after unfused projections: one warp per head of one
@@ -320,3 +322,5 @@ MOE(q5, 6)
 MOE(q6, 7)
 MOE(q8, 8)
 MOE(q6g16, 9)
+MOE(q4i, 21)
+MOE(q8i, 24)

@@ -68,6 +68,9 @@ GEMV(gemv_q5, 6)
 GEMV(gemv_q6, 7)
 GEMV(gemv_q8, 8)
 GEMV(gemv_q6g16, 9)
+// the int_dot site: 4- and 8-bit affine weights through integer dot products
+GEMV(gemv_q4i, 21)
+GEMV(gemv_q8i, 24)
 
 // Dense rows whose starts are not 16-byte aligned (k not a multiple of the
 // vector width): a warp per output row, scalar loads, up to 8 input rows.

@@ -2,11 +2,15 @@
 // product per launch) and fused.cu (products with fused epilogues). The
 // design is described at the top of gemv.cu.
 
+// FMT 0..9: the weight formats (gemv.cu); FMT + 16: the same weights through
+// integer dot products (IntDot below: 4- and 8-bit affine only).
 template <int FMT> struct Fmt {
-    static constexpr bool AFF = FMT >= 3;
-    static constexpr bool G16 = FMT == 9;  // 6-bit in groups of 16 (GGUF Q6_K); other formats: groups >= 32
-    static constexpr int BITS = FMT == 0 ? 32 : FMT <= 2 ? 16 : FMT == 8 ? 8 : FMT == 9 ? 6 : FMT - 1;
-    static constexpr int LU = FMT == 0 ? 4 : FMT <= 2 ? 8 : FMT == 8 ? 16 : 32;  // values per lane unit
+    static constexpr int B = FMT % 16;  // the weight format
+    static constexpr bool INT = FMT >= 16;
+    static constexpr bool AFF = B >= 3;
+    static constexpr bool G16 = B == 9;  // 6-bit in groups of 16 (GGUF Q6_K); other formats: groups >= 32
+    static constexpr int BITS = B == 0 ? 32 : B <= 2 ? 16 : B == 8 ? 8 : B == 9 ? 6 : B - 1;
+    static constexpr int LU = B == 0 ? 4 : B <= 2 ? 8 : B == 8 ? 16 : 32;  // values per lane unit
     static constexpr int WORDS = LU * BITS / 32;                                   // u32 words per lane unit
     // affine: f = A0 + q * 2^-P
     static constexpr int P = BITS == 4 ? 8 : BITS;
@@ -91,11 +95,12 @@ template <u32 V> __device__ __forceinline__ u32 reg_const() {
 // Value I of a lane unit as f32: the weight itself for dense formats, the
 // biased f = A0 + q * 2^-P for affine ones.
 template <int FMT, int I> __device__ __forceinline__ float unit_value(const u32 (&w)[Fmt<FMT>::WORDS]) {
-    if constexpr (FMT == 0) {
+    constexpr int B = Fmt<FMT>::B;
+    if constexpr (B == 0) {
         return __uint_as_float(w[I]);
-    } else if constexpr (FMT == 1) {
+    } else if constexpr (B == 1) {
         return f16_to_f32((f16_t)((I & 1) ? (w[I / 2] >> 16) : (w[I / 2] & 0xffffu)));
-    } else if constexpr (FMT == 2) {
+    } else if constexpr (B == 2) {
         return __uint_as_float((I & 1) ? (w[I / 2] & 0xffff0000u) : (w[I / 2] << 16));
     } else if constexpr (Fmt<FMT>::BITS == 4) {
         // nibble I lives in byte (I % 8) / 2 of word I / 8, low half for even I;
@@ -219,6 +224,130 @@ __device__ __forceinline__ void do_unit(const u32 (&wr)[R][Fmt<FMT>::WORDS], con
 #pragma unroll
                 for (int mm = 0; mm < M; mm++) acc[r][mm] = fmaf(s, A[r][mm][h], fmaf(c, X[mm][h], acc[r][mm]));
             }
+        }
+    }
+}
+
+// Integer dot products (FMT + 16; 4- and 8-bit affine weights): each
+// block quantizes its x window to int16 once per unit of LU values (scale
+// amax / 32767, rounded to nearest), and a unit's dot product is exact int32
+// arithmetic in dp2a (two int16 x values times two weight bytes a step), so a
+// weight costs about one integer instruction instead of an unpack and an FMA.
+// With X the unit's exact f32 sum of x and sx its scale:
+//   sum (s q + b) x ~ (s sx) sum q xq + b X.
+// Staged unit (UB bytes): LU int16 values (4-bit: each 8 ordered 0 2 4 6 1 3 5
+// 7, to meet the low and high nibbles of a word), then sx and X (f32), 8
+// bytes of padding (which also keeps lanes' 16-byte reads off shared banks).
+template <int FMT> struct IntDot {
+    typedef Fmt<FMT> F;
+    static_assert(!F::INT || (F::B == 5 || F::B == 8), "integer dot products take 4- and 8-bit affine weights");
+    static constexpr bool ON = F::INT;
+    static constexpr int UB = 2 * F::LU + 16;
+};
+
+__device__ __forceinline__ int dp2a_lo(u32 a, u32 b, int c) {
+    int d;
+    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ int dp2a_hi(u32 a, u32 b, int c) {
+    int d;
+    asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// Quantize the LU values of x at xg (16-byte aligned, global) into the staged
+// unit at dst (shared, 16-byte aligned).
+template <int FMT> __device__ __forceinline__ void stage_x_int(const float* xg, char* dst) {
+    constexpr int LU = Fmt<FMT>::LU;
+    float v[LU];
+#pragma unroll
+    for (int j = 0; j < LU / 4; j++) {
+        const float4 t = __ldg((const float4*)xg + j);
+        v[4 * j] = t.x;
+        v[4 * j + 1] = t.y;
+        v[4 * j + 2] = t.z;
+        v[4 * j + 3] = t.w;
+    }
+    float amax = 0.f, sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < LU; i++) {
+        amax = fmaxf(amax, fabsf(v[i]));
+        sum += v[i];
+    }
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    u32 h[LU / 2];
+#pragma unroll
+    for (int i = 0; i < LU / 2; i++) {
+        // pair i holds values a (low half) and b; 4-bit: per 8, pairs (0,2) (4,6) (1,3) (5,7)
+        const int o = (i / 4) * 8, t = i % 4;
+        const int a = Fmt<FMT>::BITS == 4 ? o + (t & 1) * 4 + (t >> 1) : 2 * i;
+        const int b = Fmt<FMT>::BITS == 4 ? a + 2 : 2 * i + 1;
+        const u32 qa = (u32)__float2int_rn(v[a] * inv) & 0xffffu, qb = (u32)__float2int_rn(v[b] * inv);
+        h[i] = qa | (qb << 16);
+    }
+    uint4* d4 = (uint4*)dst;
+#pragma unroll
+    for (int j = 0; j < LU / 8; j++) d4[j] = make_uint4(h[4 * j], h[4 * j + 1], h[4 * j + 2], h[4 * j + 3]);
+    *(float2*)(dst + 2 * LU) = make_float2(amax * (1.f / 32767.f), sum);
+}
+
+// One lane unit of R rows against up to M staged x rows (row mm's unit at
+// xu + mm * xstride bytes): acc += (s sx) dot + b X.
+template <int FMT, int M, int R>
+__device__ __forceinline__ void do_unit_int(const u32 (&wr)[R][Fmt<FMT>::WORDS], const float (&sv)[R][2],
+                                            const float (&bv)[R][2], const char* xu, int xstride, int m,
+                                            float (&acc)[R][M]) {
+    typedef Fmt<FMT> F;
+    constexpr int WORDS = F::WORDS, LU = F::LU;
+    u32 lo[R][WORDS], hi[R][WORDS];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int j = 0; j < WORDS; j++) {
+            if constexpr (F::BITS == 4) {
+                lo[r][j] = wr[r][j] & 0x0f0f0f0fu;
+                hi[r][j] = (wr[r][j] >> 4) & 0x0f0f0f0fu;
+            } else {
+                lo[r][j] = hi[r][j] = wr[r][j];
+            }
+        }
+    }
+#pragma unroll
+    for (int mm = 0; mm < M; mm++) {
+        if (mm < m) {
+            const char* xm = xu + mm * xstride;
+            int d[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) d[r] = 0;
+#pragma unroll
+            for (int j = 0; j < WORDS; j++) {
+                if constexpr (F::BITS == 4) {
+                    // word j: values 8j..8j+7
+                    const uint4 a = ((const uint4*)xm)[j];
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        d[r] = dp2a_lo(a.x, lo[r][j], d[r]);
+                        d[r] = dp2a_hi(a.y, lo[r][j], d[r]);
+                        d[r] = dp2a_lo(a.z, hi[r][j], d[r]);
+                        d[r] = dp2a_hi(a.w, hi[r][j], d[r]);
+                    }
+                } else if (j % 2 == 0) {
+                    // words j, j + 1: values 4j..4j+7
+                    const uint4 a = ((const uint4*)xm)[j / 2];
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        d[r] = dp2a_lo(a.x, lo[r][j], d[r]);
+                        d[r] = dp2a_hi(a.y, lo[r][j], d[r]);
+                        d[r] = dp2a_lo(a.z, lo[r][j + 1], d[r]);
+                        d[r] = dp2a_hi(a.w, lo[r][j + 1], d[r]);
+                    }
+                }
+            }
+            const float2 sxX = *(const float2*)(xm + 2 * LU);
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                acc[r][mm] = fmaf(sv[r][0] * sxX.x, (float)d[r], fmaf(bv[r][0], sxX.y, acc[r][mm]));
         }
     }
 }
@@ -401,7 +530,16 @@ __device__ __forceinline__ void gemv_impl(const char* __restrict__ w, const void
 #pragma unroll
             for (int t = 0; t < D - 1; t++) issue();
             fb_grid_wait();  // (returns at once after the first time)
-            if constexpr (SX) {
+            if constexpr (IntDot<FMT>::ON) {
+                __syncthreads();  // the previous window's readers are done
+                const int nu = min(kw, k - w0) / LU;
+                for (int i = threadIdx.x; i < mr * nu; i += blockDim.x) {
+                    const int mm = i / nu, j = i - mm * nu;
+                    stage_x_int<FMT>(xb + (long long)mm * k + w0 + j * LU,
+                                     (char*)xsm + (mm * (kw / LU) + j) * IntDot<FMT>::UB);
+                }
+                __syncthreads();
+            } else if constexpr (SX) {
                 __syncthreads();  // the previous window's readers are done
                 const int nx = min(kw, k - w0);
                 for (int mm = 0; mm < mr; mm++) {
@@ -470,7 +608,11 @@ __device__ __forceinline__ void gemv_impl(const char* __restrict__ w, const void
                             bv[r][0] = sb_f32(v.y >> sh, sdt);
                         }
                     }
-                    if constexpr (SX) {
+                    if constexpr (IntDot<FMT>::ON) {
+                        const int c = u * LU - w0;
+                        do_unit_int<FMT, M, R>(wr, sv, bv, (const char*)xsm + (c / LU) * IntDot<FMT>::UB,
+                                               (kw / LU) * IntDot<FMT>::UB, m, acc);
+                    } else if constexpr (SX) {
                         const int c = u * LU - w0;
                         float X[M][2];
 #pragma unroll

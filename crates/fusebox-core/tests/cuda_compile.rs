@@ -65,20 +65,27 @@ fn every_kernel_file_compiles_without_spills() {
                     std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&p, &image)).unwrap();
                 }
             }
-            let mut kernel = String::new();
-            for line in log.lines() {
-                if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-                    kernel = rest.split('\'').next().unwrap_or("").to_string();
-                }
-                if let Some(n) = line.split("bytes spill stores").next().and_then(|s| s.split(',').next_back()) {
-                    if line.contains("bytes spill stores") && n.trim().parse::<u32>().unwrap_or(0) > 0 {
-                        spills.push(format!("{file} {arch} {kernel}: {}", line.trim()));
-                    }
-                }
-            }
+            spills.extend(spilling_kernels(&log).into_iter().map(|k| format!("{file} {arch} {k}")));
         }
     }
     assert!(spills.is_empty(), "register spills:\n{}", spills.join("\n"));
+}
+
+/// The kernels of a `--ptxas-options=-v` log that spill, with ptxas' line.
+fn spilling_kernels(log: &str) -> Vec<String> {
+    let mut out = vec![];
+    let mut kernel = String::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            kernel = rest.split('\'').next().unwrap_or("").to_string();
+        }
+        if let Some(n) = line.split("bytes spill stores").next().and_then(|s| s.split(',').next_back()) {
+            if line.contains("bytes spill stores") && n.trim().parse::<u32>().unwrap_or(0) > 0 {
+                out.push(format!("{kernel}: {}", line.trim()));
+            }
+        }
+    }
+    out
 }
 
 /// `FUSEBOX_GEMV_PREFETCH=0` compiles the GEMV core with `FB_GEMV_NO_PREFETCH`

@@ -33,8 +33,8 @@ const THREADS: u32 = 256;
 const COUNTER_SLOT: usize = 6;
 const COUNTERS: usize = 1 << 16;
 
-/// Kernel names by GEMV format (the order of `GEMV` in gemv.rs).
-const QKV: [&str; 10] = [
+/// Kernel names by GEMV kernel format (the order of `GEMV` in gemv.rs).
+const QKV: [&str; 12] = [
     "fused_qkv_f32",
     "fused_qkv_f16",
     "fused_qkv_bf16",
@@ -45,8 +45,10 @@ const QKV: [&str; 10] = [
     "fused_qkv_q6",
     "fused_qkv_q8",
     "fused_qkv_q6g16",
+    "fused_qkv_q4i",
+    "fused_qkv_q8i",
 ];
-const MOE_GATEUP: [&str; 10] = [
+const MOE_GATEUP: [&str; 12] = [
     "fused_moe_gateup_f32",
     "fused_moe_gateup_f16",
     "fused_moe_gateup_bf16",
@@ -57,8 +59,10 @@ const MOE_GATEUP: [&str; 10] = [
     "fused_moe_gateup_q6",
     "fused_moe_gateup_q8",
     "fused_moe_gateup_q6g16",
+    "fused_moe_gateup_q4i",
+    "fused_moe_gateup_q8i",
 ];
-const MOE_DOWN: [&str; 10] = [
+const MOE_DOWN: [&str; 12] = [
     "fused_moe_down_f32",
     "fused_moe_down_f16",
     "fused_moe_down_bf16",
@@ -69,6 +73,8 @@ const MOE_DOWN: [&str; 10] = [
     "fused_moe_down_q6",
     "fused_moe_down_q8",
     "fused_moe_down_q6g16",
+    "fused_moe_down_q4i",
+    "fused_moe_down_q8i",
 ];
 
 /// The widest expert MLP the fused MoE path takes
@@ -201,7 +207,7 @@ impl CudaBackend {
         if rows_per_block(&pq).max(rows_per_block(&pk)) / hd + 2 > 256 || nh + nkv > COUNTERS {
             return Ok(false);
         }
-        let name = QKV[dq.fmt];
+        let name = QKV[self.kernel_fmt(&dq)];
         let bf16 = cache.k.dtype() == DType::BF16;
         let blocks = pq.blocks + 2 * pk.blocks;
         let args = [
@@ -361,7 +367,7 @@ impl CudaBackend {
         let (g, u) = (Self::ptr(b.gate, "moe")?, Self::ptr(b.up, "moe")?);
         self.launch_gateup(&dg, &du, &pg, x, ids, slots, [g, u, act])?;
         let cnt = self.counters()?;
-        let name = MOE_DOWN[dd.fmt];
+        let name = MOE_DOWN[self.kernel_fmt(&dd)];
         let tail = [Self::ptr(e.weights, "moe")?, Self::ptr(b.y, "moe")?, Self::ptr(out, "moe")?];
         let (args, n) = join_args([Arg::P(dd.w)], moe_args(&dd, &pd, act, ids, slots, cnt), tail.map(Arg::P));
         let dims = ((pd.blocks as u32, slots as u32, 1), (THREADS, 1, 1), pd.smem as u32);
@@ -373,7 +379,7 @@ impl CudaBackend {
     /// (`fused_moe_gateup_<fmt>`): `out` = [gate scratch, up scratch, act].
     #[allow(clippy::too_many_arguments)]
     fn launch_gateup(&self, dg: &Dev, du: &Dev, p: &Plan, x: u64, ids: u64, slots: usize, out: [u64; 3]) -> Result<()> {
-        let name = MOE_GATEUP[dg.fmt];
+        let name = MOE_GATEUP[self.kernel_fmt(dg)];
         let head = [Arg::P(dg.w), Arg::P(du.w), Arg::P(du.sc), Arg::P(du.bi)];
         let (args, n) = join_args(head, moe_args(dg, p, x, ids, slots, self.counters()?), out.map(Arg::P));
         let dims = (((2 * p.blocks) as u32, slots as u32, 1), (THREADS, 1, 1), p.smem as u32);

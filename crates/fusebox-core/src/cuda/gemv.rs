@@ -47,8 +47,9 @@ const WARPS: usize = THREADS as usize / 32;
 
 /// Vector GEMV kernels: `[format][one row, up to 2, 4, 8 rows]`
 /// ([`template_rows`]). Formats: 0 f32, 1 f16, 2 bf16, then affine 2, 3, 4,
-/// 5, 6, 8 bits, then 6-bit with group size 16 (the GGUF Q6_K layout).
-const GEMV: [[&str; 4]; 10] = [
+/// 5, 6, 8 bits, then 6-bit with group size 16 (the GGUF Q6_K layout), then
+/// 4 and 8 bits through integer dot products ([`CudaBackend::kernel_fmt`]).
+const GEMV: [[&str; 4]; 12] = [
     ["gemv_f32_m1", "gemv_f32_m2", "gemv_f32_m4", "gemv_f32_mn"],
     ["gemv_f16_m1", "gemv_f16_m2", "gemv_f16_m4", "gemv_f16_mn"],
     ["gemv_bf16_m1", "gemv_bf16_m2", "gemv_bf16_m4", "gemv_bf16_mn"],
@@ -59,6 +60,8 @@ const GEMV: [[&str; 4]; 10] = [
     ["gemv_q6_m1", "gemv_q6_m2", "gemv_q6_m4", "gemv_q6_mn"],
     ["gemv_q8_m1", "gemv_q8_m2", "gemv_q8_m4", "gemv_q8_mn"],
     ["gemv_q6g16_m1", "gemv_q6g16_m2", "gemv_q6g16_m4", "gemv_q6g16_mn"],
+    ["gemv_q4i_m1", "gemv_q4i_m2", "gemv_q4i_m4", "gemv_q4i_mn"],
+    ["gemv_q8i_m1", "gemv_q8i_m2", "gemv_q8i_m4", "gemv_q8i_mn"],
 ];
 /// The kernel variant (its compile-time row count: 1, 2, 4 or 8) that takes
 /// `m` input rows, and its index into [`GEMV`].
@@ -459,6 +462,19 @@ impl CudaBackend {
     /// is launched: the kernel, the grid, the k split, the row groups per
     /// warp, the x window and the shared memory. The fused kernels (fused.rs)
     /// use the same plan, so their products equal the stand-alone ones.
+    /// The kernel format of `d`: its weight format, or for 4- and 8-bit
+    /// affine weights with the `int_dot` site on, 10 and 11: the same
+    /// weights through integer dot products (x quantized to int16 per unit of
+    /// the lane's values; `IntDot` in gemv.cuh). Every GEMV-core kernel
+    /// (plain, fused QKV, fused MoE) takes the same choice, so the rows of a
+    /// product agree whichever kernel computes them.
+    pub(super) fn kernel_fmt(&self, d: &Dev) -> usize {
+        match d.fmt {
+            5 | 8 if crate::backend::Backend::fused(self, crate::fusion::Site::IntDot) => 10 + (d.fmt == 8) as usize,
+            f => f,
+        }
+    }
+
     pub(super) fn plan_gemv(&self, d: &Dev, x: u64, m: usize, pairs: usize) -> Result<Plan> {
         self.plan_gemv_split(d, x, m, pairs, pairs)
     }
@@ -539,7 +555,7 @@ impl CudaBackend {
         } else {
             (1, (groups * gy).div_ceil(wave))
         };
-        let name = GEMV[d.fmt][variant];
+        let name = GEMV[self.kernel_fmt(d)][variant];
         Ok(Plan { name, vector, rows_per_warp: sh.r, blocks: groups.div_ceil(WARPS / ks * gw), gy, ks, kw, gw, smem })
     }
 
