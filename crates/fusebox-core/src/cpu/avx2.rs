@@ -20,6 +20,15 @@ pub(super) unsafe fn hsum8(a: __m256) -> f32 {
     _mm_cvtss_f32(h)
 }
 
+/// Horizontal maximum of 8 lanes.
+#[inline(always)]
+pub(super) unsafe fn hmax8(a: __m256) -> f32 {
+    let h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    _mm_cvtss_f32(h)
+}
+
 /// Horizontal sum of four accumulators.
 #[inline(always)]
 unsafe fn hsum(a: [__m256; 4]) -> f32 {

@@ -6,6 +6,7 @@
 
 mod attn;
 mod attn_block;
+mod attn_group;
 mod avx2;
 mod gemm;
 mod intdot;
@@ -774,6 +775,24 @@ impl Backend for CpuBackend {
                     })
                 })
             });
+            return Ok(());
+        }
+        if attn_group::supported(d) {
+            // decode and verify rows: a task per (row, kv head), its group's heads together
+            let f = |(idx, o): (usize, &mut [f32])| {
+                let (i, kvh) = (idx / kv_heads, idx % kv_heads);
+                let len = pos[i] as usize + 1;
+                let (keys, values) = if f16 {
+                    (attn_block::KvRows::F16(&ks16[kvh * d..]), attn_block::KvRows::F16(&vs16[kvh * d..]))
+                } else {
+                    (attn_block::KvRows::F32(&ks[kvh * d..]), attn_block::KvRows::F32(&vs[kvh * d..]))
+                };
+                let qv = &qs[idx * group * d..(idx + 1) * group * d];
+                with_scratch(attn_group::scratch_len(group, len), |s| {
+                    attn_group::attend(qv, d, keys, values, kv_row, len, scale, s, o)
+                })
+            };
+            self.pool.install(|| os.par_chunks_exact_mut(group * d).enumerate().for_each(f));
             return Ok(());
         }
         let f = |(idx, o): (usize, &mut [f32])| {
