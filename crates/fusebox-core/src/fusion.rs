@@ -228,7 +228,8 @@ pub const TABLE: &[Rule] = &[
         on: true,
         reason: "relative RMS 1.7e-4, greedy tokens equal; 6.5x decode on a Qwen3-0.6B Q4_K_M GGUF, 2.5x on Q4_0 \
                  (Q6_K embedding), 1.28x on SmolLM2 Q4_1, 0.99-1.01x on MLX 4/8-bit, 2 cores \
-                 (docs/benchmark_results/fused-int_dot-cpu-2026-12-06.md)",
+                 (docs/benchmark_results/fused-int_dot-cpu-2026-12-06.md); prefill (over 32 rows) as an int16 GEMM: \
+                 1.17x pp512 on Qwen3-0.6B Q4_K_M, 1.27x on Q4_0 (docs/benchmark_results/cpu-prefill-i16-2026-12-07.md)",
     },
 ];
 

@@ -92,6 +92,30 @@ fn int_dot_is_exact_on_the_int16_input_and_close_on_the_f32_one() {
     }
 }
 
+/// Past the one-row path (more than 32 rows) the integer path is the int16
+/// GEMM: every input row quantized per block of 32 (K-quants included),
+/// tiles of 6 rows x 16 weight rows with remainders in both.
+#[test]
+fn int_dot_prefill_is_exact_on_the_int16_input_and_close_on_the_f32_one() {
+    let (on, off) = (int_backend(true), int_backend(false));
+    let mut r = ChaCha8Rng::seed_from_u64(13);
+    for (rows, cols) in [(45, 512), (16, 256), (7, 768)] {
+        for (name, w, _) in weights(&mut r, rows, cols) {
+            for m in [33, 40, 64, 100] {
+                let mut x = common::randv(&mut r, m * cols);
+                x[..32].fill(0.0); // an all-zero block
+                let got = matmul(&on, &w, &x, m);
+                let what = format!("{name} {rows}x{cols} m={m}");
+                common::check(&got, &reference(&w, &int_rounded(&x, 32), 0), 1e-5, &format!("{what} vs int16 input"));
+                let f32_path = matmul(&off, &w, &x, m);
+                let e = common::check(&got, &f32_path, 2e-4, &format!("{what} vs the f32 path"));
+                assert!(e > 0.0, "{what}: the integer path did not run");
+                common::check(&f32_path, &reference(&w, &x, 0), 1e-5, &format!("{what} off"));
+            }
+        }
+    }
+}
+
 #[test]
 fn int_dot_expert_matmul_matches_reference() {
     let b = int_backend(true);
@@ -170,34 +194,40 @@ fn cpu_int_dot_speed() {
 }
 
 /// Benchmark, not a check (run with `--ignored --nocapture`): the prefill
-/// matmul (512 input rows, past the one-row path) of Q4_K and Q6_K weights
-/// of 1024 rows x 1024 and 3072 x 1024 on one thread; prints the
-/// 10th-percentile time in GFLOP/s.
+/// matmul (512 input rows, past the one-row path) of Q4_K, Q6_K and Q4_0
+/// weights of 1024 rows x 1024, 3072 x 1024 and 1024 x 3072 on one thread,
+/// `int_dot` off (the f32 GEMM) and on (the int16 GEMM) in alternation;
+/// prints the 10th-percentile time in GFLOP/s.
 #[test]
 #[ignore]
 fn cpu_prefill_matmul_speed() {
     let b = fusebox_core::cpu::CpuBackend::new(1).unwrap();
     let mut r = ChaCha8Rng::seed_from_u64(2);
     let m = 512;
-    for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+    for ty in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q4_0] {
         for (rows, cols) in [(1024usize, 1024usize), (3072, 1024), (1024, 3072)] {
             let w = common::ggml(&mut r, ty, 1, rows, cols);
             let x = Tensor::from_f32(&[m, cols], &common::randv(&mut r, m * cols)).unwrap();
             let mut out = Tensor::zeros(&[m, rows], DType::F32);
-            let mut v = Vec::new();
+            let mut v = [Vec::new(), Vec::new()];
             b.run(&mut || {
-                for _ in 0..5 {
+                for i in 0..10 {
+                    b.policy().override_site(Site::IntDot, Some(i % 2 == 1));
                     let t = std::time::Instant::now();
                     b.matmul(&x, &w, &mut out)?;
-                    v.push(t.elapsed().as_secs_f64());
+                    v[i % 2].push(t.elapsed().as_secs_f64());
                 }
                 Ok(())
             })
             .unwrap();
-            v.sort_by(f64::total_cmp);
-            let s = v[v.len() / 10];
             let flop = 2.0 * (m * rows * cols) as f64;
-            println!("{} {m} x {cols} x {rows}: {:.2} ms, {:.1} GFLOP/s", ty.name(), s * 1e3, flop / s / 1e9);
+            let mut line = format!("{} {m} x {cols} x {rows}:", ty.name());
+            for (name, v) in ["f32", "int16"].iter().zip(&mut v) {
+                v.sort_by(f64::total_cmp);
+                let s = v[v.len() / 10];
+                line += &format!(" {name} {:.2} ms {:.1} GFLOP/s;", s * 1e3, flop / s / 1e9);
+            }
+            println!("{line}");
         }
     }
 }

@@ -9,6 +9,8 @@ mod attn_block;
 mod attn_group;
 mod avx2;
 mod gemm;
+mod gemm_i16;
+mod int_weights;
 mod intdot;
 mod kernels;
 mod quant;
@@ -79,6 +81,40 @@ impl CpuBackend {
                 })
                 .collect(),
         )
+    }
+
+    /// The prefill product (`m` rows of `xs` against the `n` rows of a packed
+    /// weight) in int16 ([`gemm_i16`]): the inputs quantized once, then each
+    /// block of [`gemm_i16::NR`] weight rows decoded to small integers once
+    /// and used for every input row.
+    fn int_prefill(&self, rows: &Rows, xs: &[f32], m: usize, n: usize, k: usize, os: &mut [f32]) {
+        const BN: usize = gemm_i16::NR;
+        let g = k / 32;
+        let optr = SharedMut(os.as_mut_ptr());
+        self.pool.install(|| {
+            let x = gemm_i16::IntRows::new(xs, k);
+            (0..n.div_ceil(BN)).into_par_iter().for_each(|b| {
+                let j0 = b * BN;
+                let nb = BN.min(n - j0);
+                // f32 scratch: the rows' and the panel's int16 (BN * k / 2 each), then scales and biases
+                with_scratch(BN * k + 2 * BN * g, |buf| {
+                    let (wq, rest) = buf.split_at_mut(BN * k / 2);
+                    let (panel, rest) = rest.split_at_mut(BN * k / 2);
+                    let (ws, wb) = rest.split_at_mut(BN * g);
+                    let wq: &mut [i16] = bytemuck::cast_slice_mut(wq);
+                    ws.fill(0.0);
+                    wb.fill(0.0);
+                    for jj in 0..nb {
+                        rows.int_row(j0 + jj, &mut wq[jj * k..(jj + 1) * k], &mut ws[jj..], &mut wb[jj..], BN);
+                    }
+                    let panel: &mut [i32] = bytemuck::cast_slice_mut(panel);
+                    gemm_i16::block_product(&x, m, wq, ws, wb, nb, panel, |r, o| {
+                        // SAFETY: each (r, j0..j0+nb) is written by exactly one task, inside `os`.
+                        unsafe { optr.write_row(r * n + j0, o) };
+                    });
+                })
+            })
+        });
     }
 
     /// Rows per task for a GEMV of `n` rows: a few tasks per thread, so that
@@ -182,6 +218,16 @@ impl<'a> Rows<'a> {
             Rows::Affine(a) => a.dot_int(j, y),
             Rows::Ggml(g) => g.dot_int(j, y),
             _ => unreachable!("dot_int on a dense weight"),
+        }
+    }
+
+    /// Row `j` as small integers with a scale and bias per block of 32, put
+    /// at `s[g * stride]` and `b[g * stride]` ([`Rows::int_supported`] only).
+    fn int_row(&self, j: usize, q: &mut [i16], s: &mut [f32], b: &mut [f32], stride: usize) {
+        match self {
+            Rows::Affine(a) => a.int_row(j, q, s, b, stride),
+            Rows::Ggml(g) => g.int_row(j, q, s, b, stride),
+            _ => unreachable!("int_row on a dense weight"),
         }
     }
 
@@ -517,6 +563,10 @@ impl Backend for CpuBackend {
                     })
                 })
             });
+            return Ok(());
+        }
+        if self.policy.is_on(Site::IntDot) && rows.int_supported() && k % 32 == 0 && gemm_i16::supported() {
+            self.int_prefill(&rows, xs, m, n, k, os);
             return Ok(());
         }
         // Prefill: convert a block of weight rows to f32 once, use it for every input row.

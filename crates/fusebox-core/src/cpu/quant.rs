@@ -191,6 +191,16 @@ impl<'a> AffineRows<'a> {
         super::intdot::affine_dot(&self.words[j * wpr..(j + 1) * wpr], self.bits, self.group, sb, y)
     }
 
+    /// Row `j` as small integers with a scale and bias per block of 32
+    /// ([`super::int_weights::affine_row`]; [`Self::int_supported`] only).
+    pub fn int_row(&self, j: usize, q: &mut [i16], s: &mut [f32], b: &mut [f32], stride: usize) {
+        let wpr = self.cols * self.bits as usize / 32;
+        let gpr = self.cols / self.group;
+        let sb = |g: usize| (self.scales.get(j * gpr + g), self.biases.get(j * gpr + g));
+        let words = &self.words[j * wpr..(j + 1) * wpr];
+        super::int_weights::affine_row(words, self.bits, self.group, sb, &mut q[..self.cols], s, b, stride);
+    }
+
     /// [`Self::dot`] of row `j` with each of `xs` (bitwise the same values),
     /// dequantizing the row once into `buf` (`cols` values).
     pub fn dot_rows(&self, j: usize, xs: &[&[f32]], buf: &mut [f32], out: &mut [f32]) {
@@ -334,6 +344,13 @@ impl<'a> GgmlRows<'a> {
     pub fn dot_int(&self, j: usize, y: &IntRow) -> f32 {
         let rb = self.ty.row_bytes(self.cols);
         super::intdot::ggml_dot(self.ty, &self.bytes[j * rb..(j + 1) * rb], y)
+    }
+
+    /// Row `j` as small integers with a scale and bias per block of 32
+    /// ([`super::int_weights::ggml_row`]; [`Self::int_supported`] only).
+    pub fn int_row(&self, j: usize, q: &mut [i16], s: &mut [f32], b: &mut [f32], stride: usize) {
+        let rb = self.ty.row_bytes(self.cols);
+        super::int_weights::ggml_row(self.ty, &self.bytes[j * rb..(j + 1) * rb], &mut q[..self.cols], s, b, stride);
     }
 
     /// [`Self::dot`] of row `j` with each of `xs` (bitwise the same values),
