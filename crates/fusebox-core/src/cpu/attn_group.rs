@@ -49,28 +49,17 @@ pub fn attend(
     scratch: &mut [f32],
     out: &mut [f32],
 ) {
-    let g = q.len() / d;
-    assert!(supported(d) && len > 0 && q.len() == g * d && out.len() == g * d);
-    assert!(scratch.len() >= scratch_len(g, len));
-    let rows_end = (len - 1) * stride + d;
-    let (kl, vl) = match (keys, values) {
-        (KvRows::F32(k), KvRows::F32(v)) => (k.len(), v.len()),
-        (KvRows::F16(k), KvRows::F16(v)) => (k.len(), v.len()),
-        _ => panic!("attention: keys and values of different types"),
-    };
-    assert!(rows_end <= kl && rows_end <= vl, "attention: rows past the cache");
-    let s = &mut scratch[..g * len];
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2/FMA/F16C are present (supported); rows 0..len of both lie inside their slices (asserted).
-    unsafe {
-        match (keys, values) {
-            (KvRows::F32(k), KvRows::F32(v)) => x86::attend(q, d, k.as_ptr(), v.as_ptr(), stride, len, scale, s, out),
-            (KvRows::F16(k), KvRows::F16(v)) => x86::attend(q, d, k.as_ptr(), v.as_ptr(), stride, len, scale, s, out),
-            _ => unreachable!(),
-        }
+    match (keys, values) {
+        (KvRows::F32(k), KvRows::F32(v)) => x86::attend_rows(q, d, k, v, stride, len, scale, scratch, out),
+        (KvRows::F16(k), KvRows::F16(v)) => x86::attend_rows(q, d, k, v, stride, len, scale, scratch, out),
+        _ => panic!("attention: keys and values of different types"),
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!()
+    {
+        let _ = (q, d, keys, values, stride, len, scale, scratch, out);
+        unreachable!("attend without AVX2 (supported is false)")
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -118,11 +107,34 @@ mod x86 {
         }
     }
 
+    /// [`super::attend`] over the rows of one element type: checks every
+    /// bound, then runs the kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_rows<T: Elem>(
+        q: &[f32],
+        d: usize,
+        k: &[T],
+        v: &[T],
+        stride: usize,
+        len: usize,
+        scale: f32,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let g = q.len() / d;
+        assert!(super::supported(d) && len > 0 && q.len() == g * d && out.len() == g * d);
+        assert!(scratch.len() >= super::scratch_len(g, len));
+        let rows_end = (len - 1) * stride + d;
+        assert!(rows_end <= k.len() && rows_end <= v.len(), "attention: rows past the cache");
+        // SAFETY: AVX2/FMA/F16C are present (supported); rows 0..len of k and v lie inside them (asserted).
+        unsafe { attend(q, d, k.as_ptr(), v.as_ptr(), stride, len, scale, &mut scratch[..g * len], out) }
+    }
+
     /// # Safety
-    /// AVX2/FMA/F16C; see [`super::attend`] (bounds checked there).
+    /// AVX2/FMA/F16C; the bounds [`attend_rows`] checks.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn attend<T: Elem>(
+    unsafe fn attend<T: Elem>(
         q: &[f32],
         d: usize,
         k: *const T,
