@@ -20,8 +20,8 @@ use rayon::prelude::*;
 pub const NR: usize = super::gemm::NR;
 /// Input rows per micro-kernel call.
 pub const MR: usize = super::gemm::MR;
-/// The largest quantized input magnitude: 2^14 - 1, as in [`super::intdot`].
-const XMAX: f32 = 16383.0;
+/// The largest quantized input magnitude: the decode path's 2^14 - 1.
+const XMAX: f32 = super::intdot::QMAX;
 /// Input rows per quantization task.
 const QUANT_ROWS: usize = 8;
 
@@ -157,10 +157,7 @@ mod x86 {
         let sign = _mm256_set1_ps(-0.0);
         let a = v.map(|v| _mm256_andnot_ps(sign, v));
         let a = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
-        let h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-        let d = _mm_cvtss_f32(h) / XMAX;
+        let d = crate::cpu::avx2::hmax8(a) / XMAX;
         let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
         let (lo, hi) = (_mm256_set1_epi32(-(XMAX as i32)), _mm256_set1_epi32(XMAX as i32));
         let r = v.map(|v| _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_mul_ps(v, inv)))));

@@ -48,7 +48,7 @@ pub struct IntRow {
 
 /// The largest quantized magnitude: 2^14 - 1, so that the sum of two 8-bit
 /// products (255 * 16383 * 2) and of four 4-bit ones stay far inside i32.
-const QMAX: f32 = 16383.0;
+pub(super) const QMAX: f32 = 16383.0;
 
 impl IntRow {
     /// Quantize `x` into `self` with one scale per `span` values (32 or 256;
