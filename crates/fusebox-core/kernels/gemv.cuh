@@ -241,7 +241,6 @@ __device__ __forceinline__ void do_unit(const u32 (&wr)[R][Fmt<FMT>::WORDS], con
 template <int FMT> struct IntDot {
     typedef Fmt<FMT> F;
     static_assert(!F::INT || (F::B == 5 || F::B == 8), "integer dot products take 4- and 8-bit affine weights");
-    static constexpr bool ON = F::INT;
     static constexpr int UB = 2 * F::LU + 16;
 };
 
@@ -300,16 +299,17 @@ __device__ __forceinline__ void do_unit_int(const u32 (&wr)[R][Fmt<FMT>::WORDS],
                                             float (&acc)[R][M]) {
     typedef Fmt<FMT> F;
     constexpr int WORDS = F::WORDS, LU = F::LU;
-    u32 lo[R][WORDS], hi[R][WORDS];
+    // 4-bit: each word's even values (low nibbles) and odd ones as bytes;
+    // 8-bit words are bytes already (dp2a reads them as they are)
+    constexpr int NW = F::BITS == 4 ? WORDS : 1;
+    u32 lo[R][NW], hi[R][NW];
+    if constexpr (F::BITS == 4) {
 #pragma unroll
-    for (int r = 0; r < R; r++) {
+        for (int r = 0; r < R; r++) {
 #pragma unroll
-        for (int j = 0; j < WORDS; j++) {
-            if constexpr (F::BITS == 4) {
+            for (int j = 0; j < WORDS; j++) {
                 lo[r][j] = wr[r][j] & 0x0f0f0f0fu;
                 hi[r][j] = (wr[r][j] >> 4) & 0x0f0f0f0fu;
-            } else {
-                lo[r][j] = hi[r][j] = wr[r][j];
             }
         }
     }
@@ -337,10 +337,10 @@ __device__ __forceinline__ void do_unit_int(const u32 (&wr)[R][Fmt<FMT>::WORDS],
                     const uint4 a = ((const uint4*)xm)[j / 2];
 #pragma unroll
                     for (int r = 0; r < R; r++) {
-                        d[r] = dp2a_lo(a.x, lo[r][j], d[r]);
-                        d[r] = dp2a_hi(a.y, lo[r][j], d[r]);
-                        d[r] = dp2a_lo(a.z, lo[r][j + 1], d[r]);
-                        d[r] = dp2a_hi(a.w, lo[r][j + 1], d[r]);
+                        d[r] = dp2a_lo(a.x, wr[r][j], d[r]);
+                        d[r] = dp2a_hi(a.y, wr[r][j], d[r]);
+                        d[r] = dp2a_lo(a.z, wr[r][j + 1], d[r]);
+                        d[r] = dp2a_hi(a.w, wr[r][j + 1], d[r]);
                     }
                 }
             }
@@ -530,7 +530,7 @@ __device__ __forceinline__ void gemv_impl(const char* __restrict__ w, const void
 #pragma unroll
             for (int t = 0; t < D - 1; t++) issue();
             fb_grid_wait();  // (returns at once after the first time)
-            if constexpr (IntDot<FMT>::ON) {
+            if constexpr (Fmt<FMT>::INT) {
                 __syncthreads();  // the previous window's readers are done
                 const int nu = min(kw, k - w0) / LU;
                 for (int i = threadIdx.x; i < mr * nu; i += blockDim.x) {
@@ -608,7 +608,7 @@ __device__ __forceinline__ void gemv_impl(const char* __restrict__ w, const void
                             bv[r][0] = sb_f32(v.y >> sh, sdt);
                         }
                     }
-                    if constexpr (IntDot<FMT>::ON) {
+                    if constexpr (Fmt<FMT>::INT) {
                         const int c = u * LU - w0;
                         do_unit_int<FMT, M, R>(wr, sv, bv, (const char*)xsm + (c / LU) * IntDot<FMT>::UB,
                                                (kw / LU) * IntDot<FMT>::UB, m, acc);
