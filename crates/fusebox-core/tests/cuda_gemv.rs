@@ -46,27 +46,38 @@ fn dense_matmul_matches_cpu() {
     }
 }
 
+/// The affine weights the matmul tests take, as (group, scale type, n, k):
+/// every group size, bf16/f16/f32 scales (varied with the bit width), and
+/// also x staged in several windows (k = 14336) and several row groups per
+/// warp (n = 9000).
+fn affine_cases(bits: u32) -> Vec<(usize, DType, usize, usize)> {
+    let mut v = vec![];
+    for group in [32, 64, 128] {
+        let sdt = [DType::BF16, DType::F16, DType::F32][(bits as usize + group / 32) % 3];
+        let big = if group == 128 { (5, 14336) } else { (9000, 2 * group) };
+        for (n, k) in [(7, 3 * group), (300, 1024 + group), (1, 4096), big] {
+            v.push((group, sdt, n, k));
+        }
+    }
+    v
+}
+
 #[test]
 fn affine_matmul_matches_cpu() {
     let Some(be) = backend_for_tests() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(12);
     for bits in [2, 3, 4, 5, 6, 8] {
         let mut worst = [0f64; 2];
-        for group in [32, 64, 128] {
-            let sdt = [DType::BF16, DType::F16, DType::F32][(bits as usize + group / 32) % 3];
-            // also: x staged in several windows (k = 14336), several row groups per warp (n = 9000)
-            let big = if group == 128 { (5, 14336) } else { (9000, 2 * group) };
-            for (n, k) in [(7, 3 * group), (300, 1024 + group), (1, 4096), big] {
-                let w = affine(&mut r, 1, n, k, bits, group, sdt);
-                let gw = be.upload_weight(w.clone()).unwrap();
-                // 40 rows: past ROW_EXACT_MAX, the dequantized weight through cuBLAS
-                for m in [1, 3, 8, 12, 40] {
-                    let (got, want) = both_matmul(&be, &w, &gw, m, &mut r);
-                    let gemm = m > fusebox_core::backend::ROW_EXACT_MAX;
-                    let what = format!("{bits}-bit g{group} {sdt} scales [{m}, {k}] x [{n}, {k}]^T");
-                    let e = check(&got, &want, if gemm { 1e-2 } else { 1e-3 }, &what);
-                    worst[gemm as usize] = worst[gemm as usize].max(e);
-                }
+        for (group, sdt, n, k) in affine_cases(bits) {
+            let w = affine(&mut r, 1, n, k, bits, group, sdt);
+            let gw = be.upload_weight(w.clone()).unwrap();
+            // 40 rows: past ROW_EXACT_MAX, the dequantized weight through cuBLAS
+            for m in [1, 3, 8, 12, 40] {
+                let (got, want) = both_matmul(&be, &w, &gw, m, &mut r);
+                let gemm = m > fusebox_core::backend::ROW_EXACT_MAX;
+                let what = format!("{bits}-bit g{group} {sdt} scales [{m}, {k}] x [{n}, {k}]^T");
+                let e = check(&got, &want, if gemm { 1e-2 } else { 1e-3 }, &what);
+                worst[gemm as usize] = worst[gemm as usize].max(e);
             }
         }
         println!("affine {bits}-bit: worst relative error GEMV {:.2e}, cuBLAS {:.2e}", worst[0], worst[1]);
@@ -404,32 +415,28 @@ fn int_dot_gemv_matches_cpu_and_rows_agree() {
     let mut r = ChaCha8Rng::seed_from_u64(16);
     for bits in [4, 8] {
         let mut worst = 0f64;
-        for group in [32, 64, 128] {
-            let sdt = [DType::BF16, DType::F16, DType::F32][(bits as usize + group / 32) % 3];
-            let big = if group == 128 { (5, 14336) } else { (9000, 2 * group) };
-            for (n, k) in [(7, 3 * group), (300, 1024 + group), (1, 4096), big] {
-                let w = affine(&mut r, 1, n, k, bits, group, sdt);
-                let gw = be.upload_weight(w.clone()).unwrap();
-                for m in [1, 3, 8] {
-                    let xs = randv(&mut r, m * k);
-                    let x = Tensor::from_f32(&[m, k], &xs).unwrap();
-                    let mut want = Tensor::zeros(&[m, n], DType::F32);
-                    c.matmul(&x, &w, &mut want).unwrap();
-                    let mut out = poisoned(&be, &[m, n]);
-                    be.matmul(&be.upload(x).unwrap(), &gw, &mut out).unwrap();
-                    let got = read(&be, &out);
-                    let what = format!("int_dot {bits}-bit g{group} {sdt} scales [{m}, {k}] x [{n}, {k}]^T");
-                    worst = worst.max(check(&got, want.as_f32().unwrap(), 4e-4, &what));
-                    for row in 0..m.min(3) {
-                        let mut one = poisoned(&be, &[1, n]);
-                        let x1 = Tensor::from_f32(&[1, k], &xs[row * k..(row + 1) * k]).unwrap();
-                        be.matmul(&be.upload(x1).unwrap(), &gw, &mut one).unwrap();
-                        let same = got[row * n..(row + 1) * n]
-                            .iter()
-                            .zip(read(&be, &one))
-                            .all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(same, "{what}: row {row} differs from its one-row product");
-                    }
+        for (group, sdt, n, k) in affine_cases(bits) {
+            let w = affine(&mut r, 1, n, k, bits, group, sdt);
+            let gw = be.upload_weight(w.clone()).unwrap();
+            for m in [1, 3, 8] {
+                let xs = randv(&mut r, m * k);
+                let x = Tensor::from_f32(&[m, k], &xs).unwrap();
+                let mut want = Tensor::zeros(&[m, n], DType::F32);
+                c.matmul(&x, &w, &mut want).unwrap();
+                let mut out = poisoned(&be, &[m, n]);
+                be.matmul(&be.upload(x).unwrap(), &gw, &mut out).unwrap();
+                let got = read(&be, &out);
+                let what = format!("int_dot {bits}-bit g{group} {sdt} scales [{m}, {k}] x [{n}, {k}]^T");
+                worst = worst.max(check(&got, want.as_f32().unwrap(), 4e-4, &what));
+                for row in 0..m.min(3) {
+                    let mut one = poisoned(&be, &[1, n]);
+                    let x1 = Tensor::from_f32(&[1, k], &xs[row * k..(row + 1) * k]).unwrap();
+                    be.matmul(&be.upload(x1).unwrap(), &gw, &mut one).unwrap();
+                    let same = got[row * n..(row + 1) * n]
+                        .iter()
+                        .zip(read(&be, &one))
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{what}: row {row} differs from its one-row product");
                 }
             }
         }
