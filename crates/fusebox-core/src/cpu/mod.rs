@@ -12,6 +12,7 @@ mod gemm;
 mod gemm_i16;
 mod int_weights;
 mod intdot;
+mod intdot_rows8;
 mod kernels;
 mod quant;
 
@@ -120,7 +121,7 @@ impl CpuBackend {
     /// Rows per task for a GEMV of `n` rows: a few tasks per thread, so that
     /// work balances without paying task overhead on every handful of rows.
     fn gemv_chunk(&self, n: usize) -> usize {
-        n.div_ceil(self.threads() * 4).clamp(16, 4096)
+        n.div_ceil(self.threads() * 4).clamp(16, 4096).next_multiple_of(8)
     }
 }
 
@@ -218,6 +219,21 @@ impl<'a> Rows<'a> {
             Rows::Affine(a) => a.dot_int(j, y),
             Rows::Ggml(g) => g.dot_int(j, y),
             _ => unreachable!("dot_int on a dense weight"),
+        }
+    }
+
+    /// Whether [`Rows::dot_int8`] takes this weight.
+    fn int8_supported(&self) -> bool {
+        matches!(self, Rows::Ggml(g) if g.int8_supported())
+    }
+
+    /// Rows `j..j + 8` against an integer-quantized input
+    /// ([`Rows::int8_supported`] only).
+    #[inline]
+    fn dot_int8(&self, j: usize, y: &IntRow, out: &mut [f32; 8]) {
+        match self {
+            Rows::Ggml(g) => g.dot_int8(j, y, out),
+            _ => unreachable!("dot_int8 on a weight without an eight-row kernel"),
         }
     }
 
@@ -512,10 +528,23 @@ impl Backend for CpuBackend {
             if let Some(ys) = self.int_inputs(&rows, xs, k) {
                 // integer dot products: row r's outputs are the one-row step's
                 let chunk = self.gemv_chunk(n);
+                let eight = rows.int8_supported();
                 let optr = SharedMut(os.as_mut_ptr());
                 self.pool.install(|| {
                     (0..n.div_ceil(chunk)).into_par_iter().for_each(|ci| {
-                        for j in ci * chunk..((ci + 1) * chunk).min(n) {
+                        let (mut j, end) = (ci * chunk, ((ci + 1) * chunk).min(n));
+                        if eight {
+                            let mut o = [0f32; 8];
+                            while j + 8 <= end {
+                                for (r, y) in ys.iter().enumerate() {
+                                    rows.dot_int8(j, y, &mut o);
+                                    // SAFETY: each (r, j..j + 8) is written by exactly one task, inside `os`.
+                                    unsafe { optr.write_row(r * n + j, &o) };
+                                }
+                                j += 8;
+                            }
+                        }
+                        for j in j..end {
                             for (r, y) in ys.iter().enumerate() {
                                 // SAFETY: each (r, j) is written by exactly one task, inside `os`.
                                 unsafe { optr.write(r * n + j, rows.dot_int(j, y)) };

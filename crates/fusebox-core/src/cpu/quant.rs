@@ -346,6 +346,18 @@ impl<'a> GgmlRows<'a> {
         super::intdot::ggml_dot(self.ty, &self.bytes[j * rb..(j + 1) * rb], y)
     }
 
+    /// Whether [`Self::dot_int8`] takes this weight.
+    pub fn int8_supported(&self) -> bool {
+        super::intdot_rows8::supported(self.ty)
+    }
+
+    /// Rows `j..j + 8` against an integer-quantized input
+    /// ([`Self::int8_supported`] only).
+    pub fn dot_int8(&self, j: usize, y: &IntRow, out: &mut [f32; 8]) {
+        let rb = self.ty.row_bytes(self.cols);
+        super::intdot_rows8::ggml_dot8(self.ty, &self.bytes[j * rb..(j + 8) * rb], rb, y, out)
+    }
+
     /// Row `j` as small integers with a scale and bias per block of 32
     /// ([`super::int_weights::ggml_row`]; [`Self::int_supported`] only).
     pub fn int_row(&self, j: usize, q: &mut [i16], s: &mut [f32], b: &mut [f32], stride: usize) {
