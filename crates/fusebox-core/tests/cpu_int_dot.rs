@@ -59,6 +59,7 @@ fn weights(r: &mut ChaCha8Rng, rows: usize, cols: usize) -> Vec<(String, Weight,
         }
     }
     v.push(("4-bit g64 f16 scales".into(), common::affine(r, 1, rows, cols, 4, 64, DType::F16), 32));
+    v.push(("4-bit g64 f32 scales".into(), common::affine(r, 1, rows, cols, 4, 64, DType::F32), 32));
     for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
         let span = if ty.block_size() == 256 { 256 } else { 32 };
         v.push((ty.name().to_string(), common::ggml(r, ty, 1, rows, cols), span));

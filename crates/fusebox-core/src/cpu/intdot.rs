@@ -44,6 +44,12 @@ pub struct IntRow {
     pub lo: Vec<u8>,
     /// Per 16 values: `d * sum(q)` (Q6_K's `- 32` offset meets it).
     pub sum16: Vec<f32>,
+    /// `hi` and `lo` in MLX 4-bit's nibble order, per block of 32: values
+    /// 0, 2, ..., 30 then 1, 3, ..., 31 (a block's 16 bytes hold the even
+    /// values in their low nibbles and the odd ones in the high), for
+    /// [`super::intdot_rows8`]'s affine kernel.
+    pub hi_mlx: Vec<i8>,
+    pub lo_mlx: Vec<u8>,
 }
 
 /// The largest quantized magnitude: 2^14 - 1, so that the sum of two 8-bit
@@ -62,6 +68,8 @@ impl IntRow {
         self.hi.resize(x.len(), 0);
         self.lo.resize(x.len(), 0);
         self.sum16.resize(x.len() / 16, 0.0);
+        self.hi_mlx.resize(x.len(), 0);
+        self.lo_mlx.resize(x.len(), 0);
         for (si, xs) in x.chunks_exact(span).enumerate() {
             let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
             let d = amax / QMAX;
@@ -75,6 +83,9 @@ impl IntRow {
                     self.q[at] = r as i16;
                     self.hi[at] = (r >> 8) as i8;
                     self.lo[at] = (r & 0xff) as u8;
+                    let m = 32 * b + i / 2 + 16 * (i % 2);
+                    self.hi_mlx[m] = (r >> 8) as i8;
+                    self.lo_mlx[m] = (r & 0xff) as u8;
                     s[i / 16] += r;
                 }
                 self.d[b] = d;

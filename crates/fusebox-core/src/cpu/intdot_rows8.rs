@@ -1,5 +1,5 @@
-//! The decode integer dot product eight weight rows at a time, for Q4_0 and
-//! Q4_1: the per-block float work (scale, conversion, FMA), which the
+//! The decode integer dot product eight weight rows at a time, for Q4_0,
+//! Q4_1 and MLX affine 4-bit: the per-block float work (scale, conversion, FMA), which the
 //! one-row kernel ([`super::intdot`]) spends on every block of every row,
 //! happens once per block for eight rows, one row per lane.
 //!
@@ -9,6 +9,9 @@
 //! `256 * hi + lo` in i32: the exact integer sum the one-row kernel forms
 //! with int16 multiply-adds. Eight rows' i32 lanes then fold into one vector
 //! (row `r` in lane `r`), which meets the eight rows' scales in one FMA.
+//! MLX 4-bit bytes hold values `2i` and `2i + 1` in their low and high
+//! nibbles, so its kernel meets the input's bytes in that order
+//! ([`IntRow::hi_mlx`], `lo_mlx`) and takes the weights as they are.
 //!
 //! The eight rows are `8 * rb` bytes back to back; while reading them the
 //! kernel prefetches the next eight rows as one stream, three lines per
@@ -48,11 +51,67 @@ pub fn ggml_dot8(ty: GgmlType, rows: &[u8], rb: usize, y: &IntRow, out: &mut [f3
     unreachable!()
 }
 
+/// Whether [`affine_dot8`] takes this bit width (on this processor).
+pub fn affine_supported(bits: u32) -> bool {
+    bits == 4 && super::intdot::affine_supported(bits)
+}
+
+/// Per-group scales or biases of eight rows: row `r`'s group `g` at
+/// element `r * stride + g` of the slice.
+#[derive(Clone, Copy)]
+pub enum Groups<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    F16(&'a [u16]),
+}
+
+impl Groups<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Groups::F32(v) => v.len(),
+            Groups::Bf16(v) | Groups::F16(v) => v.len(),
+        }
+    }
+}
+
+/// Rows `0..8` of MLX affine 4-bit `words` (`wpr` words a row, back to back)
+/// against `y`, into `out`, with groups of `group` values (a multiple of 32)
+/// whose scales and biases are `scales` and `biases` (`gpr` a row).
+///
+/// # Panics
+/// If [`affine_supported`] is false for 4 bits, the scales, biases or
+/// `words` hold fewer than eight rows, or `y` is shorter than a row.
+pub fn affine_dot8(
+    words: &[u32],
+    wpr: usize,
+    group: usize,
+    scales: Groups,
+    biases: Groups,
+    y: &IntRow,
+    out: &mut [f32; ROWS],
+) {
+    assert!(affine_supported(4), "int dot: no eight-row affine kernel here");
+    assert!(words.len() >= ROWS * wpr && group % 32 == 0, "int dot: {} words for eight rows of {wpr}", words.len());
+    let (blocks, gpr) = (wpr / 4, wpr * 8 / group);
+    assert!(scales.len() >= ROWS * gpr && biases.len() >= ROWS * gpr, "int dot: scales for fewer than eight rows");
+    assert!(
+        y.d.len() >= blocks && y.hi_mlx.len() >= 32 * blocks,
+        "int dot: input shorter than a row of {blocks} blocks"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2/FMA/F16C are present (affine_supported) and words, scales, biases, y hold what is read.
+    unsafe {
+        *out = x86::affine4(words.as_ptr() as *const u8, 4 * wpr, blocks, group / 32, scales, biases, y)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!()
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{IntRow, ROWS};
+    use super::{Groups, IntRow, ROWS};
 
     /// Lane `r` of the result: the sum of the eight i32 lanes of `s[r]`.
     #[inline(always)]
@@ -62,6 +121,77 @@ mod x86 {
         let lo = quad(pair(s[0], s[1]), pair(s[2], s[3]));
         let hi = quad(pair(s[4], s[5]), pair(s[6], s[7]));
         _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31))
+    }
+
+    /// The 8 i32 lanes of `sum(q * y)` over the 32 nibbles at `p` (the low
+    /// nibbles of its 16 bytes first, then the high ones) against the
+    /// input's bytes `yh`, `yl` in that order.
+    #[inline(always)]
+    unsafe fn nibble_dot(p: *const u8, yh: __m256i, yl: __m256i) -> __m256i {
+        let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+        let q = _mm256_and_si256(_mm256_blend_epi32::<0xf0>(v, _mm256_srli_epi16(v, 4)), _mm256_set1_epi8(0x0f));
+        let (ph, pl) = (_mm256_maddubs_epi16(q, yh), _mm256_maddubs_epi16(yl, q));
+        _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)))
+    }
+
+    /// MLX affine 4-bit: `rb` bytes a row, `per_group` blocks of 32 a
+    /// group, `s * dy * dot + b * ysum` per block with the group's `s`, `b`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn affine4(
+        p: *const u8,
+        rb: usize,
+        blocks: usize,
+        per_group: usize,
+        scales: Groups,
+        biases: Groups,
+        y: &IntRow,
+    ) -> [f32; ROWS] {
+        let gpr = blocks / per_group;
+        let mut acc = _mm256_setzero_ps();
+        for g in 0..gpr {
+            let (sc, bi) = (lanes(scales, g, gpr), lanes(biases, g, gpr));
+            for b in g * per_group..(g + 1) * per_group {
+                let yh = _mm256_loadu_si256(y.hi_mlx.as_ptr().add(32 * b) as *const __m256i);
+                let yl = _mm256_loadu_si256(y.lo_mlx.as_ptr().add(32 * b) as *const __m256i);
+                let mut s = [_mm256_setzero_si256(); ROWS];
+                for (r, s) in s.iter_mut().enumerate() {
+                    if r < 2 {
+                        // block b of the eight rows spans 8 * 16 bytes of the next eight rows' 8 * rb
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ROWS * (rb + b * 16) + 64 * r) as *const i8);
+                    }
+                    *s = nibble_dot(p.add(r * rb + b * 16), yh, yl);
+                }
+                let dot = _mm256_cvtepi32_ps(fold(s));
+                let (dy, ys) = (*y.d.get_unchecked(b), *y.sum.get_unchecked(b));
+                acc = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(dy)), dot, acc);
+                acc = _mm256_fmadd_ps(bi, _mm256_set1_ps(ys), acc);
+            }
+        }
+        let mut out = [0f32; ROWS];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc);
+        out
+    }
+
+    /// Element `g` of each of the eight rows of `v` (`stride` apart), as f32 lanes.
+    #[inline(always)]
+    unsafe fn lanes(v: Groups, g: usize, stride: usize) -> __m256 {
+        match v {
+            Groups::F32(v) => {
+                let e = |r: usize| *v.get_unchecked(r * stride + g);
+                _mm256_set_ps(e(7), e(6), e(5), e(4), e(3), e(2), e(1), e(0))
+            }
+            Groups::Bf16(v) => {
+                let h = halves(v, g, stride);
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            }
+            Groups::F16(v) => _mm256_cvtph_ps(halves(v, g, stride)),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn halves(v: &[u16], g: usize, stride: usize) -> __m128i {
+        let e = |r: usize| *v.get_unchecked(r * stride + g) as i16;
+        _mm_set_epi16(e(7), e(6), e(5), e(4), e(3), e(2), e(1), e(0))
     }
 
     /// The f16 at byte `at` of each of the eight rows, as f32 lanes.
@@ -74,8 +204,6 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4(p: *const u8, rb: usize, blocks: usize, y: &IntRow, q4_1: bool) -> [f32; ROWS] {
         let (ts, qo) = if q4_1 { (20, 4) } else { (18, 2) };
-        let m4 = _mm256_set1_epi8(0x0f);
-        let (k256, k1) = (_mm256_set1_epi16(256), _mm256_set1_epi16(1));
         let mut acc = _mm256_setzero_ps();
         for b in 0..blocks {
             let yh = _mm256_loadu_si256(y.hi.as_ptr().add(32 * b) as *const __m256i);
@@ -87,11 +215,7 @@ mod x86 {
                     // block b of the eight rows spans 8 * ts bytes of the next eight rows' 8 * rb
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ROWS * (rb + b * ts) + 64 * r) as *const i8);
                 }
-                let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.add(qo) as *const __m128i));
-                // values 0..15 (low nibbles) in the low lane, 16..31 in the high one
-                let q = _mm256_and_si256(_mm256_blend_epi32::<0xf0>(v, _mm256_srli_epi16(v, 4)), m4);
-                let (ph, pl) = (_mm256_maddubs_epi16(q, yh), _mm256_maddubs_epi16(yl, q));
-                *s = _mm256_add_epi32(_mm256_madd_epi16(ph, k256), _mm256_madd_epi16(pl, k1));
+                *s = nibble_dot(blk.add(qo), yh, yl);
             }
             let dot = _mm256_cvtepi32_ps(fold(s));
             let d = f16x8(p, rb, b * ts);

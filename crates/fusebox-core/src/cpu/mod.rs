@@ -224,7 +224,11 @@ impl<'a> Rows<'a> {
 
     /// Whether [`Rows::dot_int8`] takes this weight.
     fn int8_supported(&self) -> bool {
-        matches!(self, Rows::Ggml(g) if g.int8_supported())
+        match self {
+            Rows::Affine(a) => a.int8_supported(),
+            Rows::Ggml(g) => g.int8_supported(),
+            _ => false,
+        }
     }
 
     /// Rows `j..j + 8` against an integer-quantized input
@@ -232,6 +236,7 @@ impl<'a> Rows<'a> {
     #[inline]
     fn dot_int8(&self, j: usize, y: &IntRow, out: &mut [f32; 8]) {
         match self {
+            Rows::Affine(a) => a.dot_int8(j, y, out),
             Rows::Ggml(g) => g.dot_int8(j, y, out),
             _ => unreachable!("dot_int8 on a weight without an eight-row kernel"),
         }

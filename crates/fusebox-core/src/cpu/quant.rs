@@ -191,6 +191,29 @@ impl<'a> AffineRows<'a> {
         super::intdot::affine_dot(&self.words[j * wpr..(j + 1) * wpr], self.bits, self.group, sb, y)
     }
 
+    /// Whether [`Self::dot_int8`] takes this weight.
+    pub fn int8_supported(&self) -> bool {
+        super::intdot_rows8::affine_supported(self.bits) && self.group % 32 == 0
+    }
+
+    /// Rows `j..j + 8` against an integer-quantized input
+    /// ([`Self::int8_supported`] only).
+    pub fn dot_int8(&self, j: usize, y: &IntRow, out: &mut [f32; 8]) {
+        use super::intdot_rows8::Groups;
+        let wpr = self.cols * self.bits as usize / 32;
+        let gpr = self.cols / self.group;
+        let at = j * gpr..(j + 8) * gpr;
+        let rows = |f: Floats<'a>| -> Groups<'a> {
+            match f {
+                Floats::F32(v) => Groups::F32(&v[at.clone()]),
+                Floats::Bf16(v) => Groups::Bf16(&v[at.clone()]),
+                Floats::F16(v) => Groups::F16(&v[at.clone()]),
+            }
+        };
+        let (s, b) = (rows(self.scales), rows(self.biases));
+        super::intdot_rows8::affine_dot8(&self.words[j * wpr..(j + 8) * wpr], wpr, self.group, s, b, y, out)
+    }
+
     /// Row `j` as small integers with a scale and bias per block of 32
     /// ([`super::int_weights::affine_row`]; [`Self::int_supported`] only).
     pub fn int_row(&self, j: usize, q: &mut [i16], s: &mut [f32], b: &mut [f32], stride: usize) {
