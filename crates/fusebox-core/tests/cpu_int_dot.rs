@@ -23,7 +23,7 @@ fn int_rounded(x: &[f32], span: usize) -> Vec<f32> {
     for b in x.chunks_exact(span) {
         let d = b.iter().fold(0f32, |a, v| a.max(v.abs())) / 16383.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        out.extend(b.iter().map(|&v| (v * inv).round() * d));
+        out.extend(b.iter().map(|&v| (v * inv).round_ties_even() * d));
     }
     out
 }
@@ -229,6 +229,87 @@ fn cpu_prefill_matmul_speed() {
                 line += &format!(" {name} {:.2} ms {:.1} GFLOP/s;", s * 1e3, flop / s / 1e9);
             }
             println!("{line}");
+        }
+    }
+}
+
+/// Benchmark, not a check (run with `--ignored --nocapture`): the decode
+/// matmuls of Qwen3-0.6B's 28 layers (q, k, v, o, gate, up, down; Q4_0,
+/// 247 MB, distinct weights so they stream from memory) one input row each,
+/// against one matmul of 150 MB, two threads; prints the median time and
+/// the weight bytes a second.
+#[test]
+#[ignore]
+fn cpu_int_dot_layer_shapes() {
+    let mut r = ChaCha8Rng::seed_from_u64(1);
+    let b = fusebox_core::cpu::CpuBackend::new(2).unwrap();
+    b.policy().override_site(Site::IntDot, Some(true));
+    let shapes =
+        [(2048usize, 1024usize), (1024, 1024), (1024, 1024), (1024, 2048), (3072, 1024), (3072, 1024), (1024, 3072)];
+    let ws: Vec<_> = (0..28)
+        .flat_map(|_| shapes.to_vec())
+        .map(|(n, k)| (common::ggml(&mut r, GgmlType::Q4_0, 1, n, k), n, k))
+        .collect();
+    let big_rows = 1 << 18;
+    let big = common::ggml(&mut r, GgmlType::Q4_0, 1, big_rows, 1024);
+    let bytes = |n: usize, k: usize| n * k / 32 * 18;
+    let xs: Vec<Tensor> =
+        (1..=3).map(|i| Tensor::from_f32(&[1, 1024 * i], &common::randv(&mut r, 1024 * i)).unwrap()).collect();
+    let mut outs: Vec<Tensor> = (1..=3).map(|i| Tensor::zeros(&[1, 1024 * i], DType::F32)).collect();
+    let mut outb = Tensor::zeros(&[1, big_rows], DType::F32);
+    let mut v = [Vec::new(), Vec::new()];
+    b.run(&mut || {
+        for _ in 0..8 {
+            let t = std::time::Instant::now();
+            for (w, n, k) in &ws {
+                b.matmul(&xs[k / 1024 - 1], w, &mut outs[n / 1024 - 1])?;
+            }
+            v[0].push(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            b.matmul(&xs[0], &big, &mut outb)?;
+            v[1].push(t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })
+    .unwrap();
+    let total = [ws.iter().map(|&(_, n, k)| bytes(n, k)).sum::<usize>(), bytes(big_rows, 1024)];
+    for (i, (v, what)) in v.iter_mut().zip(["28 layers, 196 matmuls", "one matmul"]).enumerate() {
+        v.sort_by(f64::total_cmp);
+        let s = v[v.len() / 2];
+        println!("{what}: {:.2} ms, {:.1} GB/s of {} MB", s * 1e3, total[i] as f64 / s / 1e9, total[i] / 1_000_000);
+    }
+}
+
+/// Benchmark, not a check: one-row Q4_0 matmuls of 16, 64 and 1024 rows x
+/// 1024 (in the caches) on one and two threads, median and 10th-percentile
+/// time: the fixed cost of a matmul (quantizing the input, the hand-off).
+#[test]
+#[ignore]
+fn cpu_int_dot_small_matmuls() {
+    let mut r = ChaCha8Rng::seed_from_u64(1);
+    for threads in [1, 2] {
+        let b = fusebox_core::cpu::CpuBackend::new(threads).unwrap();
+        b.policy().override_site(Site::IntDot, Some(true));
+        for (n, k) in [(16usize, 1024usize), (64, 1024), (1024, 1024)] {
+            let w = common::ggml(&mut r, GgmlType::Q4_0, 1, n, k);
+            let x = Tensor::from_f32(&[1, k], &common::randv(&mut r, k)).unwrap();
+            let mut out = Tensor::zeros(&[1, n], DType::F32);
+            let mut v = Vec::new();
+            b.run(&mut || {
+                for _ in 0..2000 {
+                    let t = std::time::Instant::now();
+                    b.matmul(&x, &w, &mut out)?;
+                    v.push(t.elapsed().as_secs_f64());
+                }
+                Ok(())
+            })
+            .unwrap();
+            v.sort_by(f64::total_cmp);
+            println!(
+                "{threads} thread(s), {n} x {k}: median {:.2} us, p10 {:.2} us",
+                v[v.len() / 2] * 1e6,
+                v[v.len() / 10] * 1e6
+            );
         }
     }
 }

@@ -76,7 +76,7 @@ fn quantize(x: &[f32], q: &mut [i16], d: &mut [f32], sum: &mut [f32]) {
         let inv = if db > 0.0 { 1.0 / db } else { 0.0 };
         let mut s = 0i32;
         for (o, &v) in q[32 * b..32 * b + 32].iter_mut().zip(xb) {
-            let r = (v * inv).round().clamp(-XMAX, XMAX) as i32;
+            let r = (v * inv).round_ties_even().clamp(-XMAX, XMAX) as i32;
             *o = r as i16;
             s += r;
         }

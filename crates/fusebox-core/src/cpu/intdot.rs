@@ -61,7 +61,7 @@ impl IntRow {
     /// `x.len()` a multiple of it), reusing its buffers. `d` and `sum` stay
     /// per block of 32 (a span's scale repeated).
     pub fn quantize(&mut self, x: &[f32], span: usize) {
-        debug_assert!(span % 32 == 0 && x.len() % span == 0);
+        assert!(span % 32 == 0 && x.len() % span == 0, "int dot: {} values in spans of {span}", x.len());
         self.q.resize(x.len(), 0);
         self.d.resize(x.len() / 32, 0.0);
         self.sum.resize(x.len() / 32, 0.0);
@@ -70,6 +70,14 @@ impl IntRow {
         self.sum16.resize(x.len() / 16, 0.0);
         self.hi_mlx.resize(x.len(), 0);
         self.lo_mlx.resize(x.len(), 0);
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            for (si, xs) in x.chunks_exact(span).enumerate() {
+                // SAFETY: AVX2 is present; every buffer holds x.len() values (or their per-32 and per-16 entries).
+                unsafe { x86::quantize_span(self, xs, si * span / 32) };
+            }
+            return;
+        }
         for (si, xs) in x.chunks_exact(span).enumerate() {
             let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
             let d = amax / QMAX;
@@ -78,7 +86,7 @@ impl IntRow {
                 let b = si * span / 32 + bj;
                 let mut s = [0i32; 2];
                 for (i, &v) in xb.iter().enumerate() {
-                    let r = (v * inv).round().clamp(-QMAX, QMAX) as i32;
+                    let r = (v * inv).round_ties_even().clamp(-QMAX, QMAX) as i32;
                     let at = 32 * b + i;
                     self.q[at] = r as i16;
                     self.hi[at] = (r >> 8) as i8;
@@ -220,6 +228,61 @@ mod x86 {
         let (lo, hi) = (_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
         let (a, z) = if interleaved { (_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)) } else { (lo, hi) };
         (_mm256_cvtepu8_epi16(a), _mm256_cvtepu8_epi16(z))
+    }
+
+    /// [`IntRow::quantize`] of one span `xs` (a multiple of 32 values) whose
+    /// first block is block `b0` of `y`: the same values as the scalar loop
+    /// (`vcvtps2dq` rounds to nearest even, as `round_ties_even`).
+    ///
+    /// # Safety
+    /// AVX2 is present and `y`'s buffers hold blocks `b0..b0 + xs.len() / 32`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_span(y: &mut IntRow, xs: &[f32], b0: usize) {
+        let sign = _mm256_set1_ps(-0.0);
+        let mut m = _mm256_setzero_ps();
+        for c in xs.chunks_exact(8) {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(c.as_ptr())));
+        }
+        let d = crate::cpu::avx2::hmax8(m) / super::QMAX;
+        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let (lo, hi) = (_mm256_set1_epi32(-(super::QMAX as i32)), _mm256_set1_epi32(super::QMAX as i32));
+        // bytes 0, 2, ..., 14, 1, 3, ..., 15 of each 128-bit lane (MLX nibble order, with a permute)
+        let evens_odds = _mm256_setr_epi8(
+            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+        );
+        let isum = |v: __m256i| {
+            let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+            _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)))
+        };
+        for (bj, xb) in xs.chunks_exact(32).enumerate() {
+            let b = b0 + bj;
+            let r: [__m256i; 4] = std::array::from_fn(|i| {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(xb.as_ptr().add(8 * i)), inv);
+                _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(v)))
+            });
+            let (s0, s1) = (isum(_mm256_add_epi32(r[0], r[1])), isum(_mm256_add_epi32(r[2], r[3])));
+            // packs interleaves the 128-bit lanes: a permute restores the order
+            let q0 = _mm256_permute4x64_epi64(_mm256_packs_epi32(r[0], r[1]), 0xd8);
+            let q1 = _mm256_permute4x64_epi64(_mm256_packs_epi32(r[2], r[3]), 0xd8);
+            let at = 32 * b;
+            _mm256_storeu_si256(y.q.as_mut_ptr().add(at) as *mut __m256i, q0);
+            _mm256_storeu_si256(y.q.as_mut_ptr().add(at + 16) as *mut __m256i, q1);
+            let m8 = _mm256_set1_epi16(0xff);
+            let hb =
+                _mm256_permute4x64_epi64(_mm256_packs_epi16(_mm256_srai_epi16(q0, 8), _mm256_srai_epi16(q1, 8)), 0xd8);
+            let lb =
+                _mm256_permute4x64_epi64(_mm256_packus_epi16(_mm256_and_si256(q0, m8), _mm256_and_si256(q1, m8)), 0xd8);
+            _mm256_storeu_si256(y.hi.as_mut_ptr().add(at) as *mut __m256i, hb);
+            _mm256_storeu_si256(y.lo.as_mut_ptr().add(at) as *mut __m256i, lb);
+            let mlx = |v: __m256i| _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, evens_odds), 0xd8);
+            _mm256_storeu_si256(y.hi_mlx.as_mut_ptr().add(at) as *mut __m256i, mlx(hb));
+            _mm256_storeu_si256(y.lo_mlx.as_mut_ptr().add(at) as *mut __m256i, mlx(lb));
+            *y.d.get_unchecked_mut(b) = d;
+            *y.sum.get_unchecked_mut(b) = d * (s0 + s1) as f32;
+            *y.sum16.get_unchecked_mut(2 * b) = d * s0 as f32;
+            *y.sum16.get_unchecked_mut(2 * b + 1) = d * s1 as f32;
+        }
     }
 
     /// `a += s * v`. One accumulator: indexing a pair by block parity put
