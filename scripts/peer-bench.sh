@@ -33,8 +33,8 @@
 #       stopped at its time limit still brings its rows back. To split the matrix over several calls:
 #       STOP_AFTER_S=N starts no row after N seconds; rows already measured (on this machine, or in a
 #       peer-gpu-data.tar.gz copied into target/peer/pack/ from an earlier call's $OUT) are skipped, and
-#       a llama-bench-sm90.gz copied there skips the build. So: run the same command again until it says
-#       "all rows done".
+#       the llama-bench-sm90.xz.part* files a building call returned (xz in 15 MB parts), copied there,
+#       skip the build (228 s on an H100). So: run the same command again until it says "all rows done".
 #       Default rows: the 0.6B, 8B and 30B-A3B shapes in bf16, q8_0, q4_0, q4_k_m and MLX q8g64/q4g64,
 #       except qwen3-30b-a3b-bf16 (61 GB: over the machine's 64 GiB disk with anything else).
 #   scripts/peer-bench.sh gpu-record PATH/peer-gpu-data.tar.gz
@@ -412,9 +412,11 @@ mode_gpu() {
     build_note="$cmake_cmd (sources: scripts/peer-bench.sh gpu-pack, trimmed to llama-bench and MMQ $MMQ_TYPES)"
     [[ -n ${LLAMA_BENCH_BIN:-} ]] && build_note="prebuilt: $LLAMA_BENCH_BIN"
     LLAMA_BENCH=${LLAMA_BENCH_BIN:-$gw/build/bin/llama-bench}
-    if [[ ! -x $LLAMA_BENCH && -z ${LLAMA_BENCH_BIN:-} && -f $pack/llama-bench-sm90.gz ]]; then
-        mkdir -p "$gw/build/bin" && gunzip -c "$pack/llama-bench-sm90.gz" >"$LLAMA_BENCH" && chmod +x "$LLAMA_BENCH"
-        say "llama-bench from $pack/llama-bench-sm90.gz (built by an earlier call)"
+    # (xz in parts of 15 MB: the binary is about 48 MB gzipped, over the 16 MiB a returned file may have)
+    local parts=("$pack"/llama-bench-sm90.xz.part*)
+    if [[ ! -x $LLAMA_BENCH && -z ${LLAMA_BENCH_BIN:-} && -f ${parts[0]} ]]; then
+        mkdir -p "$gw/build/bin" && cat "${parts[@]}" | xz -dc >"$LLAMA_BENCH" && chmod +x "$LLAMA_BENCH"
+        say "llama-bench from $pack/llama-bench-sm90.xz.part* (${#parts[@]} parts, built by an earlier call)"
     fi
     if [[ ! -x $LLAMA_BENCH ]]; then
         [[ -z ${LLAMA_BENCH_BIN:-} ]] || die "LLAMA_BENCH_BIN=$LLAMA_BENCH_BIN is not an executable"
@@ -427,8 +429,8 @@ mode_gpu() {
             || { grep -m 20 -i -B2 -A5 'error' "$gw/build.log"; die "build failed"; }
         say "built llama-bench in $((SECONDS - t0)) s ($(du -h "$LLAMA_BENCH" | cut -f1))"
         # Send it back, for a later call on a fresh machine to skip the build: copy it to target/peer/pack/.
-        gzip -c "$LLAMA_BENCH" >"$OUT/llama-bench-sm90.gz"
-        (( $(stat -c %s "$OUT/llama-bench-sm90.gz") < 16000000 )) || rm -f "$OUT/llama-bench-sm90.gz"
+        xz -T0 -6 -c "$LLAMA_BENCH" | split -b 15000000 -d - "$OUT/llama-bench-sm90.xz.part"
+        say "llama-bench returned as $(ls "$OUT"/llama-bench-sm90.xz.part* | wc -l) xz parts ($(cat "$OUT"/llama-bench-sm90.xz.part* | wc -c) bytes)"
     fi
     "$LLAMA_BENCH" --list-devices 2>&1 | tail -n 3 >&2 || true
 
@@ -494,11 +496,11 @@ qwen3-30b-a3b-q8_0 qwen3-30b-a3b-q4_0 qwen3-30b-a3b-q4_k_m qwen3-30b-a3b-mlx-q8g
     cat "$OUT/peer-gpu.md"
     if [[ -n $left ]]; then
         say "stopped after STOP_AFTER_S=$STOP_AFTER_S s; rows left:$left"
-        say "to go on from a fresh machine: copy this call's peer-gpu-data.tar.gz (and llama-bench-sm90.gz) to target/peer/pack/ and run the same command"
+        say "to go on from a fresh machine: copy this call's peer-gpu-data.tar.gz (and llama-bench-sm90.xz.part*) to target/peer/pack/ and run the same command"
     else
         say "all rows done"
     fi
-    say "total $((SECONDS - t0)) s. \$OUT: peer-gpu.md; peer-gpu-data.tar.gz (data/: tools/synthetic/peer_table.py reads it); peer-gpu-logs.tar.gz; llama-bench-sm90.gz if built in this call (copy it to target/peer/pack/ to skip the build next time)"
+    say "total $((SECONDS - t0)) s. \$OUT: peer-gpu.md; peer-gpu-data.tar.gz (data/: tools/synthetic/peer_table.py reads it); peer-gpu-logs.tar.gz; llama-bench-sm90.xz.part* if built in this call (copy them to target/peer/pack/ to skip the build next time)"
 }
 
 # ---------------------------------------------------------------- gpu-record (here)
