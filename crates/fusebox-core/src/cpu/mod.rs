@@ -645,16 +645,27 @@ impl Backend for CpuBackend {
         let os = out.as_f32_mut()?;
         let chunk = self.gemv_chunk(m * slots * n);
         let ys = if m <= ROW_EXACT_MAX { self.int_inputs(&rows, xs, k) } else { None };
+        // eight rows at a time where they are eight rows of one expert: chunks and rows are multiples of 8
+        let eight = ys.is_some() && rows.int8_supported() && n % 8 == 0;
         self.pool.install(|| {
             os.par_chunks_mut(chunk).enumerate().for_each(|(ci, oc)| {
-                for (jj, o) in oc.iter_mut().enumerate() {
+                let mut jj = 0;
+                while jj < oc.len() {
                     let flat = ci * chunk + jj;
                     let (rs, j) = (flat / n, flat % n);
                     let xi = if shared { rs / slots } else { rs };
-                    *o = match &ys {
-                        Some(ys) => rows.dot_int(id[rs] as usize * n + j, &ys[xi]),
-                        None => rows.dot(id[rs] as usize * n + j, k, &xs[xi * k..(xi + 1) * k]),
-                    };
+                    let row = id[rs] as usize * n + j;
+                    match &ys {
+                        Some(ys) if eight && j % 8 == 0 && jj + 8 <= oc.len() => {
+                            let o: &mut [f32; 8] = (&mut oc[jj..jj + 8]).try_into().expect("eight outputs");
+                            rows.dot_int8(row, &ys[xi], o);
+                            jj += 8;
+                            continue;
+                        }
+                        Some(ys) => oc[jj] = rows.dot_int(row, &ys[xi]),
+                        None => oc[jj] = rows.dot(row, k, &xs[xi * k..(xi + 1) * k]),
+                    }
+                    jj += 1;
                 }
             })
         });
