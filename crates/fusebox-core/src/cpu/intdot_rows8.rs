@@ -1,7 +1,7 @@
 //! The decode integer dot product eight weight rows at a time, for Q4_0,
-//! Q4_1 and MLX affine 4-bit: the per-block float work (scale, conversion, FMA), which the
-//! one-row kernel ([`super::intdot`]) spends on every block of every row,
-//! happens once per block for eight rows, one row per lane.
+//! Q4_1 and MLX affine 4-bit: the per-block float work (scale, conversion,
+//! FMA), which the one-row kernel ([`super::intdot`]) spends on every block
+//! of every row, happens once per block for eight rows, one row per lane.
 //!
 //! Per row and block of 32 the nibbles go in as bytes, unwidened: `vpmaddubsw`
 //! meets them with the input's signed high and unsigned low bytes
@@ -14,8 +14,9 @@
 //! ([`IntRow::hi_mlx`], `lo_mlx`) and takes the weights as they are.
 //!
 //! The eight rows are `8 * rb` bytes back to back; while reading them the
-//! kernel prefetches the next eight rows as one stream, three lines per
-//! block (each block reads `8 * 18` bytes). Prefetching each row 4096 bytes
+//! kernels prefetch the next eight rows as one stream, as many lines per
+//! block as the eight rows' block takes (three for Q4_0's `8 * 18` bytes and
+//! Q4_1's `8 * 20`, two for MLX's `8 * 16`). Prefetching each row 4096 bytes
 //! ahead, as the one-row kernel does, gave 31-34 G values/s on two threads
 //! streaming Q4_0 from memory, the one stream 38 (development machine,
 //! interleaved in one process).
