@@ -22,6 +22,7 @@
 //! interleaved in one process).
 
 use super::intdot::IntRow;
+use super::quant::Floats;
 use crate::quant::GgmlType;
 
 /// Rows per call of [`ggml_dot8`].
@@ -57,27 +58,10 @@ pub fn affine_supported(bits: u32) -> bool {
     bits == 4 && super::intdot::affine_supported(bits)
 }
 
-/// Per-group scales or biases of eight rows: row `r`'s group `g` at
-/// element `r * stride + g` of the slice.
-#[derive(Clone, Copy)]
-pub enum Groups<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [u16]),
-    F16(&'a [u16]),
-}
-
-impl Groups<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Groups::F32(v) => v.len(),
-            Groups::Bf16(v) | Groups::F16(v) => v.len(),
-        }
-    }
-}
-
 /// Rows `0..8` of MLX affine 4-bit `words` (`wpr` words a row, back to back)
 /// against `y`, into `out`, with groups of `group` values (a multiple of 32)
-/// whose scales and biases are `scales` and `biases` (`gpr` a row).
+/// whose scales and biases are `scales` and `biases` (eight rows of `gpr`
+/// groups back to back).
 ///
 /// # Panics
 /// If [`affine_supported`] is false for 4 bits, the scales, biases or
@@ -86,8 +70,8 @@ pub fn affine_dot8(
     words: &[u32],
     wpr: usize,
     group: usize,
-    scales: Groups,
-    biases: Groups,
+    scales: Floats,
+    biases: Floats,
     y: &IntRow,
     out: &mut [f32; ROWS],
 ) {
@@ -112,7 +96,7 @@ pub fn affine_dot8(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Groups, IntRow, ROWS};
+    use super::{Floats, IntRow, ROWS};
 
     /// Lane `r` of the result: the sum of the eight i32 lanes of `s[r]`.
     #[inline(always)]
@@ -143,8 +127,8 @@ mod x86 {
         rb: usize,
         blocks: usize,
         per_group: usize,
-        scales: Groups,
-        biases: Groups,
+        scales: Floats,
+        biases: Floats,
         y: &IntRow,
     ) -> [f32; ROWS] {
         let gpr = blocks / per_group;
@@ -175,17 +159,17 @@ mod x86 {
 
     /// Element `g` of each of the eight rows of `v` (`stride` apart), as f32 lanes.
     #[inline(always)]
-    unsafe fn lanes(v: Groups, g: usize, stride: usize) -> __m256 {
+    unsafe fn lanes(v: Floats, g: usize, stride: usize) -> __m256 {
         match v {
-            Groups::F32(v) => {
+            Floats::F32(v) => {
                 let e = |r: usize| *v.get_unchecked(r * stride + g);
                 _mm256_set_ps(e(7), e(6), e(5), e(4), e(3), e(2), e(1), e(0))
             }
-            Groups::Bf16(v) => {
+            Floats::Bf16(v) => {
                 let h = halves(v, g, stride);
                 _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
             }
-            Groups::F16(v) => _mm256_cvtph_ps(halves(v, g, stride)),
+            Floats::F16(v) => _mm256_cvtph_ps(halves(v, g, stride)),
         }
     }
 

@@ -14,7 +14,7 @@ use crate::tensor::Tensor;
 
 /// Scales or biases in their stored dtype.
 #[derive(Clone, Copy)]
-enum Floats<'a> {
+pub(super) enum Floats<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
     F16(&'a [u16]),
@@ -29,6 +29,22 @@ impl<'a> Floats<'a> {
             d => bail!("scales/biases must be F32, F16 or BF16, got {d}"),
         })
     }
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Floats::F32(v) => v.len(),
+            Floats::Bf16(v) | Floats::F16(v) => v.len(),
+        }
+    }
+
+    /// Elements `r` of `self`.
+    fn slice(self, r: std::ops::Range<usize>) -> Self {
+        match self {
+            Floats::F32(v) => Floats::F32(&v[r]),
+            Floats::Bf16(v) => Floats::Bf16(&v[r]),
+            Floats::F16(v) => Floats::F16(&v[r]),
+        }
+    }
+
     #[inline(always)]
     fn get(&self, i: usize) -> f32 {
         match self {
@@ -199,18 +215,10 @@ impl<'a> AffineRows<'a> {
     /// Rows `j..j + 8` against an integer-quantized input
     /// ([`Self::int8_supported`] only).
     pub fn dot_int8(&self, j: usize, y: &IntRow, out: &mut [f32; 8]) {
-        use super::intdot_rows8::Groups;
         let wpr = self.cols * self.bits as usize / 32;
         let gpr = self.cols / self.group;
         let at = j * gpr..(j + 8) * gpr;
-        let rows = |f: Floats<'a>| -> Groups<'a> {
-            match f {
-                Floats::F32(v) => Groups::F32(&v[at.clone()]),
-                Floats::Bf16(v) => Groups::Bf16(&v[at.clone()]),
-                Floats::F16(v) => Groups::F16(&v[at.clone()]),
-            }
-        };
-        let (s, b) = (rows(self.scales), rows(self.biases));
+        let (s, b) = (self.scales.slice(at.clone()), self.biases.slice(at));
         super::intdot_rows8::affine_dot8(&self.words[j * wpr..(j + 8) * wpr], wpr, self.group, s, b, y, out)
     }
 
