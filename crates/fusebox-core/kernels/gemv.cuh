@@ -255,10 +255,12 @@ __device__ __forceinline__ int dp2a_hi(u32 a, u32 b, int c) {
     return d;
 }
 
-// Quantize the LU values of x at xg (16-byte aligned, global) into the staged
-// unit at dst (shared, 16-byte aligned).
-template <int FMT> __device__ __forceinline__ void stage_x_int(const float* xg, char* dst) {
-    constexpr int LU = Fmt<FMT>::LU;
+// The LU values of x at xg (16-byte aligned, global) quantized to int16 as
+// the int_dot kernels take them: q[i] = round(v[i] * 32767 / amax), with the
+// unit's scale amax / 32767 and its sum (gemv_tc.cu quantizes the same way,
+// so its rows equal these bitwise).
+template <int LU>
+__device__ __forceinline__ void quant_x_unit(const float* xg, int (&q)[LU], float& scale, float& sum) {
     float v[LU];
 #pragma unroll
     for (int j = 0; j < LU / 4; j++) {
@@ -268,13 +270,26 @@ template <int FMT> __device__ __forceinline__ void stage_x_int(const float* xg, 
         v[4 * j + 2] = t.z;
         v[4 * j + 3] = t.w;
     }
-    float amax = 0.f, sum = 0.f;
+    float amax = 0.f;
+    sum = 0.f;
 #pragma unroll
     for (int i = 0; i < LU; i++) {
         amax = fmaxf(amax, fabsf(v[i]));
         sum += v[i];
     }
     const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+#pragma unroll
+    for (int i = 0; i < LU; i++) q[i] = __float2int_rn(v[i] * inv);
+    scale = amax * (1.f / 32767.f);
+}
+
+// Quantize the LU values of x at xg (16-byte aligned, global) into the staged
+// unit at dst (shared, 16-byte aligned).
+template <int FMT> __device__ __forceinline__ void stage_x_int(const float* xg, char* dst) {
+    constexpr int LU = Fmt<FMT>::LU;
+    int q[LU];
+    float scale, sum;
+    quant_x_unit<LU>(xg, q, scale, sum);
     u32 h[LU / 2];
 #pragma unroll
     for (int i = 0; i < LU / 2; i++) {
@@ -282,13 +297,13 @@ template <int FMT> __device__ __forceinline__ void stage_x_int(const float* xg, 
         const int o = (i / 4) * 8, t = i % 4;
         const int a = Fmt<FMT>::BITS == 4 ? o + (t & 1) * 4 + (t >> 1) : 2 * i;
         const int b = Fmt<FMT>::BITS == 4 ? a + 2 : 2 * i + 1;
-        const u32 qa = (u32)__float2int_rn(v[a] * inv) & 0xffffu, qb = (u32)__float2int_rn(v[b] * inv);
+        const u32 qa = (u32)q[a] & 0xffffu, qb = (u32)q[b];
         h[i] = qa | (qb << 16);
     }
     uint4* d4 = (uint4*)dst;
 #pragma unroll
     for (int j = 0; j < LU / 8; j++) d4[j] = make_uint4(h[4 * j], h[4 * j + 1], h[4 * j + 2], h[4 * j + 3]);
-    *(float2*)(dst + 2 * LU) = make_float2(amax * (1.f / 32767.f), sum);
+    *(float2*)(dst + 2 * LU) = make_float2(scale, sum);
 }
 
 // One lane unit of R rows against up to M staged x rows (row mm's unit at

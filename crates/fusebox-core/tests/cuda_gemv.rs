@@ -443,3 +443,49 @@ fn int_dot_gemv_matches_cpu_and_rows_agree() {
         println!("int_dot {bits}-bit: worst relative error {worst:.2e}");
     }
 }
+
+/// `FUSEBOX_GEMV_TC` (gemv_tc.cu): 4-bit int_dot products of 2 to 32 rows on
+/// the tensor cores give every row bitwise its one-row (decode GEMV) product,
+/// through the one-row plan's k splits (1 to 8 slices), x windows (k past
+/// 8192), partial steps (k not a multiple of 1024), every group size and
+/// scale type, and row counts that fill one, two or several 8-row tiles.
+#[test]
+fn gemv_tc_rows_are_bitwise_one_row_products() {
+    let Some(be) = backend_for_tests() else { return };
+    be.policy().override_site(Site::IntDot, Some(true));
+    be.set_gemv_tc(true);
+    let mut r = ChaCha8Rng::seed_from_u64(17);
+    let cases = [
+        (64, DType::BF16, 4096, 4096),
+        (64, DType::BF16, 12288, 4096),
+        (64, DType::BF16, 4096, 12288),
+        (32, DType::F16, 1024, 4096),
+        (128, DType::F32, 300, 14336),
+        (32, DType::BF16, 7, 96),
+        (64, DType::F16, 33, 1088),
+    ];
+    for (group, sdt, n, k) in cases {
+        let gw = be.upload_weight(affine(&mut r, 1, n, k, 4, group, sdt)).unwrap();
+        for m in [2, 3, 8, 9, 16, 17, 32] {
+            let xs = randv(&mut r, m * k);
+            let mut out = poisoned(&be, &[m, n]);
+            be.matmul(&be.upload(Tensor::from_f32(&[m, k], &xs).unwrap()).unwrap(), &gw, &mut out).unwrap();
+            let got = read(&be, &out);
+            for row in 0..m {
+                let mut one = poisoned(&be, &[1, n]);
+                let x1 = Tensor::from_f32(&[1, k], &xs[row * k..(row + 1) * k]).unwrap();
+                be.matmul(&be.upload(x1).unwrap(), &gw, &mut one).unwrap();
+                let want = read(&be, &one);
+                let bad = got[row * n..(row + 1) * n].iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+                if let Some(i) = bad {
+                    panic!(
+                        "gemv_tc 4-bit g{group} {sdt} [{m}, {k}] x [{n}, {k}]^T: row {row}, output {i}: {} vs one-row {}",
+                        got[row * n + i],
+                        want[i]
+                    );
+                }
+            }
+        }
+    }
+    be.set_gemv_tc(false);
+}

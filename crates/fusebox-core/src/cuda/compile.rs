@@ -26,6 +26,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("elementwise.cu", include_str!("../../kernels/elementwise.cu")),
     ("norm_rope.cu", include_str!("../../kernels/norm_rope.cu")),
     ("gemv.cu", include_str!("../../kernels/gemv.cu")),
+    ("gemv_tc.cu", include_str!("../../kernels/gemv_tc.cu")),
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("attention_tc.cu", include_str!("../../kernels/attention_tc.cu")),
     ("moe.cu", include_str!("../../kernels/moe.cu")),

@@ -7,7 +7,9 @@
 //! * 2 to `ROW_EXACT_MAX` (32) rows (speculative verify, short prompts):
 //!   `gemv_<fmt>_mn` launches of up to 8 rows, each reading the weight once,
 //!   planned with the one-row launch's k split and x window so that every
-//!   row is bitwise the decode step's ([`CudaBackend::plan_gemv_split`]).
+//!   row is bitwise the decode step's ([`CudaBackend::plan_gemv_split`]);
+//!   with `FUSEBOX_GEMV_TC=1`, 4-bit int_dot products on the tensor cores
+//!   instead, with the same bits (gemv_tc.rs).
 //! * `m > ROW_EXACT_MAX`: cuBLAS. bf16 and affine weights run bf16 x bf16 -> f32 (the
 //!   affine weight dequantized to bf16 in scratch, x rounded to bf16); f32 and
 //!   f16 weights run f32 SGEMM (f16 widened to f32 in scratch).
@@ -628,6 +630,9 @@ impl CudaBackend {
     fn gemv_rows(&self, d: &Dev, x: u64, out: u64, m: usize) -> Result<()> {
         if m == 1 {
             return self.launch_gemv(d, x, out, 1, 0, 1, 1, 1);
+        }
+        if self.gemv_tc_serves(d, x, m) {
+            return self.gemv_tc_rows(d, x, out, m);
         }
         let per = self.gemv_rows_per_launch(d, x)?;
         let launches = m.div_ceil(per);

@@ -19,6 +19,7 @@ mod attn;
 pub mod compile;
 mod fused;
 mod gemv;
+mod gemv_tc;
 pub mod libs;
 mod moe_sample;
 mod ops;
@@ -156,6 +157,8 @@ pub struct CudaBackend {
     pub(crate) prefill_f32: bool,
     /// Prefill attention on the tensor cores (`CudaOptions::attn_tc`; `set_attn_tc` for A/B runs).
     pub(crate) attn_tc: std::sync::atomic::AtomicBool,
+    /// 4-bit int_dot products of 2-16 rows on the tensor cores (`CudaOptions::gemv_tc`; `set_gemv_tc`).
+    pub(crate) gemv_tc: std::sync::atomic::AtomicBool,
     /// Per-kernel event timing (`FUSEBOX_KERNEL_TIMING`).
     timing: Option<timing::KernelTiming>,
 }
@@ -185,6 +188,10 @@ pub struct CudaOptions {
     /// Prefill attention on the tensor cores (`FUSEBOX_ATTN_TC`, default on;
     /// see `attention_tc.cu`) instead of the scalar f32 blocks.
     pub attn_tc: bool,
+    /// 4-bit affine products of 2 to 32 input rows (speculative verify) on
+    /// the tensor cores, bitwise the one-row GEMV's rows (`FUSEBOX_GEMV_TC`,
+    /// default off; see `gemv_tc.cu`), instead of the GEMV's multi-row kernels.
+    pub gemv_tc: bool,
 }
 
 impl CudaOptions {
@@ -200,12 +207,13 @@ impl CudaOptions {
             kv_f32,
             prefill_f32: std::env::var("FUSEBOX_PREFILL_F32").is_ok_and(|v| v == "1"),
             attn_tc: std::env::var("FUSEBOX_ATTN_TC").map(|v| v != "0").unwrap_or(true),
+            gemv_tc: std::env::var("FUSEBOX_GEMV_TC").is_ok_and(|v| v == "1"),
         })
     }
 
     /// f32 KV cache and f32 prefill: the GPU computes like the CPU's f32 path.
     pub fn exact() -> CudaOptions {
-        CudaOptions { graphs: true, kv_f32: true, prefill_f32: true, attn_tc: false }
+        CudaOptions { graphs: true, kv_f32: true, prefill_f32: true, attn_tc: false, gemv_tc: false }
     }
 }
 
@@ -271,6 +279,7 @@ impl CudaBackend {
             policy: crate::fusion::FusionPolicy::resolve(crate::fusion::BackendKind::Cuda, &info.name)?,
             prefill_f32: opts.prefill_f32,
             attn_tc: std::sync::atomic::AtomicBool::new(opts.attn_tc),
+            gemv_tc: std::sync::atomic::AtomicBool::new(opts.gemv_tc),
             pdl,
             info,
         })
@@ -284,6 +293,16 @@ impl CudaBackend {
     /// Switch prefill attention between the tensor-core and the scalar kernels (for A/B runs and tests).
     pub fn set_attn_tc(&self, on: bool) {
         self.attn_tc.store(on, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether 4-bit int_dot products of 2 or more rows run on the tensor cores (`FUSEBOX_GEMV_TC`).
+    pub fn gemv_tc(&self) -> bool {
+        self.gemv_tc.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Switch those products between `gemv_tc.cu` and the GEMV's multi-row kernels (A/B runs, tests).
+    pub fn set_gemv_tc(&self, on: bool) {
+        self.gemv_tc.store(on, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This backend's fusion decisions (defaults, tuned file, environment).

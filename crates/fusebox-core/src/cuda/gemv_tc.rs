@@ -1,0 +1,87 @@
+//! The int_dot GEMV's products for 2 to 16 input rows on the tensor cores
+//! (kernels: `gemv_tc.cu`): speculative verify passes and short prompts over
+//! 4-bit affine weights, each row bitwise what the one-row decode GEMV
+//! computes for it (the kernel file says how).
+//!
+//! `FUSEBOX_GEMV_TC=1` takes it for 4-bit affine products of 2 to
+//! `ROW_EXACT_MAX` rows while the `int_dot` site is on (chunks of up to 16
+//! rows); unset or `0`, those rows take the GEMV's own multi-row kernels.
+
+use anyhow::{ensure, Result};
+
+use super::gemv::Dev;
+use super::ops::grid_1d;
+use super::{Arg, CudaBackend};
+
+const FILE: &str = "gemv_tc.cu";
+/// Scratch slots: the x rows' B fragments and their per-unit (scale, sum).
+const XQ_SLOT: usize = 14;
+const XS_SLOT: usize = 15;
+/// The most input rows one launch takes (two tiles of 8).
+pub(super) const TC_ROWS: usize = 16;
+/// Weight rows a block owns (`16 * NT` in the kernel).
+const BLOCK_ROWS: usize = 32;
+
+impl CudaBackend {
+    /// Whether `m` rows of `d` at `x` go through [`CudaBackend::gemv_tc_rows`]:
+    /// the switch is on ([`CudaBackend::set_gemv_tc`]), 2 or more rows, the int_dot 4-bit kernel (format 10)
+    /// would compute one row, the device has int8 MMAs (sm_80+), and the x
+    /// rows are 16-byte aligned (the one-row GEMV's vector plan).
+    pub(super) fn gemv_tc_serves(&self, d: &Dev, x: u64, m: usize) -> bool {
+        self.gemv_tc()
+            && m >= 2
+            && self.kernel_fmt(d) == 10
+            && d.experts == 1
+            && self.info.compute_capability.0 >= 8
+            && x % 16 == 0
+            && d.k % 32 == 0
+    }
+
+    /// `out[r] = x[r] @ w^T` for `r < m`, in launches of up to [`TC_ROWS`]
+    /// rows, each row as the one-row GEMV computes it (its plan's k split and
+    /// x window).
+    pub(super) fn gemv_tc_rows(&self, d: &Dev, x: u64, out: u64, m: usize) -> Result<()> {
+        let plan = self.plan_gemv(d, x, 1, 1)?;
+        ensure!(plan.vector, "cuda gemv_tc: the one-row plan is not the vector kernel");
+        let (n, k) = (d.n, d.k);
+        let nunits = k / 32;
+        let mut r = 0;
+        while r < m {
+            let rows = (m - r).min(TC_ROWS);
+            let mx = rows.div_ceil(8);
+            let xq = self.scratch(XQ_SLOT, nunits * 2 * 32 * 16)?;
+            let xs = self.scratch(XS_SLOT, nunits * 16 * 8)?;
+            let xr = x + (r * k * 4) as u64;
+            self.launch(
+                FILE,
+                "gemv_tc_x",
+                grid_1d(nunits * 8 * mx, self.sm_count),
+                &[Arg::P(xr), Arg::I(rows as i32), Arg::I(k as i32), Arg::I(mx as i32), Arg::P(xq), Arg::P(xs)],
+            )?;
+            let name = if mx == 1 { "gemv_tc_q4_x8" } else { "gemv_tc_q4_x16" };
+            let smem = 32 * BLOCK_ROWS * 8 * mx * 4;
+            self.launch(
+                FILE,
+                name,
+                ((n.div_ceil(BLOCK_ROWS) as u32, 1, 1), (256, 1, 1), smem as u32),
+                &[
+                    Arg::P(d.w),
+                    Arg::P(d.sc),
+                    Arg::P(d.bi),
+                    Arg::P(xq),
+                    Arg::P(xs),
+                    Arg::P(out + (r * n * 4) as u64),
+                    Arg::I(n as i32),
+                    Arg::I(k as i32),
+                    Arg::I(rows as i32),
+                    Arg::I(d.gs as i32),
+                    Arg::I(d.sdt),
+                    Arg::I(plan.ks as i32),
+                    Arg::I(plan.kw as i32),
+                ],
+            )?;
+            r += rows;
+        }
+        Ok(())
+    }
+}
