@@ -35,14 +35,12 @@
 
 // int8 MMAs (sm_80+): d = a (16 x 32 u8) . b (32 x 8, s8 or u8), s32.
 __device__ __forceinline__ void mma_u8s8(int (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ void mma_u8u8(int (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
@@ -115,7 +113,7 @@ __device__ __forceinline__ void gemv_tc_q4(const char* __restrict__ w, const voi
             sbi[nt][h] = row * gpr;
         }
     }
-    constexpr int PAIRS = ROWS * XR / 256;  // (weight row, x row) pairs a thread sums up
+    constexpr int PAIRS = (ROWS * XR + 255) / 256;  // (weight row, x row) pairs a thread sums up
     float tot[PAIRS];
 #pragma unroll
     for (int i = 0; i < PAIRS; i++) tot[i] = 0.f;
@@ -129,54 +127,84 @@ __device__ __forceinline__ void gemv_tc_q4(const char* __restrict__ w, const voi
                 for (int mx = 0; mx < MX; mx++)
 #pragma unroll
                     for (int i = 0; i < 4; i++) acc[j][nt][mx][i] = 0.f;
-        for (int w0 = 0; w0 < k; w0 += kw) {
-            const int sw0 = w0 >> 10, sw1 = (min(w0 + kw, k) / 32 + 31) >> 5;
-            for (int s = sw0 + kp; s < sw1; s += ksplit) {
-                const int ub = s * 32 + warp * SPW;
-                // this step's weight words first (the DRAM reads), then unit by unit
-                u32 wv[SPW][NT][2];
+        // this slice's steps in order: s from sw0 + kp by ksplit within each
+        // window [w0, w0 + kw) (gemv_impl's order); -1 past the last
+        auto window_first = [&](int w) {
+            for (; w < k; w += kw) {
+                const int s0 = (w >> 10) + kp, s1 = (min(w + kw, k) / 32 + 31) >> 5;
+                if (s0 < s1) return s0;
+            }
+            return -1;
+        };
+        auto next_step = [&](int s) {
+            const int w = (s << 10) / kw * kw;  // the window holding step s
+            const int s1 = (min(w + kw, k) / 32 + 31) >> 5;
+            return s + ksplit < s1 ? s + ksplit : window_first(w + kw);
+        };
+        // weight words of a step's units (the DRAM reads), one step ahead
+        u32 wv[SPW][NT][2], wn[SPW][NT][2];
+        auto load_w = [&](int s, u32 (&dst)[SPW][NT][2]) {
+            const int ub = s * 32 + warp * SPW;
 #pragma unroll
-                for (int j = 0; j < SPW; j++)
+            for (int j = 0; j < SPW; j++)
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++)
+                for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-                        for (int h = 0; h < 2; h++) wv[j][nt][h] = ub + j < nunits ? __ldg(wp[nt][h] + (ub + j) * 4) : 0u;
+                    for (int h = 0; h < 2; h++)
+                        dst[j][nt][h] = s >= 0 && ub + j < nunits ? __ldg(wp[nt][h] + (ub + j) * 4) : 0u;
+        };
+        int s = window_first(0);
+        load_w(s, wn);
+        while (s >= 0) {
 #pragma unroll
-                for (int j = 0; j < SPW; j++) {
-                    const int u = ub + j;
-                    if (u >= nunits) continue;  // uniform over the warp
-                    u32 a[NT][4];
-                    float sv[NT][2], bv[NT][2];
+            for (int j = 0; j < SPW; j++)
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        a[nt][0] = wv[j][nt][0] & 0x0f0f0f0fu;
-                        a[nt][1] = wv[j][nt][1] & 0x0f0f0f0fu;
-                        a[nt][2] = (wv[j][nt][0] >> 4) & 0x0f0f0f0fu;
-                        a[nt][3] = (wv[j][nt][1] >> 4) & 0x0f0f0f0fu;
+                for (int nt = 0; nt < NT; nt++) {
+                    wv[j][nt][0] = wn[j][nt][0];
+                    wv[j][nt][1] = wn[j][nt][1];
+                }
+            const int ub = s * 32 + warp * SPW;
+            s = next_step(s);
+            load_w(s, wn);
+            // scales and biases of the step's units (L1/L2), before any product
+            float sv[SPW][NT][2], bv[SPW][NT][2];
 #pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            const long long gi = sbi[nt][h] + ((u * 32) >> lgs);
-                            sv[nt][h] = ld_sb(sc, gi, sdt);
-                            bv[nt][h] = ld_sb(bi, gi, sdt);
-                        }
+            for (int j = 0; j < SPW; j++)
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const long long gi = sbi[nt][h] + ((min(ub + j, nunits - 1) * 32) >> lgs);
+                        sv[j][nt][h] = ld_sb(sc, gi, sdt);
+                        bv[j][nt][h] = ld_sb(bi, gi, sdt);
                     }
 #pragma unroll
-                    for (int mx = 0; mx < MX; mx++) {
-                        const uint4 b = __ldg(xq + ((long long)u * MX + mx) * 32 + lane);
-                        // (scale, sum) of x rows 2t and 2t + 1 of this tile
-                        const float4 sX = __ldg((const float4*)(xs + (long long)u * XR + mx * 8 + 2 * t));
+            for (int mx = 0; mx < MX; mx++) {
+                // this x tile's fragments and (scale, sum) of rows 2t, 2t + 1 for the step's units
+                uint4 b[SPW];
+                float4 sX[SPW];
 #pragma unroll
-                        for (int nt = 0; nt < NT; nt++) {
-                            int dh[4] = {0, 0, 0, 0}, dl[4] = {0, 0, 0, 0};
-                            mma_u8s8(dh, a[nt], b.x, b.y);
-                            mma_u8u8(dl, a[nt], b.z, b.w);
+                for (int j = 0; j < SPW; j++) {
+                    const int u = min(ub + j, nunits - 1);
+                    b[j] = __ldg(xq + ((long long)u * MX + mx) * 32 + lane);
+                    sX[j] = __ldg((const float4*)(xs + (long long)u * XR + mx * 8 + 2 * t));
+                }
 #pragma unroll
-                            for (int i = 0; i < 4; i++) {
-                                const int d = dh[i] * 256 + dl[i];
-                                const float s = sv[nt][i >> 1], bb = bv[nt][i >> 1];
-                                const float sx = (i & 1) ? sX.z : sX.x, X = (i & 1) ? sX.w : sX.y;
-                                acc[j][nt][mx][i] = fmaf(s * sx, (float)d, fmaf(bb, X, acc[j][nt][mx][i]));
-                            }
+                for (int j = 0; j < SPW; j++) {
+                    if (ub + j >= nunits) continue;  // uniform over the warp
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        const u32 a[4] = {wv[j][nt][0] & 0x0f0f0f0fu, wv[j][nt][1] & 0x0f0f0f0fu,
+                                          (wv[j][nt][0] >> 4) & 0x0f0f0f0fu, (wv[j][nt][1] >> 4) & 0x0f0f0f0fu};
+                        int dh[4] = {0, 0, 0, 0}, dl[4] = {0, 0, 0, 0};
+                        mma_u8s8(dh, a, b[j].x, b[j].y);
+                        mma_u8u8(dl, a, b[j].z, b[j].w);
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            const int d = dh[i] * 256 + dl[i];
+                            const float sw = sv[j][nt][i >> 1], bw = bv[j][nt][i >> 1];
+                            const float sx = (i & 1) ? sX[j].z : sX[j].x, X = (i & 1) ? sX[j].w : sX[j].y;
+                            acc[j][nt][mx][i] = fmaf(sw * sx, (float)d, fmaf(bw, X, acc[j][nt][mx][i]));
                         }
                     }
                 }
@@ -200,6 +228,7 @@ __device__ __forceinline__ void gemv_tc_q4(const char* __restrict__ w, const voi
 #pragma unroll
         for (int pi = 0; pi < PAIRS; pi++) {
             const int p = threadIdx.x + pi * 256;
+            if (p >= ROWS * XR) break;
             float v[32];
 #pragma unroll
             for (int l = 0; l < 32; l++) v[l] = part[l * ROWS * XR + p];
@@ -215,7 +244,7 @@ __device__ __forceinline__ void gemv_tc_q4(const char* __restrict__ w, const voi
 #pragma unroll
     for (int pi = 0; pi < PAIRS; pi++) {
         const int p = threadIdx.x + pi * 256, r = p / XR, c = p % XR;
-        if (row0 + r < n && c < m) out[(long long)c * n + row0 + r] = tot[pi];
+        if (p < ROWS * XR && row0 + r < n && c < m) out[(long long)c * n + row0 + r] = tot[pi];
     }
 }
 
@@ -224,12 +253,13 @@ __device__ __forceinline__ void gemv_tc_q4(const char* __restrict__ w, const voi
         const uint4 *__restrict__ xq, const float2 *__restrict__ xs, float *__restrict__ out, int n, int k, int m, \
         int gs, int sdt, int ksplit, int kw
 #define GEMV_TC_PASS w, sc, bi, xq, xs, out, n, k, m, gs, sdt, ksplit, kw
-// up to 8 and up to 16 input rows; 32 weight rows a block
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_tc_q4_x8(GEMV_TC_ARGS) {
-    FB_PROLOGUE();
-    gemv_tc_q4<1, 2>(GEMV_TC_PASS);
-}
-extern "C" __global__ void __launch_bounds__(256, 1) gemv_tc_q4_x16(GEMV_TC_ARGS) {
-    FB_PROLOGUE();
-    gemv_tc_q4<2, 2>(GEMV_TC_PASS);
-}
+// up to 8 (x8) and up to 16 (x16) input rows; 32 weight rows a block, or 16 (n1)
+#define GEMV_TC(NAME, MX, NT, MINB)                                                    \
+    extern "C" __global__ void __launch_bounds__(256, MINB) NAME(GEMV_TC_ARGS) { \
+        FB_PROLOGUE();                                                             \
+        gemv_tc_q4<MX, NT>(GEMV_TC_PASS);                                          \
+    }
+GEMV_TC(gemv_tc_q4_x8, 1, 2, 1)
+GEMV_TC(gemv_tc_q4_x16, 2, 2, 1)
+GEMV_TC(gemv_tc_q4_x8n1, 1, 1, 2)
+GEMV_TC(gemv_tc_q4_x16n1, 2, 1, 1)

@@ -7,6 +7,8 @@
 //! `ROW_EXACT_MAX` rows while the `int_dot` site is on (chunks of up to 16
 //! rows); unset or `0`, those rows take the GEMV's own multi-row kernels.
 
+use std::sync::OnceLock;
+
 use anyhow::{ensure, Result};
 
 use super::gemv::Dev;
@@ -19,8 +21,14 @@ const XQ_SLOT: usize = 14;
 const XS_SLOT: usize = 15;
 /// The most input rows one launch takes (two tiles of 8).
 pub(super) const TC_ROWS: usize = 16;
-/// Weight rows a block owns (`16 * NT` in the kernel).
-const BLOCK_ROWS: usize = 32;
+/// `FUSEBOX_GEMV_TC_NT=1|2`: weight rows a block owns, in tiles of 16 (`NT`
+/// in the kernel; tuning). Unset: 1.
+fn tiles() -> usize {
+    static NT: OnceLock<usize> = OnceLock::new();
+    *NT.get_or_init(|| {
+        std::env::var("FUSEBOX_GEMV_TC_NT").ok().and_then(|v| v.parse().ok()).filter(|&t| t == 2).unwrap_or(1)
+    })
+}
 
 impl CudaBackend {
     /// Whether `m` rows of `d` at `x` go through [`CudaBackend::gemv_tc_rows`]:
@@ -58,12 +66,19 @@ impl CudaBackend {
                 grid_1d(nunits * 8 * mx, self.sm_count),
                 &[Arg::P(xr), Arg::I(rows as i32), Arg::I(k as i32), Arg::I(mx as i32), Arg::P(xq), Arg::P(xs)],
             )?;
-            let name = if mx == 1 { "gemv_tc_q4_x8" } else { "gemv_tc_q4_x16" };
-            let smem = 32 * BLOCK_ROWS * 8 * mx * 4;
+            let nt = tiles();
+            let name = match (mx, nt) {
+                (1, 1) => "gemv_tc_q4_x8n1",
+                (_, 1) => "gemv_tc_q4_x16n1",
+                (1, _) => "gemv_tc_q4_x8",
+                _ => "gemv_tc_q4_x16",
+            };
+            let block_rows = 16 * nt;
+            let smem = 32 * block_rows * 8 * mx * 4;
             self.launch(
                 FILE,
                 name,
-                ((n.div_ceil(BLOCK_ROWS) as u32, 1, 1), (256, 1, 1), smem as u32),
+                ((n.div_ceil(block_rows) as u32, 1, 1), (256, 1, 1), smem as u32),
                 &[
                     Arg::P(d.w),
                     Arg::P(d.sc),
