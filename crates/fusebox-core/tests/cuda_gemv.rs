@@ -444,11 +444,12 @@ fn int_dot_gemv_matches_cpu_and_rows_agree() {
     }
 }
 
-/// `FUSEBOX_GEMV_TC` (gemv_tc.cu): 4-bit int_dot products of 2 to 32 rows on
-/// the tensor cores give every row bitwise its one-row (decode GEMV) product,
-/// through the one-row plan's k splits (1 to 8 slices), x windows (k past
-/// 8192), partial steps (k not a multiple of 1024), every group size and
-/// scale type, and row counts that fill one, two or several 8-row tiles.
+/// `FUSEBOX_GEMV_TC` (gemv_tc.cu): 4-bit int_dot products of 5 to 32 rows on
+/// the tensor cores (and the rows left to the GEMV's kernels) give every row
+/// bitwise its one-row (decode GEMV) product, through the one-row plan's k
+/// splits (1 to 8 slices), x windows (k past 8192), partial steps (k not a
+/// multiple of 1024), every group size and scale type, and row counts that
+/// take one 8- or 16-row launch, two, or a launch and a GEMV remainder.
 #[test]
 fn gemv_tc_rows_are_bitwise_one_row_products() {
     let Some(be) = backend_for_tests() else { return };
@@ -466,7 +467,7 @@ fn gemv_tc_rows_are_bitwise_one_row_products() {
     ];
     for (group, sdt, n, k) in cases {
         let gw = be.upload_weight(affine(&mut r, 1, n, k, 4, group, sdt)).unwrap();
-        for m in [2, 3, 8, 9, 16, 17, 32] {
+        for m in [2, 5, 8, 9, 12, 16, 17, 21, 32] {
             let xs = randv(&mut r, m * k);
             let mut out = poisoned(&be, &[m, n]);
             be.matmul(&be.upload(Tensor::from_f32(&[m, k], &xs).unwrap()).unwrap(), &gw, &mut out).unwrap();

@@ -628,11 +628,11 @@ impl CudaBackend {
     /// computes it: `mn` launches of up to 8 rows (balanced chunks, each
     /// reading the weight once) with the one-row plan's k split and window.
     fn gemv_rows(&self, d: &Dev, x: u64, out: u64, m: usize) -> Result<()> {
-        if m == 1 {
-            return self.launch_gemv(d, x, out, 1, 0, 1, 1, 1);
-        }
-        if self.gemv_tc_serves(d, x, m) {
-            return self.gemv_tc_rows(d, x, out, m);
+        // 4-bit int_dot rows on the tensor cores first (gemv_tc.rs), the rest here
+        let done = if self.gemv_tc_serves(d, x, m) { self.gemv_tc_rows(d, x, out, m)? } else { 0 };
+        let (x, out, m) = (x + (done * d.k * 4) as u64, out + (done * d.n * 4) as u64, m - done);
+        if m <= 1 {
+            return if m == 1 { self.launch_gemv(d, x, out, 1, 0, 1, 1, 1) } else { Ok(()) };
         }
         let per = self.gemv_rows_per_launch(d, x)?;
         let launches = m.div_ceil(per);

@@ -20,7 +20,9 @@ const FILE: &str = "gemv_tc.cu";
 const XQ_SLOT: usize = 14;
 const XS_SLOT: usize = 15;
 /// The most input rows one launch takes (two tiles of 8).
-pub(super) const TC_ROWS: usize = 16;
+const TC_ROWS: usize = 16;
+/// The fewest rows worth a launch (fewer run the GEMV's 1-, 2- and 4-row kernels).
+const TC_MIN_ROWS: usize = 5;
 /// `FUSEBOX_GEMV_TC_NT=1|2`: weight rows a block owns, in tiles of 16 (`NT`
 /// in the kernel; tuning). Unset: 1.
 fn tiles() -> usize {
@@ -32,12 +34,12 @@ fn tiles() -> usize {
 
 impl CudaBackend {
     /// Whether `m` rows of `d` at `x` go through [`CudaBackend::gemv_tc_rows`]:
-    /// the switch is on ([`CudaBackend::set_gemv_tc`]), 2 or more rows, the int_dot 4-bit kernel (format 10)
+    /// the switch is on ([`CudaBackend::set_gemv_tc`]), [`TC_MIN_ROWS`] or more rows, the int_dot 4-bit kernel (format 10)
     /// would compute one row, the device has int8 MMAs (sm_80+), and the x
     /// rows are 16-byte aligned (the one-row GEMV's vector plan).
     pub(super) fn gemv_tc_serves(&self, d: &Dev, x: u64, m: usize) -> bool {
         self.gemv_tc()
-            && m >= 2
+            && m >= TC_MIN_ROWS
             && self.kernel_fmt(d) == 10
             && d.experts == 1
             && self.info.compute_capability.0 >= 8
@@ -45,17 +47,23 @@ impl CudaBackend {
             && d.k % 32 == 0
     }
 
-    /// `out[r] = x[r] @ w^T` for `r < m`, in launches of up to [`TC_ROWS`]
-    /// rows, each row as the one-row GEMV computes it (its plan's k split and
-    /// x window).
-    pub(super) fn gemv_tc_rows(&self, d: &Dev, x: u64, out: u64, m: usize) -> Result<()> {
+    /// `out[r] = x[r] @ w^T` for the leading rows of `m`, each row as the
+    /// one-row GEMV computes it (its plan's k split and x window): launches of
+    /// up to 16 rows while 12 or more are left, of up to 8 while
+    /// [`TC_MIN_ROWS`] or more are left (H100, Qwen3-8B 4-bit: a launch costs
+    /// about the same for 2 to 8 rows, 2.8x a one-row GEMV's decode step in
+    /// the verify curve, and 4.8x for 9 to 16, where the GEMV's own kernels
+    /// take 1.5x for 2 rows, 2.3x for 4, 5.4x for 8 and 10.6x for 16). Returns
+    /// how many rows it took; the caller runs the rest (fewer than
+    /// [`TC_MIN_ROWS`]) through the GEMV.
+    pub(super) fn gemv_tc_rows(&self, d: &Dev, x: u64, out: u64, m: usize) -> Result<usize> {
         let plan = self.plan_gemv(d, x, 1, 1)?;
         ensure!(plan.vector, "cuda gemv_tc: the one-row plan is not the vector kernel");
         let (n, k) = (d.n, d.k);
         let nunits = k / 32;
         let mut r = 0;
-        while r < m {
-            let rows = (m - r).min(TC_ROWS);
+        while m - r >= TC_MIN_ROWS {
+            let rows = if m - r >= 12 { (m - r).min(TC_ROWS) } else { (m - r).min(8) };
             let mx = rows.div_ceil(8);
             let xq = self.scratch(XQ_SLOT, nunits * 2 * 32 * 16)?;
             let xs = self.scratch(XS_SLOT, nunits * 16 * 8)?;
@@ -97,6 +105,6 @@ impl CudaBackend {
             )?;
             r += rows;
         }
-        Ok(())
+        Ok(r)
     }
 }

@@ -188,9 +188,9 @@ pub struct CudaOptions {
     /// Prefill attention on the tensor cores (`FUSEBOX_ATTN_TC`, default on;
     /// see `attention_tc.cu`) instead of the scalar f32 blocks.
     pub attn_tc: bool,
-    /// 4-bit affine products of 2 to 32 input rows (speculative verify) on
+    /// 4-bit affine products of 5 to 32 input rows (speculative verify) on
     /// the tensor cores, bitwise the one-row GEMV's rows (`FUSEBOX_GEMV_TC`,
-    /// default off; see `gemv_tc.cu`), instead of the GEMV's multi-row kernels.
+    /// default on; see `gemv_tc.cu`), instead of the GEMV's multi-row kernels.
     pub gemv_tc: bool,
 }
 
@@ -207,13 +207,13 @@ impl CudaOptions {
             kv_f32,
             prefill_f32: std::env::var("FUSEBOX_PREFILL_F32").is_ok_and(|v| v == "1"),
             attn_tc: std::env::var("FUSEBOX_ATTN_TC").map(|v| v != "0").unwrap_or(true),
-            gemv_tc: std::env::var("FUSEBOX_GEMV_TC").is_ok_and(|v| v == "1"),
+            gemv_tc: std::env::var("FUSEBOX_GEMV_TC").map(|v| v != "0").unwrap_or(true),
         })
     }
 
     /// f32 KV cache and f32 prefill: the GPU computes like the CPU's f32 path.
     pub fn exact() -> CudaOptions {
-        CudaOptions { graphs: true, kv_f32: true, prefill_f32: true, attn_tc: false, gemv_tc: false }
+        CudaOptions { graphs: true, kv_f32: true, prefill_f32: true, attn_tc: false, gemv_tc: true }
     }
 }
 
