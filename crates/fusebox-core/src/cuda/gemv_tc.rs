@@ -32,6 +32,17 @@ fn tiles() -> usize {
     })
 }
 
+/// Rows the next `gemv_tc` launch takes with `left` rows to go: up to 16
+/// while 12 or more are left, up to 8 while [`TC_MIN_ROWS`] or more are;
+/// `None` leaves the rest to the GEMV.
+fn next_launch(left: usize) -> Option<usize> {
+    match left {
+        l if l >= 12 => Some(l.min(TC_ROWS)),
+        l if l >= TC_MIN_ROWS => Some(l.min(8)),
+        _ => None,
+    }
+}
+
 impl CudaBackend {
     /// Whether `m` rows of `d` at `x` go through [`CudaBackend::gemv_tc_rows`]:
     /// the switch is on ([`CudaBackend::set_gemv_tc`]), [`TC_MIN_ROWS`] or more rows, the int_dot 4-bit kernel (format 10)
@@ -62,8 +73,7 @@ impl CudaBackend {
         let (n, k) = (d.n, d.k);
         let nunits = k / 32;
         let mut r = 0;
-        while m - r >= TC_MIN_ROWS {
-            let rows = if m - r >= 12 { (m - r).min(TC_ROWS) } else { (m - r).min(8) };
+        while let Some(rows) = next_launch(m - r) {
             let mx = rows.div_ceil(8);
             let xq = self.scratch(XQ_SLOT, nunits * 2 * 32 * 16)?;
             let xs = self.scratch(XS_SLOT, nunits * 16 * 8)?;
@@ -106,5 +116,37 @@ impl CudaBackend {
             r += rows;
         }
         Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row count splits into launches of 5 to 16 rows and a GEMV
+    /// remainder of at most 4, as the verify curve says is cheapest.
+    #[test]
+    fn row_counts_split_into_launches_and_a_short_remainder() {
+        let split = |m: usize| {
+            let (mut left, mut launches) = (m, vec![]);
+            while let Some(rows) = next_launch(left) {
+                launches.push(rows);
+                left -= rows;
+            }
+            (launches, left)
+        };
+        assert_eq!(split(4), (vec![], 4));
+        assert_eq!(split(5), (vec![5], 0));
+        assert_eq!(split(9), (vec![8], 1));
+        assert_eq!(split(11), (vec![8], 3));
+        assert_eq!(split(12), (vec![12], 0));
+        assert_eq!(split(17), (vec![16], 1));
+        assert_eq!(split(21), (vec![16, 5], 0));
+        assert_eq!(split(32), (vec![16, 16], 0));
+        for m in 1..=64 {
+            let (launches, left) = split(m);
+            assert_eq!(launches.iter().sum::<usize>() + left, m);
+            assert!(left < TC_MIN_ROWS && launches.iter().all(|&r| (TC_MIN_ROWS..=TC_ROWS).contains(&r)));
+        }
     }
 }
