@@ -113,6 +113,12 @@ __device__ __forceinline__ void gemv_tc_q4(const char* __restrict__ w, const voi
             sbi[nt][h] = row * gpr;
         }
     }
+    // Experiments (FUSEBOX_NVRTC_DEFINES, off by default): -DFB_TC_EARLY loads the first
+    // step's weight words before waiting for the previous kernel (gemv_tc_x), as the GEMV
+    // core does; -DFB_TC_SB_AHEAD loads scales and biases a step ahead with the weights.
+#ifndef FB_TC_EARLY
+    fb_grid_wait();
+#endif
     constexpr int PAIRS = (ROWS * XR + 255) / 256;  // (weight row, x row) pairs a thread sums up
     float tot[PAIRS];
 #pragma unroll
@@ -153,8 +159,30 @@ __device__ __forceinline__ void gemv_tc_q4(const char* __restrict__ w, const voi
                     for (int h = 0; h < 2; h++)
                         dst[j][nt][h] = s >= 0 && ub + j < nunits ? __ldg(wp[nt][h] + (ub + j) * 4) : 0u;
         };
+        // scales and biases of a step's units
+        auto load_sb = [&](int s, float (&ds)[SPW][NT][2], float (&db)[SPW][NT][2]) {
+            const int ub = s * 32 + warp * SPW;
+#pragma unroll
+            for (int j = 0; j < SPW; j++)
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const long long gi = sbi[nt][h] + ((min(max(ub + j, 0), nunits - 1) * 32) >> lgs);
+                        ds[j][nt][h] = ld_sb(sc, gi, sdt);
+                        db[j][nt][h] = ld_sb(bi, gi, sdt);
+                    }
+        };
         int s = window_first(0);
         load_w(s, wn);
+#ifdef FB_TC_EARLY
+        fb_grid_wait();  // x comes from gemv_tc_x (returns at once after the first time)
+#endif
+        float sv[SPW][NT][2], bv[SPW][NT][2];
+#ifdef FB_TC_SB_AHEAD
+        float svn[SPW][NT][2], bvn[SPW][NT][2];
+        load_sb(s, svn, bvn);
+#endif
         while (s >= 0) {
 #pragma unroll
             for (int j = 0; j < SPW; j++)
@@ -163,21 +191,26 @@ __device__ __forceinline__ void gemv_tc_q4(const char* __restrict__ w, const voi
                     wv[j][nt][0] = wn[j][nt][0];
                     wv[j][nt][1] = wn[j][nt][1];
                 }
-            const int ub = s * 32 + warp * SPW;
-            s = next_step(s);
-            load_w(s, wn);
-            // scales and biases of the step's units (L1/L2), before any product
-            float sv[SPW][NT][2], bv[SPW][NT][2];
+            const int cur = s, ub = cur * 32 + warp * SPW;
+#ifdef FB_TC_SB_AHEAD
 #pragma unroll
             for (int j = 0; j < SPW; j++)
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                     for (int h = 0; h < 2; h++) {
-                        const long long gi = sbi[nt][h] + ((min(ub + j, nunits - 1) * 32) >> lgs);
-                        sv[j][nt][h] = ld_sb(sc, gi, sdt);
-                        bv[j][nt][h] = ld_sb(bi, gi, sdt);
+                        sv[j][nt][h] = svn[j][nt][h];
+                        bv[j][nt][h] = bvn[j][nt][h];
                     }
+            s = next_step(s);
+            load_w(s, wn);
+            load_sb(s, svn, bvn);
+#else
+            s = next_step(s);
+            load_w(s, wn);
+            // scales and biases of the step's units (L1/L2), before any product
+            load_sb(cur, sv, bv);
+#endif
 #pragma unroll
             for (int mx = 0; mx < MX; mx++) {
                 // this x tile's fragments and (scale, sum) of rows 2t, 2t + 1 for the step's units
@@ -256,7 +289,7 @@ __device__ __forceinline__ void gemv_tc_q4(const char* __restrict__ w, const voi
 // up to 8 (x8) and up to 16 (x16) input rows; 32 weight rows a block, or 16 (n1)
 #define GEMV_TC(NAME, MX, NT, MINB)                                                    \
     extern "C" __global__ void __launch_bounds__(256, MINB) NAME(GEMV_TC_ARGS) { \
-        FB_PROLOGUE();                                                             \
+        FB_PROLOGUE_DEFERRED();                                                    \
         gemv_tc_q4<MX, NT>(GEMV_TC_PASS);                                          \
     }
 GEMV_TC(gemv_tc_q4_x8, 1, 2, 1)
