@@ -1,11 +1,13 @@
-//! The int_dot GEMV's products for 2 to 16 input rows on the tensor cores
+//! The int_dot GEMV's products for 5 to 32 input rows on the tensor cores
 //! (kernels: `gemv_tc.cu`): speculative verify passes and short prompts over
 //! 4-bit affine weights, each row bitwise what the one-row decode GEMV
 //! computes for it (the kernel file says how).
 //!
-//! `FUSEBOX_GEMV_TC=1` takes it for 4-bit affine products of 2 to
-//! `ROW_EXACT_MAX` rows while the `int_dot` site is on (chunks of up to 16
-//! rows); unset or `0`, those rows take the GEMV's own multi-row kernels.
+//! On by default while the `int_dot` site is on (`FUSEBOX_GEMV_TC=0` or
+//! [`CudaBackend::set_gemv_tc`] turns it off): launches of up to 16 or 8 rows
+//! ([`next_launch`]), the rest (1 to 4 rows) through the GEMV's own kernels,
+//! which win there. Measured in
+//! docs/benchmark_results/gemv-tc-h100-2026-12-07.md.
 
 use std::sync::OnceLock;
 
