@@ -8,8 +8,8 @@
 //!   `gemv_<fmt>_mn` launches of up to 8 rows, each reading the weight once,
 //!   planned with the one-row launch's k split and x window so that every
 //!   row is bitwise the decode step's ([`CudaBackend::plan_gemv_split`]);
-//!   with `FUSEBOX_GEMV_TC=1`, 4-bit int_dot products on the tensor cores
-//!   instead, with the same bits (gemv_tc.rs).
+//!   4-bit int_dot products of 5 or more rows go to the tensor cores first,
+//!   with the same bits (gemv_tc.rs; `FUSEBOX_GEMV_TC=0` keeps them here).
 //! * `m > ROW_EXACT_MAX`: cuBLAS. bf16 and affine weights run bf16 x bf16 -> f32 (the
 //!   affine weight dequantized to bf16 in scratch, x rounded to bf16); f32 and
 //!   f16 weights run f32 SGEMM (f16 widened to f32 in scratch).
