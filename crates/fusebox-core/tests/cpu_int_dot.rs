@@ -151,6 +151,23 @@ fn int_dot_expert_matmul_matches_reference() {
     }
 }
 
+/// `calls` matmuls of `x` and `w` inside `Backend::run`, each timed: the
+/// seconds, sorted.
+fn matmul_times(b: &fusebox_core::cpu::CpuBackend, x: &Tensor, w: &Weight, out: &mut Tensor, calls: usize) -> Vec<f64> {
+    let mut v = Vec::with_capacity(calls);
+    b.run(&mut || {
+        for _ in 0..calls {
+            let t = std::time::Instant::now();
+            b.matmul(x, w, out)?;
+            v.push(t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })
+    .unwrap();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
 /// Benchmark, not a check (run with `--ignored --nocapture`): one-row
 /// integer matmuls of Q4_0, Q4_K and Q6_K weights x 1024 inside
 /// `Backend::run`: 1024 and 4096 rows on one thread (cache-resident), then
@@ -169,18 +186,7 @@ fn cpu_int_dot_speed() {
             let w = common::ggml(&mut r, ty, 1, rows, cols);
             let x = Tensor::from_f32(&[1, cols], &common::randv(&mut r, cols)).unwrap();
             let mut out = Tensor::zeros(&[1, rows], DType::F32);
-            let calls = (20 * ((1 << 26) / (rows * cols))).max(10);
-            let mut v = Vec::with_capacity(calls);
-            b.run(&mut || {
-                for _ in 0..calls {
-                    let t = std::time::Instant::now();
-                    b.matmul(&x, &w, &mut out)?;
-                    v.push(t.elapsed().as_secs_f64());
-                }
-                Ok(())
-            })
-            .unwrap();
-            v.sort_by(f64::total_cmp);
+            let v = matmul_times(&b, &x, &w, &mut out, (20 * ((1 << 26) / (rows * cols))).max(10));
             let s = v[v.len() / 10];
             let (vals, bytes) = ((rows * cols) as f64, (rows * cols / ty.block_size() * ty.type_size()) as f64);
             println!(
@@ -294,17 +300,7 @@ fn cpu_int_dot_small_matmuls() {
             let w = common::ggml(&mut r, GgmlType::Q4_0, 1, n, k);
             let x = Tensor::from_f32(&[1, k], &common::randv(&mut r, k)).unwrap();
             let mut out = Tensor::zeros(&[1, n], DType::F32);
-            let mut v = Vec::new();
-            b.run(&mut || {
-                for _ in 0..2000 {
-                    let t = std::time::Instant::now();
-                    b.matmul(&x, &w, &mut out)?;
-                    v.push(t.elapsed().as_secs_f64());
-                }
-                Ok(())
-            })
-            .unwrap();
-            v.sort_by(f64::total_cmp);
+            let v = matmul_times(&b, &x, &w, &mut out, 2000);
             println!(
                 "{threads} thread(s), {n} x {k}: median {:.2} us, p10 {:.2} us",
                 v[v.len() / 2] * 1e6,

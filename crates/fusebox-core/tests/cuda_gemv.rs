@@ -367,6 +367,21 @@ fn cuda_gemv_bandwidth() {
     println!("{}", rows.join("\n"));
 }
 
+/// The first row of the m-row product `got` of `xs` (m rows of k) and `gw`
+/// that differs in any bit from its one-row product: (row, output, the m-row
+/// value, the one-row value).
+fn first_differing_row(be: &CudaBackend, gw: &Weight, xs: &[f32], got: &[f32]) -> Option<(usize, usize, f32, f32)> {
+    let (_, n, k) = gw.dims();
+    (0..xs.len() / k).find_map(|row| {
+        let mut one = poisoned(be, &[1, n]);
+        let x1 = Tensor::from_f32(&[1, k], &xs[row * k..(row + 1) * k]).unwrap();
+        be.matmul(&be.upload(x1).unwrap(), gw, &mut one).unwrap();
+        let want = read(be, &one);
+        let i = got[row * n..(row + 1) * n].iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits())?;
+        Some((row, i, got[row * n + i], want[i]))
+    })
+}
+
 /// Row r of an m-row product is bitwise the one-row product of row r, for
 /// every GEMV variant (1, 2, 4 and 8 rows a kernel) and a split or unsplit k:
 /// what makes a speculative verify pass score exactly what decode steps do.
@@ -389,13 +404,8 @@ fn gemv_rows_are_bitwise_one_row_products() {
             let mut out = poisoned(&be, &[m, n]);
             be.matmul(&be.upload(Tensor::from_f32(&[m, k], &xs).unwrap()).unwrap(), &gw, &mut out).unwrap();
             let got = read(&be, &out);
-            for row in 0..m {
-                let mut one = poisoned(&be, &[1, n]);
-                let x1 = Tensor::from_f32(&[1, k], &xs[row * k..(row + 1) * k]).unwrap();
-                be.matmul(&be.upload(x1).unwrap(), &gw, &mut one).unwrap();
-                let want = read(&be, &one);
-                let same = got[row * n..(row + 1) * n].iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{name}: row {row} of {m} differs from its one-row product");
+            if let Some((row, i, a, b)) = first_differing_row(&be, &gw, &xs, &got) {
+                panic!("{name}: row {row} of {m} differs from its one-row product (output {i}: {a} vs {b})");
             }
         }
     }
@@ -472,19 +482,10 @@ fn gemv_tc_rows_are_bitwise_one_row_products() {
             let mut out = poisoned(&be, &[m, n]);
             be.matmul(&be.upload(Tensor::from_f32(&[m, k], &xs).unwrap()).unwrap(), &gw, &mut out).unwrap();
             let got = read(&be, &out);
-            for row in 0..m {
-                let mut one = poisoned(&be, &[1, n]);
-                let x1 = Tensor::from_f32(&[1, k], &xs[row * k..(row + 1) * k]).unwrap();
-                be.matmul(&be.upload(x1).unwrap(), &gw, &mut one).unwrap();
-                let want = read(&be, &one);
-                let bad = got[row * n..(row + 1) * n].iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
-                if let Some(i) = bad {
-                    panic!(
-                        "gemv_tc 4-bit g{group} {sdt} [{m}, {k}] x [{n}, {k}]^T: row {row}, output {i}: {} vs one-row {}",
-                        got[row * n + i],
-                        want[i]
-                    );
-                }
+            if let Some((row, i, a, b)) = first_differing_row(&be, &gw, &xs, &got) {
+                panic!(
+                    "gemv_tc 4-bit g{group} {sdt} [{m}, {k}] x [{n}, {k}]^T: row {row}, output {i}: {a} vs one-row {b}"
+                );
             }
         }
     }
