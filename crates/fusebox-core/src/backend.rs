@@ -18,7 +18,7 @@ use anyhow::{ensure, Result};
 
 use crate::dtype::DType;
 use crate::fusion::Site;
-use crate::kv::LayerKv;
+use crate::kv::{LayerKv, Pages};
 use crate::quant::Weight;
 use crate::rope::RopeStyle;
 use crate::tensor::Tensor;
@@ -114,11 +114,20 @@ pub trait Backend: Send + Sync {
     /// Rotary embedding in place on `x[m, heads, head_dim]`, row i at
     /// position `positions[i]`, with `inv_freq[head_dim / 2]`.
     fn rope(&self, x: &mut Tensor, positions: &Tensor, inv_freq: &Tensor, style: RopeStyle) -> Result<()>;
-    /// Store `k`, `v` (`[m, kv_heads, head_dim]`) at rows `positions[i]` of the cache.
+    /// Store `k`, `v` (`[m, kv_heads, head_dim]`) at rows `positions[i]` of
+    /// the cache (a contiguous cache's positions, or a paged cache's slots,
+    /// [`Pages::slots`]).
     fn kv_write(&self, k: &Tensor, v: &Tensor, positions: &Tensor, cache: &mut LayerKv) -> Result<()>;
     /// Causal attention with grouped-query heads: query row i (`q[m, heads,
     /// head_dim]`) attends to cache positions `0..=positions[i]`.
     fn attention(&self, q: &Tensor, cache: &LayerKv, positions: &Tensor, scale: f32, out: &mut Tensor) -> Result<()>;
+    /// [`Backend::attention`] over a paged cache: query row i attends to
+    /// positions `0..=pages.positions[i]` of sequence `pages.seqs[i]`. The
+    /// rows of a sequence with at most [`ROW_EXACT_MAX`] rows in the call are
+    /// computed as a one-row step computes them, whatever else the call holds,
+    /// and a paged cache gives bitwise what a contiguous cache holding the
+    /// same rows gives.
+    fn paged_attention(&self, q: &Tensor, cache: &LayerKv, pages: &Pages, scale: f32, out: &mut Tensor) -> Result<()>;
     /// Whether the fusible decode site `site` runs its fused kernel on this
     /// backend ([`crate::fusion::FusionPolicy`]).
     fn fused(&self, site: Site) -> bool {
@@ -220,6 +229,9 @@ pub struct AttnIn<'a> {
     pub k_norm: Option<&'a Tensor>,
     pub eps: f32,
     pub positions: &'a Tensor,
+    /// The cache rows the keys and values go to when they are not the
+    /// positions (a paged cache's [`Pages::slots`]); `None`: the positions.
+    pub slots: Option<&'a Tensor>,
     pub inv_freq: &'a Tensor,
     pub style: RopeStyle,
 }
@@ -358,7 +370,7 @@ pub fn norm_rope_append_graph<B: Backend + ?Sized>(
     }
     be.rope(b.q, a.positions, a.inv_freq, a.style)?;
     be.rope(b.k, a.positions, a.inv_freq, a.style)?;
-    be.kv_write(b.k, b.v, a.positions, cache)
+    be.kv_write(b.k, b.v, a.slots.unwrap_or(a.positions), cache)
 }
 
 /// The graph path of the MoE experts: gate and up projections, SwiGLU, down

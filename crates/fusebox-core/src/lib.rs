@@ -22,7 +22,7 @@ pub mod tensor;
 
 pub use backend::Backend;
 pub use dtype::DType;
-pub use kv::LayerKv;
+pub use kv::{LayerKv, Pages};
 pub use quant::{GgmlType, Weight};
 pub use rope::{RopeScaling, RopeStyle};
 pub use tensor::{Storage, Tensor};

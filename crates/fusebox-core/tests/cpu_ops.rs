@@ -5,7 +5,7 @@
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::rope::{inv_freq, RopeScaling, RopeStyle};
 use fusebox_core::Weight;
-use fusebox_core::{Backend, DType, LayerKv, Tensor};
+use fusebox_core::{Backend, DType, LayerKv, Pages, Tensor};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -387,6 +387,123 @@ fn kv_write_and_attention_reject_positions_past_capacity() {
     assert!(attend(&[7, 100]).is_err());
 }
 
+// ---------------------------------------------------------------- paged attention
+
+/// `n` block ids `0..n` in a shuffled order.
+fn shuffled(r: &mut ChaCha8Rng, n: usize) -> Vec<i32> {
+    let mut ids: Vec<i32> = (0..n as i32).collect();
+    for i in (1..n).rev() {
+        ids.swap(i, r.random_range(0..=i));
+    }
+    ids
+}
+
+/// Sequences laid out each in a contiguous cache and, the same rows, in one
+/// paged cache whose blocks are handed out in a shuffled order (the rest of
+/// both caches random): every query row of one paged call over all of them
+/// (prefill runs on and off the blocked path, decode rows, a verify run)
+/// equals bitwise the contiguous call for its sequence alone.
+#[test]
+fn paged_attention_is_bitwise_contiguous_attention_per_sequence() {
+    let mut r = rng(23);
+    let b = backend();
+    let bs = 16;
+    // per sequence: (positions cached before the call, rows in the call)
+    let seqs = [(0usize, 40usize), (70, 1), (5, 3), (200, 1), (33, 34), (16, 1)];
+    let width = seqs.iter().map(|&(p, m)| (p + m).div_ceil(bs)).max().unwrap();
+    let used: usize = seqs.iter().map(|&(p, m)| (p + m).div_ceil(bs)).sum();
+    let blocks = used + 3;
+    for dtype in [DType::F32, DType::F16] {
+        for [heads, kv_heads] in [[4, 2], [16, 1], [6, 3]] {
+            for d in [8, 24, 64, 128] {
+                let row = kv_heads * d;
+                let ids = shuffled(&mut r, blocks);
+                let mut tables = vec![-1i32; seqs.len() * width];
+                let mut paged = [uniform(&mut r, blocks * bs * row, 1.0), uniform(&mut r, blocks * bs * row, 1.0)];
+                let (mut q, mut pos, mut seq_of, mut alone) = (vec![], vec![], vec![], vec![]);
+                let mut next = 0;
+                for (s, &(p, m)) in seqs.iter().enumerate() {
+                    let (len, cap) = (p + m, p + m + 5);
+                    let kv = [uniform(&mut r, cap * row, 1.0), uniform(&mut r, cap * row, 1.0)];
+                    for j in 0..len.div_ceil(bs) {
+                        let id = ids[next] as usize;
+                        next += 1;
+                        tables[s * width + j] = id as i32;
+                        let rows = bs.min(len - j * bs) * row;
+                        for (dst, src) in paged.iter_mut().zip(&kv) {
+                            dst[id * bs * row..][..rows].copy_from_slice(&src[j * bs * row..][..rows]);
+                        }
+                    }
+                    let qs = uniform(&mut r, m * heads * d, 2.0);
+                    let ps: Vec<i32> = (p as i32..len as i32).collect();
+                    let cache = LayerKv {
+                        k: float_tensor(&[cap, kv_heads, d], &kv[0], dtype).0,
+                        v: float_tensor(&[cap, kv_heads, d], &kv[1], dtype).0,
+                    };
+                    let mut out = zf(&[m, heads, d]);
+                    let scale = 1.0 / (d as f32).sqrt();
+                    b.attention(&tf(&[m, heads, d], &qs), &cache, &ti(&ps), scale, &mut out).unwrap();
+                    alone.extend(read(&b, &out));
+                    q.extend(qs);
+                    pos.extend(ps);
+                    seq_of.extend(std::iter::repeat_n(s as i32, m));
+                }
+                let mt = pos.len();
+                let cache = LayerKv {
+                    k: float_tensor(&[blocks * bs, kv_heads, d], &paged[0], dtype).0,
+                    v: float_tensor(&[blocks * bs, kv_heads, d], &paged[1], dtype).0,
+                };
+                let tables = Tensor::from_i32(&[seqs.len(), width], &tables).unwrap();
+                let (positions, seqs_t, slots) = (ti(&pos), ti(&seq_of), ti(&vec![0; mt]));
+                let pages =
+                    Pages { positions: &positions, seqs: &seqs_t, tables: &tables, slots: &slots, block_size: bs };
+                let mut out = zf(&[mt, heads, d]);
+                b.paged_attention(&tf(&[mt, heads, d], &q), &cache, &pages, 1.0 / (d as f32).sqrt(), &mut out).unwrap();
+                let got = read(&b, &out);
+                let what = format!("paged attention {dtype} {heads}/{kv_heads} heads d={d}");
+                for (i, (g, a)) in got.chunks(heads * d).zip(alone.chunks(heads * d)).enumerate() {
+                    assert!(
+                        g.iter().zip(a).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{what}: row {i} (sequence {}, position {}) differs from the sequence alone",
+                        seq_of[i],
+                        pos[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn paged_attention_rejects_bad_tables() {
+    let b = backend();
+    let cache = new_cache(16, 1, 8); // four blocks of 4
+    let q = tf(&[1, 1, 8], &[0.5; 8]);
+    let attend = |tables: &[i32], width: usize, seq: i32, pos: i32, bs: usize| {
+        let tables = Tensor::from_i32(&[tables.len() / width, width], tables).unwrap();
+        let (positions, seqs, slots) = (ti(&[pos]), ti(&[seq]), ti(&[0]));
+        let pages = Pages { positions: &positions, seqs: &seqs, tables: &tables, slots: &slots, block_size: bs };
+        b.paged_attention(&q, &cache, &pages, 0.25, &mut zf(&[1, 1, 8]))
+    };
+    attend(&[2, 0], 2, 0, 5, 4).unwrap();
+    // entries past the position are not read
+    attend(&[2, -7], 2, 0, 3, 4).unwrap();
+    let bad = [
+        attend(&[2, 0], 2, 1, 5, 4),  // no sequence 1
+        attend(&[2, 0], 2, -1, 5, 4), // negative sequence
+        attend(&[2, 0], 2, 0, 8, 4),  // position 8 needs a third block
+        attend(&[2, 4], 2, 0, 5, 4),  // block 4 of 4
+        attend(&[2, -1], 2, 0, 5, 4), // negative block
+        attend(&[2, 0], 2, 0, 5, 3),  // block size not a power of two
+        attend(&[0], 1, 0, 5, 32),    // the cache is not whole blocks
+        attend(&[2, 0], 2, 0, -1, 4), // negative position
+    ];
+    for (i, e) in bad.iter().enumerate() {
+        let msg = e.as_ref().err().map(|e| e.to_string());
+        assert!(msg.as_deref().is_some_and(|m| m.starts_with("paged attention")), "case {i}: {msg:?}");
+    }
+}
+
 // ---------------------------------------------------------------- elementwise
 
 #[test]
@@ -602,8 +719,10 @@ fn attention_over_an_f16_cache_is_attention_over_its_values() {
 /// Benchmark, not a check (run with `--ignored --nocapture`): decode
 /// attention of one row over Qwen3-0.6B's shape (16 heads over 8 kv heads of
 /// 128) at 512 and 1024 positions, 28 layers' caches so they do not sit in
-/// the caches, on 2 threads; f16 cache, or f32 with `FUSEBOX_BENCH_F32=1`.
-/// Prints the 10th-percentile and median time of one layer.
+/// the caches, on 2 threads; f16 cache, or f32 with `FUSEBOX_BENCH_F32=1`;
+/// with `FUSEBOX_BENCH_PAGED=1` through `paged_attention`, the cache as
+/// blocks of 16 in a shuffled order. Prints the 10th-percentile and median
+/// time of one layer.
 #[test]
 #[ignore]
 fn cpu_attention_bandwidth() {
@@ -625,14 +744,22 @@ fn cpu_attention_bandwidth() {
     let caches: Vec<LayerKv> = (0..28).map(|_| cache()).collect();
     let q = tf(&[1, heads, d], &kr[..heads * d]);
     let mut out = zf(&[1, heads, d]);
+    let paged = std::env::var("FUSEBOX_BENCH_PAGED").is_ok_and(|v| v == "1");
+    let tables = Tensor::from_i32(&[1, cap / 16], &shuffled(&mut r, cap / 16)).unwrap();
+    let (seqs, slots) = (ti(&[0]), ti(&[0]));
     for len in [512i32, 1024] {
         let pos = ti(&[len - 1]);
+        let pages = Pages { positions: &pos, seqs: &seqs, tables: &tables, slots: &slots, block_size: 16 };
         let mut v = Vec::new();
         b.run(&mut || {
             for _ in 0..20 {
                 let t = std::time::Instant::now();
                 for c in &caches {
-                    b.attention(&q, c, &pos, 0.1, &mut out)?;
+                    if paged {
+                        b.paged_attention(&q, c, &pages, 0.1, &mut out)?;
+                    } else {
+                        b.attention(&q, c, &pos, 0.1, &mut out)?;
+                    }
                 }
                 v.push(t.elapsed().as_secs_f64() / caches.len() as f64);
             }

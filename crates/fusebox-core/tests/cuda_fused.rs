@@ -97,6 +97,7 @@ fn run_attn(be: &CudaBackend, at: &Attn, h: &Tensor, pos: &Tensor, b: &mut Bufs,
         k_norm: at.k_norm.as_ref(),
         eps: 1e-6,
         positions: pos,
+        slots: None,
         inv_freq: &at.inv_freq,
         style: at.style,
     };

@@ -1,6 +1,7 @@
 //! fusebox-engine: the KV cache (and the paged cache's block manager), sampling, the generation loop and
 //! speculative decoding.
 
+pub mod batch;
 pub mod block_manager;
 pub mod generate;
 pub mod kv_cache;
@@ -9,6 +10,7 @@ pub mod sampling_config;
 pub mod spec;
 pub mod verify;
 
+pub use batch::{BatchEngine, BatchOptions, Event, Request, SeqId};
 pub use block_manager::{BlockManager, BlockTable, OutOfBlocks, BLOCK_SIZE};
 pub use generate::{GenerateOptions, GenerateOutput, ParityCheck, Session, StopReason};
 pub use kv_cache::KvCache;

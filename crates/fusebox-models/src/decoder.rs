@@ -11,7 +11,7 @@ use fusebox_core::backend::{
     attn_inputs_graph, moe_experts_graph, swiglu_graph, AttnBufs, AttnIn, MoeBufs, MoeIn, SwigluBufs,
 };
 use fusebox_core::fusion::Site;
-use fusebox_core::{rope, Backend, DType, LayerKv, Tensor, Weight};
+use fusebox_core::{rope, Backend, DType, LayerKv, Pages, Tensor, Weight};
 
 use crate::config::ModelConfig;
 use crate::source::WeightSource;
@@ -96,6 +96,9 @@ pub enum Logits {
     Last,
     /// Every position's (scoring and tests).
     All,
+    /// Up to this many rows', named per pass ([`Workspace::set_batch`]): the
+    /// last row of each sequence of a batch that samples.
+    Rows(usize),
 }
 
 /// Activation buffers for a forward pass over `m` tokens.
@@ -137,6 +140,34 @@ pub struct Workspace {
     pub logits: Tensor,
     /// Hidden states captured during the pass ([`Workspace::with_taps`]).
     taps: Option<Taps>,
+    /// A batch over a paged cache ([`Workspace::set_batch`]); `None`: one
+    /// sequence in a contiguous cache.
+    paged: Option<PagedStep>,
+    /// [`Logits::Rows`]: the rows whose logits the pass produces, in order.
+    logit_rows: Vec<usize>,
+}
+
+/// Where a batched pass's rows live in a paged cache ([`Pages`]).
+struct PagedStep {
+    seqs: Tensor,
+    tables: Tensor,
+    slots: Tensor,
+    block_size: usize,
+}
+
+/// One pass over a batch of sequences in a paged cache: per row its token,
+/// position, sequence (a row of `tables`) and cache slot; per sequence its
+/// block table (`width` ids a row; `tables.len() / width` sequences); the
+/// rows whose logits the pass produces.
+pub struct Batch<'a> {
+    pub ids: &'a [u32],
+    pub positions: &'a [i32],
+    pub seqs: &'a [i32],
+    pub slots: &'a [i32],
+    pub tables: &'a [i32],
+    pub width: usize,
+    pub block_size: usize,
+    pub logit_rows: &'a [usize],
 }
 
 /// The outputs of some layers, captured for a draft that reads them.
@@ -165,21 +196,64 @@ impl Workspace {
         self.taps.as_ref().map(|t| &t.out)
     }
 
-    /// Write token ids and their positions (`start..start+m`) for the next forward.
-    pub fn set_tokens(&mut self, be: &dyn Backend, ids: &[u32], start: usize) -> Result<()> {
+    /// Set up the next forward as a batch over a paged cache. The tables are
+    /// uploaded each pass (their shape changes with the batch).
+    pub fn set_batch(&mut self, be: &dyn Backend, b: &Batch) -> Result<()> {
+        let m = self.m;
+        ensure!(
+            b.positions.len() == m && b.seqs.len() == m && b.slots.len() == m,
+            "batch: {m} rows need {m} positions, sequences and slots"
+        );
+        ensure!(
+            b.width > 0 && b.tables.len() % b.width == 0,
+            "batch: {} table entries in rows of {}",
+            b.tables.len(),
+            b.width
+        );
+        match self.mode {
+            Logits::Rows(n) => ensure!(
+                b.logit_rows.len() <= n && b.logit_rows.iter().all(|&r| r < m),
+                "batch: logit rows {:?} for a pass of {m} rows and {n} logit rows",
+                b.logit_rows
+            ),
+            _ => bail!("batch: the workspace was not made for Logits::Rows"),
+        }
+        self.stage_pos.clear();
+        self.stage_pos.extend_from_slice(b.positions);
+        self.set_ids(be, b.ids)?;
+        be.write_i32(&mut self.positions, &self.stage_pos)?;
+        let t = |shape: &[usize], v: &[i32]| be.upload(Tensor::from_i32(shape, v)?);
+        self.paged = Some(PagedStep {
+            seqs: t(&[m], b.seqs)?,
+            tables: t(&[b.tables.len() / b.width, b.width], b.tables)?,
+            slots: t(&[m], b.slots)?,
+            block_size: b.block_size,
+        });
+        self.logit_rows.clear();
+        self.logit_rows.extend_from_slice(b.logit_rows);
+        Ok(())
+    }
+
+    /// Check and stage token ids for the next forward.
+    fn set_ids(&mut self, be: &dyn Backend, ids: &[u32]) -> Result<()> {
         ensure!(ids.len() == self.m, "workspace holds {} tokens, got {}", self.m, ids.len());
         // checked here, on the host, so every backend gives the same error (a
         // device kernel cannot return one)
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.vocab) {
             bail!("token id {bad} is outside the model's vocabulary of {} tokens", self.vocab);
         }
-        // staged in buffers of the workspace's size: no allocation (decode
-        // and speculative verify passes run this every step)
         self.stage_ids.clear();
         self.stage_ids.extend(ids.iter().map(|&t| t as i32));
+        be.write_i32(&mut self.ids, &self.stage_ids)
+    }
+
+    /// Write token ids and their positions (`start..start+m`) for the next forward.
+    pub fn set_tokens(&mut self, be: &dyn Backend, ids: &[u32], start: usize) -> Result<()> {
+        // staged in buffers of the workspace's size: no allocation (decode
+        // and speculative verify passes run this every step)
+        self.set_ids(be, ids)?;
         self.stage_pos.clear();
         self.stage_pos.extend((start..start + self.m).map(|p| p as i32));
-        be.write_i32(&mut self.ids, &self.stage_ids)?;
         be.write_i32(&mut self.positions, &self.stage_pos)
     }
 }
@@ -284,6 +358,14 @@ impl Decoder {
         let moe = c.moe.as_ref();
         let (top_k, mff) = moe.map_or((0, 0), |c| (c.top_k, c.intermediate_size));
         let ff = if c.layers_dense() { ff } else { 0 };
+        // rows of final hidden states that meet the lm_head (Logits::Last, Rows)
+        let nl = match mode {
+            Logits::Rows(n) => {
+                ensure!(n > 0, "a workspace for Logits::Rows(0) produces no logits");
+                n
+            }
+            _ => 1,
+        };
         Ok(Workspace {
             m,
             mode,
@@ -304,8 +386,8 @@ impl Decoder {
             gate: z(&[m, ff])?,
             up: z(&[m, ff])?,
             act: z(&[m, ff])?,
-            last_x: z(&[1, d])?,
-            last_h: z(&[1, d])?,
+            last_x: z(&[nl, d])?,
+            last_h: z(&[nl, d])?,
             router_logits: z(&[m, moe.map_or(0, |c| c.num_experts)])?,
             expert_ids: be.zeros(&[m, top_k], DType::I32)?,
             expert_w: z(&[m, top_k])?,
@@ -313,8 +395,10 @@ impl Decoder {
             moe_up: z(&[m, top_k, mff])?,
             moe_act: z(&[m, top_k, mff])?,
             moe_out: z(&[m, top_k, d])?,
-            logits: z(&[if mode == Logits::All { m } else { 1 }, c.vocab_size])?,
+            logits: z(&[if mode == Logits::All { m } else { nl }, c.vocab_size])?,
             taps: None,
+            paged: None,
+            logit_rows: Vec::with_capacity(nl),
         })
     }
 
@@ -360,6 +444,7 @@ impl Decoder {
                 k_norm: layer.k_norm.as_ref(),
                 eps,
                 positions: &ws.positions,
+                slots: ws.paged.as_ref().map(|p| &p.slots),
                 inv_freq: &self.inv_freq,
                 style: c.rope_style,
             };
@@ -370,7 +455,19 @@ impl Decoder {
             } else {
                 attn_inputs_graph(be, &ws.h, &a, &mut b, cache, fuse.rope_kv_append)?;
             }
-            be.attention(&ws.q, cache, &ws.positions, scale, &mut ws.attn)?;
+            match &ws.paged {
+                None => be.attention(&ws.q, cache, &ws.positions, scale, &mut ws.attn)?,
+                Some(p) => {
+                    let pages = Pages {
+                        positions: &ws.positions,
+                        seqs: &p.seqs,
+                        tables: &p.tables,
+                        slots: &p.slots,
+                        block_size: p.block_size,
+                    };
+                    be.paged_attention(&ws.q, cache, &pages, scale, &mut ws.attn)?
+                }
+            }
             be.matmul(&ws.attn, &layer.wo, &mut ws.o)?;
             // MLP block
             add_norm(&mut ws.x, &ws.o, &layer.mlp_norm, &mut ws.h)?;
@@ -430,6 +527,13 @@ impl Decoder {
             }
             Logits::Last => {
                 be.copy_rows(&ws.x, ws.m - 1, &mut ws.last_x, 0, 1)?;
+                be.rms_norm(&ws.last_x, &self.norm, eps, &mut ws.last_h)?;
+                be.matmul(&ws.last_h, self.lm_head(), &mut ws.logits)
+            }
+            Logits::Rows(_) => {
+                for (j, &r) in ws.logit_rows.iter().enumerate() {
+                    be.copy_rows(&ws.x, r, &mut ws.last_x, j, 1)?;
+                }
                 be.rms_norm(&ws.last_x, &self.norm, eps, &mut ws.last_h)?;
                 be.matmul(&ws.last_h, self.lm_head(), &mut ws.logits)
             }

@@ -429,6 +429,7 @@ impl DFlashDraft {
                 k_norm: layer.k_norm.as_ref(),
                 eps,
                 positions: &bb.positions,
+                slots: None,
                 inv_freq: &self.inv_freq,
                 style: b.rope_style,
             };

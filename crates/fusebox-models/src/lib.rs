@@ -19,7 +19,7 @@ use fusebox_core::Backend;
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, GenerationConfig, ModelConfig, MoeConfig, QuantConfig};
-pub use decoder::{Decoder, Logits, Workspace};
+pub use decoder::{Batch, Decoder, Logits, Workspace};
 pub use source::WeightSource;
 pub use tokenizer::{StreamDecoder, Tokenizer};
 

@@ -32,10 +32,10 @@ pub fn scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, s: &mut [f32])
     }
 }
 
-/// `o = sum_t p[t] * v_t` for the rows `v_t = values[t * stride..][..d]`.
-pub fn weighted_sum(p: &[f32], values: &[f32], stride: usize, o: &mut [f32]) {
+/// `o += sum_t p[t] * v_t` for the rows `v_t = values[t * stride..][..d]`,
+/// rows four at a time from the first, then one at a time.
+pub fn weighted_sum_acc(p: &[f32], values: &[f32], stride: usize, o: &mut [f32]) {
     let d = o.len();
-    o.fill(0.0);
     #[cfg(target_arch = "x86_64")]
     if super::kernels::has_avx2_fma() && d % 8 == 0 {
         let n = p.len();
@@ -83,11 +83,10 @@ pub fn scores_f16(q: &[f32], keys: &[u16], stride: usize, scale: f32, s: &mut [f
     }
 }
 
-/// [`weighted_sum`] of values stored as f16: bitwise what it gives on the
-/// same values widened to f32.
-pub fn weighted_sum_f16(p: &[f32], values: &[u16], stride: usize, o: &mut [f32]) {
+/// [`weighted_sum_acc`] of values stored as f16: bitwise what it gives on
+/// the same values widened to f32.
+pub fn weighted_sum_f16_acc(p: &[f32], values: &[u16], stride: usize, o: &mut [f32]) {
     let d = o.len();
-    o.fill(0.0);
     let n = p.len();
     assert!(n == 0 || (n - 1) * stride + d <= values.len(), "attention values: rows past the cache");
     let mut t = 0;

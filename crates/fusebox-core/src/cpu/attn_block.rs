@@ -19,7 +19,7 @@ use super::gemm::{MR, NR};
 /// Query vectors per block: the micro-kernel's width.
 pub const QB: usize = NR;
 
-/// One kv head's cached rows, `stride` values apart from the slice's start.
+/// One kv head's cached rows (where each lies: a [`RowMap`]).
 #[derive(Clone, Copy)]
 pub enum KvRows<'a> {
     F32(&'a [f32]),
@@ -27,10 +27,10 @@ pub enum KvRows<'a> {
 }
 
 impl KvRows<'_> {
-    /// Rows `0..len` (`d` values each, `stride` apart) as f32 into `dst`.
-    pub fn widen(&self, len: usize, stride: usize, d: usize, dst: &mut [f32]) {
+    /// Rows `0..len` (`d` values each, laid out as `rows` says) as f32 into `dst`.
+    pub fn widen(&self, len: usize, rows: RowMap, d: usize, dst: &mut [f32]) {
         for (t, row) in dst[..len * d].chunks_exact_mut(d).enumerate() {
-            let at = t * stride;
+            let at = rows.off(t);
             match self {
                 KvRows::F32(v) => row.copy_from_slice(&v[at..at + d]),
                 KvRows::F16(v) => {
@@ -38,6 +38,70 @@ impl KvRows<'_> {
                     bytemuck::cast_slice::<u16, half::f16>(&v[at..at + d]).convert_to_f32_slice(row);
                 }
             }
+        }
+    }
+}
+
+/// Where row `t` of a sequence's cached keys or values starts, in values
+/// from the start of its kv head's slice.
+pub trait Rows: Copy {
+    fn off(self, t: usize) -> usize;
+
+    /// The largest offset of rows `0..len` (`len > 0`).
+    fn max_off(self, len: usize) -> usize;
+}
+
+/// A contiguous cache: row `t` at `t * stride`.
+#[derive(Clone, Copy)]
+pub struct Linear(pub usize);
+
+impl Rows for Linear {
+    #[inline(always)]
+    fn off(self, t: usize) -> usize {
+        t * self.0
+    }
+    fn max_off(self, len: usize) -> usize {
+        (len - 1) * self.0
+    }
+}
+
+/// A paged cache: row `t` is row `t % bs` of block `table[t / bs]`, blocks
+/// of `bs = 1 << shift` rows `stride` values apart.
+#[derive(Clone, Copy)]
+pub struct Paged<'a> {
+    pub stride: usize,
+    pub table: &'a [i32],
+    pub shift: u32,
+}
+
+impl Rows for Paged<'_> {
+    #[inline(always)]
+    fn off(self, t: usize) -> usize {
+        let b = self.table[t >> self.shift] as usize;
+        ((b << self.shift) | (t & ((1 << self.shift) - 1))) * self.stride
+    }
+    fn max_off(self, len: usize) -> usize {
+        let bs = 1usize << self.shift;
+        let full = (len - 1) >> self.shift;
+        // every block but the last is read whole; the last up to row len - 1
+        let last = self.off(len - 1);
+        self.table[..full].iter().map(|&b| ((b as usize) * bs + bs - 1) * self.stride).fold(last, usize::max)
+    }
+}
+
+/// [`Linear`] or [`Paged`], for callers that pick at run time.
+#[derive(Clone, Copy)]
+pub enum RowMap<'a> {
+    Linear(Linear),
+    Paged(Paged<'a>),
+}
+
+impl RowMap<'_> {
+    #[inline(always)]
+    pub fn off(self, t: usize) -> usize {
+        match self {
+            RowMap::Linear(m) => m.off(t),
+            RowMap::Paged(m) => m.off(t),
         }
     }
 }

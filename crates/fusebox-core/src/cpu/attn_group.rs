@@ -11,7 +11,7 @@
 //! row's result does not depend on how many rows a call has (decode steps and
 //! speculative verify rows agree).
 
-use super::attn_block::KvRows;
+use super::attn_block::{KvRows, RowMap};
 
 /// Whether [`attend`] takes head dim `d` on this processor.
 pub fn supported(d: usize) -> bool {
@@ -32,8 +32,9 @@ pub fn scratch_len(g: usize, len: usize) -> usize {
 }
 
 /// Attention of the `g = q.len() / d` query heads in `q` (one row, `d` values
-/// each) over the first `len` rows of one kv head (`keys`, `values`: rows
-/// `stride` values apart), into `out` (`g * d`).
+/// each) over the first `len` rows of one kv head (`keys`, `values`: row `t`
+/// at `rows.off(t)`, contiguous or paged), into `out` (`g * d`). The
+/// arithmetic does not depend on where the rows lie.
 ///
 /// # Panics
 /// If [`supported`] is false for `d`, `len` is 0, or a slice is short.
@@ -43,21 +44,27 @@ pub fn attend(
     d: usize,
     keys: KvRows,
     values: KvRows,
-    stride: usize,
+    rows: RowMap,
     len: usize,
     scale: f32,
     scratch: &mut [f32],
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    match (keys, values) {
-        (KvRows::F32(k), KvRows::F32(v)) => x86::attend_rows(q, d, k, v, stride, len, scale, scratch, out),
-        (KvRows::F16(k), KvRows::F16(v)) => x86::attend_rows(q, d, k, v, stride, len, scale, scratch, out),
+    match (keys, values, rows) {
+        (KvRows::F32(k), KvRows::F32(v), RowMap::Linear(m)) => {
+            x86::attend_rows(q, d, k, v, m, len, scale, scratch, out)
+        }
+        (KvRows::F16(k), KvRows::F16(v), RowMap::Linear(m)) => {
+            x86::attend_rows(q, d, k, v, m, len, scale, scratch, out)
+        }
+        (KvRows::F32(k), KvRows::F32(v), RowMap::Paged(m)) => x86::attend_rows(q, d, k, v, m, len, scale, scratch, out),
+        (KvRows::F16(k), KvRows::F16(v), RowMap::Paged(m)) => x86::attend_rows(q, d, k, v, m, len, scale, scratch, out),
         _ => panic!("attention: keys and values of different types"),
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (q, d, keys, values, stride, len, scale, scratch, out);
+        let _ = (q, d, keys, values, rows, len, scale, scratch, out);
         unreachable!("attend without AVX2 (supported is false)")
     }
 }
@@ -65,6 +72,8 @@ pub fn attend(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    use crate::cpu::attn_block::Rows;
 
     /// A cache element: eight of them as f32 lanes.
     pub trait Elem: Copy {
@@ -95,27 +104,23 @@ mod x86 {
     const AHEAD: usize = 16;
 
     #[inline(always)]
-    unsafe fn prefetch<T: Elem>(p: *const T, end: *const T) {
-        if p < end {
-            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-        }
+    unsafe fn prefetch<T: Elem>(p: *const T) {
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
     }
     #[inline(always)]
-    unsafe fn prefetch_l2<T: Elem>(p: *const T, end: *const T) {
-        if p < end {
-            _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
-        }
+    unsafe fn prefetch_l2<T: Elem>(p: *const T) {
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
     }
 
     /// [`super::attend`] over the rows of one element type: checks every
     /// bound, then runs the kernel.
     #[allow(clippy::too_many_arguments)]
-    pub fn attend_rows<T: Elem>(
+    pub fn attend_rows<T: Elem, M: Rows>(
         q: &[f32],
         d: usize,
         k: &[T],
         v: &[T],
-        stride: usize,
+        rows: M,
         len: usize,
         scale: f32,
         scratch: &mut [f32],
@@ -124,22 +129,22 @@ mod x86 {
         let g = q.len() / d;
         assert!(super::supported(d) && len > 0 && q.len() == g * d && out.len() == g * d);
         assert!(scratch.len() >= super::scratch_len(g, len));
-        let rows_end = (len - 1) * stride + d;
+        let rows_end = rows.max_off(len) + d;
         assert!(rows_end <= k.len() && rows_end <= v.len(), "attention: rows past the cache");
         // SAFETY: AVX2/FMA/F16C are present (supported); rows 0..len of k and v lie inside them (asserted).
-        unsafe { attend(q, d, k.as_ptr(), v.as_ptr(), stride, len, scale, &mut scratch[..g * len], out) }
+        unsafe { attend(q, d, k.as_ptr(), v.as_ptr(), rows, len, scale, &mut scratch[..g * len], out) }
     }
 
     /// # Safety
     /// AVX2/FMA/F16C; the bounds [`attend_rows`] checks.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn attend<T: Elem>(
+    unsafe fn attend<T: Elem, M: Rows>(
         q: &[f32],
         d: usize,
         k: *const T,
         v: *const T,
-        stride: usize,
+        rows: M,
         len: usize,
         scale: f32,
         s: &mut [f32],
@@ -149,7 +154,7 @@ mod x86 {
         let mut h = 0;
         while h < g {
             let two = h + 1 < g;
-            scores(q.as_ptr().add(h * d), two, d, k, v, h == 0, stride, len, scale, s.as_mut_ptr().add(h * len), len);
+            scores(q.as_ptr().add(h * d), two, d, k, v, h == 0, rows, len, scale, s.as_mut_ptr().add(h * len), len);
             h += 2;
         }
         for row in s.chunks_exact_mut(len) {
@@ -158,7 +163,7 @@ mod x86 {
         let mut h = 0;
         while h < g {
             let two = h + 1 < g;
-            weighted_sum(s.as_ptr().add(h * len), len, two, v, stride, d, out.as_mut_ptr().add(h * d));
+            weighted_sum(s.as_ptr().add(h * len), len, two, v, rows, d, out.as_mut_ptr().add(h * d));
             h += 2;
         }
     }
@@ -167,43 +172,43 @@ mod x86 {
     /// times `scale`, into `s` (and `s + sstride`).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn scores<T: Elem>(
+    unsafe fn scores<T: Elem, M: Rows>(
         q: *const f32,
         two: bool,
         d: usize,
         k: *const T,
         v: *const T,
         prefetch_v: bool,
-        stride: usize,
+        rows: M,
         len: usize,
         scale: f32,
         s: *mut f32,
         sstride: usize,
     ) {
-        let end = k.add((len - 1) * stride + d);
         // the first pass also asks L2 for the values' rows, which the weighted sum reads next
-        let vend = prefetch_v.then(|| v.add((len - 1) * stride + d));
         let q1 = if two { q.add(d) } else { q };
         let mut t = 0;
         while t + 4 <= len {
             let mut a0 = [_mm256_setzero_ps(); 4];
             let mut a1 = [_mm256_setzero_ps(); 4];
             for c in 0..4 {
-                let ahead = k.add((t + c + AHEAD) * stride);
-                let vahead = v.add((t + c + AHEAD) * stride);
-                for off in (0..d).step_by(64 / T::BYTES) {
-                    prefetch(ahead.add(off), end);
-                    if let Some(vend) = vend {
-                        prefetch_l2(vahead.add(off), vend);
+                if t + c + AHEAD < len {
+                    let at = rows.off(t + c + AHEAD);
+                    for off in (0..d).step_by(64 / T::BYTES) {
+                        prefetch(k.add(at + off));
+                        if prefetch_v {
+                            prefetch_l2(v.add(at + off));
+                        }
                     }
                 }
             }
+            let kr = [k.add(rows.off(t)), k.add(rows.off(t + 1)), k.add(rows.off(t + 2)), k.add(rows.off(t + 3))];
             let mut i = 0;
             while i < d {
                 let x0 = _mm256_loadu_ps(q.add(i));
                 let x1 = _mm256_loadu_ps(q1.add(i));
                 for c in 0..4 {
-                    let kv = T::load8(k.add((t + c) * stride + i));
+                    let kv = T::load8(kr[c].add(i));
                     a0[c] = _mm256_fmadd_ps(x0, kv, a0[c]);
                     a1[c] = _mm256_fmadd_ps(x1, kv, a1[c]);
                 }
@@ -220,9 +225,10 @@ mod x86 {
         while t < len {
             let mut a0 = _mm256_setzero_ps();
             let mut a1 = _mm256_setzero_ps();
+            let kr = k.add(rows.off(t));
             let mut i = 0;
             while i < d {
-                let kv = T::load8(k.add(t * stride + i));
+                let kv = T::load8(kr.add(i));
                 a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), kv, a0);
                 a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1.add(i)), kv, a1);
                 i += 8;
@@ -306,16 +312,15 @@ mod x86 {
     /// `out[j] = sum_t p[t] v_t[j]` for head p (and p + len into out + d when
     /// `two`), 32 columns of both heads in registers per pass over the rows.
     #[inline(always)]
-    unsafe fn weighted_sum<T: Elem>(
+    unsafe fn weighted_sum<T: Elem, M: Rows>(
         p: *const f32,
         len: usize,
         two: bool,
         v: *const T,
-        stride: usize,
+        rows: M,
         d: usize,
         out: *mut f32,
     ) {
-        let end = v.add((len - 1) * stride + d);
         let p1 = if two { p.add(len) } else { p };
         let mut c0 = 0;
         while c0 < d {
@@ -323,10 +328,12 @@ mod x86 {
             let mut a1 = [_mm256_setzero_ps(); 4];
             let base = v.add(c0);
             for t in 0..len {
-                prefetch(base.add((t + AHEAD) * stride), end);
+                if t + AHEAD < len {
+                    prefetch(base.add(rows.off(t + AHEAD)));
+                }
                 let w0 = _mm256_broadcast_ss(&*p.add(t));
                 let w1 = _mm256_broadcast_ss(&*p1.add(t));
-                let row = base.add(t * stride);
+                let row = base.add(rows.off(t));
                 for j in 0..4 {
                     let x = T::load8(row.add(8 * j));
                     a0[j] = _mm256_fmadd_ps(w0, x, a0[j]);

@@ -4,6 +4,7 @@
 //! products, never copied); activations, the KV cache and all reductions are
 //! f32. Work is spread over a rayon pool owned by the backend.
 
+mod attention;
 mod attn;
 mod attn_block;
 mod attn_group;
@@ -27,7 +28,7 @@ pub use kernels::{axpy, dot_bf16, dot_f16, dot_f32};
 use crate::backend::{copy_cols_dims, Backend};
 use crate::dtype::{bf16_to_f32, f16_to_f32, DType};
 use crate::fusion::{BackendKind, FusionPolicy, Site};
-use crate::kv::LayerKv;
+use crate::kv::{LayerKv, Pages};
 use crate::quant::Weight;
 use crate::rope::RopeStyle;
 use crate::tensor::Tensor;
@@ -802,122 +803,11 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &Tensor, cache: &LayerKv, positions: &Tensor, scale: f32, out: &mut Tensor) -> Result<()> {
-        ensure!(q.shape().len() == 3, "attention: expected q [rows, heads, head_dim], got {:?}", q.shape());
-        let (m, heads, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-        check_cache(cache, "attention")?;
-        let cs = cache.k.shape();
-        ensure!(cs[2] == d, "attention: cache {:?} vs q {:?}", cs, q.shape());
-        let (cap, kv_heads) = (cs[0], cs[1]);
-        ensure!(kv_heads > 0 && heads % kv_heads == 0, "attention: {heads} heads over {kv_heads} kv heads");
-        same_shape(q, out, "attention")?;
-        let group = heads / kv_heads;
-        let pos = positions_of(positions, m, "attention")?;
-        if let Some(&p) = pos.iter().find(|&&p| p as usize >= cap) {
-            bail!("attention: position {p} is past the cache capacity {cap}");
-        }
-        let f16 = cache.k.dtype() == DType::F16;
-        ensure!(!f16 || d <= MAX_HEAD_DIM, "attention: head dim {d} over {MAX_HEAD_DIM} with an f16 cache");
-        let qs = q.as_f32()?;
-        let (ks, vs, ks16, vs16) = if f16 {
-            (&[][..], &[][..], cache.k.as_u16()?, cache.v.as_u16()?)
-        } else {
-            (cache.k.as_f32()?, cache.v.as_f32()?, &[][..], &[][..])
-        };
-        let os = out.as_f32_mut()?;
-        let kv_row = kv_heads * d;
-        if m > ROW_EXACT_MAX && group <= attn_block::QB && attn_block::supported(d) {
-            // prefill: blocks of a group's heads at a few positions; a task
-            // widens its kv head's rows once for a chunk of blocks
-            const BLOCKS_PER_TASK: usize = 8;
-            let per = attn_block::QB / group;
-            let chunk = per * BLOCKS_PER_TASK;
-            let chunks = m.div_ceil(chunk);
-            let optr = SharedMut(os.as_mut_ptr());
-            self.pool.install(|| {
-                (0..kv_heads * chunks).into_par_iter().for_each(|task| {
-                    let (kvh, c) = (task / chunks, task % chunks);
-                    let rows = c * chunk..((c + 1) * chunk).min(m);
-                    let len = rows.clone().map(|i| pos[i] as usize + 1).max().unwrap_or(0);
-                    let (keys, values) = if f16 {
-                        (attn_block::KvRows::F16(&ks16[kvh * d..]), attn_block::KvRows::F16(&vs16[kvh * d..]))
-                    } else {
-                        (attn_block::KvRows::F32(&ks[kvh * d..]), attn_block::KvRows::F32(&vs[kvh * d..]))
-                    };
-                    let nq_max = per * group;
-                    with_scratch(2 * len * d + 2 * nq_max * d + attn_block::scratch_len(len, d), |buf| {
-                        let (kf, rest) = buf.split_at_mut(len * d);
-                        let (vf, rest) = rest.split_at_mut(len * d);
-                        let (qb, rest) = rest.split_at_mut(nq_max * d);
-                        let (ob, rest) = rest.split_at_mut(nq_max * d);
-                        keys.widen(len, kv_row, d, kf);
-                        values.widen(len, kv_row, d, vf);
-                        for b0 in rows.clone().step_by(per) {
-                            let block = b0..(b0 + per).min(rows.end);
-                            let nq = block.len() * group;
-                            let mut lens = [0usize; attn_block::QB];
-                            for (ii, i) in block.clone().enumerate() {
-                                lens[ii * group..(ii + 1) * group].fill(pos[i] as usize + 1);
-                                let at = (i * heads + kvh * group) * d;
-                                qb[ii * group * d..(ii + 1) * group * d].copy_from_slice(&qs[at..at + group * d]);
-                            }
-                            attn_block::block(&qb[..nq * d], &lens[..nq], kf, vf, scale, rest, &mut ob[..nq * d]);
-                            for (ii, i) in block.enumerate() {
-                                let o = &ob[ii * group * d..(ii + 1) * group * d];
-                                // SAFETY: row i's heads of this kv head are written by this task alone, inside `os`.
-                                unsafe { optr.write_row((i * heads + kvh * group) * d, o) };
-                            }
-                        }
-                    })
-                })
-            });
-            return Ok(());
-        }
-        if attn_group::supported(d) {
-            // decode and verify rows: a task per (row, kv head), its group's heads together
-            let f = |(idx, o): (usize, &mut [f32])| {
-                let (i, kvh) = (idx / kv_heads, idx % kv_heads);
-                let len = pos[i] as usize + 1;
-                let (keys, values) = if f16 {
-                    (attn_block::KvRows::F16(&ks16[kvh * d..]), attn_block::KvRows::F16(&vs16[kvh * d..]))
-                } else {
-                    (attn_block::KvRows::F32(&ks[kvh * d..]), attn_block::KvRows::F32(&vs[kvh * d..]))
-                };
-                let qv = &qs[idx * group * d..(idx + 1) * group * d];
-                with_scratch(attn_group::scratch_len(group, len), |s| {
-                    attn_group::attend(qv, d, keys, values, kv_row, len, scale, s, o)
-                })
-            };
-            self.pool.install(|| os.par_chunks_exact_mut(group * d).enumerate().for_each(f));
-            return Ok(());
-        }
-        let f = |(idx, o): (usize, &mut [f32])| {
-            let (i, h) = (idx / heads, idx % heads);
-            let kvh = h / group;
-            let qv = &qs[idx * d..(idx + 1) * d];
-            let len = pos[i] as usize + 1;
-            with_scratch(len, |s| {
-                if f16 {
-                    attn::scores_f16(qv, &ks16[kvh * d..], kv_row, scale, s);
-                } else {
-                    attn::scores(qv, &ks[kvh * d..], kv_row, scale, s);
-                }
-                let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut sum = 0f32;
-                for st in s.iter_mut() {
-                    *st = (*st - mx).exp();
-                    sum += *st;
-                }
-                let inv = 1.0 / sum;
-                s.iter_mut().for_each(|st| *st *= inv);
-                if f16 {
-                    attn::weighted_sum_f16(s, &vs16[kvh * d..], kv_row, o);
-                } else {
-                    attn::weighted_sum(s, &vs[kvh * d..], kv_row, o);
-                }
-            })
-        };
-        self.pool.install(|| os.par_chunks_exact_mut(d).enumerate().for_each(f));
-        Ok(())
+        self.attention_contiguous(q, cache, positions, scale, out)
+    }
+
+    fn paged_attention(&self, q: &Tensor, cache: &LayerKv, pages: &Pages, scale: f32, out: &mut Tensor) -> Result<()> {
+        self.attention_paged(q, cache, pages, scale, out)
     }
 
     fn fusion_policy(&self) -> Option<&crate::fusion::FusionPolicy> {

@@ -151,6 +151,7 @@ fn heads_rows(a: &AttnIn, b: &AttnBufs, cache: &LayerKv) -> Option<(Heads, usize
     let rows = qs[0];
     let ok = (1..=65535).contains(&rows)
         && a.positions.numel() >= rows
+        && a.slots.is_none() // a paged cache's write: the graph path
         && a.positions.dtype() == DType::I32
         && qs[2] == hd
         && hd % 2 == 0

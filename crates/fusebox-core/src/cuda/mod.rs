@@ -674,6 +674,16 @@ impl Backend for CudaBackend {
     fn attention(&self, q: &Tensor, cache: &LayerKv, positions: &Tensor, scale: f32, out: &mut Tensor) -> Result<()> {
         self.attention_impl(q, cache, positions, scale, out)
     }
+    fn paged_attention(
+        &self,
+        _q: &Tensor,
+        _cache: &LayerKv,
+        _pages: &crate::kv::Pages,
+        _scale: f32,
+        _out: &mut Tensor,
+    ) -> Result<()> {
+        anyhow::bail!("paged attention: not available on CUDA yet (the CPU backend has it)")
+    }
     fn qkv_rope(
         &self,
         h: &Tensor,

@@ -1,0 +1,342 @@
+//! Continuous batching over a paged KV cache: many sequences in one forward
+//! pass, joining and leaving the batch at every step.
+//!
+//! Each step the scheduler ([`BatchEngine::schedule`]) spends a token budget
+//! (`max_batch_tokens`): first on the running sequences, oldest first (one
+//! row each when decoding, a chunk of their prompt while prefilling), then on
+//! waiting sequences, which are admitted in arrival order while their chunk's
+//! blocks are free. A running sequence whose next rows need a block when none
+//! is free preempts the youngest running sequence (its blocks released, its
+//! tokens, prompt and generated alike, recomputed when it is admitted again),
+//! itself if it is the youngest. The step then runs one forward pass over
+//! every scheduled row ([`fusebox_models::Batch`]: positions, sequences, cache
+//! slots, block tables) and samples one token for every sequence whose rows
+//! reached the end of what it knows.
+//!
+//! The model code sees none of this: it reads the step's layout through the
+//! attention op and the KV write ([`fusebox_core::Pages`]). On the CPU every
+//! row of a sequence with at most `ROW_EXACT_MAX` rows in a step is computed
+//! as it would be alone, so a request's output does not depend on what else
+//! runs beside it (the tests check greedy output against [`crate::Session`]).
+
+use std::collections::{HashMap, VecDeque};
+
+use anyhow::{bail, ensure, Result};
+use fusebox_core::{Backend, LayerKv};
+use fusebox_models::{Batch, Decoder, Logits, Workspace};
+
+use crate::block_manager::{BlockManager, BlockTable, BLOCK_SIZE};
+use crate::generate::StopReason;
+use crate::sampling::{Sampler, SamplingParams};
+
+/// A sequence's handle, unique in one engine.
+pub type SeqId = u64;
+
+/// What to generate for one sequence.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    /// Tokens that end the sequence when sampled (kept in the output).
+    pub stop_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+}
+
+/// One step's news of one sequence: a sampled token, the end, or both.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub id: SeqId,
+    pub token: Option<u32>,
+    pub finished: Option<StopReason>,
+}
+
+/// Sizes of a [`BatchEngine`].
+#[derive(Clone, Copy, Debug)]
+pub struct BatchOptions {
+    /// KV cache blocks (of [`BLOCK_SIZE`] positions each, every layer).
+    pub blocks: usize,
+    /// Rows one step may run (decode rows and prefill chunks together).
+    pub max_batch_tokens: usize,
+    /// Sequences one step may run.
+    pub max_seqs: usize,
+    /// The longest a sequence may grow (prompt and output), in tokens.
+    pub max_len: usize,
+}
+
+struct Seq {
+    id: SeqId,
+    /// The prompt, then every token generated.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens whose keys and values are in the cache.
+    computed: usize,
+    table: BlockTable,
+    max_new_tokens: usize,
+    stop_ids: Vec<u32>,
+    sampler: Sampler,
+}
+
+impl Seq {
+    /// Tokens known but not yet in the cache.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+}
+
+/// Workspaces kept for reuse, by (rows, logit rows); dropped when more.
+const WORKSPACES_KEPT: usize = 16;
+
+/// Sequences generated together over one paged KV cache.
+pub struct BatchEngine<'m> {
+    model: &'m Decoder,
+    be: &'m dyn Backend,
+    opts: BatchOptions,
+    blocks: BlockManager,
+    cache: Vec<LayerKv>,
+    waiting: VecDeque<Seq>,
+    /// Oldest first.
+    running: Vec<Seq>,
+    next_id: SeqId,
+    preemptions: u64,
+    workspaces: HashMap<(usize, usize), Workspace>,
+    logits: Vec<f32>,
+}
+
+impl<'m> BatchEngine<'m> {
+    pub fn new(model: &'m Decoder, be: &'m dyn Backend, opts: BatchOptions) -> Result<BatchEngine<'m>> {
+        ensure!(opts.max_batch_tokens > 0 && opts.max_seqs > 0, "batch: max_batch_tokens and max_seqs must be above 0");
+        ensure!(opts.max_len > 0, "batch: max_len must be above 0");
+        let blocks = BlockManager::new(opts.blocks, BLOCK_SIZE)?;
+        let cache =
+            (0..model.layers.len()).map(|_| model.kv_layer(be, opts.blocks * BLOCK_SIZE)).collect::<Result<_>>()?;
+        Ok(BatchEngine {
+            model,
+            be,
+            opts,
+            blocks,
+            cache,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            preemptions: 0,
+            workspaces: HashMap::new(),
+            logits: Vec::new(),
+        })
+    }
+
+    /// Queue a request; it joins the batch at a later step.
+    ///
+    /// # Errors
+    /// An empty prompt, a token outside the vocabulary, or a prompt that
+    /// cannot fit `max_len` or the whole cache.
+    pub fn add(&mut self, req: Request) -> Result<SeqId> {
+        let n = req.prompt.len();
+        ensure!(n > 0, "the prompt is empty (no tokens)");
+        let vocab = self.model.cfg.vocab_size;
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary of {vocab} tokens");
+        }
+        ensure!(req.max_new_tokens > 0, "max_new_tokens is 0: nothing to generate");
+        let room = self.room();
+        ensure!(n < room, "a prompt of {n} tokens does not fit the context of {room} tokens");
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.push_back(Seq {
+            id,
+            tokens: req.prompt,
+            prompt_len: n,
+            computed: 0,
+            table: BlockTable::new(),
+            max_new_tokens: req.max_new_tokens,
+            stop_ids: req.stop_ids,
+            sampler: Sampler::new(req.sampling),
+        });
+        Ok(id)
+    }
+
+    /// Drop a sequence, waiting or running; its blocks are free again.
+    /// Returns whether it was there.
+    pub fn cancel(&mut self, id: SeqId) -> bool {
+        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i)
+        } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            self.waiting.remove(i).expect("index from position")
+        } else {
+            return false;
+        };
+        let mut table = seq.table;
+        self.blocks.release(&mut table);
+        true
+    }
+
+    /// The longest a sequence may grow: `max_len`, or the whole cache if less.
+    fn room(&self) -> usize {
+        self.opts.max_len.min(self.blocks.total() * self.blocks.block_size())
+    }
+
+    /// Nothing waiting or running.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn blocks_total(&self) -> usize {
+        self.blocks.total()
+    }
+
+    pub fn blocks_free(&self) -> usize {
+        self.blocks.free()
+    }
+
+    /// Sequences in the batch now.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Sequences preempted so far.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    /// Move running sequence `i` back to the front of the queue, its blocks
+    /// released and its cache to be recomputed.
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.remove(i);
+        self.blocks.release(&mut s.table);
+        s.computed = 0;
+        self.preemptions += 1;
+        self.waiting.push_front(s);
+    }
+
+    /// The next step's rows: `(index into running, rows)` per sequence, in
+    /// batch order. Sequences that can never fit are finished into `events`.
+    fn schedule(&mut self, events: &mut Vec<Event>) -> Vec<(usize, usize)> {
+        let mut budget = self.opts.max_batch_tokens;
+        let mut plan = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let chunk = self.running[i].pending().min(budget);
+            let want = self.running[i].computed + chunk;
+            if self.blocks.blocks_for(want) > self.blocks.total() {
+                // longer than the whole cache: it ends here
+                let mut s = self.running.remove(i);
+                self.blocks.release(&mut s.table);
+                events.push(Event { id: s.id, token: None, finished: Some(StopReason::ContextFull) });
+                continue;
+            }
+            let mut scheduled = true;
+            while self.blocks.reserve(&mut self.running[i].table, want).is_err() {
+                let victim = self.running.len() - 1;
+                self.preempt(victim);
+                if victim == i {
+                    scheduled = false;
+                    break;
+                }
+            }
+            if !scheduled {
+                break; // it was the youngest: nothing after it runs
+            }
+            plan.push((i, chunk));
+            budget -= chunk;
+            i += 1;
+        }
+        while budget > 0 && self.running.len() < self.opts.max_seqs {
+            let Some(s) = self.waiting.front_mut() else { break };
+            let chunk = s.pending().min(budget);
+            if self.blocks.reserve(&mut s.table, s.computed + chunk).is_err() {
+                break;
+            }
+            let s = self.waiting.pop_front().expect("front exists");
+            self.running.push(s);
+            plan.push((self.running.len() - 1, chunk));
+            budget -= chunk;
+        }
+        plan
+    }
+
+    /// Run one step: schedule, one forward pass over every scheduled row,
+    /// sample for every sequence that reached the end of what it knows.
+    /// Returns this step's events (empty when idle).
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        let plan = self.schedule(&mut events);
+        if plan.is_empty() {
+            return Ok(events);
+        }
+        let m: usize = plan.iter().map(|&(_, n)| n).sum();
+        let width = plan.iter().map(|&(i, _)| self.running[i].table.len()).max().unwrap_or(1).max(1);
+        let (mut ids, mut positions, mut seqs, mut slots) = (vec![], vec![], vec![], vec![]);
+        let mut tables = vec![0i32; plan.len() * width];
+        let mut logit_rows = vec![];
+        for (b, &(i, n)) in plan.iter().enumerate() {
+            let s = &self.running[i];
+            for t in s.computed..s.computed + n {
+                ids.push(s.tokens[t]);
+                positions.push(t as i32);
+                seqs.push(b as i32);
+                slots.push(self.blocks.slot(&s.table, t) as i32);
+            }
+            for (dst, &id) in tables[b * width..].iter_mut().zip(s.table.ids()) {
+                *dst = id as i32;
+            }
+            if s.computed + n == s.tokens.len() {
+                logit_rows.push(ids.len() - 1);
+            }
+        }
+        let nl = logit_rows.len().max(1).next_power_of_two();
+        if !self.workspaces.contains_key(&(m, nl)) {
+            if self.workspaces.len() >= WORKSPACES_KEPT {
+                self.workspaces.clear();
+            }
+            let ws = self.model.workspace(self.be, m, Logits::Rows(nl))?;
+            self.workspaces.insert((m, nl), ws);
+        }
+        let ws = self.workspaces.get_mut(&(m, nl)).expect("inserted above");
+        let batch = Batch {
+            ids: &ids,
+            positions: &positions,
+            seqs: &seqs,
+            slots: &slots,
+            tables: &tables,
+            width,
+            block_size: self.blocks.block_size(),
+            logit_rows: &logit_rows,
+        };
+        ws.set_batch(self.be, &batch)?;
+        let (model, be, cache) = (self.model, self.be, &mut self.cache);
+        be.run(&mut || model.forward(be, ws, cache))?;
+        be.read_f32(&ws.logits, &mut self.logits)?;
+        let (vocab, room) = (self.model.cfg.vocab_size, self.room());
+        let mut row = 0;
+        let mut done = vec![];
+        for &(i, n) in &plan {
+            let s = &mut self.running[i];
+            let samples = s.computed + n == s.tokens.len();
+            s.computed += n;
+            if !samples {
+                continue;
+            }
+            let tok = s.sampler.sample(&self.logits[row * vocab..(row + 1) * vocab], &s.tokens);
+            row += 1;
+            s.tokens.push(tok);
+            let generated = s.tokens.len() - s.prompt_len;
+            let finished = if s.stop_ids.contains(&tok) {
+                Some(StopReason::Eos)
+            } else if generated >= s.max_new_tokens {
+                Some(StopReason::MaxTokens)
+            } else if s.tokens.len() >= room {
+                Some(StopReason::ContextFull)
+            } else {
+                None
+            };
+            events.push(Event { id: s.id, token: Some(tok), finished });
+            if finished.is_some() {
+                done.push(i);
+            }
+        }
+        for &i in done.iter().rev() {
+            let mut s = self.running.remove(i);
+            self.blocks.release(&mut s.table);
+        }
+        Ok(events)
+    }
+}
