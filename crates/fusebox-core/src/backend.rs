@@ -128,6 +128,10 @@ pub trait Backend: Send + Sync {
     /// and a paged cache gives bitwise what a contiguous cache holding the
     /// same rows gives.
     fn paged_attention(&self, q: &Tensor, cache: &LayerKv, pages: &Pages, scale: f32, out: &mut Tensor) -> Result<()>;
+    /// Whether [`Backend::paged_attention`] runs here (CUDA: not yet).
+    fn has_paged_attention(&self) -> bool {
+        true
+    }
     /// Whether the fusible decode site `site` runs its fused kernel on this
     /// backend ([`crate::fusion::FusionPolicy`]).
     fn fused(&self, site: Site) -> bool {

@@ -50,6 +50,23 @@ pub struct Event {
     pub finished: Option<StopReason>,
 }
 
+/// A sequence's view of each draw, for callers that need more than the
+/// token (a server's penalties, log-probabilities and streaming).
+pub trait Observer {
+    /// Whether [`Observer::adjust`] changes anything (when not, the logits
+    /// are not copied).
+    fn adjusts(&self) -> bool {
+        false
+    }
+    /// Change the logits the next token is drawn from (frequency and
+    /// presence penalties); the model's own stay as they are.
+    fn adjust(&mut self, _logits: &mut [f32]) {}
+    /// The token drawn, the model's logits it was drawn from (before
+    /// [`Observer::adjust`]) and whether it ends the sequence. Returning
+    /// `false` ends it now ([`StopReason::Callback`]: the client went away).
+    fn drawn(&mut self, raw: &[f32], token: u32, finished: Option<StopReason>) -> bool;
+}
+
 /// Sizes of a [`BatchEngine`].
 #[derive(Clone, Copy, Debug)]
 pub struct BatchOptions {
@@ -59,11 +76,12 @@ pub struct BatchOptions {
     pub max_batch_tokens: usize,
     /// Sequences one step may run.
     pub max_seqs: usize,
-    /// The longest a sequence may grow (prompt and output), in tokens.
+    /// The most positions a sequence may fill (its context): it draws its
+    /// last token when its cache is full.
     pub max_len: usize,
 }
 
-struct Seq {
+struct Seq<'m> {
     id: SeqId,
     /// The prompt, then every token generated.
     tokens: Vec<u32>,
@@ -74,9 +92,10 @@ struct Seq {
     max_new_tokens: usize,
     stop_ids: Vec<u32>,
     sampler: Sampler,
+    observer: Option<Box<dyn Observer + 'm>>,
 }
 
-impl Seq {
+impl Seq<'_> {
     /// Tokens known but not yet in the cache.
     fn pending(&self) -> usize {
         self.tokens.len() - self.computed
@@ -93,13 +112,15 @@ pub struct BatchEngine<'m> {
     opts: BatchOptions,
     blocks: BlockManager,
     cache: Vec<LayerKv>,
-    waiting: VecDeque<Seq>,
+    waiting: VecDeque<Seq<'m>>,
     /// Oldest first.
-    running: Vec<Seq>,
+    running: Vec<Seq<'m>>,
     next_id: SeqId,
     preemptions: u64,
     workspaces: HashMap<(usize, usize), Workspace>,
     logits: Vec<f32>,
+    /// Adjusted logits of one row (an observer's penalties).
+    work: Vec<f32>,
 }
 
 impl<'m> BatchEngine<'m> {
@@ -121,6 +142,7 @@ impl<'m> BatchEngine<'m> {
             preemptions: 0,
             workspaces: HashMap::new(),
             logits: Vec::new(),
+            work: Vec::new(),
         })
     }
 
@@ -130,6 +152,15 @@ impl<'m> BatchEngine<'m> {
     /// An empty prompt, a token outside the vocabulary, or a prompt that
     /// cannot fit `max_len` or the whole cache.
     pub fn add(&mut self, req: Request) -> Result<SeqId> {
+        self.add_seq(req, None)
+    }
+
+    /// [`BatchEngine::add`] with an [`Observer`] that sees every draw.
+    pub fn add_observed(&mut self, req: Request, observer: Box<dyn Observer + 'm>) -> Result<SeqId> {
+        self.add_seq(req, Some(observer))
+    }
+
+    fn add_seq(&mut self, req: Request, observer: Option<Box<dyn Observer + 'm>>) -> Result<SeqId> {
         let n = req.prompt.len();
         ensure!(n > 0, "the prompt is empty (no tokens)");
         let vocab = self.model.cfg.vocab_size;
@@ -138,7 +169,7 @@ impl<'m> BatchEngine<'m> {
         }
         ensure!(req.max_new_tokens > 0, "max_new_tokens is 0: nothing to generate");
         let room = self.room();
-        ensure!(n < room, "a prompt of {n} tokens does not fit the context of {room} tokens");
+        ensure!(n <= room, "a prompt of {n} tokens does not fit the context of {room} tokens");
         let id = self.next_id;
         self.next_id += 1;
         self.waiting.push_back(Seq {
@@ -150,6 +181,7 @@ impl<'m> BatchEngine<'m> {
             max_new_tokens: req.max_new_tokens,
             stop_ids: req.stop_ids,
             sampler: Sampler::new(req.sampling),
+            observer,
         });
         Ok(id)
     }
@@ -185,6 +217,11 @@ impl<'m> BatchEngine<'m> {
 
     pub fn blocks_free(&self) -> usize {
         self.blocks.free()
+    }
+
+    /// Sequences queued, not yet in the batch.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
     }
 
     /// Sequences in the batch now.
@@ -315,19 +352,34 @@ impl<'m> BatchEngine<'m> {
             if !samples {
                 continue;
             }
-            let tok = s.sampler.sample(&self.logits[row * vocab..(row + 1) * vocab], &s.tokens);
+            let raw = &self.logits[row * vocab..(row + 1) * vocab];
             row += 1;
+            let tok = match s.observer.as_mut().filter(|o| o.adjusts()) {
+                Some(o) => {
+                    self.work.clear();
+                    self.work.extend_from_slice(raw);
+                    o.adjust(&mut self.work);
+                    s.sampler.sample(&self.work, &s.tokens)
+                }
+                None => s.sampler.sample(raw, &s.tokens),
+            };
             s.tokens.push(tok);
             let generated = s.tokens.len() - s.prompt_len;
-            let finished = if s.stop_ids.contains(&tok) {
+            let mut finished = if s.stop_ids.contains(&tok) {
                 Some(StopReason::Eos)
             } else if generated >= s.max_new_tokens {
                 Some(StopReason::MaxTokens)
-            } else if s.tokens.len() >= room {
+            } else if s.tokens.len() > room {
+                // the cache is full: the last token drawn needs no room (as a Session)
                 Some(StopReason::ContextFull)
             } else {
                 None
             };
+            if let Some(o) = s.observer.as_mut() {
+                if !o.drawn(raw, tok, finished) && finished.is_none() {
+                    finished = Some(StopReason::Callback);
+                }
+            }
             events.push(Event { id: s.id, token: Some(tok), finished });
             if finished.is_some() {
                 done.push(i);

@@ -10,7 +10,7 @@ pub mod sampling_config;
 pub mod spec;
 pub mod verify;
 
-pub use batch::{BatchEngine, BatchOptions, Event, Request, SeqId};
+pub use batch::{BatchEngine, BatchOptions, Event, Observer, Request, SeqId};
 pub use block_manager::{BlockManager, BlockTable, OutOfBlocks, BLOCK_SIZE};
 pub use generate::{GenerateOptions, GenerateOutput, ParityCheck, Session, StopReason};
 pub use kv_cache::KvCache;

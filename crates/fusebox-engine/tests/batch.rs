@@ -114,20 +114,24 @@ fn cancelled_and_rejected_requests_hold_no_blocks() {
     assert_eq!(engine.blocks_free(), engine.blocks_total());
     let mut msg = |r: Request| engine.add(r).unwrap_err().to_string();
     assert!(msg(req(0, 4)).contains("empty"));
-    assert!(msg(req(48, 4)).contains("does not fit"));
+    assert!(msg(req(49, 4)).contains("does not fit"));
     assert!(msg(req(4, 0)).contains("max_new_tokens"));
     let mut bad = req(4, 4);
     bad.prompt[2] = vocab as u32;
     assert!(msg(bad).contains("vocabulary"));
-    // a sequence that reaches max_len ends there
+    // a sequence that fills its context ends there, as a Session of that context does
     let c = engine.add(req(40, 100)).unwrap();
-    let mut last = None;
+    let (mut last, mut got) = (None, vec![]);
     while !engine.is_idle() {
         for e in engine.step().unwrap() {
             assert_eq!(e.id, c);
+            got.extend(e.token);
             last = e.finished.or(last);
         }
     }
     assert_eq!(last, Some(StopReason::ContextFull));
+    let mut s = Session::new(&model.decoder, &be, 48).unwrap();
+    let want = s.generate(&req(40, 100).prompt, &greedy(100), |_| Ok(true)).unwrap();
+    assert_eq!((got, StopReason::ContextFull), (want.tokens, want.stop));
     assert_eq!(engine.blocks_free(), engine.blocks_total());
 }

@@ -10,6 +10,7 @@
 //! from a bounded queue.
 
 pub mod auth;
+mod batch_worker;
 pub mod chunks;
 pub mod collect;
 pub mod engine;
@@ -43,7 +44,7 @@ use axum::{middleware, Router};
 use tokio::net::TcpListener;
 
 pub use engine::{Engine, EngineStats, Event, Events, FinishReason, GenRequest, SubmitError, TokenLogprobs, Usage};
-pub use model::{Loaded, MakeSpeculation, ModelInfo, SpecSetup};
+pub use model::{Batching, Loaded, MakeSpeculation, ModelInfo, SpecSetup};
 pub use penalties::Penalties;
 pub use state::{AppState, ServerOptions};
 pub use worker::Worker;

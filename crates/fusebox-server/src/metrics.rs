@@ -58,6 +58,10 @@ pub struct Metrics {
     generated_tokens: Counter,
     queued: Gauge,
     running: Gauge,
+    kv_blocks_total: Gauge,
+    kv_blocks_free: Gauge,
+    batch_size: Gauge,
+    preemptions: Counter,
     ttft: Histogram,
     itl: Histogram,
 }
@@ -87,6 +91,22 @@ impl Metrics {
         registry.register("queue_depth", "Requests waiting for the engine", queued.clone());
         let running = Gauge::default();
         registry.register("running_requests", "Requests the engine is generating", running.clone());
+        let kv_blocks_total = Gauge::default();
+        registry.register(
+            "kv_blocks_total",
+            "KV cache blocks of 16 positions (0 when one request runs at a time on a contiguous cache)",
+            kv_blocks_total.clone(),
+        );
+        let kv_blocks_free = Gauge::default();
+        registry.register("kv_blocks_free", "KV cache blocks no request holds", kv_blocks_free.clone());
+        let batch_size = Gauge::default();
+        registry.register("batch_size", "Requests in the engine's running batch", batch_size.clone());
+        let preemptions = Counter::default();
+        registry.register(
+            "preemptions",
+            "Requests preempted for KV cache room (blocks freed, tokens recomputed later)",
+            preemptions.clone(),
+        );
         let ttft = Histogram::new(TTFT_BUCKETS);
         registry.register(
             "time_to_first_token_seconds",
@@ -95,7 +115,21 @@ impl Metrics {
         );
         let itl = Histogram::new(ITL_BUCKETS);
         registry.register("inter_token_latency_seconds", "Time between consecutive tokens of a request", itl.clone());
-        Metrics { registry, requests, duration, prompt_tokens, generated_tokens, queued, running, ttft, itl }
+        Metrics {
+            registry,
+            requests,
+            duration,
+            prompt_tokens,
+            generated_tokens,
+            queued,
+            running,
+            kv_blocks_total,
+            kv_blocks_free,
+            batch_size,
+            preemptions,
+            ttft,
+            itl,
+        }
     }
 
     /// A request to `endpoint` was answered with `status`.
@@ -124,6 +158,10 @@ impl Metrics {
     pub fn render(&self, stats: EngineStats) -> String {
         self.queued.set(stats.queued as i64);
         self.running.set(stats.running as i64);
+        self.kv_blocks_total.set(stats.kv_blocks_total as i64);
+        self.kv_blocks_free.set(stats.kv_blocks_free as i64);
+        self.batch_size.set(stats.running as i64);
+        self.preemptions.inc_by(stats.preemptions.saturating_sub(self.preemptions.get()));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry) {
             let _ = writeln!(out, "# encoding the metrics failed: {e}");

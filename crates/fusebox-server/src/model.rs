@@ -35,12 +35,34 @@ pub struct Loaded {
     pub ctx: usize,
     /// Speculative decoding (`None`: plain decoding).
     pub spec: Option<SpecSetup>,
+    /// Continuous batching's sizes (used where the backend has a paged KV
+    /// cache and there is no speculation).
+    pub batching: Batching,
+}
+
+/// Sizes of the batched worker ([`fusebox_engine::BatchEngine`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batching {
+    /// KV cache blocks of 16 positions; `None`: two full contexts' worth.
+    pub kv_blocks: Option<usize>,
+    /// Rows one step may run (decode rows and prefill chunks together).
+    pub max_batch_tokens: usize,
+    /// Requests generated at once.
+    pub max_seqs: usize,
+    /// `false`: one request at a time on a contiguous cache, as before.
+    pub enabled: bool,
+}
+
+impl Default for Batching {
+    fn default() -> Batching {
+        Batching { kv_blocks: None, max_batch_tokens: 512, max_seqs: 16, enabled: true }
+    }
 }
 
 impl Loaded {
     /// `model` on `backend` with a context of `ctx` tokens, decoding plainly.
     pub fn new(backend: Box<dyn Backend>, model: Model, ctx: usize) -> Loaded {
-        Loaded { backend, model, ctx, spec: None }
+        Loaded { backend, model, ctx, spec: None, batching: Batching::default() }
     }
 }
 

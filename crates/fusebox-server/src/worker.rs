@@ -25,22 +25,30 @@ use crate::stepwise;
 /// What a request is told when the server shuts down under it.
 pub const SHUTTING_DOWN: &str = "the server is shutting down";
 
-struct Job {
-    req: GenRequest,
-    tx: mpsc::UnboundedSender<Event>,
+pub(crate) struct Job {
+    pub(crate) req: GenRequest,
+    pub(crate) tx: mpsc::UnboundedSender<Event>,
 }
 
 /// Counters and the shutdown flag, shared by the handles and the thread.
 #[derive(Default)]
-struct Shared {
-    queued: AtomicUsize,
-    running: AtomicUsize,
-    started: AtomicU64,
-    generated: AtomicU64,
-    closed: AtomicBool,
+pub(crate) struct Shared {
+    /// Jobs in the queue.
+    pub(crate) queued: AtomicUsize,
+    /// Requests a batching engine holds but has not started.
+    pub(crate) held: AtomicUsize,
+    pub(crate) running: AtomicUsize,
+    pub(crate) started: AtomicU64,
+    pub(crate) generated: AtomicU64,
+    pub(crate) closed: AtomicBool,
+    pub(crate) kv_blocks_total: AtomicUsize,
+    pub(crate) kv_blocks_free: AtomicUsize,
+    pub(crate) preemptions: AtomicU64,
 }
 
-/// One thread, one session, one request at a time.
+/// One thread that owns the model: a batching engine where the backend has
+/// a paged KV cache and there is no speculation ([`crate::batch_worker`]),
+/// else one session running one request at a time.
 pub struct Worker {
     queue: std_mpsc::SyncSender<Job>,
     shared: Arc<Shared>,
@@ -88,10 +96,13 @@ impl Engine for Worker {
     fn stats(&self) -> EngineStats {
         let s = &self.shared;
         EngineStats {
-            queued: s.queued.load(SeqCst),
+            queued: s.queued.load(SeqCst) + s.held.load(SeqCst),
             running: s.running.load(SeqCst),
             started: s.started.load(SeqCst),
             generated_tokens: s.generated.load(SeqCst),
+            kv_blocks_total: s.kv_blocks_total.load(SeqCst),
+            kv_blocks_free: s.kv_blocks_free.load(SeqCst),
+            preemptions: s.preemptions.load(SeqCst),
         }
     }
 
@@ -103,7 +114,7 @@ impl Engine for Worker {
 /// The worker thread once the model is loaded: set up the session (and the
 /// speculation), report the model, then run jobs until the queue closes.
 fn run(loaded: Loaded, jobs: &std_mpsc::Receiver<Job>, ready: std_mpsc::Sender<Result<ModelInfo>>, shared: &Shared) {
-    let Loaded { backend, mut model, ctx, spec } = loaded;
+    let Loaded { backend, mut model, ctx, spec, batching } = loaded;
     let be = &*backend;
     let (draft, make) = match spec {
         Some(s) => (s.draft, Some(s.make)),
@@ -120,6 +131,17 @@ fn run(loaded: Loaded, jobs: &std_mpsc::Receiver<Job>, ready: std_mpsc::Sender<R
         device: be.name(),
         speculation: None,
     };
+    if make.is_none() && batching.enabled && be.has_paged_attention() {
+        let opts = crate::batch_worker::options(&batching, ctx);
+        let engine = match crate::batch_worker::engine(&model, be, opts) {
+            Ok(e) => e,
+            Err(e) => return drop(ready.send(Err(e))),
+        };
+        if ready.send(Ok(info)).is_ok() {
+            crate::batch_worker::run(&model, be, opts, engine, jobs, shared);
+        }
+        return;
+    }
     let mut gen = match Generator::new(&model, draft.as_ref(), make.as_deref(), be, ctx, shared) {
         Ok(g) => g,
         Err(e) => return drop(ready.send(Err(e))),

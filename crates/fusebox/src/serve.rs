@@ -5,7 +5,7 @@ use clap::Args as ClapArgs;
 use fusebox_core::Backend;
 use fusebox_engine::Speculation;
 use fusebox_models::Model;
-use fusebox_server::{Loaded, MakeSpeculation, ServerOptions, SpecSetup};
+use fusebox_server::{Batching, Loaded, MakeSpeculation, ServerOptions, SpecSetup};
 
 use crate::common::{context_size, ModelArgs};
 use crate::spec::SpecArgs;
@@ -36,6 +36,25 @@ pub struct Args {
     /// max_position_embeddings, at most 4096).
     #[arg(short = 'c', long, value_name = "N")]
     pub ctx_size: Option<usize>,
+    /// KV cache blocks of 16 positions that the running requests share (default: two full
+    /// contexts' worth; a request that finds none free waits, or the youngest is preempted
+    /// and recomputed later).
+    #[arg(long, value_name = "N", conflicts_with = "kv_mem")]
+    pub kv_blocks: Option<usize>,
+    /// The KV cache's size in GiB instead of --kv-blocks (keys and values of every layer).
+    #[arg(long, value_name = "GIB")]
+    pub kv_mem: Option<f64>,
+    /// Tokens one step may run: decode rows and prompt chunks together, so a long prompt is
+    /// prefilled in chunks beside the running requests.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_batch_tokens: usize,
+    /// Requests generated at once (continuous batching: they join and leave at every step).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub max_seqs: usize,
+    /// Run one request at a time on its own contiguous KV cache, as before continuous batching
+    /// (always so with --spec, and on CUDA until its paged attention lands).
+    #[arg(long)]
+    pub no_batching: bool,
     #[command(flatten)]
     pub spec: SpecArgs,
 }
@@ -47,13 +66,32 @@ pub fn run(a: Args) -> Result<()> {
     if a.spec.spec_trace {
         bail!("--spec-trace is for `generate --json` and `bench`; the server does not record rounds");
     }
+    if a.max_batch_tokens == 0 || a.max_seqs == 0 {
+        bail!("--max-batch-tokens and --max-seqs must be at least 1");
+    }
+    if a.kv_blocks == Some(0) || a.kv_mem.is_some_and(|g| !(g > 0.0 && g.is_finite())) {
+        bail!("--kv-blocks and --kv-mem must be above 0");
+    }
     let speculative = a.spec.method()?.is_some();
     let (model, ctx_size, spec) = (a.model, a.ctx_size, a.spec);
+    let (kv_blocks, kv_mem) = (a.kv_blocks, a.kv_mem);
+    let batching =
+        Batching { kv_blocks, max_batch_tokens: a.max_batch_tokens, max_seqs: a.max_seqs, enabled: !a.no_batching };
     let load = move || {
         let backend = model.backend()?;
         let model = model.load(&*backend)?;
         let ctx = context_size(ctx_size, &model)?;
         let mut loaded = Loaded::new(backend, model, ctx);
+        loaded.batching = batching;
+        if let Some(gib) = kv_mem {
+            let elem = loaded.backend.kv_dtype().size();
+            let per_block = fusebox_engine::BLOCK_SIZE * loaded.model.decoder.cfg.kv_bytes_per_token(elem);
+            let blocks = (gib * (1u64 << 30) as f64 / per_block as f64) as usize;
+            if blocks == 0 {
+                bail!("--kv-mem {gib} GiB holds no KV block of this model ({per_block} bytes each)");
+            }
+            loaded.batching.kv_blocks = Some(blocks);
+        }
         if speculative {
             let draft = spec.load_draft(&*loaded.backend)?;
             loaded.spec = Some(SpecSetup { draft, make: Box::new(spec) });

@@ -684,6 +684,9 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         anyhow::bail!("paged attention: not available on CUDA yet (the CPU backend has it)")
     }
+    fn has_paged_attention(&self) -> bool {
+        false
+    }
     fn qkv_rope(
         &self,
         h: &Tensor,
