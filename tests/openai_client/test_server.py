@@ -203,10 +203,13 @@ def test_bad_requests():
         code="context_length_exceeded",
     )
     assert "200" in e.message and "128" in e.message, e.message
-    # empty messages; more than one choice
+    # empty messages; more choices than a request may ask for
     expect(bad, lambda: c.chat.completions.create(model=MODEL, messages=[]), param="messages")
-    e = expect(bad, lambda: c.completions.create(model=MODEL, prompt="x", n=2), param="n")
-    assert "n = 1" in e.message, e.message
+    e = expect(bad, lambda: c.completions.create(model=MODEL, prompt="x", n=17), param="n")
+    assert "between 1 and 16" in e.message, e.message
+    # n choices, in order (greedy: all the same answer)
+    r = c.completions.create(model=MODEL, prompt="x", n=2, max_tokens=4, temperature=0)
+    assert [ch.index for ch in r.choices] == [0, 1] and r.choices[0].text == r.choices[1].text, r
     # malformed JSON (the client never sends it): the same error shape
     r = httpx.post(BASE_URL + "/completions", content=b'{"prompt": ', headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text

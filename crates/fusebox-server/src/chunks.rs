@@ -28,20 +28,20 @@ pub struct Chunks {
 }
 
 impl Chunks {
-    /// What opens the stream: chat announces the assistant's role.
-    pub fn opening(&self) -> Option<String> {
+    /// What opens choice `index`'s stream: chat announces the assistant's role.
+    pub fn opening(&self, index: usize) -> Option<String> {
         let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
-        (self.api == Api::Chat).then(|| self.choice(delta, "", None, None))
+        (self.api == Api::Chat).then(|| self.choice(index, delta, "", None, None))
     }
 
-    /// A piece of text, and the scores of its tokens.
-    pub fn text(&self, text: String, scored: &[Scored]) -> String {
-        self.choice(ChatDelta { role: None, content: Some(text.clone()) }, &text, Some(scored), None)
+    /// A piece of choice `index`'s text, and the scores of its tokens.
+    pub fn text(&self, index: usize, text: String, scored: &[Scored]) -> String {
+        self.choice(index, ChatDelta { role: None, content: Some(text.clone()) }, &text, Some(scored), None)
     }
 
-    /// The last chunk with a choice: empty, with why the generation ended.
-    pub fn finish(&self, reason: FinishReason) -> String {
-        self.choice(ChatDelta { role: None, content: None }, "", None, Some(reason.as_str()))
+    /// The last chunk of choice `index`: empty, with why its generation ended.
+    pub fn finish(&self, index: usize, reason: FinishReason) -> String {
+        self.choice(index, ChatDelta { role: None, content: None }, "", None, Some(reason.as_str()))
     }
 
     /// The usage chunk after the last choice, if the request asked for it.
@@ -55,6 +55,7 @@ impl Chunks {
     /// A chunk of one choice: `delta` for chat, `text` for completions.
     fn choice(
         &self,
+        index: usize,
         delta: ChatDelta,
         text: &str,
         scored: Option<&[Scored]>,
@@ -64,12 +65,12 @@ impl Chunks {
         match self.api {
             Api::Chat => {
                 let logprobs = f.map(|(f, s)| f.chat(s));
-                self.chunk(vec![ChatChunkChoice { index: 0, delta, logprobs, finish_reason }], None)
+                self.chunk(vec![ChatChunkChoice { index, delta, logprobs, finish_reason }], None)
             }
             Api::Completion => {
                 let logprobs = f.map(|(f, s)| f.completion(s));
                 let text = text.to_string();
-                self.chunk(vec![CompletionChunkChoice { text, index: 0, logprobs, finish_reason }], None)
+                self.chunk(vec![CompletionChunkChoice { text, index, logprobs, finish_reason }], None)
             }
         }
     }

@@ -52,11 +52,11 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     st.check_model(req.model.as_deref())?;
-    prepare::check_unsupported(&req.unsupported)?;
+    let n = prepare::check_unsupported(&req.unsupported)?;
     let logprobs = prepare::completion_logprobs(req.logprobs)?;
     let prompt = prepare::completion_prompt(&st.info, &req.prompt)?;
     let max_tokens = Some(req.max_tokens.unwrap_or(16));
-    let out = start(&st, prompt, max_tokens, &req.sampling, logprobs, req.stop.as_ref())?;
+    let out = start(&st, prompt, max_tokens, &req.sampling, logprobs, req.stop.as_ref(), n)?;
     let (id, created) = (new_id("cmpl"), unix_now());
     let formatter = logprobs.map(|_| Formatter { tokenizer: st.info.tokenizer.clone() });
     if req.streaming.stream() {
@@ -71,21 +71,19 @@ pub async fn completions(
         };
         return Ok(stream::sse(out, chunks));
     }
-    let done = collect(out).await?;
-    Ok(Json(CompletionResponse {
-        id,
-        object: "text_completion",
-        created,
-        model: st.model_id.clone(),
-        choices: vec![CompletionChoice {
-            text: done.text,
-            index: 0,
-            logprobs: formatter.map(|f| f.completion(&done.scored)),
-            finish_reason: done.finish_reason.as_str().into(),
-        }],
-        usage: done.usage,
-    })
-    .into_response())
+    let (done, usage) = collect_all(out).await?;
+    let choices = done
+        .into_iter()
+        .enumerate()
+        .map(|(index, d)| CompletionChoice {
+            text: d.text,
+            index,
+            logprobs: formatter.as_ref().map(|f| f.completion(&d.scored)),
+            finish_reason: d.finish_reason.as_str().into(),
+        })
+        .collect();
+    Ok(Json(CompletionResponse { id, object: "text_completion", created, model: st.model_id.clone(), choices, usage })
+        .into_response())
 }
 
 /// `POST /v1/chat/completions`
@@ -94,12 +92,12 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     st.check_model(req.model.as_deref())?;
-    prepare::check_unsupported(&req.unsupported)?;
+    let n = prepare::check_unsupported(&req.unsupported)?;
     let logprobs = prepare::chat_logprobs(req.logprobs, req.top_logprobs)?;
     let thinking = req.chat_template_kwargs.as_ref().and_then(|k| k.enable_thinking);
     let prompt = prepare::chat_prompt(&st.info, &req.messages, thinking)?;
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    let out = start(&st, prompt, max_tokens, &req.sampling, logprobs, req.stop.as_ref())?;
+    let out = start(&st, prompt, max_tokens, &req.sampling, logprobs, req.stop.as_ref(), n)?;
     let (id, created) = (new_id("chatcmpl"), unix_now());
     let formatter = logprobs.map(|_| Formatter { tokenizer: st.info.tokenizer.clone() });
     if req.streaming.stream() {
@@ -108,24 +106,25 @@ pub async fn chat_completions(
             Chunks { api: Api::Chat, id, created, model: st.model_id.clone(), include_usage, logprobs: formatter };
         return Ok(stream::sse(out, chunks));
     }
-    let done = collect(out).await?;
-    Ok(Json(ChatResponse {
-        id,
-        object: "chat.completion",
-        created,
-        model: st.model_id.clone(),
-        choices: vec![ChatChoice {
-            index: 0,
-            message: AssistantMessage { role: "assistant", content: done.text },
-            logprobs: formatter.map(|f| f.chat(&done.scored)),
-            finish_reason: done.finish_reason.as_str().into(),
-        }],
-        usage: done.usage,
-    })
-    .into_response())
+    let (done, usage) = collect_all(out).await?;
+    let choices = done
+        .into_iter()
+        .enumerate()
+        .map(|(index, d)| ChatChoice {
+            index,
+            message: AssistantMessage { role: "assistant", content: d.text },
+            logprobs: formatter.as_ref().map(|f| f.chat(&d.scored)),
+            finish_reason: d.finish_reason.as_str().into(),
+        })
+        .collect();
+    Ok(Json(ChatResponse { id, object: "chat.completion", created, model: st.model_id.clone(), choices, usage })
+        .into_response())
 }
 
-/// Check the rest of a generation request and submit it.
+/// Check the rest of a generation request and submit its `n` choices
+/// (choice `i` samples with the seed plus `i`; one that cannot be queued
+/// cancels the others).
+#[allow(clippy::too_many_arguments)]
 fn start(
     st: &AppState,
     prompt: Vec<u32>,
@@ -133,7 +132,8 @@ fn start(
     fields: &SamplingFields,
     logprobs: Option<usize>,
     stop: Option<&Stop>,
-) -> Result<Output, ApiError> {
+    n: usize,
+) -> Result<Vec<Output>, ApiError> {
     let sampling = prepare::sampling(&st.info, fields)?;
     let penalties = prepare::penalties(fields)?;
     let stops = stop_strings(stop)?;
@@ -141,7 +141,22 @@ fn start(
     if fields.ignore_eos == Some(true) {
         gen.stop_ids.clear();
     }
-    Output::start(&*st.engine, gen, stops, st.metrics.clone())
+    (0..n)
+        .map(|i| {
+            let mut g = gen.clone();
+            g.sampling.seed = g.sampling.seed.wrapping_add(i as u64);
+            Output::start(&*st.engine, g, stops.clone(), st.metrics.clone())
+        })
+        .collect()
+}
+
+/// Every choice to its end, and the usage of all of them (the prompt counted once).
+async fn collect_all(outs: Vec<Output>) -> Result<(Vec<crate::collect::Finished>, crate::engine::Usage), ApiError> {
+    let done: Vec<_> =
+        futures_util::future::join_all(outs.into_iter().map(collect)).await.into_iter().collect::<Result<_, _>>()?;
+    let prompt = done.first().map_or(0, |d: &crate::collect::Finished| d.usage.prompt_tokens);
+    let completion = done.iter().map(|d| d.usage.completion_tokens).sum();
+    Ok((done, crate::engine::Usage::new(prompt, completion)))
 }
 
 pub async fn not_found(req: Request) -> ApiError {

@@ -10,20 +10,22 @@ use crate::model::ModelInfo;
 use crate::openai::{ChatMessage, Content, Prompt, SamplingFields, Unsupported};
 use crate::penalties::Penalties;
 
-/// Refuse the features that are not there yet.
-pub fn check_unsupported(u: &Unsupported) -> Result<(), ApiError> {
-    for (name, v) in [("n", u.n), ("best_of", u.best_of)] {
-        if let Some(n) = v.filter(|&n| n != 1) {
-            return Err(ApiError::invalid(format!(
-                "{name} = {n}: only one choice per request ({name} = 1) is supported until batching exists"
-            ))
-            .param(name));
-        }
+/// The most choices one request may ask for (`n`).
+pub const MAX_CHOICES: u32 = 16;
+
+/// Refuse the features that are not there, and return how many choices
+/// (`n`) the request asks for.
+pub fn check_unsupported(u: &Unsupported) -> Result<usize, ApiError> {
+    if let Some(b) = u.best_of.filter(|&b| b != 1) {
+        return Err(ApiError::invalid(format!("best_of = {b}: best_of is not supported")).param("best_of"));
     }
     if u.echo == Some(true) {
         return Err(ApiError::invalid("echo is not supported").param("echo"));
     }
-    Ok(())
+    match u.n.unwrap_or(1) {
+        n @ 1..=MAX_CHOICES => Ok(n as usize),
+        n => Err(ApiError::invalid(format!("n must be between 1 and {MAX_CHOICES}, got {n}")).param("n")),
+    }
 }
 
 /// The most alternatives a chat answer reports per token (`top_logprobs`).

@@ -77,11 +77,13 @@ fn invalid_requests_are_400() {
     assert_eq!(e["code"], "context_length_exceeded");
     let msg = e["message"].as_str().unwrap();
     assert!(msg.contains(&(CTX + 5).to_string()) && msg.contains(&CTX.to_string()), "{msg}");
-    // empty messages, n > 1
+    // empty messages, n out of range, best_of
     names(&error(addr, CHAT, &json!({"messages": []}), 400), "messages");
-    let e = error(addr, COMPLETIONS, &json!({"prompt": "x", "n": 2}), 400);
+    let e = error(addr, COMPLETIONS, &json!({"prompt": "x", "n": 17}), 400);
     assert_eq!(e["param"], "n");
-    assert!(e["message"].as_str().unwrap().contains("n = 1"), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("between 1 and 16"), "{e}");
+    names(&error(addr, COMPLETIONS, &json!({"prompt": "x", "n": 0}), 400), "n");
+    names(&error(addr, COMPLETIONS, &json!({"prompt": "x", "best_of": 2}), 400), "best_of");
     // tokens outside the vocabulary, empty prompts, bad sampling, unsupported options
     for body in [
         json!({"prompt": [100000]}),

@@ -92,3 +92,38 @@ fn seeded_sampling_repeats_and_stop_strings_cut() {
     assert_eq!(v["choices"][0]["text"], &full[..full.find(&stop).unwrap()], "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
 }
+
+/// `n` choices: greedy ones are all the single answer; seeded sampled ones
+/// are choice i of seed s = the single answer of seed s + i; the usage
+/// counts the prompt once and every choice's tokens.
+#[test]
+fn n_choices_are_n_requests() {
+    let addr = start(ServerOptions::default());
+    let one = |seed: u64, temperature: f64| {
+        let body = json!({"prompt": "Once upon", "max_tokens": 12, "temperature": temperature, "seed": seed});
+        post(addr, "/v1/completions", &body).json()["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    for temperature in [0.0, 1.0] {
+        let body = json!({"prompt": "Once upon", "max_tokens": 12, "temperature": temperature, "seed": 7, "n": 3});
+        let r = post(addr, "/v1/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        let choices = v["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 3);
+        for (i, c) in choices.iter().enumerate() {
+            assert_eq!(c["index"], i);
+            assert_eq!(c["text"], one(7 + i as u64, temperature).as_str(), "choice {i} at temperature {temperature}");
+        }
+        let usage = &v["usage"];
+        assert_eq!(
+            usage["total_tokens"],
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        );
+        assert_eq!(usage["completion_tokens"], 36, "three choices of 12 tokens (no EOS in 12 at these seeds)");
+    }
+    // chat, the same
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0, "n": 2});
+    let v = post(addr, "/v1/chat/completions", &body).json();
+    let c = v["choices"].as_array().unwrap();
+    assert_eq!((c.len(), &c[0]["message"], &c[1]["index"]), (2, &c[1]["message"], &json!(1)));
+}

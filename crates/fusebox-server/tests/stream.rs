@@ -243,3 +243,30 @@ fn ignore_eos_drops_the_stop_tokens() {
     assert!(stop_ids(json!({"ignore_eos": true})).is_empty());
     assert!(!stop_ids(json!({"ignore_eos": false})).is_empty());
 }
+
+/// A stream of `n` choices: every chunk names its choice, each choice's
+/// text is the non-streamed one's, each finishes once, then one usage chunk
+/// and one `[DONE]`.
+#[test]
+fn n_streamed_choices_interleave_by_index() {
+    let addr = start(ServerOptions::default());
+    let body = |stream: bool| {
+        json!({"prompt": "The sea", "max_tokens": 10, "temperature": 1.0, "seed": 3, "n": 3, "stream": stream,
+               "stream_options": {"include_usage": true}})
+    };
+    let whole = post(addr, "/v1/completions", &body(false)).json();
+    let chunks = stream(addr, "/v1/completions", &body(true));
+    assert_eq!(chunks.last(), Some(&json!("[DONE]")));
+    assert_eq!(chunks.iter().filter(|c| **c == json!("[DONE]")).count(), 1);
+    let usage: Vec<&Value> = chunks.iter().filter(|c| !c["usage"].is_null()).collect();
+    assert_eq!(usage.len(), 1, "{chunks:?}");
+    assert_eq!(usage[0]["usage"], whole["usage"]);
+    for i in 0..3 {
+        let mine: Vec<Value> =
+            chunks.iter().filter(|c| c["choices"].get(0).is_some_and(|ch| ch["index"] == i)).cloned().collect();
+        assert_eq!(streamed_text(&mine), whole["choices"][i]["text"].as_str().unwrap(), "choice {i}");
+        let finishes = mine.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).count();
+        assert_eq!(finishes, 1, "choice {i}");
+        assert_eq!(streamed_finish(&mine).as_deref(), whole["choices"][i]["finish_reason"].as_str());
+    }
+}
