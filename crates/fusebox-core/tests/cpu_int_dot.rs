@@ -84,7 +84,7 @@ fn int_dot_is_exact_on_the_int16_input_and_close_on_the_f32_one() {
             common::check(&matmul(&off, &w, &x, m), &reference(&w, &x, 0), 1e-5, &format!("{what} off"));
             assert!(e > 0.0, "{what}: the integer path did not run");
             if m > 1 {
-                for row in [0, m - 1] {
+                for row in 0..m {
                     let one = matmul(&on, &w, &x[row * cols..(row + 1) * cols], 1);
                     assert_eq!(one, got[row * rows..(row + 1) * rows], "{what}: row {row} differs from one-row");
                 }
@@ -306,6 +306,34 @@ fn cpu_int_dot_small_matmuls() {
                 v[v.len() / 2] * 1e6,
                 v[v.len() / 10] * 1e6
             );
+        }
+    }
+}
+
+/// Benchmark, not a check: Q4_0 and Q4_1 matmuls of 65536 x 1024 weights
+/// (36-40 MB, streamed from memory) against 1, 2, 4, 8 and 16 input rows on
+/// two threads (a batched decode step, a verify pass), each row bitwise
+/// its one-row product; prints the 10th-percentile time and its ratio to
+/// one row's.
+#[test]
+#[ignore]
+fn cpu_int_dot_rows_speed() {
+    let mut r = ChaCha8Rng::seed_from_u64(1);
+    let b = fusebox_core::cpu::CpuBackend::new(2).unwrap();
+    b.policy().override_site(Site::IntDot, Some(true));
+    let (n, k) = (65536usize, 1024usize);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+        let w = common::ggml(&mut r, ty, 1, n, k);
+        let mut one = 0.0;
+        for m in [1usize, 2, 4, 8, 16] {
+            let x = Tensor::from_f32(&[m, k], &common::randv(&mut r, m * k)).unwrap();
+            let mut out = Tensor::zeros(&[m, n], DType::F32);
+            let v = matmul_times(&b, &x, &w, &mut out, 40);
+            let s = v[v.len() / 10];
+            if m == 1 {
+                one = s;
+            }
+            println!("{} {n} x {k}, {m} rows: {:.2} ms, {:.2}x one row", ty.name(), s * 1e3, s / one);
         }
     }
 }

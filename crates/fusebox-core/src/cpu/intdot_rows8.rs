@@ -53,6 +53,38 @@ pub fn ggml_dot8(ty: GgmlType, rows: &[u8], rb: usize, y: &IntRow, out: &mut [f3
     unreachable!()
 }
 
+/// Inputs one call of [`ggml_dot8_rows`] or [`affine_dot8_rows`] takes.
+pub const MAX_INPUTS: usize = crate::backend::ROW_EXACT_MAX;
+
+/// [`ggml_dot8`] of rows `0..8` against each input of `ys` (at most
+/// [`MAX_INPUTS`]) into `out[i]`, bitwise the values [`ggml_dot8`] gives for
+/// each: the same operations in the same order, with the eight rows'
+/// nibbles of a block unpacked once for every input (a batched decode step,
+/// a speculative verify pass).
+///
+/// # Panics
+/// As [`ggml_dot8`], or if `out` is shorter than `ys` or `ys` longer than
+/// [`MAX_INPUTS`].
+pub fn ggml_dot8_rows(ty: GgmlType, rows: &[u8], rb: usize, ys: &[IntRow], out: &mut [[f32; ROWS]]) {
+    assert!(supported(ty), "int dot: {} has no eight-row kernel here", ty.name());
+    assert!(rows.len() >= ROWS * rb, "int dot: {} bytes for eight rows of {rb}", rows.len());
+    assert!(ys.len() <= MAX_INPUTS && out.len() >= ys.len(), "int dot: {} inputs", ys.len());
+    let blocks = rb / ty.type_size();
+    for y in ys {
+        assert!(
+            y.d.len() >= blocks && y.hi.len() >= 32 * blocks,
+            "int dot: input shorter than a row of {blocks} blocks"
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2/FMA/F16C are present (supported) and rows, ys hold what is read.
+    unsafe {
+        x86::q4_rows(rows.as_ptr(), rb, blocks, ys, ty == GgmlType::Q4_1, out)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!()
+}
+
 /// Whether [`affine_dot8`] takes this bit width (on this processor).
 pub fn affine_supported(bits: u32) -> bool {
     bits == 4 && super::intdot::affine_supported(bits)
@@ -108,15 +140,66 @@ mod x86 {
         _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31))
     }
 
-    /// The 8 i32 lanes of `sum(q * y)` over the 32 nibbles at `p` (the low
-    /// nibbles of its 16 bytes first, then the high ones) against the
-    /// input's bytes `yh`, `yl` in that order.
+    /// The 32 nibbles at `p` as bytes: the low nibbles of its 16 bytes
+    /// first, then the high ones.
     #[inline(always)]
-    unsafe fn nibble_dot(p: *const u8, yh: __m256i, yl: __m256i) -> __m256i {
+    unsafe fn unpack(p: *const u8) -> __m256i {
         let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
-        let q = _mm256_and_si256(_mm256_blend_epi32::<0xf0>(v, _mm256_srli_epi16(v, 4)), _mm256_set1_epi8(0x0f));
+        _mm256_and_si256(_mm256_blend_epi32::<0xf0>(v, _mm256_srli_epi16(v, 4)), _mm256_set1_epi8(0x0f))
+    }
+
+    /// The 8 i32 lanes of `sum(q * y)` over 32 weights `q` ([`unpack`])
+    /// against the input's bytes `yh`, `yl` in that order.
+    #[inline(always)]
+    unsafe fn qdot(q: __m256i, yh: __m256i, yl: __m256i) -> __m256i {
         let (ph, pl) = (_mm256_maddubs_epi16(q, yh), _mm256_maddubs_epi16(yl, q));
         _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)))
+    }
+
+    /// [`qdot`] of the nibbles at `p`.
+    #[inline(always)]
+    unsafe fn nibble_dot(p: *const u8, yh: __m256i, yl: __m256i) -> __m256i {
+        qdot(unpack(p), yh, yl)
+    }
+
+    /// [`q4`] against each of `ys`: per block the eight rows' nibbles are
+    /// unpacked once, then each input's products, fold, conversion and
+    /// FMAs are [`q4`]'s, in its order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_rows(p: *const u8, rb: usize, blocks: usize, ys: &[IntRow], q4_1: bool, out: &mut [[f32; ROWS]]) {
+        let (ts, qo) = if q4_1 { (20, 4) } else { (18, 2) };
+        let mut acc = [_mm256_setzero_ps(); super::MAX_INPUTS];
+        for b in 0..blocks {
+            let mut q = [_mm256_setzero_si256(); ROWS];
+            for (r, q) in q.iter_mut().enumerate() {
+                if r < 3 {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ROWS * (rb + b * ts) + 64 * r) as *const i8);
+                }
+                *q = unpack(p.add(r * rb + b * ts + qo));
+            }
+            let d = f16x8(p, rb, b * ts);
+            let m = if q4_1 { f16x8(p, rb, b * ts + 2) } else { _mm256_setzero_ps() };
+            for (y, acc) in ys.iter().zip(acc.iter_mut()) {
+                let yh = _mm256_loadu_si256(y.hi.as_ptr().add(32 * b) as *const __m256i);
+                let yl = _mm256_loadu_si256(y.lo.as_ptr().add(32 * b) as *const __m256i);
+                let mut s = [_mm256_setzero_si256(); ROWS];
+                for (s, &q) in s.iter_mut().zip(&q) {
+                    *s = qdot(q, yh, yl);
+                }
+                let dot = _mm256_cvtepi32_ps(fold(s));
+                let (dy, ysum) = (*y.d.get_unchecked(b), *y.sum.get_unchecked(b));
+                if q4_1 {
+                    *acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(dy)), dot, *acc);
+                    *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(ysum), *acc);
+                } else {
+                    let v = _mm256_fmadd_ps(dot, _mm256_set1_ps(dy), _mm256_set1_ps(-8.0 * ysum));
+                    *acc = _mm256_fmadd_ps(d, v, *acc);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc[..ys.len()]) {
+            _mm256_storeu_ps(o.as_mut_ptr(), *a);
+        }
     }
 
     /// MLX affine 4-bit: `rb` bytes a row, `per_group` blocks of 32 a

@@ -243,6 +243,20 @@ impl<'a> Rows<'a> {
         }
     }
 
+    /// [`Rows::dot_int8`] against each of `ys`, bitwise the same values
+    /// (GGUF's 4-bit rows unpack their nibbles once for all of them).
+    #[inline]
+    fn dot_int8_rows(&self, j: usize, ys: &[IntRow], out: &mut [[f32; 8]]) {
+        match self {
+            Rows::Ggml(g) => g.dot_int8_rows(j, ys, out),
+            _ => {
+                for (y, o) in ys.iter().zip(out) {
+                    self.dot_int8(j, y, o);
+                }
+            }
+        }
+    }
+
     /// Row `j` as small integers with a scale and bias per block of 32, put
     /// at `s[g * stride]` and `b[g * stride]` ([`Rows::int_supported`] only).
     fn int_row(&self, j: usize, q: &mut [i16], s: &mut [f32], b: &mut [f32], stride: usize) {
@@ -540,12 +554,16 @@ impl Backend for CpuBackend {
                     (0..n.div_ceil(chunk)).into_par_iter().for_each(|ci| {
                         let (mut j, end) = (ci * chunk, ((ci + 1) * chunk).min(n));
                         if eight {
-                            let mut o = [0f32; 8];
+                            let mut o = [[0f32; 8]; ROW_EXACT_MAX];
                             while j + 8 <= end {
-                                for (r, y) in ys.iter().enumerate() {
-                                    rows.dot_int8(j, y, &mut o);
+                                if let [y] = &ys[..] {
+                                    rows.dot_int8(j, y, &mut o[0]);
+                                } else {
+                                    rows.dot_int8_rows(j, &ys, &mut o[..m]);
+                                }
+                                for (r, o) in o[..m].iter().enumerate() {
                                     // SAFETY: each (r, j..j + 8) is written by exactly one task, inside `os`.
-                                    unsafe { optr.write_row(r * n + j, &o) };
+                                    unsafe { optr.write_row(r * n + j, o) };
                                 }
                                 j += 8;
                             }

@@ -389,6 +389,12 @@ impl<'a> GgmlRows<'a> {
         super::intdot_rows8::ggml_dot8(self.ty, &self.bytes[j * rb..(j + 8) * rb], rb, y, out)
     }
 
+    /// [`Self::dot_int8`] against each of `ys`, bitwise the same values.
+    pub fn dot_int8_rows(&self, j: usize, ys: &[IntRow], out: &mut [[f32; 8]]) {
+        let rb = self.ty.row_bytes(self.cols);
+        super::intdot_rows8::ggml_dot8_rows(self.ty, &self.bytes[j * rb..(j + 8) * rb], rb, ys, out)
+    }
+
     /// Row `j` as small integers with a scale and bias per block of 32
     /// ([`super::int_weights::ggml_row`]; [`Self::int_supported`] only).
     pub fn int_row(&self, j: usize, q: &mut [i16], s: &mut [f32], b: &mut [f32], stride: usize) {
