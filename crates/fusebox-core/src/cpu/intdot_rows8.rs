@@ -77,12 +77,38 @@ pub fn ggml_dot8_rows(ty: GgmlType, rows: &[u8], rb: usize, ys: &[IntRow], out: 
         );
     }
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2/FMA/F16C are present (supported) and rows, ys hold what is read.
+    // SAFETY: AVX2/FMA/F16C are present (supported), AVX-512 VNNI/VL where
+    // `vnni` says so, and rows, ys hold what is read.
     unsafe {
-        x86::q4_rows(rows.as_ptr(), rb, blocks, ys, ty == GgmlType::Q4_1, out)
+        let (p, q4_1) = (rows.as_ptr(), ty == GgmlType::Q4_1);
+        if vnni() {
+            x86::q4_rows_vnni(p, rb, blocks, ys, q4_1, out)
+        } else {
+            x86::q4_rows(p, rb, blocks, ys, q4_1, out)
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!()
+}
+
+/// Whether this processor has AVX-512 VNNI and VL (`vpdpbusd` on 256-bit
+/// registers), which the multi-row kernels use for their integer sums
+/// (`FUSEBOX_CPU_VNNI=0` keeps them on AVX2; the sums are exact either way,
+/// so the outputs are the same bits).
+pub fn vnni() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var("FUSEBOX_CPU_VNNI").map_or(true, |v| v != "0")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 /// Whether [`affine_dot8`] takes this bit width (on this processor).
@@ -156,6 +182,15 @@ mod x86 {
         _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)))
     }
 
+    /// [`qdot`] with AVX-512 VNNI: `vpdpbusd` sums four byte products into
+    /// each i32 lane, the lanes `vpmaddubsw` then `vpmaddwd` form, exactly
+    /// (no i16 step to saturate).
+    #[inline(always)]
+    unsafe fn qdot_vnni(q: __m256i, yh: __m256i, yl: __m256i) -> __m256i {
+        let h = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, yh);
+        _mm256_dpbusd_epi32(_mm256_slli_epi32::<8>(h), yl, q)
+    }
+
     /// [`qdot`] of the nibbles at `p`.
     #[inline(always)]
     unsafe fn nibble_dot(p: *const u8, yh: __m256i, yl: __m256i) -> __m256i {
@@ -167,6 +202,32 @@ mod x86 {
     /// FMAs are [`q4`]'s, in its order.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_rows(p: *const u8, rb: usize, blocks: usize, ys: &[IntRow], q4_1: bool, out: &mut [[f32; ROWS]]) {
+        q4_rows_body::<false>(p, rb, blocks, ys, q4_1, out)
+    }
+
+    /// [`q4_rows`] with the products on AVX-512 VNNI ([`qdot_vnni`]), and
+    /// the 32 vector registers AVX-512 gives.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn q4_rows_vnni(
+        p: *const u8,
+        rb: usize,
+        blocks: usize,
+        ys: &[IntRow],
+        q4_1: bool,
+        out: &mut [[f32; ROWS]],
+    ) {
+        q4_rows_body::<true>(p, rb, blocks, ys, q4_1, out)
+    }
+
+    #[inline(always)]
+    unsafe fn q4_rows_body<const VNNI: bool>(
+        p: *const u8,
+        rb: usize,
+        blocks: usize,
+        ys: &[IntRow],
+        q4_1: bool,
+        out: &mut [[f32; ROWS]],
+    ) {
         let (ts, qo) = if q4_1 { (20, 4) } else { (18, 2) };
         let mut acc = [_mm256_setzero_ps(); super::MAX_INPUTS];
         for b in 0..blocks {
@@ -184,7 +245,7 @@ mod x86 {
                 let yl = _mm256_loadu_si256(y.lo.as_ptr().add(32 * b) as *const __m256i);
                 let mut s = [_mm256_setzero_si256(); ROWS];
                 for (s, &q) in s.iter_mut().zip(&q) {
-                    *s = qdot(q, yh, yl);
+                    *s = if VNNI { qdot_vnni(q, yh, yl) } else { qdot(q, yh, yl) };
                 }
                 let dot = _mm256_cvtepi32_ps(fold(s));
                 let (dy, ysum) = (*y.d.get_unchecked(b), *y.sum.get_unchecked(b));
