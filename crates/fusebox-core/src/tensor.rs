@@ -116,7 +116,7 @@ impl Tensor {
     pub fn from_mmap(map: Arc<Mmap>, offset: usize, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let len = numel_of(shape) * dtype.size();
         ensure!(offset + len <= map.len(), "tensor data [{offset}, {}) lies past the end of the file", offset + len);
-        let aligned = (map.as_ptr() as usize + offset) % dtype.size().max(4) == 0;
+        let aligned = (map.as_ptr() as usize + offset).is_multiple_of(dtype.size().max(4));
         let storage = if aligned {
             Storage::Mapped { map, offset, len }
         } else {

@@ -88,7 +88,9 @@ pub struct MoeConfig {
 impl MoeConfig {
     /// Whether layer `i` has a sparse (MoE) MLP, as transformers decides it.
     pub fn is_sparse(&self, i: usize) -> bool {
-        !self.mlp_only_layers.contains(&i) && self.decoder_sparse_step > 0 && (i + 1) % self.decoder_sparse_step == 0
+        !self.mlp_only_layers.contains(&i)
+            && self.decoder_sparse_step > 0
+            && (i + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
 

@@ -205,7 +205,7 @@ impl Workspace {
             "batch: {m} rows need {m} positions, sequences and slots"
         );
         ensure!(
-            b.width > 0 && b.tables.len() % b.width == 0,
+            b.width > 0 && b.tables.len().is_multiple_of(b.width),
             "batch: {} table entries in rows of {}",
             b.tables.len(),
             b.width

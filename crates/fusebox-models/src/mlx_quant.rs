@@ -85,7 +85,10 @@ pub fn quantize_affine(
 ) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
     assert!(SUPPORTED_BITS.contains(&bits), "quantize_affine: unsupported bits {bits}");
     assert!(SUPPORTED_GROUP_SIZES.contains(&group_size), "quantize_affine: unsupported group_size {group_size}");
-    assert!(cols % group_size == 0, "quantize_affine: {cols} columns are not a multiple of group_size {group_size}");
+    assert!(
+        cols.is_multiple_of(group_size),
+        "quantize_affine: {cols} columns are not a multiple of group_size {group_size}"
+    );
     assert_eq!(w.len(), rows * cols, "quantize_affine: {} values for a {rows}x{cols} matrix", w.len());
     let words = cols * bits as usize / 32;
     let groups = cols / group_size;
@@ -434,11 +437,11 @@ fn read_source_config(dir: &Path) -> Result<SourceConfig> {
 fn quant_params(module: &str, in_dim: usize, moe: bool, o: &QuantizeOptions) -> Option<(u32, usize, bool)> {
     let leaf = module.rsplit('.').next().unwrap_or(module);
     // mlx-lm's wrapper first drops modules whose inputs do not split into groups
-    if in_dim % o.group_size != 0 {
+    if !in_dim.is_multiple_of(o.group_size) {
         return None;
     }
     if moe && module.ends_with("mlp.gate") {
-        let gs = if in_dim % ROUTER_GROUP_SIZE == 0 { ROUTER_GROUP_SIZE } else { o.group_size };
+        let gs = if in_dim.is_multiple_of(ROUTER_GROUP_SIZE) { ROUTER_GROUP_SIZE } else { o.group_size };
         return Some((o.router_bits, gs, true));
     }
     if leaf.ends_with("_proj") || leaf == "lm_head" || leaf == "embed_tokens" {
@@ -728,7 +731,7 @@ impl ShardWriter {
             off += n;
         }
         let mut h = serde_json::to_vec(&Value::Object(m)).expect("header serializes");
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         h

@@ -129,7 +129,7 @@ impl CpuBackend {
         let bs = pages.block_size;
         ensure!(bs.is_power_of_two(), "{OP}: block size {bs} is not a power of two");
         let cap = cache.k.shape()[0];
-        ensure!(cap % bs == 0, "{OP}: cache of {cap} positions is not whole blocks of {bs}");
+        ensure!(cap.is_multiple_of(bs), "{OP}: cache of {cap} positions is not whole blocks of {bs}");
         let blocks = cap / bs;
         for (i, (&s, &p)) in seqs.iter().zip(pos).enumerate() {
             ensure!(s >= 0 && (s as usize) < batch, "{OP}: row {i} names sequence {s} of {batch}");

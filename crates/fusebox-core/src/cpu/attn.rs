@@ -37,7 +37,7 @@ pub fn scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, s: &mut [f32])
 pub fn weighted_sum_acc(p: &[f32], values: &[f32], stride: usize, o: &mut [f32]) {
     let d = o.len();
     #[cfg(target_arch = "x86_64")]
-    if super::kernels::has_avx2_fma() && d % 8 == 0 {
+    if super::kernels::has_avx2_fma() && d.is_multiple_of(8) {
         let n = p.len();
         assert!(n == 0 || (n - 1) * stride + d <= values.len(), "attention values: rows past the cache");
         let mut t = 0;
@@ -91,7 +91,7 @@ pub fn weighted_sum_f16_acc(p: &[f32], values: &[u16], stride: usize, o: &mut [f
     assert!(n == 0 || (n - 1) * stride + d <= values.len(), "attention values: rows past the cache");
     let mut t = 0;
     #[cfg(target_arch = "x86_64")]
-    if super::kernels::has_avx2_fma() && d % 8 == 0 {
+    if super::kernels::has_avx2_fma() && d.is_multiple_of(8) {
         while t + 4 <= n {
             prefetch_rows(values, (t + AHEAD) * stride, stride, 4, d);
             // SAFETY: AVX2/FMA/F16C are present (has_avx2_fma checks all three); rows t..t+4 lie inside `values`; d % 8 == 0.

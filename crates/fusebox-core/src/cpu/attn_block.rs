@@ -115,7 +115,7 @@ pub fn scratch_len(len: usize, d: usize) -> usize {
 pub fn supported(d: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        d % NR == 0 && super::kernels::has_avx2_fma()
+        d.is_multiple_of(NR) && super::kernels::has_avx2_fma()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -17,7 +17,7 @@ use super::attn_block::{KvRows, RowMap};
 pub fn supported(d: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        d % 32 == 0 && d <= super::MAX_HEAD_DIM && super::kernels::has_avx2_fma()
+        d.is_multiple_of(32) && d <= super::MAX_HEAD_DIM && super::kernels::has_avx2_fma()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -44,7 +44,7 @@ impl IntRows {
     /// Quantize the rows of `x` (`k` values each, `k` a multiple of 32) on
     /// the current rayon pool.
     pub fn new(x: &[f32], k: usize) -> Self {
-        assert!(k % 32 == 0 && x.len() % k == 0);
+        assert!(k.is_multiple_of(32) && x.len().is_multiple_of(k));
         let (m, g) = (x.len() / k, k / 32);
         let mut out = IntRows { q: vec![0; m * k / 2], d: vec![0.0; m * g], sum: vec![0.0; m * g], k };
         let n = QUANT_ROWS;

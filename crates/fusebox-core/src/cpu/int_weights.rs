@@ -36,7 +36,7 @@ pub fn ggml_row(ty: GgmlType, row: &[u8], q: &mut [i16], s: &mut [f32], b: &mut 
     assert!(ggml_supported(ty), "int weights: {} is not supported", ty.name());
     let (bs, ts) = (ty.block_size(), ty.type_size());
     let blocks = q.len() / bs;
-    assert!(row.len() >= blocks * ts && q.len() % bs == 0);
+    assert!(row.len() >= blocks * ts && q.len().is_multiple_of(bs));
     let per = bs / 32;
     assert!(s.len() > (blocks * per - 1) * stride && b.len() > (blocks * per - 1) * stride);
     for (bi, (blk, q)) in row.chunks_exact(ts).zip(q.chunks_exact_mut(bs)).enumerate() {
@@ -127,7 +127,7 @@ pub fn affine_row(
     b: &mut [f32],
     stride: usize,
 ) {
-    assert!(matches!(bits, 4 | 8) && group % 32 == 0 && q.len() % group == 0);
+    assert!(matches!(bits, 4 | 8) && group.is_multiple_of(32) && q.len().is_multiple_of(group));
     let bytes: &[u8] = bytemuck::cast_slice(words);
     assert!(bytes.len() * 8 >= q.len() * bits as usize);
     let per = group / 32;

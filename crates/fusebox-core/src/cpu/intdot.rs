@@ -61,7 +61,11 @@ impl IntRow {
     /// `x.len()` a multiple of it), reusing its buffers. `d` and `sum` stay
     /// per block of 32 (a span's scale repeated).
     pub fn quantize(&mut self, x: &[f32], span: usize) {
-        assert!(span % 32 == 0 && x.len() % span == 0, "int dot: {} values in spans of {span}", x.len());
+        assert!(
+            span.is_multiple_of(32) && x.len().is_multiple_of(span),
+            "int dot: {} values in spans of {span}",
+            x.len()
+        );
         self.q.resize(x.len(), 0);
         self.d.resize(x.len() / 32, 0.0);
         self.sum.resize(x.len() / 32, 0.0);
@@ -168,7 +172,11 @@ pub fn ggml_dot(ty: GgmlType, row: &[u8], y: &IntRow) -> f32 {
 pub fn affine_dot(words: &[u32], bits: u32, group: usize, sb: impl Fn(usize) -> (f32, f32), y: &IntRow) -> f32 {
     assert!(affine_supported(bits), "int dot: {bits}-bit affine is not supported here");
     let cols = words.len() * 32 / bits as usize;
-    assert!(y.q.len() >= cols && group % 32 == 0, "int dot: input of {} values for a row of {cols}", y.q.len());
+    assert!(
+        y.q.len() >= cols && group.is_multiple_of(32),
+        "int dot: input of {} values for a row of {cols}",
+        y.q.len()
+    );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX2/FMA are present (affine_supported) and y holds the row's values.
     unsafe {

@@ -134,7 +134,11 @@ pub fn affine_dot8(
     out: &mut [f32; ROWS],
 ) {
     assert!(affine_supported(4), "int dot: no eight-row affine kernel here");
-    assert!(words.len() >= ROWS * wpr && group % 32 == 0, "int dot: {} words for eight rows of {wpr}", words.len());
+    assert!(
+        words.len() >= ROWS * wpr && group.is_multiple_of(32),
+        "int dot: {} words for eight rows of {wpr}",
+        words.len()
+    );
     let (blocks, gpr) = (wpr / 4, wpr * 8 / group);
     assert!(scales.len() >= ROWS * gpr && biases.len() >= ROWS * gpr, "int dot: scales for fewer than eight rows");
     assert!(
@@ -145,6 +149,52 @@ pub fn affine_dot8(
     // SAFETY: AVX2/FMA/F16C are present (affine_supported) and words, scales, biases, y hold what is read.
     unsafe {
         *out = x86::affine4(words.as_ptr() as *const u8, 4 * wpr, blocks, group / 32, scales, biases, y)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!()
+}
+
+/// [`affine_dot8`] against each input of `ys` (at most [`MAX_INPUTS`])
+/// into `out[i]`, bitwise the values [`affine_dot8`] gives for each, the
+/// nibbles of a block unpacked once for every input.
+///
+/// # Panics
+/// As [`affine_dot8`], or if `out` is shorter than `ys` or `ys` longer than
+/// [`MAX_INPUTS`].
+pub fn affine_dot8_rows(
+    words: &[u32],
+    wpr: usize,
+    group: usize,
+    scales: Floats,
+    biases: Floats,
+    ys: &[IntRow],
+    out: &mut [[f32; ROWS]],
+) {
+    assert!(affine_supported(4), "int dot: no eight-row affine kernel here");
+    assert!(
+        words.len() >= ROWS * wpr && group.is_multiple_of(32),
+        "int dot: {} words for eight rows of {wpr}",
+        words.len()
+    );
+    assert!(ys.len() <= MAX_INPUTS && out.len() >= ys.len(), "int dot: {} inputs", ys.len());
+    let (blocks, gpr) = (wpr / 4, wpr * 8 / group);
+    assert!(scales.len() >= ROWS * gpr && biases.len() >= ROWS * gpr, "int dot: scales for fewer than eight rows");
+    for y in ys {
+        assert!(
+            y.d.len() >= blocks && y.hi_mlx.len() >= 32 * blocks,
+            "int dot: input shorter than a row of {blocks} blocks"
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2/FMA/F16C are present (affine_supported), AVX-512 VNNI/VL
+    // where `vnni` says so, and words, scales, biases, ys hold what is read.
+    unsafe {
+        let (p, per_group) = (words.as_ptr() as *const u8, group / 32);
+        if vnni() {
+            x86::affine4_rows_vnni(p, 4 * wpr, blocks, per_group, scales, biases, ys, out)
+        } else {
+            x86::affine4_rows(p, 4 * wpr, blocks, per_group, scales, biases, ys, out)
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!()
@@ -299,6 +349,81 @@ mod x86 {
         let mut out = [0f32; ROWS];
         _mm256_storeu_ps(out.as_mut_ptr(), acc);
         out
+    }
+
+    /// [`affine4`] against each of `ys`, the nibbles unpacked once per block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn affine4_rows(
+        p: *const u8,
+        rb: usize,
+        blocks: usize,
+        per_group: usize,
+        scales: Floats,
+        biases: Floats,
+        ys: &[IntRow],
+        out: &mut [[f32; ROWS]],
+    ) {
+        affine4_rows_body::<false>(p, rb, blocks, per_group, scales, biases, ys, out)
+    }
+
+    /// [`affine4_rows`] with the products on AVX-512 VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn affine4_rows_vnni(
+        p: *const u8,
+        rb: usize,
+        blocks: usize,
+        per_group: usize,
+        scales: Floats,
+        biases: Floats,
+        ys: &[IntRow],
+        out: &mut [[f32; ROWS]],
+    ) {
+        affine4_rows_body::<true>(p, rb, blocks, per_group, scales, biases, ys, out)
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn affine4_rows_body<const VNNI: bool>(
+        p: *const u8,
+        rb: usize,
+        blocks: usize,
+        per_group: usize,
+        scales: Floats,
+        biases: Floats,
+        ys: &[IntRow],
+        out: &mut [[f32; ROWS]],
+    ) {
+        let gpr = blocks / per_group;
+        let mut acc = [_mm256_setzero_ps(); super::MAX_INPUTS];
+        for g in 0..gpr {
+            let (sc, bi) = (lanes(scales, g, gpr), lanes(biases, g, gpr));
+            for b in g * per_group..(g + 1) * per_group {
+                let mut q = [_mm256_setzero_si256(); ROWS];
+                for (r, q) in q.iter_mut().enumerate() {
+                    if r < 2 {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ROWS * (rb + b * 16) + 64 * r) as *const i8);
+                    }
+                    *q = unpack(p.add(r * rb + b * 16));
+                }
+                for (y, acc) in ys.iter().zip(acc.iter_mut()) {
+                    let yh = _mm256_loadu_si256(y.hi_mlx.as_ptr().add(32 * b) as *const __m256i);
+                    let yl = _mm256_loadu_si256(y.lo_mlx.as_ptr().add(32 * b) as *const __m256i);
+                    let mut s = [_mm256_setzero_si256(); ROWS];
+                    for (s, &q) in s.iter_mut().zip(&q) {
+                        *s = if VNNI { qdot_vnni(q, yh, yl) } else { qdot(q, yh, yl) };
+                    }
+                    let dot = _mm256_cvtepi32_ps(fold(s));
+                    let (dy, ysum) = (*y.d.get_unchecked(b), *y.sum.get_unchecked(b));
+                    *acc = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(dy)), dot, *acc);
+                    *acc = _mm256_fmadd_ps(bi, _mm256_set1_ps(ysum), *acc);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc[..ys.len()]) {
+            _mm256_storeu_ps(o.as_mut_ptr(), *a);
+        }
     }
 
     /// Element `g` of each of the eight rows of `v` (`stride` apart), as f32 lanes.

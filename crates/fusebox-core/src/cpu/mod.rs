@@ -71,7 +71,7 @@ impl CpuBackend {
     /// site is on and takes this weight; `None` for the f32 path.
     fn int_inputs(&self, w: &Rows, xs: &[f32], k: usize) -> Option<Vec<IntRow>> {
         let span = w.int_span();
-        if !self.policy.is_on(Site::IntDot) || !w.int_supported() || k % span != 0 {
+        if !self.policy.is_on(Site::IntDot) || !w.int_supported() || !k.is_multiple_of(span) {
             return None;
         }
         Some(
@@ -244,16 +244,13 @@ impl<'a> Rows<'a> {
     }
 
     /// [`Rows::dot_int8`] against each of `ys`, bitwise the same values
-    /// (GGUF's 4-bit rows unpack their nibbles once for all of them).
+    /// (the nibbles of a block unpacked once for all of them).
     #[inline]
     fn dot_int8_rows(&self, j: usize, ys: &[IntRow], out: &mut [[f32; 8]]) {
         match self {
             Rows::Ggml(g) => g.dot_int8_rows(j, ys, out),
-            _ => {
-                for (y, o) in ys.iter().zip(out) {
-                    self.dot_int8(j, y, o);
-                }
-            }
+            Rows::Affine(a) => a.dot_int8_rows(j, ys, out),
+            _ => unreachable!("dot_int8_rows on a weight without an eight-row kernel"),
         }
     }
 
@@ -538,7 +535,12 @@ impl Backend for CpuBackend {
     fn matmul(&self, x: &Tensor, w: &Weight, out: &mut Tensor) -> Result<()> {
         let (experts, n, k) = w.dims();
         ensure!(experts == 1 && n > 0, "matmul: weight must be 2-D, got {:?}", w.dims());
-        ensure!(k > 0 && x.numel() % k == 0, "matmul: input {:?} does not match weight {:?}", x.shape(), w.dims());
+        ensure!(
+            k > 0 && x.numel().is_multiple_of(k),
+            "matmul: input {:?} does not match weight {:?}",
+            x.shape(),
+            w.dims()
+        );
         let m = x.numel() / k;
         ensure!(out.numel() == m * n, "matmul: output {:?} for a [{m}, {n}] product", out.shape());
         let rows = Rows::new(w)?;
@@ -731,7 +733,7 @@ impl Backend for CpuBackend {
     fn moe_combine(&self, y: &Tensor, weights: &Tensor, out: &mut Tensor) -> Result<()> {
         let d = out.last_dim();
         let m = out.rows();
-        ensure!(weights.numel() % m.max(1) == 0, "moe_combine: weights {:?} for {m} rows", weights.shape());
+        ensure!(weights.numel().is_multiple_of(m.max(1)), "moe_combine: weights {:?} for {m} rows", weights.shape());
         let k = weights.numel() / m.max(1);
         ensure!(y.numel() == m * k * d, "moe_combine: expert outputs {:?} for [{m}, {k}, {d}]", y.shape());
         let (ys, ws, os) = (y.as_f32()?, weights.as_f32()?, out.as_f32_mut()?);

@@ -196,7 +196,7 @@ impl<'a> AffineRows<'a> {
 
     /// Whether [`Self::dot_int`] takes this weight.
     pub fn int_supported(&self) -> bool {
-        super::intdot::affine_supported(self.bits) && self.group % 32 == 0
+        super::intdot::affine_supported(self.bits) && self.group.is_multiple_of(32)
     }
 
     /// Row `j` against an integer-quantized input ([`Self::int_supported`] only).
@@ -209,7 +209,7 @@ impl<'a> AffineRows<'a> {
 
     /// Whether [`Self::dot_int8`] takes this weight.
     pub fn int8_supported(&self) -> bool {
-        super::intdot_rows8::affine_supported(self.bits) && self.group % 32 == 0
+        super::intdot_rows8::affine_supported(self.bits) && self.group.is_multiple_of(32)
     }
 
     /// Rows `j..j + 8` against an integer-quantized input
@@ -220,6 +220,15 @@ impl<'a> AffineRows<'a> {
         let at = j * gpr..(j + 8) * gpr;
         let (s, b) = (self.scales.slice(at.clone()), self.biases.slice(at));
         super::intdot_rows8::affine_dot8(&self.words[j * wpr..(j + 8) * wpr], wpr, self.group, s, b, y, out)
+    }
+
+    /// [`Self::dot_int8`] against each of `ys`, bitwise the same values.
+    pub fn dot_int8_rows(&self, j: usize, ys: &[IntRow], out: &mut [[f32; 8]]) {
+        let wpr = self.cols * self.bits as usize / 32;
+        let gpr = self.cols / self.group;
+        let at = j * gpr..(j + 8) * gpr;
+        let (s, b) = (self.scales.slice(at.clone()), self.biases.slice(at));
+        super::intdot_rows8::affine_dot8_rows(&self.words[j * wpr..(j + 8) * wpr], wpr, self.group, s, b, ys, out)
     }
 
     /// Row `j` as small integers with a scale and bias per block of 32

@@ -103,7 +103,7 @@ fn cfg(dp: usize, q: usize) -> Cfg {
     let tk = if q <= 8 { nt / dc.min(4) } else { 32 };
     let krow = if dp == 8 { 24 } else { dp + 8 };
     let qrow = dp + 4;
-    let qp = if q % 4 == 0 { q + 4 } else { q };
+    let qp = if q.is_multiple_of(4) { q + 4 } else { q };
     let qpt = q.min(8);
     let qg = q / qpt;
     let ks = nt / (dc * qg);

@@ -501,7 +501,7 @@ impl CudaBackend {
         // the one-row shape, which the k split is planned for
         let sh1 = shape(d.fmt, 1, pre_hopper);
         // rows of k dense values start 16-byte aligned only when k fills whole vectors
-        let vector = (d.affine() || (k % sh.lu == 0 && d.w % 16 == 0)) && x % 16 == 0;
+        let vector = (d.affine() || (k % sh.lu == 0 && d.w.is_multiple_of(16))) && x.is_multiple_of(16);
         let gy = pairs.min(65535);
         if !vector {
             // a warp per output row, every input row alike: exact for any m
@@ -650,11 +650,15 @@ impl CudaBackend {
     /// Rows (`ids[r]`, or `r` without ids) of expert 0 of a weight,
     /// dequantized into `out` (`nrows * k` values, f32 or bf16).
     fn launch_dequant(&self, d: &Dev, ids: u64, nrows: usize, out: u64, bf16: bool) -> Result<()> {
-        ensure!(out % 16 == 0, "cuda dequantize: output at {out:#x} is not 16-byte aligned");
-        let per = if d.k % 8 == 0 { 8 } else { 1 };
+        ensure!(out.is_multiple_of(16), "cuda dequantize: output at {out:#x} is not 16-byte aligned");
+        let per = if d.k.is_multiple_of(8) { 8 } else { 1 };
         let dt = if d.affine() { -1 } else { d.fmt as i32 };
         // 4- and 8-bit affine rows: the kernel that reads 8 values at once
-        let fast = d.affine() && d.bits % 4 == 0 && per == 8 && d.w % 8 == 0 && ((nrows * d.k / 8) as u64) < (1 << 32);
+        let fast = d.affine()
+            && d.bits.is_multiple_of(4)
+            && per == 8
+            && d.w.is_multiple_of(8)
+            && ((nrows * d.k / 8) as u64) < (1 << 32);
         let name = match (fast, d.bits) {
             (true, 4) => "dequant_rows_q4",
             (true, 8) => "dequant_rows_q8",
@@ -757,7 +761,12 @@ impl CudaBackend {
     pub(crate) fn matmul_impl(&self, x: &Tensor, w: &Weight, out: &mut Tensor) -> Result<()> {
         let (experts, n, k) = w.dims();
         ensure!(experts == 1 && n > 0, "cuda matmul: weight must be 2-D, got {:?}", w.dims());
-        ensure!(k > 0 && x.numel() % k == 0, "cuda matmul: input {:?} does not match weight {:?}", x.shape(), w.dims());
+        ensure!(
+            k > 0 && x.numel().is_multiple_of(k),
+            "cuda matmul: input {:?} does not match weight {:?}",
+            x.shape(),
+            w.dims()
+        );
         let m = x.numel() / k;
         ensure!(out.numel() == m * n, "cuda matmul: output {:?} for a [{m}, {n}] product", out.shape());
         ensure!(x.dtype() == DType::F32, "cuda matmul: input must be f32, got {} {:?}", x.dtype(), x.shape());

@@ -59,8 +59,8 @@ impl CudaBackend {
             && self.kernel_fmt(d) == 10
             && d.experts == 1
             && self.info.compute_capability.0 >= 8
-            && x % 16 == 0
-            && d.k % 32 == 0
+            && x.is_multiple_of(16)
+            && d.k.is_multiple_of(32)
     }
 
     /// `out[r] = x[r] @ w^T` for the leading rows of `m`, each row as the

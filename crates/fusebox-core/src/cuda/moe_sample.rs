@@ -71,7 +71,7 @@ impl CudaBackend {
     pub(crate) fn moe_combine_impl(&self, y: &Tensor, weights: &Tensor, out: &mut Tensor) -> Result<()> {
         let d = out.last_dim();
         let m = out.rows();
-        ensure!(weights.numel() % m.max(1) == 0, "moe_combine: weights {:?} for {m} rows", weights.shape());
+        ensure!(weights.numel().is_multiple_of(m.max(1)), "moe_combine: weights {:?} for {m} rows", weights.shape());
         let k = weights.numel() / m.max(1);
         ensure!(y.numel() == m * k * d, "moe_combine: expert outputs {:?} for [{m}, {k}, {d}]", y.shape());
         let py = dev(y, DType::F32, "moe_combine", "expert outputs")?;
@@ -79,7 +79,7 @@ impl CudaBackend {
         let po = dev(out, DType::F32, "moe_combine", "out")?;
         let args =
             |cols: usize| [Arg::P(py), Arg::P(pw), Arg::P(po), Arg::I(m as i32), Arg::I(k as i32), Arg::I(cols as i32)];
-        if d % 4 == 0 && py % 16 == 0 && po % 16 == 0 {
+        if d.is_multiple_of(4) && py % 16 == 0 && po % 16 == 0 {
             self.launch(MOE, "moe_combine_k4", grid_1d(m * d / 4, self.sm_count), &args(d / 4))
         } else {
             self.launch(MOE, "moe_combine_k", grid_1d(m * d, self.sm_count), &args(d))

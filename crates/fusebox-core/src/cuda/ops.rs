@@ -64,7 +64,7 @@ impl CudaBackend {
         let bytes = n * w * es;
         let (s, d) = (Self::ptr(src, "copy_rows")?, Self::ptr(dst, "copy_rows")?);
         let (s, d) = (s + (src_row * w * es) as u64, d + (dst_row * w * es) as u64);
-        if bytes % 4 == 0 && s % 4 == 0 && d % 4 == 0 {
+        if bytes.is_multiple_of(4) && s % 4 == 0 && d % 4 == 0 {
             let words = bytes / 4;
             return self.launch(
                 EW,
@@ -187,7 +187,7 @@ impl CudaBackend {
         let (tag, n) = match t.dtype() {
             DType::I32 | DType::U32 => (3, t.numel()),
             DType::U8 => {
-                ensure!(t.numel() % 4 == 0, "fill_random: {} bytes is not whole words", t.numel());
+                ensure!(t.numel().is_multiple_of(4), "fill_random: {} bytes is not whole words", t.numel());
                 (3, t.numel() / 4)
             }
             d => (dtype_tag(d)?, t.numel()),

@@ -128,7 +128,11 @@ pub(super) fn covers_experts(d: &Dev, compute_major: i32) -> bool {
 }
 
 fn covers_matrix(d: &Dev, compute_major: i32) -> bool {
-    compute_major >= 8 && d.fmt == FMT_Q4 && matches!(d.gs, 32 | 64 | 128) && d.n % 16 == 0 && d.k % d.gs.max(64) == 0
+    compute_major >= 8
+        && d.fmt == FMT_Q4
+        && matches!(d.gs, 32 | 64 | 128)
+        && d.n.is_multiple_of(16)
+        && d.k.is_multiple_of(d.gs.max(64))
 }
 
 /// Dynamic shared memory of a grouped launch: `QMM_XD` (4) staged x steps of
@@ -204,7 +208,7 @@ impl CudaBackend {
     /// `out[m, n] = x[m, k] @ w^T` for `1 <= m <= QMM_MAX_ROWS`.
     pub(super) fn qmm(&self, d: &Dev, x: u64, out: u64, m: usize) -> Result<()> {
         ensure!((1..=QMM_MAX_ROWS).contains(&m), "cuda qmm: {m} input rows (1 to {QMM_MAX_ROWS})");
-        ensure!(x % 16 == 0, "cuda qmm: input rows at {x:#x} are not 16-byte aligned");
+        ensure!(x.is_multiple_of(16), "cuda qmm: input rows at {x:#x} are not 16-byte aligned");
         let (n, k, gs) = (d.n, d.k, d.gs);
         let nt = m.div_ceil(4).next_power_of_two();
         let mp = nt * 4;
@@ -270,7 +274,7 @@ impl CudaBackend {
     /// `p / x_div` of x (x_div = slots for a shared input, 1 for one input
     /// per pair). Each expert's weight is read once per 32 of its pairs.
     pub(super) fn qmm_experts(&self, d: &Dev, x: u64, out: u64, ids: u64, pairs: usize, x_div: usize) -> Result<()> {
-        ensure!(x % 16 == 0, "cuda qmm: input rows at {x:#x} are not 16-byte aligned");
+        ensure!(x.is_multiple_of(16), "cuda qmm: input rows at {x:#x} are not 16-byte aligned");
         ensure!(pairs < (1 << 24), "cuda qmm: {pairs} expert pairs is too many for one launch");
         let (n, k, gs) = (d.n, d.k, d.gs);
         let chunks = pairs.div_ceil(CHUNK_ROWS) + d.experts.min(pairs);

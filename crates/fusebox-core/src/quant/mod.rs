@@ -193,7 +193,7 @@ impl Weight {
             "packed width {words} words is not a whole number of {bits}-bit values"
         );
         let cols = words * 32 / bits as usize;
-        ensure!(cols % group_size == 0, "{cols} columns are not a multiple of group_size {group_size}");
+        ensure!(cols.is_multiple_of(group_size), "{cols} columns are not a multiple of group_size {group_size}");
         let mut want = qs.clone();
         *want.last_mut().unwrap() = cols / group_size;
         ensure!(
@@ -214,7 +214,7 @@ impl Weight {
     /// Check and build a GGUF block weight from its raw bytes.
     pub fn gguf(data: Tensor, ty: GgmlType, experts: usize, rows: usize, cols: usize) -> Result<Weight> {
         ensure!(
-            cols % ty.block_size() == 0,
+            cols.is_multiple_of(ty.block_size()),
             "row of {cols} elements is not a multiple of {}'s block size {}",
             ty.name(),
             ty.block_size()

@@ -147,7 +147,7 @@ impl fusebox_engine::Proposer for Oracle<'_> {
         draft.clear();
         // every other round a wrong last draft, so rollback happens too
         let at = ctx.tokens.len();
-        let wrong = (at % 2 == 0) as usize;
+        let wrong = at.is_multiple_of(2) as usize;
         draft.tokens.extend(self.truth.iter().skip(at).take(n));
         if wrong == 1 && !draft.tokens.is_empty() {
             let last = draft.tokens.len() - 1;
