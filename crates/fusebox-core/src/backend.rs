@@ -128,6 +128,11 @@ pub trait Backend: Send + Sync {
     /// and a paged cache gives bitwise what a contiguous cache holding the
     /// same rows gives.
     fn paged_attention(&self, q: &Tensor, cache: &LayerKv, pages: &Pages, scale: f32, out: &mut Tensor) -> Result<()>;
+    /// Bytes of memory free for new buffers on this backend's device (the
+    /// CPU: the system's available memory), where it can tell.
+    fn free_memory(&self) -> Option<usize> {
+        None
+    }
     /// Whether [`Backend::paged_attention`] runs here (CUDA: not yet).
     fn has_paged_attention(&self) -> bool {
         true

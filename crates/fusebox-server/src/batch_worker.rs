@@ -28,10 +28,15 @@ use crate::panic::panic_message;
 use crate::penalties::Counts;
 use crate::worker::{Job, Shared, SHUTTING_DOWN};
 
-/// The engine's sizes for a context of `ctx` tokens.
-pub(crate) fn options(b: &Batching, ctx: usize) -> BatchOptions {
+/// The engine's sizes for a context of `ctx` tokens. Without `--kv-blocks`:
+/// blocks for `max_seqs` requests at the full context, or what half the
+/// backend's free memory holds if less, and at least one full context.
+pub(crate) fn options(b: &Batching, ctx: usize, model: &Model, be: &dyn Backend) -> BatchOptions {
+    let one = ctx.div_ceil(BLOCK_SIZE);
+    let per_block = (BLOCK_SIZE * model.decoder.cfg.kv_bytes_per_token(be.kv_dtype().size())).max(1);
+    let fits = be.free_memory().map_or(usize::MAX, |free| free / 2 / per_block);
     BatchOptions {
-        blocks: b.kv_blocks.unwrap_or(2 * ctx.div_ceil(BLOCK_SIZE)),
+        blocks: b.kv_blocks.unwrap_or((b.max_seqs * one).min(fits).max(one)),
         max_batch_tokens: b.max_batch_tokens,
         max_seqs: b.max_seqs,
         max_len: ctx,

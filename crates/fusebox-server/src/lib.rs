@@ -90,6 +90,7 @@ where
         let addr = listener.local_addr()?;
         let mut signals = shutdown::Signals::install().context("catching SIGINT and SIGTERM")?;
         let spec = state.info.speculation.as_ref().map(|s| format!(", speculative {s}")).unwrap_or_default();
+        let spec = spec + &state.info.batching.as_ref().map(|s| format!(", batching {s}")).unwrap_or_default();
         eprintln!(
             "fusebox: serving {} ({}) on {} at http://{addr} (context {} tokens, queue {max_queue}{spec})",
             state.model_id,

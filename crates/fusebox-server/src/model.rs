@@ -25,6 +25,9 @@ pub struct ModelInfo {
     /// How the worker decodes, for the startup line (`ngram k=4`; `None`:
     /// plain decoding).
     pub speculation: Option<String>,
+    /// The batching engine's sizes, for the startup line (`None`: one
+    /// request at a time).
+    pub batching: Option<String>,
 }
 
 /// What the loader hands the worker thread.
@@ -43,7 +46,9 @@ pub struct Loaded {
 /// Sizes of the batched worker ([`fusebox_engine::BatchEngine`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Batching {
-    /// KV cache blocks of 16 positions; `None`: two full contexts' worth.
+    /// KV cache blocks of 16 positions; `None`: enough for `max_seqs`
+    /// requests at the full context, or what half the free memory holds
+    /// if less (at least one full context).
     pub kv_blocks: Option<usize>,
     /// Rows one step may run (decode rows and prefill chunks together).
     pub max_batch_tokens: usize,

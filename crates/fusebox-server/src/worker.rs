@@ -130,12 +130,24 @@ fn run(loaded: Loaded, jobs: &std_mpsc::Receiver<Job>, ready: std_mpsc::Sender<R
         vocab_size: model.decoder.cfg.vocab_size,
         device: be.name(),
         speculation: None,
+        batching: None,
     };
     if make.is_none() && batching.enabled && be.has_paged_attention() {
-        let opts = crate::batch_worker::options(&batching, ctx);
+        let opts = crate::batch_worker::options(&batching, ctx, &model, be);
         let engine = match crate::batch_worker::engine(&model, be, opts) {
             Ok(e) => e,
             Err(e) => return drop(ready.send(Err(e))),
+        };
+        let per_block = fusebox_engine::BLOCK_SIZE * model.decoder.cfg.kv_bytes_per_token(be.kv_dtype().size());
+        let bytes = (opts.blocks * per_block) as f64;
+        let size = if bytes >= (1u64 << 30) as f64 {
+            format!("{:.1} GiB", bytes / (1u64 << 30) as f64)
+        } else {
+            format!("{:.1} MiB", bytes / (1u64 << 20) as f64)
+        };
+        let info = ModelInfo {
+            batching: Some(format!("up to {} requests over {} KV blocks of 16 ({size})", opts.max_seqs, opts.blocks)),
+            ..info
         };
         if ready.send(Ok(info)).is_ok() {
             crate::batch_worker::run(&model, be, opts, engine, jobs, shared);

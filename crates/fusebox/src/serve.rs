@@ -36,9 +36,10 @@ pub struct Args {
     /// max_position_embeddings, at most 4096).
     #[arg(short = 'c', long, value_name = "N")]
     pub ctx_size: Option<usize>,
-    /// KV cache blocks of 16 positions that the running requests share (default: two full
-    /// contexts' worth; a request that finds none free waits, or the youngest is preempted
-    /// and recomputed later).
+    /// KV cache blocks of 16 positions that the running requests share (default: enough for
+    /// --max-seqs requests at the full context, or what half the free memory holds if less, at
+    /// least one context; a request that finds none free waits, or the youngest running one is
+    /// preempted and recomputed later).
     #[arg(long, value_name = "N", conflicts_with = "kv_mem")]
     pub kv_blocks: Option<usize>,
     /// The KV cache's size in GiB instead of --kv-blocks (keys and values of every layer).

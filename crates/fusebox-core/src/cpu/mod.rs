@@ -430,6 +430,14 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn free_memory(&self) -> Option<usize> {
+        // MemAvailable: what can be allocated without swapping, page cache included
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     fn copy_bandwidth(&self) -> Result<f64> {
         let n = 256 << 20;
         let src = vec![1u8; n];

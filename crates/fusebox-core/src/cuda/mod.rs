@@ -687,6 +687,9 @@ impl Backend for CudaBackend {
     fn has_paged_attention(&self) -> bool {
         false
     }
+    fn free_memory(&self) -> Option<usize> {
+        self.ctx.mem_get_info().ok().map(|(free, _)| free)
+    }
     fn qkv_rope(
         &self,
         h: &Tensor,
