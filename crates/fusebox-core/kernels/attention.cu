@@ -102,12 +102,17 @@ template <int D, int Q> struct AttnCfg {
 // part_acc f32 [m * heads, splits, d], part_ml f32 [m * heads, splits, 2] (used when gridDim.x > 1).
 // scale_log2 = scale * log2(e). aligned: kc, vc 16-byte aligned (else synchronous 2-byte loads).
 // row_tiles: query tiles per row when rows are taken one at a time (gridDim.z = m * row_tiles), 0 when packed.
-template <int D, int Q>
+// PAGED (the _pg kernels, rows one at a time only): tables, seqs, width, shift give a paged cache: row r's
+// keys are those of sequence seqs[r], whose block table is tables[seqs[r] * width ..] (blocks of
+// 1 << shift rows). Without PAGED they are unused and the kernel is the contiguous one it always was.
+template <int D, int Q, bool PAGED>
 __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf16_t* __restrict__ kc,
                                           const bf16_t* __restrict__ vc, const int* __restrict__ positions,
                                           float* __restrict__ out, float* __restrict__ part_acc,
                                           float* __restrict__ part_ml, int m, int heads, int kvh, int d, int cap,
-                                          float scale_log2, int aligned, int row_tiles) {
+                                          float scale_log2, int aligned, int row_tiles,
+                                          const int* __restrict__ tables, const int* __restrict__ seqs, int width,
+                                          int shift) {
     typedef AttnCfg<D, Q> C;
     extern __shared__ __attribute__((aligned(16))) unsigned char smem[];
     bf16_t* kv = (bf16_t*)smem;                                     // [2 stages][K, V][TK][KROW]
@@ -158,11 +163,13 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf1
     const long kv_row = (long)kvh * d;  // elements between consecutive cache rows
     const bf16_t* kbase = kc + (long)g * d;
     const bf16_t* vbase = vc + (long)g * d;
+    // a paged cache: this block's row's block table (rows are one at a time then)
+    const int* tab = PAGED ? tables + (long)__ldg(seqs + u0 / G) * width : nullptr;
 
     // queue the loads of key tile `t` into stage `st`
     auto load_tile = [&](int t, int st) {
         attn_load_tile<C::TK, C::KROW, C::DC, C::NT>(kv + st * (2 * C::TK * C::KROW), kbase, vbase, kv_row,
-                                                     t * C::TK, len, d, aligned);
+                                                     t * C::TK, len, d, aligned, tab, PAGED ? shift : 0);
     };
 
     const int warp = tid >> 5, lane = tid & 31;
@@ -529,12 +536,25 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const bf1
                          const int* __restrict__ positions, float* __restrict__ out, float* __restrict__ part_acc, \
                          float* __restrict__ part_ml, int m, int heads, int kvh, int d, int cap, float scale_log2,  \
                          int aligned, int row_tiles) { FB_PROLOGUE();                                            \
-        attn_body<D, Q>(q, kc, vc, positions, out, part_acc, part_ml, m, heads, kvh, d, cap, scale_log2, aligned,  \
-                        row_tiles);                                                                                 \
+        attn_body<D, Q, false>(q, kc, vc, positions, out, part_acc, part_ml, m, heads, kvh, d, cap, scale_log2,    \
+                               aligned, row_tiles, nullptr, nullptr, 0, 0);                                         \
+    }
+// the same over a paged cache (rows one at a time)
+#define ATTN_KERNEL_PG(D, Q, MINB)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB)                                                 \
+        attn_d##D##_q##Q##_pg(const float* __restrict__ q, const bf16_t* __restrict__ kc,                            \
+                              const bf16_t* __restrict__ vc, const int* __restrict__ positions,                      \
+                              float* __restrict__ out, float* __restrict__ part_acc, float* __restrict__ part_ml,    \
+                              int m, int heads, int kvh, int d, int cap, float scale_log2, int aligned,             \
+                              int row_tiles, const int* __restrict__ tables, const int* __restrict__ seqs,          \
+                              int width, int shift) { FB_PROLOGUE();                                               \
+        attn_body<D, Q, true>(q, kc, vc, positions, out, part_acc, part_ml, m, heads, kvh, d, cap, scale_log2,     \
+                              aligned, row_tiles, tables, seqs, width, shift);                                      \
     }
 
-// decode kernels: 4 blocks per SM (3 where 128 registers would spill)
-#define ATTN_DECODE(D, B) ATTN_KERNEL(D, 1, B) ATTN_KERNEL(D, 2, B) ATTN_KERNEL(D, 4, B) ATTN_KERNEL(D, 8, 3)
+// decode kernels: 4 blocks per SM (3 where 128 registers would spill); their paged twins one step lower at q8
+#define ATTN_DECODE(D, B) ATTN_KERNEL(D, 1, B) ATTN_KERNEL(D, 2, B) ATTN_KERNEL(D, 4, B) ATTN_KERNEL(D, 8, 3)  \
+    ATTN_KERNEL_PG(D, 1, B) ATTN_KERNEL_PG(D, 2, B) ATTN_KERNEL_PG(D, 4, B) ATTN_KERNEL_PG(D, 8, 2)
 ATTN_DECODE(8, 4)
 ATTN_DECODE(16, 4)
 ATTN_DECODE(32, 4)

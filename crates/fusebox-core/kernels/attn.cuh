@@ -89,12 +89,22 @@ __device__ __forceinline__ bool attn_smem_short(u32 need, int Q, long u0, long n
     return true;
 }
 
+// Elements from a kv head's first cache row to key `key`'s: key * kv_row in a contiguous cache; in a paged
+// one (tab: the sequence's block table, blocks of 1 << shift rows) row key % bs of block tab[key / bs].
+__device__ __forceinline__ long attn_row_off(int key, long kv_row, const int* __restrict__ tab, int shift) {
+    if (tab == nullptr) return (long)key * kv_row;
+    const int slot = (__ldg(tab + (key >> shift)) << shift) | (key & ((1 << shift) - 1));
+    return (long)slot * kv_row;
+}
+
 // Queue the cp.async loads of the key tile starting at key kb into `kd` ([K; V] rows of KROW bf16, TK each);
 // rows at or past len and dims past d are zero. Thread tid of NT copies the 16-byte chunk tid % DC of rows
 // tid / DC, + NT / DC, ... aligned = 0: cache pointers not 16-byte aligned (synchronous 2-byte copies).
+// tab, shift: a paged cache's block table for the sequence (attn_row_off); nullptr: contiguous.
 template <int TK, int KROW, int DC, int NT>
 __device__ __forceinline__ void attn_load_tile(bf16_t* kd, const bf16_t* kbase, const bf16_t* vbase, long kv_row,
-                                               int kb, int len, int d, int aligned) {
+                                               int kb, int len, int d, int aligned,
+                                               const int* __restrict__ tab = nullptr, int shift = 0) {
     constexpr int RPS = NT / DC;
     constexpr bool EXACT = RPS <= TK && TK % RPS == 0;  // then row s * RPS + lr0 is K or V by s alone
     const int tid = threadIdx.x;
@@ -102,15 +112,15 @@ __device__ __forceinline__ void attn_load_tile(bf16_t* kd, const bf16_t* kbase, 
     const bool lc_ok = lc * 8 < d;
     if (aligned && kb + TK <= len && lc_ok) {
         // a whole tile: no bounds
-        const bf16_t* kt0 = kbase + (long)kb * kv_row + lc * 8;
-        const bf16_t* vt0 = vbase + (long)kb * kv_row + lc * 8;
+        const bf16_t* kt0 = kbase + lc * 8;
+        const bf16_t* vt0 = vbase + lc * 8;
 #pragma unroll
         for (int s = 0; s < (2 * TK + RPS - 1) / RPS; s++) {
             const int rr = lr0 + s * RPS;  // row of [K; V]
             if ((2 * TK) % RPS != 0 && rr >= 2 * TK) break;
             const bool is_v = EXACT ? s * RPS >= TK : rr >= TK;
             const int r = is_v ? rr - TK : rr;
-            cp_async16(kd + rr * KROW + lc * 8, (is_v ? vt0 : kt0) + (long)r * kv_row, 16);
+            cp_async16(kd + rr * KROW + lc * 8, (is_v ? vt0 : kt0) + attn_row_off(kb + r, kv_row, tab, shift), 16);
         }
     } else if (aligned) {
 #pragma unroll
@@ -120,7 +130,7 @@ __device__ __forceinline__ void attn_load_tile(bf16_t* kd, const bf16_t* kbase, 
             const bool is_v = rr >= TK;
             const int key = kb + (is_v ? rr - TK : rr);
             const bool ok = key < len && lc_ok;
-            const bf16_t* src = (is_v ? vbase : kbase) + (ok ? (long)key * kv_row + lc * 8 : 0);
+            const bf16_t* src = (is_v ? vbase : kbase) + (ok ? attn_row_off(key, kv_row, tab, shift) + lc * 8 : 0);
             cp_async16(kd + rr * KROW + lc * 8, src, ok ? 16 : 0);
         }
     } else {
@@ -130,7 +140,7 @@ __device__ __forceinline__ void attn_load_tile(bf16_t* kd, const bf16_t* kbase, 
             const bool is_v = rr >= TK;
             const int key = kb + (is_v ? rr - TK : rr);
             const bool ok = key < len && lc_ok;
-            const bf16_t* src = (is_v ? vbase : kbase) + (ok ? (long)key * kv_row + lc * 8 : 0);
+            const bf16_t* src = (is_v ? vbase : kbase) + (ok ? attn_row_off(key, kv_row, tab, shift) + lc * 8 : 0);
             bf16_t* dst = kd + rr * KROW + lc * 8;
 #pragma unroll
             for (int e = 0; e < 8; e++) dst[e] = ok ? src[e] : (bf16_t)0;

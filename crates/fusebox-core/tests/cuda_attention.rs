@@ -571,3 +571,89 @@ fn cuda_attention_speed() {
         );
     }
 }
+
+/// Sequences laid out each in a contiguous bf16 cache and, the same rows,
+/// in one paged cache of shuffled blocks of 16 (the same capacity, so the
+/// key splits agree): one `paged_attention` call over all of them gives,
+/// for every sequence of up to 32 rows (decode and verify rows, taken one
+/// at a time both ways), bitwise the contiguous call for that sequence
+/// alone; for longer runs (prefill chunks, which the contiguous call packs)
+/// the same values within f32 rounding.
+#[test]
+fn paged_attention_is_bitwise_contiguous_attention_per_row() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng(29);
+    let bs = 16;
+    // per sequence: (positions cached before the call, rows in the call)
+    let seqs = [(0usize, 40usize), (70, 1), (5, 3), (200, 1), (33, 34), (16, 1), (511, 1)];
+    let width = seqs.iter().map(|&(p, m)| (p + m).div_ceil(bs)).max().unwrap();
+    let blocks = seqs.iter().map(|&(p, m)| (p + m).div_ceil(bs)).sum::<usize>() + 5;
+    let cap = blocks * bs;
+    // the contiguous calls of prefill-sized sequences on the scalar blocks (f32 arithmetic, as the paged rows)
+    let tc = g.attn_tc();
+    g.set_attn_tc(false);
+    for (heads, kvh, d) in [(4usize, 2usize, 64usize), (16, 8, 128), (8, 1, 128), (6, 3, 32)] {
+        let row = kvh * d;
+        let mut ids: Vec<i32> = (0..blocks as i32).collect();
+        for i in (1..blocks).rev() {
+            ids.swap(i, r.random_range(0..=i));
+        }
+        let mut tables = vec![-1i32; seqs.len() * width];
+        let mut paged = [bf16_bits(&uniform(&mut r, cap * row, 1.0)), bf16_bits(&uniform(&mut r, cap * row, 1.0))];
+        let (mut q, mut pos, mut seq_of, mut alone, mut long) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut next = 0;
+        let scale = 1.0 / (d as f32).sqrt();
+        for (s, &(p, m)) in seqs.iter().enumerate() {
+            let len = p + m;
+            let kv = [bf16_bits(&uniform(&mut r, cap * row, 1.0)), bf16_bits(&uniform(&mut r, cap * row, 1.0))];
+            for j in 0..len.div_ceil(bs) {
+                let id = ids[next] as usize;
+                next += 1;
+                tables[s * width + j] = id as i32;
+                let n = bs.min(len - j * bs) * row;
+                for (dst, src) in paged.iter_mut().zip(&kv) {
+                    dst[id * bs * row..][..n].copy_from_slice(&src[j * bs * row..][..n]);
+                }
+            }
+            let qs = uniform(&mut r, m * heads * d, 2.0);
+            let ps: Vec<i32> = (p as i32..len as i32).collect();
+            let cache = LayerKv { k: dev_bf16(&g, &[cap, kvh, d], &kv[0]), v: dev_bf16(&g, &[cap, kvh, d], &kv[1]) };
+            let mut out = poisoned(&g, &[m, heads, d]);
+            g.attention(&dev_f32(&g, &[m, heads, d], &qs), &cache, &dev_i32(&g, &ps), scale, &mut out).unwrap();
+            alone.extend(read(&g, &out));
+            long.extend(std::iter::repeat_n(m > 32, m));
+            q.extend(qs);
+            pos.extend(ps);
+            seq_of.extend(std::iter::repeat_n(s as i32, m));
+        }
+        let mt = pos.len();
+        let cache = LayerKv { k: dev_bf16(&g, &[cap, kvh, d], &paged[0]), v: dev_bf16(&g, &[cap, kvh, d], &paged[1]) };
+        let tables = g.upload(Tensor::from_i32(&[seqs.len(), width], &tables).unwrap()).unwrap();
+        let (positions, seqs_t, slots) = (dev_i32(&g, &pos), dev_i32(&g, &seq_of), dev_i32(&g, &vec![0; mt]));
+        let pages = fusebox_core::Pages {
+            positions: &positions,
+            seqs: &seqs_t,
+            tables: &tables,
+            slots: &slots,
+            block_size: bs,
+        };
+        let mut out = poisoned(&g, &[mt, heads, d]);
+        g.paged_attention(&dev_f32(&g, &[mt, heads, d], &q), &cache, &pages, scale, &mut out).unwrap();
+        let got = read(&g, &out);
+        let what = format!("paged attention {heads}/{kvh} heads d={d}");
+        for (i, (gr, ar)) in got.chunks(heads * d).zip(alone.chunks(heads * d)).enumerate() {
+            let at = format!("{what}: row {i} (sequence {}, position {})", seq_of[i], pos[i]);
+            if long[i] {
+                let e = rel_err(gr, ar);
+                assert!(e < TOL, "{at}: relative error {e:.2e} against the sequence alone");
+            } else {
+                assert!(
+                    gr.iter().zip(ar).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{at}: not the bits of the sequence alone"
+                );
+            }
+        }
+        eprintln!("{what}: {mt} rows of {} sequences as each alone", seqs.len());
+    }
+    g.set_attn_tc(tc);
+}

@@ -70,6 +70,33 @@ const KERNELS: &[(usize, usize, &str)] = &[
 ];
 
 /// Tensor-core prefill kernels (64 query vectors a block, 64-key tiles) by padded head dim.
+/// The paged twins of the decode kernels (`Q <= 8`; rows one at a time).
+const KERNELS_PG: &[(usize, usize, &str)] = &[
+    (8, 1, "attn_d8_q1_pg"),
+    (8, 2, "attn_d8_q2_pg"),
+    (8, 4, "attn_d8_q4_pg"),
+    (8, 8, "attn_d8_q8_pg"),
+    (16, 1, "attn_d16_q1_pg"),
+    (16, 2, "attn_d16_q2_pg"),
+    (16, 4, "attn_d16_q4_pg"),
+    (16, 8, "attn_d16_q8_pg"),
+    (32, 1, "attn_d32_q1_pg"),
+    (32, 2, "attn_d32_q2_pg"),
+    (32, 4, "attn_d32_q4_pg"),
+    (32, 8, "attn_d32_q8_pg"),
+    (64, 1, "attn_d64_q1_pg"),
+    (64, 2, "attn_d64_q2_pg"),
+    (64, 4, "attn_d64_q4_pg"),
+    (64, 8, "attn_d64_q8_pg"),
+    (128, 1, "attn_d128_q1_pg"),
+    (128, 2, "attn_d128_q2_pg"),
+    (128, 4, "attn_d128_q4_pg"),
+    (128, 8, "attn_d128_q8_pg"),
+    (256, 1, "attn_d256_q1_pg"),
+    (256, 2, "attn_d256_q2_pg"),
+    (256, 4, "attn_d256_q4_pg"),
+    (256, 8, "attn_d256_q8_pg"),
+];
 const KERNELS_TC: &[(usize, &str)] = &[(64, "attn_tc_d64"), (128, "attn_tc_d128")];
 /// Query vectors per tensor-core block (the scalar prefill blocks' `q_max`, so grids and splits agree).
 const TC_Q: usize = 64;
@@ -215,13 +242,55 @@ impl CudaBackend {
         scale: f32,
         out: &mut Tensor,
     ) -> Result<()> {
-        self.attention_with(q, cache, positions, scale, out, false)
+        self.attention_with(q, cache, positions, scale, out, false, None)
+    }
+
+    /// [`Backend::paged_attention`](crate::Backend::paged_attention): the
+    /// bf16 kernels with every row taken one at a time (a row's blocks are
+    /// those of a one-row launch at its position, so a sequence's rows do
+    /// not depend on the batch), each reading its sequence's keys through
+    /// its block table. The tables are checked for shape here; their
+    /// entries are on the device (the engine's block manager writes them).
+    pub(crate) fn paged_attention_impl(
+        &self,
+        q: &Tensor,
+        cache: &LayerKv,
+        pages: &crate::kv::Pages,
+        scale: f32,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        const OP: &str = "cuda paged attention";
+        let m = q.shape().first().copied().unwrap_or(0);
+        ensure!(cache.k.dtype() == DType::BF16, "{OP}: the cache must be bf16 (FUSEBOX_KV_DTYPE=f32 is not paged)");
+        ensure!(
+            pages.seqs.dtype() == DType::I32 && pages.seqs.numel() == m,
+            "{OP}: {} sequence ids for {m} rows",
+            pages.seqs.numel()
+        );
+        let ts = pages.tables.shape();
+        ensure!(
+            ts.len() == 2 && pages.tables.dtype() == DType::I32 && ts[1] > 0,
+            "{OP}: block tables must be I32 [sequences, blocks], got {ts:?}"
+        );
+        let (heads, kvh) = (q.shape().get(1).copied().unwrap_or(0), cache.k.shape().get(1).copied().unwrap_or(0));
+        ensure!(kvh > 0 && heads <= 32 * kvh, "{OP}: {heads} heads over {kvh} kv heads (at most 32 a group)");
+        let bs = pages.block_size;
+        let cap = cache.k.shape().first().copied().unwrap_or(0);
+        ensure!(bs.is_power_of_two() && cap % bs == 0, "{OP}: block size {bs} for a cache of {cap} rows");
+        let paged = Paged {
+            tables: Self::ptr(pages.tables, "paged attention")?,
+            seqs: Self::ptr(pages.seqs, "paged attention")?,
+            width: ts[1] as i32,
+            shift: bs.trailing_zeros() as i32,
+        };
+        self.attention_with(q, cache, pages.positions, scale, out, false, Some(paged))
     }
 
     /// [`Backend::attention`](crate::Backend::attention); `pack` takes every
     /// row count as prefill does (all rows' query vectors of a kv head in
     /// one block, the keys read once), where the op keeps up to
     /// `ROW_EXACT_MAX` rows one by one for decode-exact verify rows.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention_with(
         &self,
         q: &Tensor,
@@ -230,6 +299,7 @@ impl CudaBackend {
         scale: f32,
         out: &mut Tensor,
         pack: bool,
+        paged: Option<Paged>,
     ) -> Result<()> {
         ensure!(q.shape().len() == 3, "cuda attention: expected q [rows, heads, head_dim], got {:?}", q.shape());
         let (m, heads, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
@@ -274,6 +344,7 @@ impl CudaBackend {
             (Self::ptr(q, "attention")?, Self::ptr(positions, "attention")?, Self::ptr(out, "attention")?);
         let (ck, cv) = (Self::ptr(&cache.k, "attention")?, Self::ptr(&cache.v, "attention")?);
         if cache.k.dtype() == DType::F32 {
+            ensure!(paged.is_none(), "cuda paged attention: the cache must be bf16");
             // the exact path: one block per (query row, head)
             let args = [
                 Arg::P(pq),
@@ -297,7 +368,8 @@ impl CudaBackend {
         // the blocks a one-row launch at its position gets (the kernel, the query tiles of its G heads,
         // the key splits and their boundaries, from its own length), so each row is bitwise the decode
         // step's; K/V are read once per row. Longer inputs (prefill) pack m * G query vectors per kv head.
-        let by_row = !pack && m <= ROW_EXACT_MAX;
+        // (a paged cache: every row, whatever the count)
+        let by_row = paged.is_some() || (!pack && m <= ROW_EXACT_MAX);
         let n = if by_row { group } else { m * group }; // query vectors per kv head (and row, by_row)
         let qb = if n <= 8 {
             n.next_power_of_two()
@@ -315,7 +387,8 @@ impl CudaBackend {
         let (file, name, c) = match tc {
             Some(name) => (FILE_TC, name, cfg_tc(dp)),
             None => {
-                let name = KERNELS
+                let table = if paged.is_some() { KERNELS_PG } else { KERNELS };
+                let name = table
                     .iter()
                     .find(|&&(a, b, _)| a == dp && b == qb)
                     .map(|&(_, _, s)| s)
@@ -340,7 +413,7 @@ impl CudaBackend {
             // keeps the address); prefill uses slot 3, so growing it never moves slot 2.
             let (slot, rows) = if m == 1 {
                 (2, DECODE_ROWS * heads * cap.div_ceil(32).clamp(splits, 256))
-            } else if by_row {
+            } else if by_row && m <= ROW_EXACT_MAX {
                 (2, ROW_EXACT_MAX * heads * splits)
             } else {
                 (3, m * heads * splits)
@@ -351,28 +424,27 @@ impl CudaBackend {
             (0, 0)
         };
         let scale_log2 = scale * std::f32::consts::LOG2_E;
-        self.launch(
-            file,
-            name,
-            ((splits as u32, kvh as u32, grid_z as u32), (THREADS, 1, 1), c.smem as u32),
-            &[
-                Arg::P(pq),
-                Arg::P(ck),
-                Arg::P(cv),
-                Arg::P(pp),
-                Arg::P(po),
-                Arg::P(pacc),
-                Arg::P(pml),
-                Arg::I(m as i32),
-                Arg::I(heads as i32),
-                Arg::I(kvh as i32),
-                Arg::I(d as i32),
-                Arg::I(cap as i32),
-                Arg::F(scale_log2),
-                Arg::I(aligned as i32),
-                Arg::I(if by_row { tiles as i32 } else { 0 }),
-            ],
-        )?;
+        let mut args = vec![
+            Arg::P(pq),
+            Arg::P(ck),
+            Arg::P(cv),
+            Arg::P(pp),
+            Arg::P(po),
+            Arg::P(pacc),
+            Arg::P(pml),
+            Arg::I(m as i32),
+            Arg::I(heads as i32),
+            Arg::I(kvh as i32),
+            Arg::I(d as i32),
+            Arg::I(cap as i32),
+            Arg::F(scale_log2),
+            Arg::I(aligned as i32),
+            Arg::I(if by_row { tiles as i32 } else { 0 }),
+        ];
+        if let Some(pg) = paged {
+            args.extend([Arg::P(pg.tables), Arg::P(pg.seqs), Arg::I(pg.width), Arg::I(pg.shift)]);
+        }
+        self.launch(file, name, ((splits as u32, kvh as u32, grid_z as u32), (THREADS, 1, 1), c.smem as u32), &args)?;
         if splits > 1 {
             let rows = m * heads;
             // a warp per four splits (four loads in flight each), 1 to 16 warps
@@ -386,6 +458,17 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+/// A paged cache for the attention kernels: device pointers of the block
+/// tables (`[sequences, width]` I32) and of each row's sequence, and log2
+/// of the block size.
+#[derive(Clone, Copy)]
+pub(crate) struct Paged {
+    tables: u64,
+    seqs: u64,
+    width: i32,
+    shift: i32,
 }
 
 /// The cache is bf16 (the fast kernels) or, with `FUSEBOX_KV_DTYPE=f32`, f32

@@ -280,7 +280,7 @@ impl CudaBackend {
             Some((hs, rows)) => self.launch_rope_kv_append(a, b, c.cache, &hs, rows)?,
             None => norm_rope_append_graph(self, a, b, c.cache, true)?,
         }
-        self.attention_with(b.q, c.cache, c.limits, c.scale, c.out, true)
+        self.attention_with(b.q, c.cache, c.limits, c.scale, c.out, true, None)
     }
 
     fn launch_rope_kv_append(
