@@ -6,88 +6,21 @@
 
 mod common;
 
-use std::collections::HashMap;
-
+use common::batch::{check, CROWDED, CROWDED_OPTS, MIXED, MIXED_OPTS};
 use common::{cpu, greedy, load, tokens};
-use fusebox_core::Backend;
-use fusebox_engine::{BatchEngine, BatchOptions, Request, SamplingParams, SeqId, Session, StopReason};
-use fusebox_models::Model;
-
-/// One request of a scenario: joins before step `join`, prompt length,
-/// tokens to generate, prompt seed.
-type Plan = (usize, usize, usize, u64);
-
-fn request(model: &Model, &(_, len, n, seed): &Plan) -> Request {
-    Request {
-        prompt: tokens(len, model.decoder.cfg.vocab_size, seed),
-        max_new_tokens: n,
-        stop_ids: vec![],
-        sampling: SamplingParams::greedy(),
-    }
-}
-
-/// The request's greedy output run alone.
-fn alone(model: &Model, be: &dyn Backend, req: &Request) -> Vec<u32> {
-    let mut s = Session::new(&model.decoder, be, req.prompt.len() + req.max_new_tokens + 1).unwrap();
-    s.generate(&req.prompt, &greedy(req.max_new_tokens), |_| Ok(true)).unwrap().tokens
-}
-
-/// Run the scenario to the end: each request's tokens, in plan order.
-fn run(engine: &mut BatchEngine, model: &Model, plans: &[Plan]) -> Vec<Vec<u32>> {
-    let mut ids: Vec<Option<SeqId>> = vec![None; plans.len()];
-    let mut out: HashMap<SeqId, (Vec<u32>, bool)> = HashMap::new();
-    for step in 0..10_000 {
-        for (p, id) in plans.iter().zip(ids.iter_mut()) {
-            if p.0 == step {
-                *id = Some(engine.add(request(model, p)).unwrap());
-            }
-        }
-        if engine.is_idle() && ids.iter().all(Option::is_some) {
-            break;
-        }
-        for e in engine.step().unwrap() {
-            let (toks, done) = out.entry(e.id).or_default();
-            assert!(!*done, "sequence {} has an event after it finished", e.id);
-            toks.extend(e.token);
-            if let Some(why) = e.finished {
-                assert_eq!(why, StopReason::MaxTokens, "sequence {} ended early", e.id);
-                *done = true;
-            }
-        }
-    }
-    assert!(engine.is_idle(), "the scenario did not finish");
-    ids.iter().map(|id| out.remove(&id.unwrap()).map(|(t, _)| t).unwrap_or_default()).collect()
-}
-
-fn check(name: &str, opts: BatchOptions, plans: &[Plan]) -> u64 {
-    let be = cpu();
-    let model = load(name, &be);
-    let mut engine = BatchEngine::new(&model.decoder, &be, opts).unwrap();
-    let got = run(&mut engine, &model, plans);
-    for (i, (p, g)) in plans.iter().zip(&got).enumerate() {
-        let want = alone(&model, &be, &request(&model, p));
-        assert_eq!(g, &want, "{name}: request {i} {p:?} differs from its output alone");
-    }
-    assert_eq!(engine.blocks_free(), engine.blocks_total(), "{name}: blocks left held");
-    engine.preemptions()
-}
+use fusebox_engine::{BatchEngine, BatchOptions, Request, SamplingParams, Session, StopReason};
 
 #[test]
 fn batched_greedy_equals_each_request_alone() {
-    // prompts longer than a step's budget prefill in chunks beside running decodes
-    let plans = [(0, 5, 12, 1), (0, 45, 6, 2), (2, 1, 9, 3), (5, 20, 15, 4), (7, 70, 4, 5), (7, 3, 3, 6)];
-    let opts = BatchOptions { blocks: 64, max_batch_tokens: 24, max_seqs: 8, max_len: 256 };
+    let be = cpu();
     for name in ["tiny-qwen3", "tiny-llama", "tiny-qwen3-moe", "gguf/tiny-qwen3.gguf", "mlx/tiny-qwen3-4bit-g64"] {
-        check(name, opts, &plans);
+        check(&be, name, MIXED_OPTS, &MIXED);
     }
 }
 
 #[test]
 fn preempted_sequences_are_recomputed_to_the_same_output() {
-    // four sequences of 50 positions (4 blocks each) in a cache of 8 blocks
-    let plans = [(0, 20, 30, 11), (0, 18, 30, 12), (1, 22, 28, 13), (1, 19, 31, 14)];
-    let opts = BatchOptions { blocks: 8, max_batch_tokens: 64, max_seqs: 4, max_len: 128 };
-    let preempted = check("tiny-qwen3", opts, &plans);
+    let preempted = check(&cpu(), "tiny-qwen3", CROWDED_OPTS, &CROWDED);
     assert!(preempted > 0, "the scenario was meant to preempt");
 }
 

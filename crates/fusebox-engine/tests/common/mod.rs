@@ -1,6 +1,8 @@
 //! Helpers shared by this crate's tests.
 #![allow(dead_code)]
 
+pub mod batch;
+
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::fixtures::fixture;
 use fusebox_core::Backend;

@@ -1,0 +1,84 @@
+//! Continuous-batching scenarios: requests that join a [`BatchEngine`] at
+//! given steps, run to the end, and the same requests run alone.
+
+use std::collections::HashMap;
+
+use fusebox_core::Backend;
+use fusebox_engine::{BatchEngine, BatchOptions, Request, SamplingParams, SeqId, Session, StopReason};
+use fusebox_models::Model;
+
+use super::{greedy, tokens};
+
+/// One request of a scenario: joins before step `join`, prompt length,
+/// tokens to generate, prompt seed.
+pub type Plan = (usize, usize, usize, u64);
+
+pub fn request(model: &Model, &(_, len, n, seed): &Plan) -> Request {
+    Request {
+        prompt: tokens(len, model.decoder.cfg.vocab_size, seed),
+        max_new_tokens: n,
+        stop_ids: vec![],
+        sampling: SamplingParams::greedy(),
+    }
+}
+
+/// The request's greedy output run alone.
+pub fn alone(model: &Model, be: &dyn Backend, req: &Request) -> Vec<u32> {
+    let mut s = Session::new(&model.decoder, be, req.prompt.len() + req.max_new_tokens + 1).unwrap();
+    s.generate(&req.prompt, &greedy(req.max_new_tokens), |_| Ok(true)).unwrap().tokens
+}
+
+/// Run the scenario to the end: each request's tokens, in plan order.
+pub fn run(engine: &mut BatchEngine, model: &Model, plans: &[Plan]) -> Vec<Vec<u32>> {
+    let mut ids: Vec<Option<SeqId>> = vec![None; plans.len()];
+    let mut out: HashMap<SeqId, (Vec<u32>, bool)> = HashMap::new();
+    for step in 0..10_000 {
+        for (p, id) in plans.iter().zip(ids.iter_mut()) {
+            if p.0 == step {
+                *id = Some(engine.add(request(model, p)).unwrap());
+            }
+        }
+        if engine.is_idle() && ids.iter().all(Option::is_some) {
+            break;
+        }
+        for e in engine.step().unwrap() {
+            let (toks, done) = out.entry(e.id).or_default();
+            assert!(!*done, "sequence {} has an event after it finished", e.id);
+            toks.extend(e.token);
+            if let Some(why) = e.finished {
+                assert_eq!(why, StopReason::MaxTokens, "sequence {} ended early", e.id);
+                *done = true;
+            }
+        }
+    }
+    assert!(engine.is_idle(), "the scenario did not finish");
+    ids.iter().map(|id| out.remove(&id.unwrap()).map(|(t, _)| t).unwrap_or_default()).collect()
+}
+
+/// Run `plans` through a [`BatchEngine`] of `opts` on `be` and check every
+/// request's tokens against the request alone and every block free at the
+/// end; returns the preemptions.
+pub fn check(be: &dyn Backend, name: &str, opts: BatchOptions, plans: &[Plan]) -> u64 {
+    let model = super::load(name, be);
+    let mut engine = BatchEngine::new(&model.decoder, be, opts).unwrap();
+    let got = run(&mut engine, &model, plans);
+    for (i, (p, g)) in plans.iter().zip(&got).enumerate() {
+        let want = alone(&model, be, &request(&model, p));
+        assert_eq!(g, &want, "{name}: request {i} {p:?} differs from its output alone");
+    }
+    assert_eq!(engine.blocks_free(), engine.blocks_total(), "{name}: blocks left held");
+    engine.preemptions()
+}
+
+/// Prompts longer than a step's budget (prefilled in chunks beside running
+/// decodes), requests joining mid-way.
+pub const MIXED: [Plan; 6] = [(0, 5, 12, 1), (0, 45, 6, 2), (2, 1, 9, 3), (5, 20, 15, 4), (7, 70, 4, 5), (7, 3, 3, 6)];
+
+/// A step budget under the longer prompts of [`MIXED`].
+pub const MIXED_OPTS: BatchOptions = BatchOptions { blocks: 64, max_batch_tokens: 24, max_seqs: 8, max_len: 256 };
+
+/// Four sequences of 50 positions (4 blocks each) in a cache of 8 blocks.
+pub const CROWDED: [Plan; 4] = [(0, 20, 30, 11), (0, 18, 30, 12), (1, 22, 28, 13), (1, 19, 31, 14)];
+
+/// A cache too small for [`CROWDED`] at once: preemptions.
+pub const CROWDED_OPTS: BatchOptions = BatchOptions { blocks: 8, max_batch_tokens: 64, max_seqs: 4, max_len: 128 };

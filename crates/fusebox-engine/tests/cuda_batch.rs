@@ -1,0 +1,27 @@
+//! Continuous batching on the GPU (bf16, the tiny fixtures): the scenarios
+//! of `batch.rs` through [`fusebox_engine::BatchEngine`] on CUDA's paged
+//! attention, every request's greedy output equal to the request run alone
+//! on CUDA, every KV block free at the end. Skips without a GPU; fails when
+//! `FUSEBOX_REQUIRE_CUDA=1` and no GPU is usable. (The server batches on
+//! CUDA only once `CudaBackend::has_paged_attention` is true; this test runs
+//! the engine either way.)
+
+mod common;
+
+use common::batch::{check, CROWDED, CROWDED_OPTS, MIXED, MIXED_OPTS};
+use fusebox_core::cuda::backend_for_tests;
+
+#[test]
+fn cuda_batched_greedy_equals_each_request_alone() {
+    let Some(g) = backend_for_tests() else { return };
+    for name in ["tiny-qwen3", "tiny-llama", "tiny-qwen3-moe", "gguf/tiny-qwen3.gguf", "mlx/tiny-qwen3-4bit-g64"] {
+        check(&g, name, MIXED_OPTS, &MIXED);
+        eprintln!("{name}: batched greedy == alone on CUDA");
+    }
+}
+
+#[test]
+fn cuda_preempted_sequences_are_recomputed_to_the_same_output() {
+    let Some(g) = backend_for_tests() else { return };
+    assert!(check(&g, "tiny-qwen3", CROWDED_OPTS, &CROWDED) > 0, "the scenario was meant to preempt");
+}
