@@ -2,13 +2,14 @@
 //! pass, joining and leaving the batch at every step.
 //!
 //! Each step the scheduler ([`BatchEngine::schedule`]) spends a token budget
-//! (`max_batch_tokens`): first on the running sequences, oldest first (one
-//! row each when decoding, a chunk of their prompt while prefilling), then on
-//! waiting sequences, which are admitted in arrival order while their chunk's
-//! blocks are free. A running sequence whose next rows need a block when none
-//! is free preempts the youngest running sequence (its blocks released, its
-//! tokens, prompt and generated alike, recomputed when it is admitted again),
-//! itself if it is the youngest. The step then runs one forward pass over
+//! (`max_batch_tokens`): first on the running sequences that decode (a row
+//! each, oldest first), then on those still prefilling (a chunk of their
+//! prompt each), then on waiting sequences, which are admitted in arrival
+//! order while their chunk's blocks are free; so a long prompt never holds up
+//! the decodes. A running sequence whose next rows need a block when none is
+//! free preempts the youngest running sequence younger than it that the step
+//! has not planned (its blocks released, its tokens, prompt and generated
+//! alike, recomputed when it is admitted again), itself if there is none. The step then runs one forward pass over
 //! every scheduled row ([`fusebox_models::Batch`]: positions, sequences, cache
 //! slots, block tables) and samples one token for every sequence whose rows
 //! reached the end of what it knows.
@@ -245,36 +246,36 @@ impl<'m> BatchEngine<'m> {
     }
 
     /// The next step's rows: `(index into running, rows)` per sequence, in
-    /// batch order. Sequences that can never fit are finished into `events`.
+    /// batch order. Decoding sequences come first (a row each, oldest
+    /// first), then those still prefilling take what is left of the budget,
+    /// then waiting ones are admitted; so a long prompt never holds up the
+    /// decodes. Sequences that can never fit are finished into `events`.
     fn schedule(&mut self, events: &mut Vec<Event>) -> Vec<(usize, usize)> {
         let mut budget = self.opts.max_batch_tokens;
-        let mut plan = Vec::new();
-        let mut i = 0;
-        while i < self.running.len() && budget > 0 {
-            let chunk = self.running[i].pending().min(budget);
-            let want = self.running[i].computed + chunk;
-            if self.blocks.blocks_for(want) > self.blocks.total() {
-                // longer than the whole cache: it ends here
-                let mut s = self.running.remove(i);
-                self.blocks.release(&mut s.table);
-                events.push(Event { id: s.id, token: None, finished: Some(StopReason::ContextFull) });
-                continue;
-            }
-            let mut scheduled = true;
-            while self.blocks.reserve(&mut self.running[i].table, want).is_err() {
-                let victim = self.running.len() - 1;
-                self.preempt(victim);
-                if victim == i {
-                    scheduled = false;
-                    break;
+        let mut plan: Vec<(SeqId, usize)> = Vec::new();
+        for decoding in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() && budget > 0 {
+                let s = &self.running[i];
+                if (s.pending() == 1) != decoding || plan.iter().any(|&(id, _)| id == s.id) {
+                    i += 1;
+                    continue;
                 }
+                let (id, chunk) = (s.id, s.pending().min(budget));
+                let want = s.computed + chunk;
+                if self.blocks.blocks_for(want) > self.blocks.total() {
+                    // longer than the whole cache: it ends here
+                    let mut s = self.running.remove(i);
+                    self.blocks.release(&mut s.table);
+                    events.push(Event { id: s.id, token: None, finished: Some(StopReason::ContextFull) });
+                    continue;
+                }
+                if let Some(j) = self.make_room(i, want, &plan) {
+                    plan.push((id, chunk));
+                    budget -= chunk;
+                    i = j + 1;
+                } // else it was preempted: the sequence now at i is the next
             }
-            if !scheduled {
-                break; // it was the youngest: nothing after it runs
-            }
-            plan.push((i, chunk));
-            budget -= chunk;
-            i += 1;
         }
         while budget > 0 && self.running.len() < self.opts.max_seqs {
             let Some(s) = self.waiting.front_mut() else { break };
@@ -283,11 +284,33 @@ impl<'m> BatchEngine<'m> {
                 break;
             }
             let s = self.waiting.pop_front().expect("front exists");
+            plan.push((s.id, chunk));
             self.running.push(s);
-            plan.push((self.running.len() - 1, chunk));
             budget -= chunk;
         }
-        plan
+        plan.into_iter()
+            .map(|(id, n)| (self.running.iter().position(|s| s.id == id).expect("a planned sequence runs"), n))
+            .collect()
+    }
+
+    /// Grow running sequence `i`'s table to `want` positions, preempting
+    /// the youngest running sequences younger than it that this step has not
+    /// planned (`plan`), or `i` itself when there are none. Returns `i`'s
+    /// index afterwards, `None` when it was preempted.
+    fn make_room(&mut self, i: usize, want: usize, plan: &[(SeqId, usize)]) -> Option<usize> {
+        loop {
+            if self.blocks.reserve(&mut self.running[i].table, want).is_ok() {
+                return Some(i);
+            }
+            let planned = |s: &Seq| plan.iter().any(|&(id, _)| id == s.id);
+            match (i + 1..self.running.len()).rev().find(|&v| !planned(&self.running[v])) {
+                Some(v) => self.preempt(v),
+                None => {
+                    self.preempt(i);
+                    return None;
+                }
+            }
+        }
     }
 
     /// Run one step: schedule, one forward pass over every scheduled row,

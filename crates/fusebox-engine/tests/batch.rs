@@ -24,6 +24,35 @@ fn preempted_sequences_are_recomputed_to_the_same_output() {
     assert!(preempted > 0, "the scenario was meant to preempt");
 }
 
+/// A decoding sequence draws a token at every step while a long prompt
+/// prefills beside it in chunks of what the budget leaves.
+#[test]
+fn a_long_prompt_does_not_hold_up_running_decodes() {
+    let be = cpu();
+    let model = load("tiny-qwen3", &be);
+    let opts = BatchOptions { blocks: 64, max_batch_tokens: 8, max_seqs: 4, max_len: 256 };
+    let mut engine = BatchEngine::new(&model.decoder, &be, opts).unwrap();
+    let vocab = model.decoder.cfg.vocab_size;
+    let req = |len: usize, n: usize, seed: u64| Request {
+        prompt: tokens(len, vocab, seed),
+        max_new_tokens: n,
+        stop_ids: vec![],
+        sampling: SamplingParams::greedy(),
+    };
+    let a = engine.add(req(4, 20, 1)).unwrap();
+    assert_eq!(engine.step().unwrap().len(), 1, "the short prompt's first token");
+    let b = engine.add(req(100, 2, 2)).unwrap();
+    for step in 0..12 {
+        let ev = engine.step().unwrap();
+        assert!(ev.iter().any(|e| e.id == a && e.token.is_some()), "step {step}: no token for the decoding sequence");
+        assert!(ev.iter().all(|e| e.id != b), "step {step}: the long prompt cannot be done yet");
+    }
+    while !engine.is_idle() {
+        engine.step().unwrap();
+    }
+    assert_eq!(engine.blocks_free(), engine.blocks_total());
+}
+
 #[test]
 fn cancelled_and_rejected_requests_hold_no_blocks() {
     let be = cpu();
