@@ -82,6 +82,12 @@ pub struct Args {
     /// speculative decoding).
     #[arg(long, value_name = "K")]
     pub verify_curve: Option<usize>,
+    /// Continuous batching's decode cost: for batch sizes 1, 2, 4, ... N,
+    /// that many copies of the prompt decoded together through the
+    /// server's engine (paged KV cache), --gen steps each; reports the step
+    /// time, the aggregate tok/s and the step's cost against one sequence's.
+    #[arg(long, value_name = "N", conflicts_with_all = ["verify_curve", "ab"])]
+    pub batch_curve: Option<usize>,
     /// Rounds of an --ab or --spec run (each round decodes once each way).
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub rounds: usize,
@@ -142,8 +148,9 @@ pub fn run(a: Args) -> Result<()> {
             "--ab dflash_attn measures DFlash drafting: add --spec dflash (--draft DIR, or a random draft with --synthetic)"
         );
     }
-    if spec_method.is_some() && ((a.ab.is_some() && !dflash_ab) || a.verify_curve.is_some()) {
-        bail!("--spec, --ab and --verify-curve are separate measurements: give one (--spec dflash --ab dflash_attn is one)");
+    if spec_method.is_some() && ((a.ab.is_some() && !dflash_ab) || a.verify_curve.is_some() || a.batch_curve.is_some())
+    {
+        bail!("--spec, --ab, --verify-curve and --batch-curve are separate measurements: give one (--spec dflash --ab dflash_attn is one)");
     }
     let be = backend(a.device, a.threads)?;
     let be = &*be;
@@ -194,6 +201,26 @@ pub fn run(a: Args) -> Result<()> {
         &GenerateOptions { max_new_tokens: 8, ..opts.clone() },
         |_| Ok(true),
     )?;
+    if let Some(n) = a.batch_curve {
+        let rows = crate::bench_batch::batch_curve(decoder, be, &prompt, a.gen, n)?;
+        let (device, commit) = (be.device_name(), git_commit());
+        println!("model           {name}");
+        println!("device          {device}");
+        println!("commit          {commit}");
+        println!("| batch | step ms | tok/s | step / one sequence's |");
+        println!("|---|---|---|---|");
+        for r in &rows {
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+            println!("| {} | {:.3} | {:.1} | {:.2} |", r["batch"], f("step_secs") * 1e3, f("tok_s"), f("ratio"));
+        }
+        let result = json!({
+            "model": name, "device": device, "backend": be.name(), "commit": commit, "batch_curve": rows,
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "utc": fusebox_core::clock::Utc::now().stamp(), "prompt_len": prompt.len(), "gen": a.gen,
+            "weight_bytes_per_token": weight_bytes, "copy_bandwidth_bytes_s": bw, "roofline_tok_s": roofline,
+        });
+        return write_result(&a.out_dir, &device, &format!("{name}-batch-curve"), &result);
+    }
     if let Some(k) = a.verify_curve {
         let rows = crate::bench_spec::verify_curve(&mut session, &prompt, k, a.rounds.max(3))?;
         let device = be.device_name();

@@ -1,6 +1,7 @@
 //! The `fusebox` command-line interface.
 
 mod bench;
+mod bench_batch;
 mod bench_spec;
 mod common;
 mod generate;

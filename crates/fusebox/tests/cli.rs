@@ -670,3 +670,24 @@ fn speculative_flag_errors_are_clear() {
     let o = generate(&m, &["--draft", other.to_str().unwrap()]);
     assert_clean_error(&o, &["vocabulary of 256 tokens", "512", "share the target's tokenizer"]);
 }
+
+#[test]
+fn bench_batch_curve_times_each_batch_size_and_writes_json() {
+    let tiny = fixture("tiny-qwen3");
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let m = tiny.to_str().unwrap();
+    let args = ["bench", "-m", m, "--device", "cpu", "--prompt-len", "12", "--gen", "4", "--batch-curve", "3"];
+    let o = fusebox(&[&args[..], &["--out-dir", dir]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("| batch | step ms | tok/s |"), "{text}");
+    let files = walk(out.path());
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
+    let batches: Vec<u64> = j["batch_curve"].as_array().unwrap().iter().map(|r| r["batch"].as_u64().unwrap()).collect();
+    assert_eq!(batches, [1, 2, 3]);
+    assert!(j["batch_curve"][2]["tok_s"].as_f64().unwrap() > 0.0);
+    // one measurement at a time
+    let o = fusebox(&[&args[..], &["--verify-curve", "2"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("--verify-curve"), "{}", stderr(&o));
+}
