@@ -23,6 +23,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use anyhow::{bail, ensure, Result};
+use fusebox_core::backend::ROW_EXACT_MAX;
 use fusebox_core::{Backend, LayerKv};
 use fusebox_models::{Batch, Decoder, Logits, Workspace};
 
@@ -313,15 +314,46 @@ impl<'m> BatchEngine<'m> {
         }
     }
 
-    /// Run one step: schedule, one forward pass over every scheduled row,
+    /// Run one step: schedule, forward passes over every scheduled row,
     /// sample for every sequence that reached the end of what it knows.
     /// Returns this step's events (empty when idle).
+    ///
+    /// A step of up to [`ROW_EXACT_MAX`] rows is one pass. A longer one (a
+    /// prompt chunk beside the decodes) runs its decode rows in passes of up
+    /// to [`ROW_EXACT_MAX`] and the rest in another, so a decoding
+    /// sequence's rows stay the values a one-row step gives (the backends'
+    /// contract for passes of that many rows), whatever arrives beside it.
     pub fn step(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
         let plan = self.schedule(&mut events);
-        if plan.is_empty() {
-            return Ok(events);
+        let m: usize = plan.iter().map(|&(_, n)| n).sum();
+        let mut done = vec![];
+        if m <= ROW_EXACT_MAX {
+            if !plan.is_empty() {
+                self.pass(&plan, &mut events, &mut done)?;
+            }
+        } else {
+            let (decodes, rest): (Vec<_>, Vec<_>) = plan.iter().partition(|&&(_, n)| n == 1);
+            for part in decodes.chunks(ROW_EXACT_MAX) {
+                self.pass(part, &mut events, &mut done)?;
+            }
+            if !rest.is_empty() {
+                self.pass(&rest, &mut events, &mut done)?;
+            }
         }
+        done.sort_unstable();
+        for &i in done.iter().rev() {
+            let mut s = self.running.remove(i);
+            self.blocks.release(&mut s.table);
+        }
+        Ok(events)
+    }
+
+    /// One forward pass over `plan`'s rows (`(index into running, rows)`),
+    /// then the draws of the sequences it brings to the end of what they
+    /// know; finished ones go into `done` (still running until the caller
+    /// removes them).
+    fn pass(&mut self, plan: &[(usize, usize)], events: &mut Vec<Event>, done: &mut Vec<usize>) -> Result<()> {
         let m: usize = plan.iter().map(|&(_, n)| n).sum();
         let width = plan.iter().map(|&(i, _)| self.running[i].table.len()).max().unwrap_or(1).max(1);
         let (mut ids, mut positions, mut seqs, mut slots) = (vec![], vec![], vec![], vec![]);
@@ -367,8 +399,7 @@ impl<'m> BatchEngine<'m> {
         be.read_f32(&ws.logits, &mut self.logits)?;
         let (vocab, room) = (self.model.cfg.vocab_size, self.room());
         let mut row = 0;
-        let mut done = vec![];
-        for &(i, n) in &plan {
+        for &(i, n) in plan {
             let s = &mut self.running[i];
             let samples = s.computed + n == s.tokens.len();
             s.computed += n;
@@ -408,10 +439,6 @@ impl<'m> BatchEngine<'m> {
                 done.push(i);
             }
         }
-        for &i in done.iter().rev() {
-            let mut s = self.running.remove(i);
-            self.blocks.release(&mut s.table);
-        }
-        Ok(events)
+        Ok(())
     }
 }

@@ -8,7 +8,10 @@ mod common;
 
 use common::batch::{check, CROWDED, CROWDED_OPTS, MIXED, MIXED_OPTS};
 use common::{cpu, greedy, load, tokens};
-use fusebox_engine::{BatchEngine, BatchOptions, Request, SamplingParams, Session, StopReason};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use fusebox_engine::{BatchEngine, BatchOptions, Observer, Request, SamplingParams, Session, StopReason};
 
 #[test]
 fn batched_greedy_equals_each_request_alone() {
@@ -51,6 +54,57 @@ fn a_long_prompt_does_not_hold_up_running_decodes() {
         engine.step().unwrap();
     }
     assert_eq!(engine.blocks_free(), engine.blocks_total());
+}
+
+/// The raw logits of every draw of one sequence.
+struct Logits(Rc<RefCell<Vec<Vec<f32>>>>);
+
+impl Observer for Logits {
+    fn drawn(&mut self, raw: &[f32], _token: u32, _finished: Option<StopReason>) -> bool {
+        self.0.borrow_mut().push(raw.to_vec());
+        true
+    }
+}
+
+/// A decoding sequence's logits are bitwise the same alone and beside a
+/// 150-token prompt prefilled in chunks that make its steps 64 rows long
+/// (past the 32 rows a pass keeps one-row exact: the decode rows run in
+/// their own pass).
+#[test]
+fn decode_rows_beside_a_long_prompt_are_bitwise_their_one_row_values() {
+    let be = cpu();
+    for name in ["tiny-qwen3", "gguf/tiny-qwen3.gguf", "mlx/tiny-qwen3-4bit-g64"] {
+        let model = load(name, &be);
+        let vocab = model.decoder.cfg.vocab_size;
+        let req = |len: usize, n: usize, seed: u64| Request {
+            prompt: tokens(len, vocab, seed),
+            max_new_tokens: n,
+            stop_ids: vec![],
+            sampling: SamplingParams::greedy(),
+        };
+        let run = |beside: bool| {
+            let opts = BatchOptions { blocks: 64, max_batch_tokens: 64, max_seqs: 4, max_len: 256 };
+            let mut engine = BatchEngine::new(&model.decoder, &be, opts).unwrap();
+            let log = Rc::new(RefCell::new(vec![]));
+            engine.add_observed(req(6, 12, 1), Box::new(Logits(log.clone()))).unwrap();
+            engine.step().unwrap();
+            if beside {
+                engine.add(req(150, 2, 2)).unwrap();
+            }
+            while !engine.is_idle() {
+                engine.step().unwrap();
+            }
+            log.take()
+        };
+        let (alone, beside) = (run(false), run(true));
+        assert_eq!(alone.len(), 12);
+        for (i, (a, b)) in alone.iter().zip(&beside).enumerate() {
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{name}: draw {i} differs beside the prompt"
+            );
+        }
+    }
 }
 
 #[test]
