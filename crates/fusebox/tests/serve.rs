@@ -221,3 +221,27 @@ fn speculative_flag_errors_are_clear() {
         assert!(err.contains(needle), "{extra:?}: {err}");
     }
 }
+
+#[test]
+fn batching_sizes_are_on_the_startup_line_and_bad_ones_are_errors() {
+    let s = Server::start(&["--max-seqs", "3", "--kv-blocks", "20"]);
+    assert!(s.log().contains("batching up to 3 requests over 20 KV blocks of 16"), "{}", s.log());
+    drop(s);
+    let s = Server::start(&["--no-batching"]);
+    assert!(!s.log().contains("batching"), "{}", s.log());
+    drop(s);
+    let m = fixture("tiny-qwen3");
+    for (extra, needle) in [
+        (&["--max-seqs", "0"][..], "--max-seqs"),
+        (&["--max-batch-tokens", "0"], "--max-batch-tokens"),
+        (&["--kv-blocks", "0"], "--kv-blocks"),
+        (&["--kv-mem", "0"], "--kv-mem"),
+        (&["--kv-blocks", "4", "--kv-mem", "1"], "--kv-mem"),
+    ] {
+        let mut args = vec!["serve", "-m", m.to_str().unwrap(), "--device", "cpu", "--port", "0"];
+        args.extend_from_slice(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_fusebox")).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(needle), "{extra:?}: {err}");
+    }
+}
