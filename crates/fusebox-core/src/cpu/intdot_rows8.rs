@@ -40,10 +40,7 @@ pub fn supported(ty: GgmlType) -> bool {
 /// If [`supported`] is false for `ty`, `rows` holds fewer than eight rows
 /// or `y` is shorter than a row.
 pub fn ggml_dot8(ty: GgmlType, rows: &[u8], rb: usize, y: &IntRow, out: &mut [f32; ROWS]) {
-    assert!(supported(ty), "int dot: {} has no eight-row kernel here", ty.name());
-    assert!(rows.len() >= ROWS * rb, "int dot: {} bytes for eight rows of {rb}", rows.len());
-    let blocks = rb / ty.type_size();
-    assert!(y.d.len() >= blocks && y.hi.len() >= 32 * blocks, "int dot: input shorter than a row of {blocks} blocks");
+    let blocks = check_ggml(ty, rows, rb, std::slice::from_ref(y));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX2/FMA/F16C are present (supported) and rows, y hold what is read.
     unsafe {
@@ -53,6 +50,41 @@ pub fn ggml_dot8(ty: GgmlType, rows: &[u8], rb: usize, y: &IntRow, out: &mut [f3
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!()
+}
+
+/// What the GGUF kernels read is there: returns the blocks a row has.
+fn check_ggml(ty: GgmlType, rows: &[u8], rb: usize, ys: &[IntRow]) -> usize {
+    assert!(supported(ty), "int dot: {} has no eight-row kernel here", ty.name());
+    assert!(rows.len() >= ROWS * rb, "int dot: {} bytes for eight rows of {rb}", rows.len());
+    assert!(ys.len() <= MAX_INPUTS, "int dot: {} inputs", ys.len());
+    let blocks = rb / ty.type_size();
+    for y in ys {
+        assert!(
+            y.d.len() >= blocks && y.hi.len() >= 32 * blocks,
+            "int dot: input shorter than a row of {blocks} blocks"
+        );
+    }
+    blocks
+}
+
+/// What the MLX kernels read is there: returns the blocks a row has.
+fn check_affine(words: &[u32], wpr: usize, group: usize, scales: Floats, biases: Floats, ys: &[IntRow]) -> usize {
+    assert!(affine_supported(4), "int dot: no eight-row affine kernel here");
+    assert!(
+        words.len() >= ROWS * wpr && group.is_multiple_of(32),
+        "int dot: {} words for eight rows of {wpr}",
+        words.len()
+    );
+    assert!(ys.len() <= MAX_INPUTS, "int dot: {} inputs", ys.len());
+    let (blocks, gpr) = (wpr / 4, wpr * 8 / group);
+    assert!(scales.len() >= ROWS * gpr && biases.len() >= ROWS * gpr, "int dot: scales for fewer than eight rows");
+    for y in ys {
+        assert!(
+            y.d.len() >= blocks && y.hi_mlx.len() >= 32 * blocks,
+            "int dot: input shorter than a row of {blocks} blocks"
+        );
+    }
+    blocks
 }
 
 /// Inputs one call of [`ggml_dot8_rows`] or [`affine_dot8_rows`] takes.
@@ -68,16 +100,8 @@ pub const MAX_INPUTS: usize = crate::backend::ROW_EXACT_MAX;
 /// As [`ggml_dot8`], or if `out` is shorter than `ys` or `ys` longer than
 /// [`MAX_INPUTS`].
 pub fn ggml_dot8_rows(ty: GgmlType, rows: &[u8], rb: usize, ys: &[IntRow], out: &mut [[f32; ROWS]]) {
-    assert!(supported(ty), "int dot: {} has no eight-row kernel here", ty.name());
-    assert!(rows.len() >= ROWS * rb, "int dot: {} bytes for eight rows of {rb}", rows.len());
-    assert!(ys.len() <= MAX_INPUTS && out.len() >= ys.len(), "int dot: {} inputs", ys.len());
-    let blocks = rb / ty.type_size();
-    for y in ys {
-        assert!(
-            y.d.len() >= blocks && y.hi.len() >= 32 * blocks,
-            "int dot: input shorter than a row of {blocks} blocks"
-        );
-    }
+    let blocks = check_ggml(ty, rows, rb, ys);
+    assert!(out.len() >= ys.len(), "int dot: {} outputs for {} inputs", out.len(), ys.len());
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX2/FMA/F16C are present (supported), AVX-512 VNNI/VL where
     // `vnni` says so, and rows, ys hold what is read.
@@ -135,18 +159,7 @@ pub fn affine_dot8(
     y: &IntRow,
     out: &mut [f32; ROWS],
 ) {
-    assert!(affine_supported(4), "int dot: no eight-row affine kernel here");
-    assert!(
-        words.len() >= ROWS * wpr && group.is_multiple_of(32),
-        "int dot: {} words for eight rows of {wpr}",
-        words.len()
-    );
-    let (blocks, gpr) = (wpr / 4, wpr * 8 / group);
-    assert!(scales.len() >= ROWS * gpr && biases.len() >= ROWS * gpr, "int dot: scales for fewer than eight rows");
-    assert!(
-        y.d.len() >= blocks && y.hi_mlx.len() >= 32 * blocks,
-        "int dot: input shorter than a row of {blocks} blocks"
-    );
+    let blocks = check_affine(words, wpr, group, scales, biases, std::slice::from_ref(y));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX2/FMA/F16C are present (affine_supported) and words, scales, biases, y hold what is read.
     unsafe {
@@ -172,21 +185,8 @@ pub fn affine_dot8_rows(
     ys: &[IntRow],
     out: &mut [[f32; ROWS]],
 ) {
-    assert!(affine_supported(4), "int dot: no eight-row affine kernel here");
-    assert!(
-        words.len() >= ROWS * wpr && group.is_multiple_of(32),
-        "int dot: {} words for eight rows of {wpr}",
-        words.len()
-    );
-    assert!(ys.len() <= MAX_INPUTS && out.len() >= ys.len(), "int dot: {} inputs", ys.len());
-    let (blocks, gpr) = (wpr / 4, wpr * 8 / group);
-    assert!(scales.len() >= ROWS * gpr && biases.len() >= ROWS * gpr, "int dot: scales for fewer than eight rows");
-    for y in ys {
-        assert!(
-            y.d.len() >= blocks && y.hi_mlx.len() >= 32 * blocks,
-            "int dot: input shorter than a row of {blocks} blocks"
-        );
-    }
+    let blocks = check_affine(words, wpr, group, scales, biases, ys);
+    assert!(out.len() >= ys.len(), "int dot: {} outputs for {} inputs", out.len(), ys.len());
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX2/FMA/F16C are present (affine_supported), AVX-512 VNNI/VL
     // where `vnni` says so, and words, scales, biases, ys hold what is read.
@@ -243,15 +243,11 @@ mod x86 {
         _mm256_dpbusd_epi32(_mm256_slli_epi32::<8>(h), yl, q)
     }
 
-    /// [`qdot`] of the nibbles at `p`.
-    #[inline(always)]
-    unsafe fn nibble_dot(p: *const u8, yh: __m256i, yl: __m256i) -> __m256i {
-        qdot(unpack(p), yh, yl)
-    }
-
-    /// [`q4`] against each of `ys`: per block the eight rows' nibbles are
-    /// unpacked once, then each input's products, fold, conversion and
-    /// FMAs are [`q4`]'s, in its order.
+    /// Q4_0 / Q4_1 (`q4_1`) rows against each of `ys`: per block the eight
+    /// rows' nibbles are unpacked once, then each input's products, the fold
+    /// of the eight rows' lanes, the conversion and the scale FMAs, in that
+    /// order (a row's value depends on its input alone: [`q4`] is this with
+    /// one input).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_rows(p: *const u8, rb: usize, blocks: usize, ys: &[IntRow], q4_1: bool, out: &mut [[f32; ROWS]]) {
         q4_rows_body::<false>(p, rb, blocks, ys, q4_1, out)
@@ -316,7 +312,8 @@ mod x86 {
     }
 
     /// MLX affine 4-bit: `rb` bytes a row, `per_group` blocks of 32 a
-    /// group, `s * dy * dot + b * ysum` per block with the group's `s`, `b`.
+    /// group, `s * dy * dot + b * ysum` per block with the group's `s`, `b`
+    /// ([`affine4_rows`] with one input).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn affine4(
         p: *const u8,
@@ -327,30 +324,9 @@ mod x86 {
         biases: Floats,
         y: &IntRow,
     ) -> [f32; ROWS] {
-        let gpr = blocks / per_group;
-        let mut acc = _mm256_setzero_ps();
-        for g in 0..gpr {
-            let (sc, bi) = (lanes(scales, g, gpr), lanes(biases, g, gpr));
-            for b in g * per_group..(g + 1) * per_group {
-                let yh = _mm256_loadu_si256(y.hi_mlx.as_ptr().add(32 * b) as *const __m256i);
-                let yl = _mm256_loadu_si256(y.lo_mlx.as_ptr().add(32 * b) as *const __m256i);
-                let mut s = [_mm256_setzero_si256(); ROWS];
-                for (r, s) in s.iter_mut().enumerate() {
-                    if r < 2 {
-                        // block b of the eight rows spans 8 * 16 bytes of the next eight rows' 8 * rb
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ROWS * (rb + b * 16) + 64 * r) as *const i8);
-                    }
-                    *s = nibble_dot(p.add(r * rb + b * 16), yh, yl);
-                }
-                let dot = _mm256_cvtepi32_ps(fold(s));
-                let (dy, ys) = (*y.d.get_unchecked(b), *y.sum.get_unchecked(b));
-                acc = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(dy)), dot, acc);
-                acc = _mm256_fmadd_ps(bi, _mm256_set1_ps(ys), acc);
-            }
-        }
-        let mut out = [0f32; ROWS];
-        _mm256_storeu_ps(out.as_mut_ptr(), acc);
-        out
+        let mut out = [[0f32; ROWS]];
+        affine4_rows_body::<false>(p, rb, blocks, per_group, scales, biases, std::slice::from_ref(y), &mut out);
+        out[0]
     }
 
     /// [`affine4`] against each of `ys`, the nibbles unpacked once per block.
@@ -457,39 +433,12 @@ mod x86 {
         _mm256_cvtph_ps(_mm_set_epi16(h(7), h(6), h(5), h(4), h(3), h(2), h(1), h(0)))
     }
 
+    /// One input's [`q4_rows`] (the decode step).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4(p: *const u8, rb: usize, blocks: usize, y: &IntRow, q4_1: bool) -> [f32; ROWS] {
-        let (ts, qo) = if q4_1 { (20, 4) } else { (18, 2) };
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..blocks {
-            let yh = _mm256_loadu_si256(y.hi.as_ptr().add(32 * b) as *const __m256i);
-            let yl = _mm256_loadu_si256(y.lo.as_ptr().add(32 * b) as *const __m256i);
-            let mut s = [_mm256_setzero_si256(); ROWS];
-            for (r, s) in s.iter_mut().enumerate() {
-                let blk = p.add(r * rb + b * ts);
-                if r < 3 {
-                    // block b of the eight rows spans 8 * ts bytes of the next eight rows' 8 * rb
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ROWS * (rb + b * ts) + 64 * r) as *const i8);
-                }
-                *s = nibble_dot(blk.add(qo), yh, yl);
-            }
-            let dot = _mm256_cvtepi32_ps(fold(s));
-            let d = f16x8(p, rb, b * ts);
-            let (dy, ys) = (*y.d.get_unchecked(b), *y.sum.get_unchecked(b));
-            if q4_1 {
-                // d * dy * dot + m * ysum
-                let m = f16x8(p, rb, b * ts + 2);
-                acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(dy)), dot, acc);
-                acc = _mm256_fmadd_ps(m, _mm256_set1_ps(ys), acc);
-            } else {
-                // d * (dy * dot - 8 * ysum)
-                let v = _mm256_fmadd_ps(dot, _mm256_set1_ps(dy), _mm256_set1_ps(-8.0 * ys));
-                acc = _mm256_fmadd_ps(d, v, acc);
-            }
-        }
-        let mut out = [0f32; ROWS];
-        _mm256_storeu_ps(out.as_mut_ptr(), acc);
-        out
+        let mut out = [[0f32; ROWS]];
+        q4_rows_body::<false>(p, rb, blocks, std::slice::from_ref(y), q4_1, &mut out);
+        out[0]
     }
 }
 
