@@ -3,6 +3,7 @@
 //! The op set only needs the two tensors of a layer; how many sequences,
 //! how long, and (later) how pages are laid out is the engine's business.
 
+use crate::dtype::DType;
 use crate::tensor::Tensor;
 
 /// Keys and values of one layer, each `[capacity, n_kv_heads, head_dim]`.
@@ -38,4 +39,29 @@ pub struct Pages<'a> {
     pub slots: &'a Tensor,
     /// Positions per block, a power of two.
     pub block_size: usize,
+}
+
+impl Pages<'_> {
+    /// Check the shapes every backend relies on for `m` query rows over a
+    /// cache of `cap` rows: `(sequences, blocks a table row holds, log2 of
+    /// the block size)`. (What the tables name is checked where they can be
+    /// read: on the CPU.)
+    pub fn shape(&self, m: usize, cap: usize, op: &str) -> anyhow::Result<(usize, usize, u32)> {
+        use anyhow::ensure;
+        let ts = self.tables.shape();
+        ensure!(
+            self.seqs.dtype() == DType::I32 && self.seqs.numel() == m,
+            "{op}: {} sequence ids for {m} rows",
+            self.seqs.numel()
+        );
+        ensure!(
+            ts.len() == 2 && ts[1] > 0 && self.tables.dtype() == DType::I32,
+            "{op}: block tables must be I32 [sequences, blocks], got {ts:?} {}",
+            self.tables.dtype()
+        );
+        let bs = self.block_size;
+        ensure!(bs.is_power_of_two(), "{op}: block size {bs} is not a power of two");
+        ensure!(cap.is_multiple_of(bs), "{op}: cache of {cap} positions is not whole blocks of {bs}");
+        Ok((ts[0], ts[1], bs.trailing_zeros()))
+    }
 }

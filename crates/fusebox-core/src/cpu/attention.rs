@@ -120,16 +120,10 @@ impl CpuBackend {
         const OP: &str = "paged attention";
         let (m, _, d, kv_heads) = dims(q, cache, out, OP)?;
         let pos = positions_of(pages.positions, m, OP)?;
-        let seqs = pages.seqs.as_i32()?;
-        ensure!(seqs.len() == m, "{OP}: {} sequence ids for {m} rows", seqs.len());
-        let ts = pages.tables.shape();
-        ensure!(ts.len() == 2, "{OP}: block tables must be [sequences, blocks], got {ts:?}");
-        let (batch, width) = (ts[0], ts[1]);
-        let tables = pages.tables.as_i32()?;
-        let bs = pages.block_size;
-        ensure!(bs.is_power_of_two(), "{OP}: block size {bs} is not a power of two");
         let cap = cache.k.shape()[0];
-        ensure!(cap.is_multiple_of(bs), "{OP}: cache of {cap} positions is not whole blocks of {bs}");
+        let (batch, width, shift) = pages.shape(m, cap, OP)?;
+        let (seqs, tables) = (pages.seqs.as_i32()?, pages.tables.as_i32()?);
+        let bs = pages.block_size;
         let blocks = cap / bs;
         for (i, (&s, &p)) in seqs.iter().zip(pos).enumerate() {
             ensure!(s >= 0 && (s as usize) < batch, "{OP}: row {i} names sequence {s} of {batch}");
@@ -139,7 +133,7 @@ impl CpuBackend {
                 bail!("{OP}: sequence {s} names block {b}; the cache has {blocks}");
             }
         }
-        let paged = Some((seqs, tables, width, bs.trailing_zeros()));
+        let paged = Some((seqs, tables, width, shift));
         self.attend(q, cache, Layout { pos, paged, kv_row: kv_heads * d }, scale, out)
     }
 

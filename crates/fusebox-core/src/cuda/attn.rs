@@ -262,26 +262,15 @@ impl CudaBackend {
         const OP: &str = "cuda paged attention";
         let m = q.shape().first().copied().unwrap_or(0);
         ensure!(cache.k.dtype() == DType::BF16, "{OP}: the cache must be bf16 (FUSEBOX_KV_DTYPE=f32 is not paged)");
-        ensure!(
-            pages.seqs.dtype() == DType::I32 && pages.seqs.numel() == m,
-            "{OP}: {} sequence ids for {m} rows",
-            pages.seqs.numel()
-        );
-        let ts = pages.tables.shape();
-        ensure!(
-            ts.len() == 2 && pages.tables.dtype() == DType::I32 && ts[1] > 0,
-            "{OP}: block tables must be I32 [sequences, blocks], got {ts:?}"
-        );
+        let cap = cache.k.shape().first().copied().unwrap_or(0);
+        let (_, width, shift) = pages.shape(m, cap, OP)?;
         let (heads, kvh) = (q.shape().get(1).copied().unwrap_or(0), cache.k.shape().get(1).copied().unwrap_or(0));
         ensure!(kvh > 0 && heads <= 32 * kvh, "{OP}: {heads} heads over {kvh} kv heads (at most 32 a group)");
-        let bs = pages.block_size;
-        let cap = cache.k.shape().first().copied().unwrap_or(0);
-        ensure!(bs.is_power_of_two() && cap % bs == 0, "{OP}: block size {bs} for a cache of {cap} rows");
         let paged = Paged {
             tables: Self::ptr(pages.tables, "paged attention")?,
             seqs: Self::ptr(pages.seqs, "paged attention")?,
-            width: ts[1] as i32,
-            shift: bs.trailing_zeros() as i32,
+            width: width as i32,
+            shift: shift as i32,
         };
         self.attention_with(q, cache, pages.positions, scale, out, false, Some(paged))
     }
