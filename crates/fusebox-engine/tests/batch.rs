@@ -6,12 +6,12 @@
 
 mod common;
 
-use common::batch::{check, CROWDED, CROWDED_OPTS, MIXED, MIXED_OPTS};
-use common::{cpu, greedy, load, tokens};
+use common::batch::{check, request, CROWDED, CROWDED_OPTS, MIXED, MIXED_OPTS};
+use common::{cpu, greedy, load};
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use fusebox_engine::{BatchEngine, BatchOptions, Observer, Request, SamplingParams, Session, StopReason};
+use fusebox_engine::{BatchEngine, BatchOptions, Observer, Request, Session, StopReason};
 
 #[test]
 fn batched_greedy_equals_each_request_alone() {
@@ -35,13 +35,7 @@ fn a_long_prompt_does_not_hold_up_running_decodes() {
     let model = load("tiny-qwen3", &be);
     let opts = BatchOptions { blocks: 64, max_batch_tokens: 8, max_seqs: 4, max_len: 256 };
     let mut engine = BatchEngine::new(&model.decoder, &be, opts).unwrap();
-    let vocab = model.decoder.cfg.vocab_size;
-    let req = |len: usize, n: usize, seed: u64| Request {
-        prompt: tokens(len, vocab, seed),
-        max_new_tokens: n,
-        stop_ids: vec![],
-        sampling: SamplingParams::greedy(),
-    };
+    let req = |len: usize, n: usize, seed: u64| request(&model, &(0, len, n, seed));
     let a = engine.add(req(4, 20, 1)).unwrap();
     assert_eq!(engine.step().unwrap().len(), 1, "the short prompt's first token");
     let b = engine.add(req(100, 2, 2)).unwrap();
@@ -75,13 +69,7 @@ fn decode_rows_beside_a_long_prompt_are_bitwise_their_one_row_values() {
     let be = cpu();
     for name in ["tiny-qwen3", "gguf/tiny-qwen3.gguf", "mlx/tiny-qwen3-4bit-g64"] {
         let model = load(name, &be);
-        let vocab = model.decoder.cfg.vocab_size;
-        let req = |len: usize, n: usize, seed: u64| Request {
-            prompt: tokens(len, vocab, seed),
-            max_new_tokens: n,
-            stop_ids: vec![],
-            sampling: SamplingParams::greedy(),
-        };
+        let req = |len: usize, n: usize, seed: u64| request(&model, &(0, len, n, seed));
         let run = |beside: bool| {
             let opts = BatchOptions { blocks: 64, max_batch_tokens: 64, max_seqs: 4, max_len: 256 };
             let mut engine = BatchEngine::new(&model.decoder, &be, opts).unwrap();
@@ -114,12 +102,7 @@ fn cancelled_and_rejected_requests_hold_no_blocks() {
     let opts = BatchOptions { blocks: 4, max_batch_tokens: 16, max_seqs: 4, max_len: 48 };
     let mut engine = BatchEngine::new(&model.decoder, &be, opts).unwrap();
     let vocab = model.decoder.cfg.vocab_size;
-    let req = |len: usize, n: usize| Request {
-        prompt: tokens(len, vocab, 7),
-        max_new_tokens: n,
-        stop_ids: vec![],
-        sampling: SamplingParams::greedy(),
-    };
+    let req = |len: usize, n: usize| request(&model, &(0, len, n, 7));
     let a = engine.add(req(20, 10)).unwrap();
     let b = engine.add(req(5, 10)).unwrap();
     engine.step().unwrap();

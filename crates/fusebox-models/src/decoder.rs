@@ -222,13 +222,26 @@ impl Workspace {
         self.stage_pos.extend_from_slice(b.positions);
         self.set_ids(be, b.ids)?;
         be.write_i32(&mut self.positions, &self.stage_pos)?;
-        let t = |shape: &[usize], v: &[i32]| be.upload(Tensor::from_i32(shape, v)?);
-        self.paged = Some(PagedStep {
-            seqs: t(&[m], b.seqs)?,
-            tables: t(&[b.tables.len() / b.width, b.width], b.tables)?,
-            slots: t(&[m], b.slots)?,
-            block_size: b.block_size,
-        });
+        // the buffers of the last pass are written again when their shapes fit (the
+        // tables change shape as sequences join, leave or take another block)
+        let shape = [b.tables.len() / b.width, b.width];
+        match &mut self.paged {
+            Some(p) if p.tables.shape() == shape => {
+                be.write_i32(&mut p.seqs, b.seqs)?;
+                be.write_i32(&mut p.slots, b.slots)?;
+                be.write_i32(&mut p.tables, b.tables)?;
+                p.block_size = b.block_size;
+            }
+            _ => {
+                let t = |shape: &[usize], v: &[i32]| be.upload(Tensor::from_i32(shape, v)?);
+                self.paged = Some(PagedStep {
+                    seqs: t(&[m], b.seqs)?,
+                    tables: t(&shape, b.tables)?,
+                    slots: t(&[m], b.slots)?,
+                    block_size: b.block_size,
+                });
+            }
+        }
         self.logit_rows.clear();
         self.logit_rows.extend_from_slice(b.logit_rows);
         Ok(())
