@@ -250,8 +250,8 @@ impl<'m> BatchEngine<'m> {
     /// batch order. Decoding sequences come first (a row each, oldest
     /// first), then those still prefilling take what is left of the budget,
     /// then waiting ones are admitted; so a long prompt never holds up the
-    /// decodes. Sequences that can never fit are finished into `events`.
-    fn schedule(&mut self, events: &mut Vec<Event>) -> Vec<(usize, usize)> {
+    /// decodes.
+    fn schedule(&mut self) -> Vec<(usize, usize)> {
         let mut budget = self.opts.max_batch_tokens;
         let mut plan: Vec<(SeqId, usize)> = Vec::new();
         for decoding in [true, false] {
@@ -264,13 +264,8 @@ impl<'m> BatchEngine<'m> {
                 }
                 let (id, chunk) = (s.id, s.pending().min(budget));
                 let want = s.computed + chunk;
-                if self.blocks.blocks_for(want) > self.blocks.total() {
-                    // longer than the whole cache: it ends here
-                    let mut s = self.running.remove(i);
-                    self.blocks.release(&mut s.table);
-                    events.push(Event { id: s.id, token: None, finished: Some(StopReason::ContextFull) });
-                    continue;
-                }
+                // (a sequence never outgrows `room`, the whole cache at most: `add` and the draws see to it)
+                debug_assert!(want <= self.room());
                 if let Some(j) = self.make_room(i, want, &plan) {
                     plan.push((id, chunk));
                     budget -= chunk;
@@ -325,7 +320,7 @@ impl<'m> BatchEngine<'m> {
     /// contract for passes of that many rows), whatever arrives beside it.
     pub fn step(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
-        let plan = self.schedule(&mut events);
+        let plan = self.schedule();
         let m: usize = plan.iter().map(|&(_, n)| n).sum();
         let mut done = vec![];
         if m <= ROW_EXACT_MAX {

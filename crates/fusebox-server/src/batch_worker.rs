@@ -15,7 +15,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::mpsc as std_mpsc;
 
-use anyhow::Result;
 use fusebox_core::Backend;
 use fusebox_engine::{BatchEngine, BatchOptions, Observer, Request, SeqId, StopReason, BLOCK_SIZE};
 use fusebox_models::{Model, StreamDecoder, Tokenizer};
@@ -236,9 +235,4 @@ fn publish(engine: &BatchEngine, shared: &Shared) {
     shared.kv_blocks_total.store(engine.blocks_total(), SeqCst);
     shared.kv_blocks_free.store(engine.blocks_free(), SeqCst);
     shared.preemptions.store(engine.preemptions(), SeqCst);
-}
-
-/// Build the engine the worker batches with (before it says it is ready).
-pub(crate) fn engine<'m>(model: &'m Model, be: &'m dyn Backend, opts: BatchOptions) -> Result<BatchEngine<'m>> {
-    BatchEngine::new(&model.decoder, be, opts)
 }

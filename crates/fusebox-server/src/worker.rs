@@ -134,7 +134,7 @@ fn run(loaded: Loaded, jobs: &std_mpsc::Receiver<Job>, ready: std_mpsc::Sender<R
     };
     if make.is_none() && batching.enabled && be.has_paged_attention() {
         let opts = crate::batch_worker::options(&batching, ctx, &model, be);
-        let engine = match crate::batch_worker::engine(&model, be, opts) {
+        let engine = match fusebox_engine::BatchEngine::new(&model.decoder, be, opts) {
             Ok(e) => e,
             Err(e) => return drop(ready.send(Err(e))),
         };
