@@ -8,11 +8,12 @@ set -uo pipefail
 log=${OUT:-/tmp}/gpu-next.log
 {
   echo "== commit $(cat .gpu/COMMIT 2>/dev/null); $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-  # 1. correctness: the gemv_tc default (issue 22), paged attention and batching on CUDA (issue 23)
-  for t in gemv_tc_rows_are_bitwise_one_row_products paged_attention_is_bitwise_contiguous_attention_per_row \
-           cuda_batched_greedy_equals_each_request_alone cuda_preempted_sequences cuda_verify_rows_equal_decode_steps; do
-    echo "== test $t"; bash .gpu/run.sh test "$t" 2>&1 | tail -n 25
-  done
+  # 1. correctness: every test binary (FUSEBOX_REQUIRE_CUDA=1). Since the last GPU run: the gemv_tc
+  #    default (issue 22); the attention kernels' tile loads (attn_load_tile addresses rows through
+  #    attn_row_off now, the same addresses for a contiguous cache), their paged twins and batching on
+  #    CUDA (issue 23: cuda_attention paged_attention_is_bitwise_contiguous_attention_per_row,
+  #    fusebox-engine cuda_batch)
+  echo "== all tests"; bash .gpu/run.sh 2>&1 | grep -E "^test |test result|panicked|FAILED|skipped" | tail -n 120
   # 2. the verify curve, gemv_tc off and on (Qwen3-8B 4-bit after 512 tokens)
   for tc in 0 1; do
     echo "== verify curve FUSEBOX_GEMV_TC=$tc"
