@@ -14,7 +14,13 @@ log=${OUT:-/tmp}/gpu-next.log
   #    CUDA (issue 23: cuda_attention paged_attention_is_bitwise_contiguous_attention_per_row,
   #    fusebox-engine cuda_batch)
   echo "== all tests"; bash .gpu/run.sh 2>&1 | grep -E "^test |test result|panicked|FAILED|skipped" | tail -n 120
-  # 2. the verify curve, gemv_tc off and on (Qwen3-8B 4-bit after 512 tokens)
+  # 2. batching on CUDA (FUSEBOX_CUDA_BATCHING=1): decode step cost by batch size, through BatchEngine
+  for q in "--quant q4g64"; do
+    echo "== batch curve qwen3-8b $q"
+    FUSEBOX_CUDA_BATCHING=1 bash .gpu/run.sh exec fusebox bench --device cuda --synthetic qwen3-8b $q \
+      --prompt-len 128 --gen 16 --batch-curve 64 --out-dir "${OUT:-/tmp}" 2>&1 | tail -n 15
+  done
+  # 3. the verify curve, gemv_tc off and on (Qwen3-8B 4-bit after 512 tokens)
   for tc in 0 1; do
     echo "== verify curve FUSEBOX_GEMV_TC=$tc"
     FUSEBOX_GEMV_TC=$tc bash .gpu/run.sh exec fusebox bench --device cuda --synthetic qwen3-8b --quant q4g64 \

@@ -159,6 +159,8 @@ pub struct CudaBackend {
     pub(crate) attn_tc: std::sync::atomic::AtomicBool,
     /// 4-bit int_dot products of 2-16 rows on the tensor cores (`CudaOptions::gemv_tc`; `set_gemv_tc`).
     pub(crate) gemv_tc: std::sync::atomic::AtomicBool,
+    /// Batching through `paged_attention` (`CudaOptions::batching`).
+    pub(crate) batching: bool,
     /// Per-kernel event timing (`FUSEBOX_KERNEL_TIMING`).
     timing: Option<timing::KernelTiming>,
 }
@@ -192,6 +194,9 @@ pub struct CudaOptions {
     /// the tensor cores, bitwise the one-row GEMV's rows (`FUSEBOX_GEMV_TC`,
     /// default on; see `gemv_tc.cu`), instead of the GEMV's multi-row kernels.
     pub gemv_tc: bool,
+    /// Whether the engine and the server batch sequences on this GPU through
+    /// `paged_attention` (`FUSEBOX_CUDA_BATCHING`).
+    pub batching: bool,
 }
 
 impl CudaOptions {
@@ -208,12 +213,13 @@ impl CudaOptions {
             prefill_f32: std::env::var("FUSEBOX_PREFILL_F32").is_ok_and(|v| v == "1"),
             attn_tc: std::env::var("FUSEBOX_ATTN_TC").map(|v| v != "0").unwrap_or(true),
             gemv_tc: std::env::var("FUSEBOX_GEMV_TC").map(|v| v != "0").unwrap_or(true),
+            batching: std::env::var("FUSEBOX_CUDA_BATCHING").is_ok_and(|v| v == "1"),
         })
     }
 
     /// f32 KV cache and f32 prefill: the GPU computes like the CPU's f32 path.
     pub fn exact() -> CudaOptions {
-        CudaOptions { graphs: true, kv_f32: true, prefill_f32: true, attn_tc: false, gemv_tc: true }
+        CudaOptions { graphs: true, kv_f32: true, prefill_f32: true, attn_tc: false, gemv_tc: true, batching: false }
     }
 }
 
@@ -280,6 +286,7 @@ impl CudaBackend {
             prefill_f32: opts.prefill_f32,
             attn_tc: std::sync::atomic::AtomicBool::new(opts.attn_tc),
             gemv_tc: std::sync::atomic::AtomicBool::new(opts.gemv_tc),
+            batching: opts.batching,
             pdl,
             info,
         })
@@ -684,11 +691,12 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.paged_attention_impl(q, cache, pages, scale, out)
     }
-    /// Not until the GPU tests of `paged_attention` have run (cuda_attention
-    /// `paged_attention_is_bitwise_contiguous_attention_per_row`): the engine
-    /// and the server keep one request at a time on CUDA until then.
+    /// Only with `FUSEBOX_CUDA_BATCHING=1` until the GPU tests of
+    /// `paged_attention` have passed (cuda_attention
+    /// `paged_attention_is_bitwise_contiguous_attention_per_row`, cuda_batch):
+    /// the engine and the server keep one request at a time on CUDA otherwise.
     fn has_paged_attention(&self) -> bool {
-        false
+        self.batching
     }
     fn free_memory(&self) -> Option<usize> {
         self.ctx.mem_get_info().ok().map(|(free, _)| free)
