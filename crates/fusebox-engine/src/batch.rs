@@ -119,6 +119,9 @@ pub struct BatchEngine<'m> {
     running: Vec<Seq<'m>>,
     next_id: SeqId,
     preemptions: u64,
+    /// Forward passes that read a paged layout, and all of them.
+    paged_passes: u64,
+    passes: u64,
     workspaces: HashMap<(usize, usize), Workspace>,
     logits: Vec<f32>,
     /// Adjusted logits of one row (an observer's penalties).
@@ -129,6 +132,12 @@ impl<'m> BatchEngine<'m> {
     pub fn new(model: &'m Decoder, be: &'m dyn Backend, opts: BatchOptions) -> Result<BatchEngine<'m>> {
         ensure!(opts.max_batch_tokens > 0 && opts.max_seqs > 0, "batch: max_batch_tokens and max_seqs must be above 0");
         ensure!(opts.max_len > 0, "batch: max_len must be above 0");
+        ensure!(
+            opts.max_seqs == 1 || be.has_paged_attention(),
+            "batch: {} runs one sequence at a time (no paged attention yet): max_seqs must be 1, not {}",
+            be.name(),
+            opts.max_seqs
+        );
         let blocks = BlockManager::new(opts.blocks, BLOCK_SIZE)?;
         let cache =
             (0..model.layers.len()).map(|_| model.kv_layer(be, opts.blocks * BLOCK_SIZE)).collect::<Result<_>>()?;
@@ -142,6 +151,8 @@ impl<'m> BatchEngine<'m> {
             running: Vec::new(),
             next_id: 0,
             preemptions: 0,
+            paged_passes: 0,
+            passes: 0,
             workspaces: HashMap::new(),
             logits: Vec::new(),
             work: Vec::new(),
@@ -234,6 +245,13 @@ impl<'m> BatchEngine<'m> {
     /// Sequences preempted so far.
     pub fn preemptions(&self) -> u64 {
         self.preemptions
+    }
+
+    /// Forward passes so far: `(paged, all)`. A pass over a lone sequence
+    /// whose blocks are in order runs the contiguous cache's kernels
+    /// ([`fusebox_models::Batch::is_contiguous`]) and is not counted as paged.
+    pub fn passes(&self) -> (u64, u64) {
+        (self.paged_passes, self.passes)
     }
 
     /// Move running sequence `i` back to the front of the queue, its blocks
@@ -389,6 +407,15 @@ impl<'m> BatchEngine<'m> {
             logit_rows: &logit_rows,
         };
         ws.set_batch(self.be, &batch)?;
+        // a lone sequence's blocks are the cache's first in order (a fresh free list hands them out
+        // so, and a release puts them back so): a backend without paged attention never needs it
+        ensure!(
+            !ws.is_paged() || self.be.has_paged_attention(),
+            "batch: {} has no paged attention, and a step's layout is not one contiguous sequence",
+            self.be.name()
+        );
+        self.passes += 1;
+        self.paged_passes += ws.is_paged() as u64;
         let (model, be, cache) = (self.model, self.be, &mut self.cache);
         be.run(&mut || model.forward(be, ws, cache))?;
         be.read_f32(&ws.logits, &mut self.logits)?;

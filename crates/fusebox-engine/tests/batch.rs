@@ -134,3 +134,30 @@ fn cancelled_and_rejected_requests_hold_no_blocks() {
     assert_eq!((got, StopReason::ContextFull), (want.tokens, want.stop));
     assert_eq!(engine.blocks_free(), engine.blocks_total());
 }
+
+/// A lone sequence (its blocks the cache's first, in order) runs the
+/// contiguous cache's kernels, as a `Session` does; two at once run paged.
+#[test]
+fn a_lone_sequence_runs_the_contiguous_path() {
+    let be = cpu();
+    let model = load("tiny-qwen3", &be);
+    let opts = BatchOptions { blocks: 16, max_batch_tokens: 8, max_seqs: 2, max_len: 64 };
+    let mut engine = BatchEngine::new(&model.decoder, &be, opts).unwrap();
+    let run = |engine: &mut BatchEngine, reqs: &[Request]| {
+        for r in reqs {
+            engine.add(r.clone()).unwrap();
+        }
+        while !engine.is_idle() {
+            engine.step().unwrap();
+        }
+    };
+    let req = |len: usize, n: usize| request(&model, &(0, len, n, 7));
+    // one after another: every pass contiguous (a released table's blocks come back in order)
+    run(&mut engine, &[req(20, 6)]);
+    run(&mut engine, &[req(37, 4)]);
+    let (paged, all) = engine.passes();
+    assert_eq!(paged, 0, "{paged} of {all} passes of lone sequences ran paged");
+    assert!(all >= 10);
+    run(&mut engine, &[req(5, 6), req(9, 6)]);
+    assert!(engine.passes().0 > 0, "two sequences at once run paged");
+}

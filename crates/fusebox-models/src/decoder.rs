@@ -143,6 +143,10 @@ pub struct Workspace {
     /// A batch over a paged cache ([`Workspace::set_batch`]); `None`: one
     /// sequence in a contiguous cache.
     paged: Option<PagedStep>,
+    /// Whether the next pass reads `paged` (a batch that is one sequence
+    /// with its blocks in order runs as a contiguous cache, see
+    /// [`Batch::is_contiguous`]).
+    paged_on: bool,
     /// [`Logits::Rows`]: the rows whose logits the pass produces, in order.
     logit_rows: Vec<usize>,
 }
@@ -168,6 +172,23 @@ pub struct Batch<'a> {
     pub width: usize,
     pub block_size: usize,
     pub logit_rows: &'a [usize],
+}
+
+impl Batch<'_> {
+    /// Whether this batch is one sequence whose blocks are the cache's first
+    /// ones in order, so that each row's slot is its position and the
+    /// sequence's keys lie where a contiguous cache keeps them: then the pass
+    /// runs the contiguous cache's kernels (the fused decode sites, a
+    /// one-sequence attention), the same work a lone sequence has always run.
+    pub fn is_contiguous(&self) -> bool {
+        let Some(&last) = self.positions.iter().max() else { return false };
+        let used = (last as usize + 1).div_ceil(self.block_size.max(1));
+        self.tables.len() == self.width
+            && self.seqs.iter().all(|&s| s == 0)
+            && self.positions == self.slots
+            && used <= self.width
+            && self.tables[..used].iter().enumerate().all(|(j, &b)| b == j as i32)
+    }
 }
 
 /// The outputs of some layers, captured for a draft that reads them.
@@ -222,6 +243,12 @@ impl Workspace {
         self.stage_pos.extend_from_slice(b.positions);
         self.set_ids(be, b.ids)?;
         be.write_i32(&mut self.positions, &self.stage_pos)?;
+        self.logit_rows.clear();
+        self.logit_rows.extend_from_slice(b.logit_rows);
+        self.paged_on = !b.is_contiguous();
+        if !self.paged_on {
+            return Ok(());
+        }
         // the buffers of the last pass are written again when their shapes fit (the
         // tables change shape as sequences join, leave or take another block)
         let shape = [b.tables.len() / b.width, b.width];
@@ -242,8 +269,6 @@ impl Workspace {
                 });
             }
         }
-        self.logit_rows.clear();
-        self.logit_rows.extend_from_slice(b.logit_rows);
         Ok(())
     }
 
@@ -267,7 +292,14 @@ impl Workspace {
         self.set_ids(be, ids)?;
         self.stage_pos.clear();
         self.stage_pos.extend((start..start + self.m).map(|p| p as i32));
+        self.paged_on = false;
         be.write_i32(&mut self.positions, &self.stage_pos)
+    }
+
+    /// Whether the next pass reads a paged cache's layout (false: one
+    /// sequence in a contiguous cache).
+    pub fn is_paged(&self) -> bool {
+        self.paged_on
     }
 }
 
@@ -411,6 +443,7 @@ impl Decoder {
             logits: z(&[if mode == Logits::All { m } else { nl }, c.vocab_size])?,
             taps: None,
             paged: None,
+            paged_on: false,
             logit_rows: Vec::with_capacity(nl),
         })
     }
@@ -457,7 +490,7 @@ impl Decoder {
                 k_norm: layer.k_norm.as_ref(),
                 eps,
                 positions: &ws.positions,
-                slots: ws.paged.as_ref().map(|p| &p.slots),
+                slots: ws.paged.as_ref().filter(|_| ws.paged_on).map(|p| &p.slots),
                 inv_freq: &self.inv_freq,
                 style: c.rope_style,
             };
@@ -468,7 +501,7 @@ impl Decoder {
             } else {
                 attn_inputs_graph(be, &ws.h, &a, &mut b, cache, fuse.rope_kv_append)?;
             }
-            match &ws.paged {
+            match ws.paged.as_ref().filter(|_| ws.paged_on) {
                 None => be.attention(&ws.q, cache, &ws.positions, scale, &mut ws.attn)?,
                 Some(p) => {
                     let pages = Pages {
@@ -609,4 +642,33 @@ pub(crate) fn load_layer(
         mlp_norm: norm(&format!("{p}.post_attention_layernorm"), d)?,
         mlp,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Batch;
+
+    fn batch<'a>(
+        positions: &'a [i32],
+        seqs: &'a [i32],
+        slots: &'a [i32],
+        tables: &'a [i32],
+        width: usize,
+    ) -> Batch<'a> {
+        Batch { ids: &[], positions, seqs, slots, tables, width, block_size: 16, logit_rows: &[] }
+    }
+
+    #[test]
+    fn one_sequence_with_its_blocks_in_order_is_contiguous() {
+        // a decode row at position 20 (block 1), blocks 0 and 1 in order: contiguous
+        assert!(batch(&[20], &[0], &[20], &[0, 1], 2).is_contiguous());
+        // a prompt chunk over positions 16..19 of the same table; the table may run past what is used
+        assert!(batch(&[16, 17, 18], &[0; 3], &[16, 17, 18], &[0, 1, 7], 3).is_contiguous());
+        // blocks out of order, a second sequence, slots that are not the positions
+        assert!(!batch(&[20], &[0], &[4], &[1, 0], 2).is_contiguous());
+        assert!(!batch(&[3, 3], &[0, 1], &[3, 19], &[0, 1], 1).is_contiguous());
+        assert!(!batch(&[20], &[0], &[36], &[0, 2], 2).is_contiguous());
+        // an empty batch has nothing to run
+        assert!(!batch(&[], &[], &[], &[0], 1).is_contiguous());
+    }
 }
