@@ -21,13 +21,16 @@
 //! runs beside it (the tests check greedy output against [`crate::Session`]).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, ensure, Result};
 use fusebox_core::backend::ROW_EXACT_MAX;
+use fusebox_core::dtype::splitmix64;
 use fusebox_core::{Backend, LayerKv};
 use fusebox_models::{Batch, Decoder, Logits, Workspace};
 
 use crate::block_manager::{BlockManager, BlockTable, BLOCK_SIZE};
+use crate::device_sampler::DeviceSampler;
 use crate::generate::StopReason;
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -63,6 +66,12 @@ pub trait Observer {
     /// Change the logits the next token is drawn from (frequency and
     /// presence penalties); the model's own stay as they are.
     fn adjust(&mut self, _logits: &mut [f32]) {}
+    /// Whether [`Observer::drawn`] reads the logits. When not, a lone
+    /// decoding sequence draws on the device and its logits stay there
+    /// (`drawn` gets an empty slice).
+    fn needs_logits(&self) -> bool {
+        true
+    }
     /// The token drawn, the model's logits it was drawn from (before
     /// [`Observer::adjust`]) and whether it ends the sequence. Returning
     /// `false` ends it now ([`StopReason::Callback`]: the client went away).
@@ -107,6 +116,23 @@ impl Seq<'_> {
 /// Workspaces kept for reuse, by (rows, logit rows); dropped when more.
 const WORKSPACES_KEPT: usize = 16;
 
+/// The graph key of a lone sequence's decode step (with the engine's id and
+/// the workspace's serial).
+const PASS_LONE_DECODE: u64 = 0x4c4f_4e45;
+
+static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
+
+/// The device sampler of a lone decoding sequence, and whose state it holds.
+struct LoneDraw {
+    dev: DeviceSampler,
+    /// The sequence whose parameters it holds.
+    owner: SeqId,
+    /// `(sequence, tokens)`: the device history holds that sequence's first
+    /// `tokens` tokens and its counter that sequence's draws (a host draw
+    /// for it since leaves this stale).
+    synced: Option<(SeqId, usize)>,
+}
+
 /// Sequences generated together over one paged KV cache.
 pub struct BatchEngine<'m> {
     model: &'m Decoder,
@@ -122,7 +148,12 @@ pub struct BatchEngine<'m> {
     /// Forward passes that read a paged layout, and all of them.
     paged_passes: u64,
     passes: u64,
-    workspaces: HashMap<(usize, usize), Workspace>,
+    /// By (rows, logit rows): a serial (graph keys name it) and the workspace.
+    workspaces: HashMap<(usize, usize), (u64, Workspace)>,
+    next_serial: u64,
+    /// Names this engine's buffers in graph keys.
+    id: u64,
+    lone: Option<LoneDraw>,
     logits: Vec<f32>,
     /// Adjusted logits of one row (an observer's penalties).
     work: Vec<f32>,
@@ -151,6 +182,9 @@ impl<'m> BatchEngine<'m> {
             running: Vec::new(),
             next_id: 0,
             preemptions: 0,
+            next_serial: 0,
+            id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
+            lone: None,
             paged_passes: 0,
             passes: 0,
             workspaces: HashMap::new(),
@@ -393,9 +427,11 @@ impl<'m> BatchEngine<'m> {
                 self.workspaces.clear();
             }
             let ws = self.model.workspace(self.be, m, Logits::Rows(nl))?;
-            self.workspaces.insert((m, nl), ws);
+            self.next_serial += 1;
+            self.workspaces.insert((m, nl), (self.next_serial, ws));
         }
-        let ws = self.workspaces.get_mut(&(m, nl)).expect("inserted above");
+        let (serial, ws) = self.workspaces.get_mut(&(m, nl)).expect("inserted above");
+        let serial = *serial;
         let batch = Batch {
             ids: &ids,
             positions: &positions,
@@ -415,7 +451,15 @@ impl<'m> BatchEngine<'m> {
             self.be.name()
         );
         self.passes += 1;
-        self.paged_passes += ws.is_paged() as u64;
+        let paged = ws.is_paged();
+        self.paged_passes += paged as u64;
+        if let [(i, 1)] = *plan {
+            let s = &self.running[i];
+            if !paged && s.computed + 1 == s.tokens.len() && s.observer.as_ref().is_none_or(|o| !o.adjusts()) {
+                return self.lone_decode(i, serial, events, done);
+            }
+        }
+        let ws = &mut self.workspaces.get_mut(&(m, nl)).expect("inserted above").1;
         let (model, be, cache) = (self.model, self.be, &mut self.cache);
         be.run(&mut || model.forward(be, ws, cache))?;
         be.read_f32(&ws.logits, &mut self.logits)?;
@@ -439,28 +483,80 @@ impl<'m> BatchEngine<'m> {
                 }
                 None => s.sampler.sample(raw, &s.tokens),
             };
-            s.tokens.push(tok);
-            let generated = s.tokens.len() - s.prompt_len;
-            let mut finished = if s.stop_ids.contains(&tok) {
-                Some(StopReason::Eos)
-            } else if generated >= s.max_new_tokens {
-                Some(StopReason::MaxTokens)
-            } else if s.tokens.len() > room {
-                // the cache is full: the last token drawn needs no room (as a Session)
-                Some(StopReason::ContextFull)
-            } else {
-                None
-            };
-            if let Some(o) = s.observer.as_mut() {
-                if !o.drawn(raw, tok, finished) && finished.is_none() {
-                    finished = Some(StopReason::Callback);
-                }
-            }
-            events.push(Event { id: s.id, token: Some(tok), finished });
-            if finished.is_some() {
-                done.push(i);
-            }
+            record(s, i, tok, raw, room, events, done);
         }
         Ok(())
+    }
+
+    /// The decode step of a lone sequence (running `i`, one row, its blocks
+    /// in order) as one repeating pass, the forward and the draw on the
+    /// backend (a CUDA graph replay once warm), as a `Session` decodes:
+    /// only the token comes back, and the logits when its observer reads
+    /// them. The draw is the one the host sampler would make (the same
+    /// stream and history).
+    fn lone_decode(&mut self, i: usize, serial: u64, events: &mut Vec<Event>, done: &mut Vec<usize>) -> Result<()> {
+        let (model, be, vocab, room) = (self.model, self.be, self.model.cfg.vocab_size, self.room());
+        let s = &mut self.running[i];
+        let lone = match &mut self.lone {
+            Some(l) => l,
+            none => {
+                none.insert(LoneDraw { dev: DeviceSampler::new(be, self.opts.max_len + 1)?, owner: s.id, synced: None })
+            }
+        };
+        if lone.owner != s.id || lone.synced.is_none() {
+            lone.dev.set_params(be, &s.sampler.params, s.sampler.draws())?;
+            lone.owner = s.id;
+            lone.synced = None;
+        }
+        if lone.synced != Some((s.id, s.tokens.len())) {
+            lone.dev.draws = s.sampler.draws();
+            lone.dev.write_history(be, &s.tokens, None)?;
+        }
+        let ws = &mut self.workspaces.get_mut(&(1, 1)).expect("the pass's workspace").1;
+        let key = splitmix64(splitmix64(self.id ^ splitmix64(serial)) ^ PASS_LONE_DECODE);
+        let (cache, dev) = (&mut self.cache, &mut lone.dev);
+        be.run_graph(key, &mut || {
+            model.forward(be, ws, cache)?;
+            dev.sample(be, &ws.logits)
+        })?;
+        let tok = lone.dev.take_token(be, vocab)?;
+        s.sampler.skip();
+        s.computed += 1;
+        lone.synced = Some((s.id, s.tokens.len() + 1));
+        let raw: &[f32] = if s.observer.as_ref().is_some_and(|o| o.needs_logits()) {
+            be.read_f32(&ws.logits, &mut self.logits)?;
+            &self.logits[..vocab]
+        } else {
+            &[]
+        };
+        record(s, i, tok, raw, room, events, done);
+        Ok(())
+    }
+}
+
+/// After sequence `s` (running `i`) drew `tok` from `raw`: the token joins
+/// it, the end is decided (a stop token, its budget, a full cache, or its
+/// observer gone) and the step's event recorded.
+fn record(s: &mut Seq, i: usize, tok: u32, raw: &[f32], room: usize, events: &mut Vec<Event>, done: &mut Vec<usize>) {
+    s.tokens.push(tok);
+    let generated = s.tokens.len() - s.prompt_len;
+    let mut finished = if s.stop_ids.contains(&tok) {
+        Some(StopReason::Eos)
+    } else if generated >= s.max_new_tokens {
+        Some(StopReason::MaxTokens)
+    } else if s.tokens.len() > room {
+        // the cache is full: the last token drawn needs no room (as a Session)
+        Some(StopReason::ContextFull)
+    } else {
+        None
+    };
+    if let Some(o) = s.observer.as_mut() {
+        if !o.drawn(raw, tok, finished) && finished.is_none() {
+            finished = Some(StopReason::Callback);
+        }
+    }
+    events.push(Event { id: s.id, token: Some(tok), finished });
+    if finished.is_some() {
+        done.push(i);
     }
 }

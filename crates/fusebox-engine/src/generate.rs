@@ -13,10 +13,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use fusebox_core::dtype::splitmix64;
-use fusebox_core::sample::SAMPLE_PARAMS;
-use fusebox_core::{Backend, DType, Tensor};
+use fusebox_core::{Backend, Tensor};
 use fusebox_models::{Decoder, Logits, Workspace};
 
+use crate::device_sampler::DeviceSampler;
 use crate::kv_cache::KvCache;
 use crate::sampling::SamplingParams;
 use crate::spec::Proposer;
@@ -164,25 +164,6 @@ impl ParityCheck {
     }
 }
 
-/// The sampling op's device buffers, and what the host knows of them.
-pub(crate) struct DeviceSampler {
-    /// `F32 [SAMPLE_PARAMS]`.
-    params: Tensor,
-    /// `I32 [capacity]`: the context, then the token last drawn.
-    history: Tensor,
-    /// `I32 [2]`: history length, draw counter.
-    state: Tensor,
-    /// `I32 [1]`: the token drawn.
-    token: Tensor,
-    /// Host staging for `history` (written whole).
-    staging: Vec<i32>,
-    read: Vec<i32>,
-    /// Draws since the parameters were set (the device counter).
-    draws: u32,
-    /// The token last drawn, when the device history is the context plus it.
-    pub(crate) pending: Option<u32>,
-}
-
 /// Graph keys of the two repeating passes.
 const PASS_STEP: u64 = 1;
 const PASS_DECODE: u64 = 2;
@@ -192,18 +173,7 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 impl<'m> Session<'m> {
     /// A session whose context holds `capacity` tokens.
     pub fn new(model: &'m Decoder, be: &'m dyn Backend, capacity: usize) -> Result<Session<'m>> {
-        let mut params = be.zeros(&[SAMPLE_PARAMS], DType::F32)?;
-        be.write_f32(&mut params, &SamplingParams::greedy().encode())?;
-        let sampler = DeviceSampler {
-            params,
-            history: be.zeros(&[capacity.max(1)], DType::I32)?,
-            state: be.zeros(&[2], DType::I32)?,
-            token: be.zeros(&[1], DType::I32)?,
-            staging: vec![0; capacity.max(1)],
-            read: Vec::with_capacity(1),
-            draws: 0,
-            pending: None,
-        };
+        let sampler = DeviceSampler::new(be, capacity)?;
         Ok(Session {
             model,
             be,
@@ -383,49 +353,24 @@ impl<'m> Session<'m> {
     /// the random stream (draw `i` after this uses counter `i`, so the same
     /// seed, context and settings give the same tokens).
     pub fn set_sampling(&mut self, p: &SamplingParams) -> Result<()> {
-        self.be.write_f32(&mut self.sampler.params, &p.encode())?;
-        self.sampler.draws = 0;
-        self.sampler.pending = None;
-        Ok(())
+        self.sampler.set_params(self.be, p, 0)
     }
 
     /// Put the context (and `next`, the token about to be run) in the
     /// device history, and the state to match.
     fn write_history(&mut self, next: Option<u32>) -> Result<()> {
-        let s = &mut self.sampler;
-        let n = self.tokens.len();
-        for (h, &t) in s.staging.iter_mut().zip(&self.tokens) {
-            *h = t as i32;
-        }
-        let mut len = n;
-        if let Some(t) = next {
-            if let Some(h) = s.staging.get_mut(n) {
-                *h = t as i32;
-            }
-            len += 1;
-        }
-        self.be.write_i32(&mut s.history, &s.staging)?;
-        self.be.write_i32(&mut s.state, &[len as i32, s.draws as i32])
+        self.sampler.write_history(self.be, &self.tokens, next)
     }
 
     /// Read the drawn token back.
     fn take_token(&mut self) -> Result<u32> {
-        let s = &mut self.sampler;
-        s.draws = s.draws.wrapping_add(1);
-        self.be.read_i32(&s.token, &mut s.read)?;
-        let t = s.read[0];
-        if t < 0 || t as usize >= self.model.cfg.vocab_size {
-            bail!("the sampler returned token {t}, outside the vocabulary of {}", self.model.cfg.vocab_size);
-        }
-        s.pending = Some(t as u32);
-        Ok(t as u32)
+        self.sampler.take_token(self.be, self.model.cfg.vocab_size)
     }
 
     /// Draw a token from `logits` (the last prompt chunk's).
     fn sample_from(&mut self, logits: &Tensor) -> Result<u32> {
         self.write_history(None)?;
-        let s = &mut self.sampler;
-        self.be.sample(logits, &s.params, &mut s.history, &mut s.state, &mut s.token)?;
+        self.sampler.sample(self.be, logits)?;
         self.take_token()
     }
 
@@ -444,7 +389,7 @@ impl<'m> Session<'m> {
         let (model, be, ws, kv, s) = (self.model, self.be, &mut self.decode_ws, &mut self.kv.layers, &mut self.sampler);
         be.run_graph(key, &mut || {
             model.forward(be, ws, kv)?;
-            be.sample(&ws.logits, &s.params, &mut s.history, &mut s.state, &mut s.token)
+            s.sample(be, &ws.logits)
         })?;
         self.parity_compare(reference)?;
         self.kv.len += 1;
@@ -456,12 +401,7 @@ impl<'m> Session<'m> {
     /// valid part of the token history and the draw counter. After a draw
     /// the history is the context followed by the token drawn.
     pub fn sampler_history(&self) -> Result<(Vec<i32>, u32)> {
-        let s = &self.sampler;
-        let (mut h, mut st) = (vec![], vec![]);
-        self.be.read_i32(&s.history, &mut h)?;
-        self.be.read_i32(&s.state, &mut st)?;
-        h.truncate((st[0].max(0) as usize).min(h.len()));
-        Ok((h, st[1] as u32))
+        self.sampler.read_history(self.be)
     }
 
     /// Run `prompt` (one token or more) after the context and draw the next

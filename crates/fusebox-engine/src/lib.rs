@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod block_manager;
+mod device_sampler;
 pub mod generate;
 pub mod kv_cache;
 pub mod sampling;

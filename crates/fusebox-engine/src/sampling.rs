@@ -44,4 +44,15 @@ impl Sampler {
         self.counter = self.counter.wrapping_add(1);
         t as u32
     }
+
+    /// Draws so far: the stream counter the next draw uses.
+    pub fn draws(&self) -> u32 {
+        self.counter
+    }
+
+    /// Count a draw made elsewhere with these parameters (on the device,
+    /// for a lone decoding sequence), so the stream goes on from it.
+    pub fn skip(&mut self) {
+        self.counter = self.counter.wrapping_add(1);
+    }
 }

@@ -161,3 +161,50 @@ fn a_lone_sequence_runs_the_contiguous_path() {
     run(&mut engine, &[req(5, 6), req(9, 6)]);
     assert!(engine.passes().0 > 0, "two sequences at once run paged");
 }
+
+/// A lone decoding sequence draws on the device (the forward and the draw
+/// one repeating pass), the others on the host: the same stream either way.
+/// A seeded request alone, and the same request while another joins and
+/// leaves mid-way (its draws moving from the device to the host and back),
+/// give the tokens a `Session` gives.
+#[test]
+fn seeded_draws_are_the_same_on_the_device_and_the_host() {
+    let be = cpu();
+    let model = load("tiny-qwen3", &be);
+    let vocab = model.decoder.cfg.vocab_size;
+    let req = |len: usize, n: usize, seed: u64| Request {
+        prompt: common::tokens(len, vocab, seed),
+        max_new_tokens: n,
+        stop_ids: vec![],
+        sampling: common::batch::seeded(seed),
+    };
+    let a = req(7, 40, 5);
+    let mut s = Session::new(&model.decoder, &be, 64).unwrap();
+    let opts =
+        fusebox_engine::GenerateOptions { max_new_tokens: 40, stop_ids: vec![], sampling: common::batch::seeded(5) };
+    let want = s.generate(&a.prompt, &opts, |_| Ok(true)).unwrap().tokens;
+    for beside in [None, Some(3usize)] {
+        let opts = BatchOptions { blocks: 32, max_batch_tokens: 16, max_seqs: 2, max_len: 128 };
+        let mut engine = BatchEngine::new(&model.decoder, &be, opts).unwrap();
+        let id = engine.add(a.clone()).unwrap();
+        let mut got = vec![];
+        for step in 0.. {
+            if Some(step) == beside {
+                engine.add(req(12, 6, 9)).unwrap();
+            }
+            got.extend(engine.step().unwrap().iter().filter(|e| e.id == id).filter_map(|e| e.token));
+            if engine.is_idle() {
+                break;
+            }
+        }
+        assert_eq!(got, want, "beside: {beside:?}");
+    }
+}
+
+#[test]
+fn a_lone_sequence_in_the_engine_decodes_as_a_session() {
+    let be = cpu();
+    for name in ["tiny-qwen3", "tiny-qwen3-moe", "gguf/tiny-qwen3.gguf"] {
+        common::batch::lone_equals_session(&be, name);
+    }
+}

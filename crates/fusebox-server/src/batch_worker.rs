@@ -75,6 +75,10 @@ impl Observer for Sink<'_> {
         self.counts.apply(logits);
     }
 
+    fn needs_logits(&self) -> bool {
+        self.logprobs.is_some()
+    }
+
     fn drawn(&mut self, raw: &[f32], token: u32, finished: Option<StopReason>) -> bool {
         if finished == Some(StopReason::Eos) {
             // a stop token is not sent

@@ -159,8 +159,8 @@ pub struct CudaBackend {
     pub(crate) attn_tc: std::sync::atomic::AtomicBool,
     /// 4-bit int_dot products of 2-16 rows on the tensor cores (`CudaOptions::gemv_tc`; `set_gemv_tc`).
     pub(crate) gemv_tc: std::sync::atomic::AtomicBool,
-    /// Batching through `paged_attention` (`CudaOptions::batching`).
-    pub(crate) batching: bool,
+    /// Batching through `paged_attention` (`CudaOptions::batching`; `set_batching`).
+    pub(crate) batching: std::sync::atomic::AtomicBool,
     /// Per-kernel event timing (`FUSEBOX_KERNEL_TIMING`).
     timing: Option<timing::KernelTiming>,
 }
@@ -286,7 +286,7 @@ impl CudaBackend {
             prefill_f32: opts.prefill_f32,
             attn_tc: std::sync::atomic::AtomicBool::new(opts.attn_tc),
             gemv_tc: std::sync::atomic::AtomicBool::new(opts.gemv_tc),
-            batching: opts.batching,
+            batching: std::sync::atomic::AtomicBool::new(opts.batching),
             pdl,
             info,
         })
@@ -310,6 +310,12 @@ impl CudaBackend {
     /// Switch those products between `gemv_tc.cu` and the GEMV's multi-row kernels (A/B runs, tests).
     pub fn set_gemv_tc(&self, on: bool) {
         self.gemv_tc.store(on, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Let the engine batch sequences here through `paged_attention`
+    /// (`FUSEBOX_CUDA_BATCHING`; tests of the paged kernels turn it on).
+    pub fn set_batching(&self, on: bool) {
+        self.batching.store(on, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This backend's fusion decisions (defaults, tuned file, environment).
@@ -696,7 +702,7 @@ impl Backend for CudaBackend {
     /// `paged_attention_is_bitwise_contiguous_attention_per_row`, cuda_batch):
     /// the engine and the server keep one request at a time on CUDA otherwise.
     fn has_paged_attention(&self) -> bool {
-        self.batching
+        self.batching.load(std::sync::atomic::Ordering::Relaxed)
     }
     fn free_memory(&self) -> Option<usize> {
         self.ctx.mem_get_info().ok().map(|(free, _)| free)

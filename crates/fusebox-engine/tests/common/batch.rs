@@ -82,3 +82,45 @@ pub const CROWDED: [Plan; 4] = [(0, 20, 30, 11), (0, 18, 30, 12), (1, 22, 28, 13
 
 /// A cache too small for [`CROWDED`] at once: preemptions.
 pub const CROWDED_OPTS: BatchOptions = BatchOptions { blocks: 8, max_batch_tokens: 64, max_seqs: 4, max_len: 128 };
+
+/// Seeded sampling with every filter and the repetition penalty.
+pub fn seeded(seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.02,
+        repeat_penalty: 1.3,
+        repeat_last_n: 16,
+        seed,
+    }
+}
+
+/// Requests one after another through an engine of one sequence (greedy and
+/// seeded, so the lone decode pass is replayed across sequences with
+/// another's parameters and history) give what a `Session` gives, token for
+/// token; the engine never runs a paged pass.
+pub fn lone_equals_session(be: &dyn Backend, name: &str) {
+    let model = super::load(name, be);
+    let vocab = model.decoder.cfg.vocab_size;
+    let opts = BatchOptions { blocks: 8, max_batch_tokens: 64, max_seqs: 1, max_len: 128 };
+    let mut engine = BatchEngine::new(&model.decoder, be, opts).unwrap();
+    for (i, sampling) in [seeded(5), SamplingParams::greedy(), seeded(6), seeded(5)].into_iter().enumerate() {
+        let req = Request {
+            prompt: tokens(5 + 9 * i, vocab, i as u64),
+            max_new_tokens: 30,
+            stop_ids: vec![],
+            sampling: sampling.clone(),
+        };
+        let mut s = Session::new(&model.decoder, be, 128).unwrap();
+        let opts = fusebox_engine::GenerateOptions { max_new_tokens: 30, stop_ids: vec![], sampling };
+        let want = s.generate(&req.prompt, &opts, |_| Ok(true)).unwrap().tokens;
+        let id = engine.add(req).unwrap();
+        let mut got = vec![];
+        while !engine.is_idle() {
+            got.extend(engine.step().unwrap().iter().filter(|e| e.id == id).filter_map(|e| e.token));
+        }
+        assert_eq!(got, want, "{name}: request {i} through the engine differs from a Session's");
+    }
+    assert_eq!(engine.passes().0, 0, "{name}: a lone sequence ran a paged pass");
+}
