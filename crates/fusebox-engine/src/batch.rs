@@ -29,10 +29,12 @@ use fusebox_core::dtype::splitmix64;
 use fusebox_core::{Backend, LayerKv};
 use fusebox_models::{Batch, Decoder, Logits, Workspace};
 
+use crate::batch_spec::SeqSpec;
 use crate::block_manager::{BlockManager, BlockTable, BLOCK_SIZE};
 use crate::device_sampler::DeviceSampler;
 use crate::generate::StopReason;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::spec::Speculation;
 
 /// A sequence's handle, unique in one engine.
 pub type SeqId = u64;
@@ -104,12 +106,27 @@ struct Seq<'m> {
     stop_ids: Vec<u32>,
     sampler: Sampler,
     observer: Option<Box<dyn Observer + 'm>>,
+    spec: Option<SeqSpec<'m>>,
 }
 
 impl Seq<'_> {
     /// Tokens known but not yet in the cache.
     fn pending(&self) -> usize {
         self.tokens.len() - self.computed
+    }
+
+    /// Whether this sequence decodes (one token known past its cache) with
+    /// a proposer: its rows in a step are a speculative round.
+    fn speculates(&self) -> bool {
+        self.spec.is_some() && self.pending() == 1
+    }
+
+    /// The token at position `t`: known, or a draft of the round in flight.
+    fn token(&self, t: usize) -> u32 {
+        match self.tokens.get(t) {
+            Some(&tok) => tok,
+            None => self.spec.as_ref().expect("rows past the tokens are drafts").draft.tokens[t - self.tokens.len()],
+        }
     }
 }
 
@@ -154,6 +171,7 @@ pub struct BatchEngine<'m> {
     /// Names this engine's buffers in graph keys.
     id: u64,
     lone: Option<LoneDraw>,
+    spec_totals: (usize, usize, usize),
     logits: Vec<f32>,
     /// Adjusted logits of one row (an observer's penalties).
     work: Vec<f32>,
@@ -185,6 +203,7 @@ impl<'m> BatchEngine<'m> {
             next_serial: 0,
             id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
             lone: None,
+            spec_totals: (0, 0, 0),
             paged_passes: 0,
             passes: 0,
             workspaces: HashMap::new(),
@@ -205,6 +224,41 @@ impl<'m> BatchEngine<'m> {
     /// [`BatchEngine::add`] with an [`Observer`] that sees every draw.
     pub fn add_observed(&mut self, req: Request, observer: Box<dyn Observer + 'm>) -> Result<SeqId> {
         self.add_seq(req, Some(observer))
+    }
+
+    /// [`BatchEngine::add`] with an optional [`Observer`] and speculative
+    /// decoding: each step the sequence decodes, its proposer drafts up to
+    /// `k` tokens and the step scores them beside the other sequences' rows
+    /// (greedy output is plain greedy's, token for token; sampled output
+    /// has the target's distribution). A round may emit several tokens, an
+    /// [`Event`] each.
+    ///
+    /// # Errors
+    /// As [`BatchEngine::add`]; a `k` out of range, a proposer that reads
+    /// the target's hidden states (DFlash runs one request at a time), or an
+    /// observer that adjusts the logits (the rounds accept from the
+    /// model's own).
+    pub fn add_with(
+        &mut self,
+        req: Request,
+        observer: Option<Box<dyn Observer + 'm>>,
+        spec: Option<Speculation<'m>>,
+    ) -> Result<SeqId> {
+        let Some(spec) = spec else { return self.add_seq(req, observer) };
+        ensure!(
+            observer.as_ref().is_none_or(|o| !o.adjusts()),
+            "speculative decoding draws from the model's own logits: no penalties that adjust them"
+        );
+        let spec = SeqSpec::new(spec, &req.sampling)?;
+        let id = self.add_seq(req, observer)?;
+        self.waiting.back_mut().expect("just queued").spec = Some(spec);
+        Ok(id)
+    }
+
+    /// Speculative rounds so far, over every sequence: `(rounds, drafted,
+    /// accepted)`.
+    pub fn spec_totals(&self) -> (usize, usize, usize) {
+        self.spec_totals
     }
 
     fn add_seq(&mut self, req: Request, observer: Option<Box<dyn Observer + 'm>>) -> Result<SeqId> {
@@ -229,6 +283,7 @@ impl<'m> BatchEngine<'m> {
             stop_ids: req.stop_ids,
             sampler: Sampler::new(req.sampling),
             observer,
+            spec: None,
         });
         Ok(id)
     }
@@ -294,6 +349,9 @@ impl<'m> BatchEngine<'m> {
         let mut s = self.running.remove(i);
         self.blocks.release(&mut s.table);
         s.computed = 0;
+        if let Some(sp) = s.spec.as_mut() {
+            sp.draft.clear();
+        }
         self.preemptions += 1;
         self.waiting.push_front(s);
     }
@@ -303,7 +361,8 @@ impl<'m> BatchEngine<'m> {
     /// first), then those still prefilling take what is left of the budget,
     /// then waiting ones are admitted; so a long prompt never holds up the
     /// decodes.
-    fn schedule(&mut self) -> Vec<(usize, usize)> {
+    fn schedule(&mut self) -> Result<Vec<(usize, usize)>> {
+        let (room, vocab) = (self.room(), self.model.cfg.vocab_size);
         let mut budget = self.opts.max_batch_tokens;
         let mut plan: Vec<(SeqId, usize)> = Vec::new();
         for decoding in [true, false] {
@@ -314,8 +373,17 @@ impl<'m> BatchEngine<'m> {
                     i += 1;
                     continue;
                 }
-                let (id, chunk) = (s.id, s.pending().min(budget));
-                let want = s.computed + chunk;
+                let (id, mut chunk) = (s.id, s.pending().min(budget));
+                if s.speculates() {
+                    // the pending token and drafts: within the budget, the cache and the tokens still wanted
+                    let s = &mut self.running[i];
+                    let wanted = s.max_new_tokens - (s.tokens.len() - s.prompt_len);
+                    let limit = (budget - 1).min(room - s.tokens.len()).min(wanted.saturating_sub(1));
+                    let sp = s.spec.as_mut().expect("speculates");
+                    sp.propose(&s.tokens, &s.sampler.params, sp.k(limit), vocab)?;
+                    chunk = 1 + sp.draft.tokens.len();
+                }
+                let want = self.running[i].computed + chunk;
                 // (a sequence never outgrows `room`, the whole cache at most: `add` and the draws see to it)
                 debug_assert!(want <= self.room());
                 if let Some(j) = self.make_room(i, want, &plan) {
@@ -336,9 +404,10 @@ impl<'m> BatchEngine<'m> {
             self.running.push(s);
             budget -= chunk;
         }
-        plan.into_iter()
+        Ok(plan
+            .into_iter()
             .map(|(id, n)| (self.running.iter().position(|s| s.id == id).expect("a planned sequence runs"), n))
-            .collect()
+            .collect())
     }
 
     /// Grow running sequence `i`'s table to `want` positions, preempting
@@ -372,7 +441,7 @@ impl<'m> BatchEngine<'m> {
     /// contract for passes of that many rows), whatever arrives beside it.
     pub fn step(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
-        let plan = self.schedule();
+        let plan = self.schedule()?;
         let m: usize = plan.iter().map(|&(_, n)| n).sum();
         let mut done = vec![];
         if m <= ROW_EXACT_MAX {
@@ -380,9 +449,18 @@ impl<'m> BatchEngine<'m> {
                 self.pass(&plan, &mut events, &mut done)?;
             }
         } else {
-            let (decodes, rest): (Vec<_>, Vec<_>) = plan.iter().partition(|&&(_, n)| n == 1);
-            for part in decodes.chunks(ROW_EXACT_MAX) {
-                self.pass(part, &mut events, &mut done)?;
+            // decoding sequences (a row, or a speculative round of up to ROW_EXACT_MAX) packed into
+            // passes of up to ROW_EXACT_MAX rows, the prompt chunks into another
+            let (decodes, rest): (Vec<_>, Vec<_>) = plan.iter().partition(|&&(i, _)| self.running[i].pending() == 1);
+            let mut part: Vec<(usize, usize)> = vec![];
+            for &(i, n) in &decodes {
+                if part.iter().map(|&(_, r)| r).sum::<usize>() + n > ROW_EXACT_MAX {
+                    self.pass(&std::mem::take(&mut part), &mut events, &mut done)?;
+                }
+                part.push((i, n));
+            }
+            if !part.is_empty() {
+                self.pass(&part, &mut events, &mut done)?;
             }
             if !rest.is_empty() {
                 self.pass(&rest, &mut events, &mut done)?;
@@ -409,7 +487,7 @@ impl<'m> BatchEngine<'m> {
         for (b, &(i, n)) in plan.iter().enumerate() {
             let s = &self.running[i];
             for t in s.computed..s.computed + n {
-                ids.push(s.tokens[t]);
+                ids.push(s.token(t));
                 positions.push(t as i32);
                 seqs.push(b as i32);
                 slots.push(self.blocks.slot(&s.table, t) as i32);
@@ -417,7 +495,9 @@ impl<'m> BatchEngine<'m> {
             for (dst, &id) in tables[b * width..].iter_mut().zip(s.table.ids()) {
                 *dst = id as i32;
             }
-            if s.computed + n == s.tokens.len() {
+            if s.speculates() {
+                logit_rows.extend(ids.len() - n..ids.len());
+            } else if s.computed + n == s.tokens.len() {
                 logit_rows.push(ids.len() - 1);
             }
         }
@@ -455,7 +535,11 @@ impl<'m> BatchEngine<'m> {
         self.paged_passes += paged as u64;
         if let [(i, 1)] = *plan {
             let s = &self.running[i];
-            if !paged && s.computed + 1 == s.tokens.len() && s.observer.as_ref().is_none_or(|o| !o.adjusts()) {
+            if !paged
+                && s.spec.is_none()
+                && s.computed + 1 == s.tokens.len()
+                && s.observer.as_ref().is_none_or(|o| !o.adjusts())
+            {
                 return self.lone_decode(i, serial, events, done);
             }
         }
@@ -467,6 +551,12 @@ impl<'m> BatchEngine<'m> {
         let mut row = 0;
         for &(i, n) in plan {
             let s = &mut self.running[i];
+            if s.speculates() {
+                let rows = &self.logits[row * vocab..(row + n) * vocab];
+                row += n;
+                round(s, i, rows, vocab, room, &mut self.spec_totals, events, done)?;
+                continue;
+            }
             let samples = s.computed + n == s.tokens.len();
             s.computed += n;
             if !samples {
@@ -532,6 +622,41 @@ impl<'m> BatchEngine<'m> {
         record(s, i, tok, raw, room, events, done);
         Ok(())
     }
+}
+
+/// Sequence `s` (running `i`) after its speculative round's pass: `rows`
+/// are the logits of the pending token and each draft. The accepted drafts
+/// and the bonus token join it one by one (an event each, up to the first
+/// that ends it), its cache position moves past the pending token and the
+/// accepted drafts, and the proposer hears the outcome.
+#[allow(clippy::too_many_arguments)]
+fn round(
+    s: &mut Seq,
+    i: usize,
+    rows: &[f32],
+    vocab: usize,
+    room: usize,
+    totals: &mut (usize, usize, usize),
+    events: &mut Vec<Event>,
+    done: &mut Vec<usize>,
+) -> Result<()> {
+    let sp = s.spec.as_mut().expect("a speculating sequence");
+    let (a, bonus) = sp.accept(rows, vocab, &s.tokens)?;
+    let drafted = sp.draft.tokens.len();
+    *totals = (totals.0 + 1, totals.1 + drafted, totals.2 + a);
+    let emitted: Vec<u32> = sp.draft.tokens[..a].iter().copied().chain([bonus]).collect();
+    s.computed += 1 + a;
+    let before = done.len();
+    for (j, &tok) in emitted.iter().enumerate() {
+        record(s, i, tok, &rows[j * vocab..(j + 1) * vocab], room, events, done);
+        if done.len() > before {
+            // ended inside the round: the cache never holds more than the tokens
+            s.computed = s.computed.min(s.tokens.len());
+            return Ok(());
+        }
+    }
+    let sp = s.spec.as_mut().expect("a speculating sequence");
+    sp.accepted(&s.tokens, a)
 }
 
 /// After sequence `s` (running `i`) drew `tok` from `raw`: the token joins

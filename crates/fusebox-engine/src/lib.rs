@@ -2,6 +2,7 @@
 //! speculative decoding.
 
 pub mod batch;
+mod batch_spec;
 pub mod block_manager;
 mod device_sampler;
 pub mod generate;

@@ -18,7 +18,6 @@ use fusebox_core::dtype::random_bits;
 use fusebox_core::sample::{probabilities, SamplingParams, Scratch, SAMPLE_PARAMS};
 
 use super::proposer::Draft;
-use crate::generate::Session;
 
 /// Separates the acceptance stream from the sampler's, for the same seed.
 const STREAM: u64 = 0x5350_4543_4143_4350;
@@ -78,17 +77,30 @@ impl Acceptor {
         self.draw(p, total)
     }
 
-    /// After [`Session::verify`] over `[pending, draft.tokens..]` with
-    /// `argmax` its rows' argmax: how many drafts are accepted, and the
-    /// bonus token. `context` is the committed context (ending with the
-    /// pending token).
-    pub fn accept(&mut self, s: &mut Session, argmax: &[i32], context: &[u32], draft: &Draft) -> Result<(usize, u32)> {
+    /// Whether [`Acceptor::accept`] decides from each row's argmax alone
+    /// (greedy with no penalty), never reading the logits.
+    pub fn argmax_only(&self) -> bool {
+        self.plain_greedy
+    }
+
+    /// After a verify pass over `[pending, draft.tokens..]` with `argmax`
+    /// its rows' argmax (read only when [`Acceptor::argmax_only`]) and
+    /// `logits` giving its rows' logits (`[rows, vocab]`, called only when
+    /// not): how many drafts are accepted, and the bonus token. `context`
+    /// is the committed context (ending with the pending token).
+    pub fn accept<'l>(
+        &mut self,
+        argmax: &[i32],
+        logits: impl FnOnce() -> Result<&'l [f32]>,
+        context: &[u32],
+        draft: &Draft,
+    ) -> Result<(usize, u32)> {
         let d = &draft.tokens;
         if self.plain_greedy {
             let a = d.iter().zip(argmax).take_while(|(t, m)| **t as i32 == **m).count();
             return Ok((a, argmax[a] as u32));
         }
-        let logits = s.verify_logits()?;
+        let logits = logits()?;
         let vocab = logits.len() / (d.len() + 1);
         self.history.clear();
         self.history.extend(context.iter().map(|&t| t as i32));

@@ -10,7 +10,7 @@
 //! A round emits `a + 1` tokens for one target pass, so greedy output is
 //! plain greedy's token for token, only sooner.
 
-mod accept;
+pub(crate) mod accept;
 pub mod dflash;
 pub mod draft;
 pub mod ngram;
@@ -56,7 +56,7 @@ pub struct SpecStats {
 }
 
 impl SpecStats {
-    fn new(method: &'static str, k: usize, trace: bool) -> SpecStats {
+    pub(crate) fn new(method: &'static str, k: usize, trace: bool) -> SpecStats {
         SpecStats { method, k, rounds: 0, drafted: 0, accepted: 0, draft_secs: 0.0, trace: trace.then(Vec::new) }
     }
 
@@ -162,7 +162,7 @@ impl Session<'_> {
         let base = self.kv.len;
         b.argmax.clear();
         b.argmax.extend_from_slice(self.verify(&b.rows)?);
-        let (a, bonus) = acceptor.accept(self, &b.argmax, &b.committed, &b.draft)?;
+        let (a, bonus) = acceptor.accept(&b.argmax, || self.verify_logits(), &b.committed, &b.draft)?;
         self.truncate(base + 1 + a);
         if let Some(taps) = self.verify_taps() {
             proposer.observe(taps, base, a + 1)?;
