@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::{Event, FinishReason, Usage};
 use crate::logprobs::StepScores;
-use crate::model::Batching;
+use crate::model::{Batching, MakeSpeculation};
 use crate::panic::panic_message;
 use crate::penalties::Counts;
 use crate::worker::{Job, Shared, SHUTTING_DOWN};
@@ -109,16 +109,24 @@ impl Observer for Sink<'_> {
     }
 }
 
+/// Speculative decoding for the requests that can take it: a proposer made
+/// per request.
+pub(crate) struct Spec<'m> {
+    pub make: &'m dyn MakeSpeculation,
+    pub draft: Option<&'m Model>,
+    pub ctx: usize,
+}
+
 /// Run jobs through `engine` until the queue closes.
 pub(crate) fn run<'m>(
     model: &'m Model,
     be: &'m dyn Backend,
     opts: BatchOptions,
     mut engine: BatchEngine<'m>,
+    spec: Option<Spec<'m>>,
     jobs: &std_mpsc::Receiver<Job>,
     shared: &'m Shared,
 ) {
-    let tokenizer = &model.tokenizer;
     let mut live: HashMap<SeqId, mpsc::UnboundedSender<Event>> = HashMap::new();
     let mut open = true;
     while open || !engine.is_idle() {
@@ -143,7 +151,7 @@ pub(crate) fn run<'m>(
                 },
             };
             shared.queued.fetch_sub(1, SeqCst);
-            admit(&mut engine, job, tokenizer, shared, &mut live);
+            admit(&mut engine, job, (model, be, spec.as_ref()), shared, &mut live);
         }
         // clients that went away, and a shutdown
         let closed = shared.closed.load(SeqCst);
@@ -191,14 +199,17 @@ pub(crate) fn run<'m>(
     }
 }
 
-/// Start `job` in the engine, or answer it at once.
+/// Start `job` in the engine, or answer it at once. A request without
+/// frequency or presence penalties speculates when the server does (the
+/// rounds accept from the model's own logits).
 fn admit<'m>(
     engine: &mut BatchEngine<'m>,
     job: Job,
-    tokenizer: &'m Tokenizer,
+    (model, be, spec): (&'m Model, &'m dyn Backend, Option<&Spec<'m>>),
     shared: &'m Shared,
     live: &mut HashMap<SeqId, mpsc::UnboundedSender<Event>>,
 ) {
+    let tokenizer = &model.tokenizer;
     let Job { req, tx } = job;
     if tx.is_closed() {
         return; // cancelled while it waited
@@ -224,9 +235,16 @@ fn admit<'m>(
         prompt_tokens: req.prompt.len(),
         completion_tokens: 0,
     };
+    let speculation = match spec.filter(|_| req.penalties.is_off()) {
+        Some(s) => match s.make.make(model, s.draft, be, s.ctx) {
+            Ok(sp) => Some(sp),
+            Err(e) => return drop(tx.send(Event::Error(format!("{e:#}")))),
+        },
+        None => None,
+    };
     let request =
         Request { prompt: req.prompt, max_new_tokens: req.max_tokens, stop_ids: req.stop_ids, sampling: req.sampling };
-    match engine.add_observed(request, Box::new(sink)) {
+    match engine.add_with(request, Some(Box::new(sink)), speculation) {
         Ok(id) => drop(live.insert(id, tx)),
         Err(e) => drop(tx.send(Event::Error(format!("{e:#}")))),
     }

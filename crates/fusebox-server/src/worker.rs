@@ -132,7 +132,15 @@ fn run(loaded: Loaded, jobs: &std_mpsc::Receiver<Job>, ready: std_mpsc::Sender<R
         speculation: None,
         batching: None,
     };
-    if make.is_none() && batching.enabled && be.has_paged_attention() {
+    // speculation batches too, unless its proposer reads the target's hidden states (DFlash)
+    let probe = match make.as_deref().map(|m| m.make(&model, draft.as_ref(), be, ctx)).transpose() {
+        Ok(p) => p,
+        Err(e) => return drop(ready.send(Err(e))),
+    };
+    let batchable = probe.as_ref().is_none_or(|p| p.proposer.target_layers().is_empty());
+    let speculation = probe.as_ref().map(|s| format!("{} k={}", s.proposer.name(), s.options.k));
+    drop(probe);
+    if batchable && batching.enabled && be.has_paged_attention() {
         let opts = crate::batch_worker::options(&batching, ctx, &model, be);
         let engine = match fusebox_engine::BatchEngine::new(&model.decoder, be, opts) {
             Ok(e) => e,
@@ -147,10 +155,12 @@ fn run(loaded: Loaded, jobs: &std_mpsc::Receiver<Job>, ready: std_mpsc::Sender<R
         };
         let info = ModelInfo {
             batching: Some(format!("up to {} requests over {} KV blocks of 16 ({size})", opts.max_seqs, opts.blocks)),
+            speculation,
             ..info
         };
+        let spec = make.as_deref().map(|make| crate::batch_worker::Spec { make, draft: draft.as_ref(), ctx });
         if ready.send(Ok(info)).is_ok() {
-            crate::batch_worker::run(&model, be, opts, engine, jobs, shared);
+            crate::batch_worker::run(&model, be, opts, engine, spec, jobs, shared);
         }
         return;
     }

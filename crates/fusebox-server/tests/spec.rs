@@ -50,7 +50,8 @@ fn server(make: Box<dyn MakeSpeculation + Send>, draft: Option<&'static str>) ->
         loaded.spec = Some(SpecSetup { draft, make });
         Ok(loaded)
     };
-    let (worker, info) = Worker::spawn(load, 4).expect("starting the worker");
+    let (worker, info) = Worker::spawn(load, 16).expect("starting the worker");
+    assert!(info.batching.is_some(), "prompt lookup and draft models speculate in the batched worker");
     let spec = info.speculation.clone();
     (common::start_with(Arc::new(worker), info, ServerOptions::default()), spec)
 }
@@ -100,7 +101,7 @@ fn a_speculation_that_cannot_be_made_fails_the_start() {
 }
 
 #[test]
-fn logprobs_and_penalties_decode_plainly_under_speculation() {
+fn logprobs_and_penalties_under_speculation_answer_as_plain_ones() {
     let plain = common::start(ServerOptions::default());
     let (ngram, _) = server(Box::new(Ngram), None);
     for body in [
@@ -114,4 +115,23 @@ fn logprobs_and_penalties_decode_plainly_under_speculation() {
     }
     // and the speculative worker goes on answering greedy requests as before
     assert_eq!(answers(ngram), answers(plain));
+}
+
+/// Speculating requests batched together (different prompts, at once)
+/// answer as each does on a plain server.
+#[test]
+fn concurrent_speculative_requests_answer_as_plain_ones() {
+    let plain = common::start(ServerOptions::default());
+    let (ngram, _) = server(Box::new(Ngram), None);
+    let body = |i: usize| {
+        let words = ["Hello", "world", "again", "Hello world"];
+        let prompt = vec![words[i % 4]; 3 + i].join(" ");
+        json!({"prompt": prompt, "max_tokens": 20 + 3 * i, "temperature": 0})
+    };
+    let ask = |addr: SocketAddr| {
+        let threads: Vec<_> =
+            (0..6).map(|i| std::thread::spawn(move || post(addr, "/v1/completions", &body(i)).json())).collect();
+        threads.into_iter().map(|t| t.join().unwrap()["choices"].clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(ask(ngram), ask(plain));
 }
