@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{bail, ensure, Result};
 use fusebox_core::backend::ROW_EXACT_MAX;
 use fusebox_core::dtype::splitmix64;
-use fusebox_core::{Backend, LayerKv};
+use fusebox_core::{Backend, LayerKv, Tensor};
 use fusebox_models::{Batch, Decoder, Logits, Workspace};
 
 use crate::batch_spec::SeqSpec;
@@ -34,7 +34,7 @@ use crate::block_manager::{BlockManager, BlockTable, BLOCK_SIZE};
 use crate::device_sampler::DeviceSampler;
 use crate::generate::StopReason;
 use crate::sampling::{Sampler, SamplingParams};
-use crate::spec::Speculation;
+use crate::spec::{SpecStats, Speculation};
 
 /// A sequence's handle, unique in one engine.
 pub type SeqId = u64;
@@ -172,6 +172,11 @@ pub struct BatchEngine<'m> {
     id: u64,
     lone: Option<LoneDraw>,
     spec_totals: (usize, usize, usize),
+    /// Target layers every pass captures, for proposers that read them
+    /// (one set per engine; empty: none).
+    tap_layers: Vec<usize>,
+    /// Finished sequences' speculation ([`BatchEngine::take_spec_stats`]).
+    spec_done: HashMap<SeqId, SpecStats>,
     logits: Vec<f32>,
     /// Adjusted logits of one row (an observer's penalties).
     work: Vec<f32>,
@@ -204,6 +209,8 @@ impl<'m> BatchEngine<'m> {
             id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
             lone: None,
             spec_totals: (0, 0, 0),
+            tap_layers: Vec::new(),
+            spec_done: HashMap::new(),
             paged_passes: 0,
             passes: 0,
             workspaces: HashMap::new(),
@@ -235,9 +242,9 @@ impl<'m> BatchEngine<'m> {
     ///
     /// # Errors
     /// As [`BatchEngine::add`]; a `k` out of range, a proposer that reads
-    /// the target's hidden states (DFlash runs one request at a time), or an
-    /// observer that adjusts the logits (the rounds accept from the
-    /// model's own).
+    /// target layers other than those another sequence's proposer reads
+    /// (one set per engine), or an observer that adjusts the logits (the
+    /// rounds accept from the model's own).
     pub fn add_with(
         &mut self,
         req: Request,
@@ -249,6 +256,21 @@ impl<'m> BatchEngine<'m> {
             observer.as_ref().is_none_or(|o| !o.adjusts()),
             "speculative decoding draws from the model's own logits: no penalties that adjust them"
         );
+        let layers = spec.proposer.target_layers().to_vec();
+        if !layers.is_empty() && layers != self.tap_layers {
+            ensure!(
+                self.tap_layers.is_empty(),
+                "the {} proposer reads target layers {layers:?}, and this engine captures {:?} for another",
+                spec.proposer.name(),
+                self.tap_layers
+            );
+            if let Some(&bad) = layers.iter().find(|&&l| l >= self.model.layers.len()) {
+                bail!("cannot capture layer {bad}: the model has {} layers", self.model.layers.len());
+            }
+            // every pass captures them from now on
+            self.tap_layers = layers;
+            self.workspaces.clear();
+        }
         let spec = SeqSpec::new(spec, &req.sampling)?;
         let id = self.add_seq(req, observer)?;
         self.waiting.back_mut().expect("just queued").spec = Some(spec);
@@ -259,6 +281,12 @@ impl<'m> BatchEngine<'m> {
     /// accepted)`.
     pub fn spec_totals(&self) -> (usize, usize, usize) {
         self.spec_totals
+    }
+
+    /// What speculation did for a sequence that has finished (kept from
+    /// its end until taken, once).
+    pub fn take_spec_stats(&mut self, id: SeqId) -> Option<SpecStats> {
+        self.spec_done.remove(&id)
     }
 
     fn add_seq(&mut self, req: Request, observer: Option<Box<dyn Observer + 'm>>) -> Result<SeqId> {
@@ -470,6 +498,9 @@ impl<'m> BatchEngine<'m> {
         for &i in done.iter().rev() {
             let mut s = self.running.remove(i);
             self.blocks.release(&mut s.table);
+            if let Some(sp) = s.spec {
+                self.spec_done.insert(s.id, sp.stats);
+            }
         }
         Ok(events)
     }
@@ -506,7 +537,10 @@ impl<'m> BatchEngine<'m> {
             if self.workspaces.len() >= WORKSPACES_KEPT {
                 self.workspaces.clear();
             }
-            let ws = self.model.workspace(self.be, m, Logits::Rows(nl))?;
+            let mut ws = self.model.workspace(self.be, m, Logits::Rows(nl))?;
+            if !self.tap_layers.is_empty() {
+                ws = ws.with_taps(self.be, &self.tap_layers)?;
+            }
             self.next_serial += 1;
             self.workspaces.insert((m, nl), (self.next_serial, ws));
         }
@@ -543,19 +577,25 @@ impl<'m> BatchEngine<'m> {
                 return self.lone_decode(i, serial, events, done);
             }
         }
+        let (vocab, room) = (self.model.cfg.vocab_size, self.room());
         let ws = &mut self.workspaces.get_mut(&(m, nl)).expect("inserted above").1;
         let (model, be, cache) = (self.model, self.be, &mut self.cache);
         be.run(&mut || model.forward(be, ws, cache))?;
         be.read_f32(&ws.logits, &mut self.logits)?;
-        let (vocab, room) = (self.model.cfg.vocab_size, self.room());
-        let mut row = 0;
+        let (mut row, mut first_row) = (0, 0);
         for &(i, n) in plan {
             let s = &mut self.running[i];
+            // this sequence's rows of the pass, where a proposer reads the target's layers
+            let taps = ws.taps().filter(|_| s.spec.as_ref().is_some_and(|sp| sp.taps())).map(|t| (t, first_row));
+            first_row += n;
             if s.speculates() {
                 let rows = &self.logits[row * vocab..(row + n) * vocab];
                 row += n;
-                round(s, i, rows, vocab, room, &mut self.spec_totals, events, done)?;
+                round(s, i, rows, taps, vocab, room, &mut self.spec_totals, events, done)?;
                 continue;
+            }
+            if let (Some((t, r0)), Some(sp)) = (taps, s.spec.as_mut()) {
+                sp.observe(t, r0, s.computed, n)?;
             }
             let samples = s.computed + n == s.tokens.len();
             s.computed += n;
@@ -634,6 +674,7 @@ fn round(
     s: &mut Seq,
     i: usize,
     rows: &[f32],
+    taps: Option<(&Tensor, usize)>,
     vocab: usize,
     room: usize,
     totals: &mut (usize, usize, usize),
@@ -645,6 +686,9 @@ fn round(
     let drafted = sp.draft.tokens.len();
     *totals = (totals.0 + 1, totals.1 + drafted, totals.2 + a);
     let emitted: Vec<u32> = sp.draft.tokens[..a].iter().copied().chain([bonus]).collect();
+    if let Some((t, r0)) = taps {
+        sp.observe(t, r0, s.computed, a + 1)?;
+    }
     s.computed += 1 + a;
     let before = done.len();
     for (j, &tok) in emitted.iter().enumerate() {

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
 use fusebox_core::sample::SamplingParams;
+use fusebox_core::Tensor;
 
 use crate::spec::accept::Acceptor;
 use crate::spec::{Draft, ProposeCtx, Proposer, Round, SpecStats, Speculation, MAX_SPEC_K};
@@ -30,13 +31,6 @@ impl<'m> SeqSpec<'m> {
     pub(crate) fn new(spec: Speculation<'m>, sampling: &SamplingParams) -> Result<SeqSpec<'m>> {
         let k = spec.options.k;
         ensure!((1..=MAX_SPEC_K).contains(&k), "--spec-k must be between 1 and {MAX_SPEC_K}, got {k}");
-        if !spec.proposer.target_layers().is_empty() {
-            bail!(
-                "the {} proposer reads the target's hidden states, which batched steps do not capture yet: \
-                 it runs one request at a time",
-                spec.proposer.name()
-            );
-        }
         Ok(SeqSpec {
             stats: SpecStats::new(spec.proposer.name(), k, spec.options.trace),
             proposer: spec.proposer,
@@ -91,6 +85,17 @@ impl<'m> SeqSpec<'m> {
             t.push(Round { proposed: d.clone(), accepted: a });
         }
         Ok((a, bonus))
+    }
+
+    /// Whether the proposer reads target layers ([`SeqSpec::observe`]).
+    pub(crate) fn taps(&self) -> bool {
+        !self.proposer.target_layers().is_empty()
+    }
+
+    /// Show the proposer the target's layers at positions `first..first +
+    /// rows`: rows `row0..` of `taps`.
+    pub(crate) fn observe(&mut self, taps: &Tensor, row0: usize, first: usize, rows: usize) -> Result<()> {
+        self.proposer.observe(taps, row0, first, rows)
     }
 
     /// Tell the proposer the round's outcome (`committed`: the context now,

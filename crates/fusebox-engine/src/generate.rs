@@ -275,7 +275,7 @@ impl<'m> Session<'m> {
             self.kv.len += part.len();
             self.tokens.extend_from_slice(part);
             if let (Some(p), Some(t)) = (observer.as_deref_mut(), ws.taps()) {
-                p.observe(t, first, part.len())?;
+                p.observe(t, 0, first, part.len())?;
             }
         }
         Ok(ws)

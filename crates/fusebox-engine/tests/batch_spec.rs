@@ -10,12 +10,15 @@ use std::collections::HashMap;
 
 use common::batch::seeded;
 use common::{cpu, greedy, load, tokens};
+use fusebox_core::fixtures::fixture;
 use fusebox_core::Tensor;
 use fusebox_engine::spec::{Draft, ProposeCtx};
+use fusebox_engine::DFlash;
 use fusebox_engine::{
     BatchEngine, BatchOptions, DraftModel, GenerateOptions, Observer, PromptLookup, Proposer, Request, SamplingParams,
     SeqId, Session, SpecOptions, Speculation, StopReason,
 };
+use fusebox_models::dflash::DFlashDraft;
 
 /// A prompt that repeats itself, so prompt lookup finds matches.
 fn looping(vocab: usize, seed: u64, len: usize) -> Vec<u32> {
@@ -34,6 +37,14 @@ fn ngram<'m>(k: usize) -> Speculation<'m> {
 /// Run `reqs` (joining before step `join`, with speculation or without)
 /// to the end: each one's tokens.
 fn run<'m>(engine: &mut BatchEngine<'m>, reqs: Vec<(usize, Request, Option<Speculation<'m>>)>) -> Vec<Vec<u32>> {
+    run_ids(engine, reqs).1
+}
+
+/// [`run`], with the sequences' ids.
+fn run_ids<'m>(
+    engine: &mut BatchEngine<'m>,
+    reqs: Vec<(usize, Request, Option<Speculation<'m>>)>,
+) -> (Vec<SeqId>, Vec<Vec<u32>>) {
     let mut ids: Vec<Option<SeqId>> = vec![None; reqs.len()];
     let mut reqs: Vec<_> = reqs.into_iter().map(Some).collect();
     let mut out: HashMap<SeqId, Vec<u32>> = HashMap::new();
@@ -55,7 +66,9 @@ fn run<'m>(engine: &mut BatchEngine<'m>, reqs: Vec<(usize, Request, Option<Specu
         }
     }
     assert!(engine.is_idle(), "the scenario did not finish");
-    ids.iter().map(|id| out.remove(&id.unwrap()).unwrap_or_default()).collect()
+    let ids: Vec<SeqId> = ids.into_iter().map(Option::unwrap).collect();
+    let out = ids.iter().map(|id| out.remove(id).unwrap_or_default()).collect();
+    (ids, out)
 }
 
 fn alone(model: &fusebox_models::Model, be: &dyn fusebox_core::Backend, req: &Request) -> Vec<u32> {
@@ -128,8 +141,8 @@ fn seeded_speculation_in_the_engine_matches_the_session_loop() {
     }
 }
 
-/// Reads a target layer, as DFlash does.
-struct Tapping;
+/// Reads target layers, as DFlash does.
+struct Tapping(Vec<usize>);
 
 impl Proposer for Tapping {
     fn name(&self) -> &'static str {
@@ -139,9 +152,9 @@ impl Proposer for Tapping {
         Ok(())
     }
     fn target_layers(&self) -> &[usize] {
-        &[0]
+        &self.0
     }
-    fn observe(&mut self, _taps: &Tensor, _first: usize, _rows: usize) -> anyhow::Result<()> {
+    fn observe(&mut self, _taps: &Tensor, _row0: usize, _first: usize, _rows: usize) -> anyhow::Result<()> {
         Ok(())
     }
 }
@@ -165,10 +178,58 @@ fn speculation_the_engine_cannot_run_is_a_clear_error() {
     let mut engine = BatchEngine::new(&model.decoder, &be, opts).unwrap();
     let req = || request(vec![1, 2, 3], 4, SamplingParams::greedy());
     let err = |r: anyhow::Result<SeqId>| format!("{:#}", r.unwrap_err());
-    let tapping = Speculation { options: SpecOptions { k: 4, trace: false }, proposer: Box::new(Tapping) };
-    assert!(err(engine.add_with(req(), None, Some(tapping))).contains("hidden states"));
+    let tapping = |l: &[usize]| Speculation {
+        options: SpecOptions { k: 4, trace: false },
+        proposer: Box::new(Tapping(l.to_vec())),
+    };
+    assert!(err(engine.add_with(req(), None, Some(tapping(&[0, 99])))).contains("cannot capture layer 99"));
+    let id = engine.add_with(req(), None, Some(tapping(&[0, 1]))).unwrap();
+    assert!(err(engine.add_with(req(), None, Some(tapping(&[1])))).contains("captures [0, 1]"));
+    assert!(engine.cancel(id));
     assert!(err(engine.add_with(req(), Some(Box::new(Penalty)), Some(ngram(4)))).contains("penalties"));
     assert!(err(engine.add_with(req(), None, Some(ngram(0)))).contains("--spec-k"));
     assert!(err(engine.add_with(req(), None, Some(ngram(32)))).contains("--spec-k"));
     assert!(engine.is_idle(), "a rejected request is not queued");
+}
+
+/// DFlash reads the target's layers at its own rows of each batched pass
+/// (prompt chunks and verify rounds): beside plain sequences and another
+/// DFlash sequence it drafts exactly what it drafts alone in the `Session`
+/// loop, round for round.
+#[test]
+fn dflash_in_a_batch_drafts_as_it_does_alone() {
+    let be = cpu();
+    let target = load("tiny-qwen3", &be);
+    let vocab = target.decoder.cfg.vocab_size;
+    let dflash = |k| {
+        let draft = DFlashDraft::load(&fixture("tiny-dflash"), &be).unwrap();
+        let d = DFlash::new(draft, &target.decoder, &be, 256).unwrap();
+        Speculation { options: SpecOptions { k, trace: true }, proposer: Box::new(d) as Box<dyn Proposer> }
+    };
+    let prompt = looping(vocab, 7, 12);
+    let mut s = Session::new(&target.decoder, &be, 256).unwrap();
+    let mut alone = dflash(3);
+    let (want, stats) =
+        s.generate_speculative(&prompt, &greedy(80), &alone.options, &mut *alone.proposer, |_| Ok(true)).unwrap();
+    assert!(stats.drafted > 0);
+    let opts = BatchOptions { blocks: 64, max_batch_tokens: 24, max_seqs: 8, max_len: 256 };
+    let mut engine = BatchEngine::new(&target.decoder, &be, opts).unwrap();
+    let g = SamplingParams::greedy;
+    let reqs = vec![
+        (0, request(tokens(9, vocab, 1), 30, g()), None),
+        (1, request(prompt.clone(), 80, g()), Some(dflash(3))),
+        (2, request(looping(vocab, 3, 20), 40, g()), Some(dflash(2))),
+        (4, request(tokens(70, vocab, 4), 12, g()), None),
+    ];
+    let (ids, got) = run_ids(&mut engine, reqs);
+    assert_eq!(got[1], want.tokens, "the DFlash sequence's tokens differ from its output alone");
+    let batched = engine.take_spec_stats(ids[1]).expect("its speculation");
+    assert_eq!(batched.trace, stats.trace, "the DFlash sequence drafted otherwise in the batch");
+    assert!(engine.take_spec_stats(ids[1]).is_none(), "taken once");
+    let want2 = alone_greedy(&target, &be, &looping(vocab, 3, 20), 40);
+    assert_eq!(got[2], want2);
+}
+
+fn alone_greedy(model: &fusebox_models::Model, be: &dyn fusebox_core::Backend, prompt: &[u32], n: usize) -> Vec<u32> {
+    alone(model, be, &request(prompt.to_vec(), n, SamplingParams::greedy()))
 }

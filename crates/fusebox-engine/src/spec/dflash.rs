@@ -116,7 +116,7 @@ impl Proposer for DFlash<'_> {
         &self.draft.cfg.target_layer_ids
     }
 
-    fn observe(&mut self, taps: &Tensor, first: usize, rows: usize) -> Result<()> {
+    fn observe(&mut self, taps: &Tensor, row0: usize, first: usize, rows: usize) -> Result<()> {
         ensure!(
             first <= self.ctx_len,
             "the DFlash draft has no target hidden states for positions {}..{first}: the context was run without it",
@@ -138,7 +138,7 @@ impl Proposer for DFlash<'_> {
             let cb = self.context[n].as_mut().expect("made above");
             let (d, be, kv, at) = (&self.draft, self.be, &mut self.kv, first + done);
             be.run(&mut || {
-                be.copy_rows(taps, done, &mut cb.taps, 0, n)?;
+                be.copy_rows(taps, row0 + done, &mut cb.taps, 0, n)?;
                 d.add_context(be, cb, at, kv)
             })?;
             done += n;

@@ -165,7 +165,7 @@ impl Session<'_> {
         let (a, bonus) = acceptor.accept(&b.argmax, || self.verify_logits(), &b.committed, &b.draft)?;
         self.truncate(base + 1 + a);
         if let Some(taps) = self.verify_taps() {
-            proposer.observe(taps, base, a + 1)?;
+            proposer.observe(taps, 0, base, a + 1)?;
         }
         b.committed.extend_from_slice(&b.draft.tokens[..a]);
         b.committed.push(bonus);

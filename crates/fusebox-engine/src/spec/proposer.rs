@@ -110,13 +110,14 @@ pub trait Proposer {
     }
 
     /// The target ran positions `first..first + rows` of the committed
-    /// context; rows `0..rows` of `taps` (`[m, layers * hidden]` on the
-    /// target's backend) are its outputs at [`Proposer::target_layers`].
+    /// context; rows `row0..row0 + rows` of `taps` (`[m, layers * hidden]`
+    /// on the target's backend; a batched pass holds other sequences' rows
+    /// too) are its outputs at [`Proposer::target_layers`].
     /// Called after each prompt chunk and after each verify pass (for the
     /// pending token and the accepted drafts), only for a proposer that
     /// names target layers.
-    fn observe(&mut self, taps: &Tensor, first: usize, rows: usize) -> Result<()> {
-        let _ = (taps, first, rows);
+    fn observe(&mut self, taps: &Tensor, row0: usize, first: usize, rows: usize) -> Result<()> {
+        let _ = (taps, row0, first, rows);
         Ok(())
     }
 }

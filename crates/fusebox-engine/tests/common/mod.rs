@@ -135,8 +135,8 @@ impl fusebox_engine::Proposer for Oracle<'_> {
     fn target_layers(&self) -> &[usize] {
         self.inner.target_layers()
     }
-    fn observe(&mut self, taps: &fusebox_core::Tensor, first: usize, rows: usize) -> anyhow::Result<()> {
-        self.inner.observe(taps, first, rows)
+    fn observe(&mut self, taps: &fusebox_core::Tensor, row0: usize, first: usize, rows: usize) -> anyhow::Result<()> {
+        self.inner.observe(taps, row0, first, rows)
     }
     fn propose(
         &mut self,
