@@ -32,7 +32,7 @@ use fusebox_models::{Batch, Decoder, Logits, Workspace};
 use crate::batch_spec::SeqSpec;
 use crate::block_manager::{BlockManager, BlockTable, BLOCK_SIZE};
 use crate::device_sampler::DeviceSampler;
-use crate::generate::StopReason;
+use crate::generate::{ParityCheck, StopReason};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::spec::{SpecStats, Speculation};
 
@@ -175,8 +175,16 @@ pub struct BatchEngine<'m> {
     /// Target layers every pass captures, for proposers that read them
     /// (one set per engine; empty: none).
     tap_layers: Vec<usize>,
-    /// Finished sequences' speculation ([`BatchEngine::take_spec_stats`]).
-    spec_done: HashMap<SeqId, SpecStats>,
+    /// Finished sequences' speculation ([`BatchEngine::take_spec`]).
+    spec_done: HashMap<SeqId, (Speculation<'m>, SpecStats)>,
+    /// Keep the last finished sequence's cache for the next request's
+    /// shared prefix ([`BatchEngine::set_prefix_reuse`]).
+    reuse_prefix: bool,
+    /// Its tokens in the cache and its blocks.
+    kept: Option<(Vec<u32>, BlockTable)>,
+    /// `FUSEBOX_FUSED_PARITY_CHECK`: a lone sequence's decode steps also run
+    /// on the graph path, compared.
+    parity: Option<ParityCheck>,
     logits: Vec<f32>,
     /// Adjusted logits of one row (an observer's penalties).
     work: Vec<f32>,
@@ -211,6 +219,9 @@ impl<'m> BatchEngine<'m> {
             spec_totals: (0, 0, 0),
             tap_layers: Vec::new(),
             spec_done: HashMap::new(),
+            reuse_prefix: false,
+            kept: None,
+            parity: fusebox_core::fusion::parity_check().then(ParityCheck::default),
             paged_passes: 0,
             passes: 0,
             workspaces: HashMap::new(),
@@ -283,10 +294,45 @@ impl<'m> BatchEngine<'m> {
         self.spec_totals
     }
 
-    /// What speculation did for a sequence that has finished (kept from
-    /// its end until taken, once).
-    pub fn take_spec_stats(&mut self, id: SeqId) -> Option<SpecStats> {
+    /// A finished sequence's speculation, to use again, and what it did
+    /// (kept from its end until taken, once).
+    pub fn take_spec(&mut self, id: SeqId) -> Option<(Speculation<'m>, SpecStats)> {
         self.spec_done.remove(&id)
+    }
+
+    /// Keep the cache of the last sequence to finish, so that the next
+    /// request reuses what its prompt shares with it (a chat's earlier
+    /// turns) and prefills only the rest. Its blocks count as held until
+    /// the next request takes them or a sequence needs them.
+    pub fn set_prefix_reuse(&mut self, on: bool) {
+        self.reuse_prefix = on;
+        if !on {
+            self.free_kept();
+        }
+    }
+
+    /// Tokens of `prompt` the next request would reuse from the kept cache
+    /// (all but its last token at most: that one runs for the logits).
+    pub fn reusable_prefix(&self, prompt: &[u32]) -> usize {
+        self.kept.as_ref().map_or(0, |(t, _)| {
+            t.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len().saturating_sub(1))
+        })
+    }
+
+    /// Give the kept cache's blocks back; whether there were any.
+    fn free_kept(&mut self) -> bool {
+        match self.kept.take() {
+            Some((_, mut table)) => {
+                self.blocks.release(&mut table);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The `FUSEBOX_FUSED_PARITY_CHECK` result so far (None when it is off).
+    pub fn parity(&self) -> Option<ParityCheck> {
+        self.parity
     }
 
     fn add_seq(&mut self, req: Request, observer: Option<Box<dyn Observer + 'm>>) -> Result<SeqId> {
@@ -301,12 +347,18 @@ impl<'m> BatchEngine<'m> {
         ensure!(n <= room, "a prompt of {n} tokens does not fit the context of {room} tokens");
         let id = self.next_id;
         self.next_id += 1;
+        let reused = self.reusable_prefix(&req.prompt);
+        let mut table = BlockTable::new();
+        if let Some((_, mut kept)) = self.kept.take() {
+            self.blocks.shrink(&mut kept, reused);
+            table = kept;
+        }
         self.waiting.push_back(Seq {
             id,
             tokens: req.prompt,
             prompt_len: n,
-            computed: 0,
-            table: BlockTable::new(),
+            computed: reused,
+            table,
             max_new_tokens: req.max_new_tokens,
             stop_ids: req.stop_ids,
             sampler: Sampler::new(req.sampling),
@@ -329,6 +381,36 @@ impl<'m> BatchEngine<'m> {
         let mut table = seq.table;
         self.blocks.release(&mut table);
         true
+    }
+
+    /// End a sequence now, running or waiting, as if it had finished: its
+    /// cache kept for the next prompt's prefix when that is on, its
+    /// speculation kept to take. Returns whether it was there.
+    pub fn finish(&mut self, id: SeqId) -> bool {
+        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i)
+        } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            self.waiting.remove(i).expect("index from position")
+        } else {
+            return false;
+        };
+        self.retire(seq);
+        true
+    }
+
+    /// A finished sequence leaves: its blocks free (or kept for the next
+    /// prompt's prefix), its speculation kept to take.
+    fn retire(&mut self, mut s: Seq<'m>) {
+        if self.reuse_prefix {
+            self.free_kept();
+            s.tokens.truncate(s.computed);
+            self.kept = Some((s.tokens, s.table));
+        } else {
+            self.blocks.release(&mut s.table);
+        }
+        if let Some(sp) = s.spec {
+            self.spec_done.insert(s.id, sp.into_parts());
+        }
     }
 
     /// The longest a sequence may grow: `max_len`, or the whole cache if less.
@@ -425,6 +507,9 @@ impl<'m> BatchEngine<'m> {
             let Some(s) = self.waiting.front_mut() else { break };
             let chunk = s.pending().min(budget);
             if self.blocks.reserve(&mut s.table, s.computed + chunk).is_err() {
+                if self.free_kept() {
+                    continue;
+                }
                 break;
             }
             let s = self.waiting.pop_front().expect("front exists");
@@ -446,6 +531,9 @@ impl<'m> BatchEngine<'m> {
         loop {
             if self.blocks.reserve(&mut self.running[i].table, want).is_ok() {
                 return Some(i);
+            }
+            if self.free_kept() {
+                continue;
             }
             let planned = |s: &Seq| plan.iter().any(|&(id, _)| id == s.id);
             match (i + 1..self.running.len()).rev().find(|&v| !planned(&self.running[v])) {
@@ -496,11 +584,8 @@ impl<'m> BatchEngine<'m> {
         }
         done.sort_unstable();
         for &i in done.iter().rev() {
-            let mut s = self.running.remove(i);
-            self.blocks.release(&mut s.table);
-            if let Some(sp) = s.spec {
-                self.spec_done.insert(s.id, sp.stats);
-            }
+            let s = self.running.remove(i);
+            self.retire(s);
         }
         Ok(events)
     }
@@ -645,10 +730,28 @@ impl<'m> BatchEngine<'m> {
         let ws = &mut self.workspaces.get_mut(&(1, 1)).expect("the pass's workspace").1;
         let key = splitmix64(splitmix64(self.id ^ splitmix64(serial)) ^ PASS_LONE_DECODE);
         let (cache, dev) = (&mut self.cache, &mut lone.dev);
+        // the parity check's reference: the step on the graph path (it writes the KV row the real step
+        // then writes again)
+        let reference = match self.parity {
+            Some(_) => {
+                be.force_graph_path(true);
+                let r = be.run(&mut || model.forward(be, ws, cache));
+                be.force_graph_path(false);
+                r?;
+                let mut v = vec![];
+                be.read_f32(&ws.logits, &mut v)?;
+                Some(v)
+            }
+            None => None,
+        };
         be.run_graph(key, &mut || {
             model.forward(be, ws, cache)?;
             dev.sample(be, &ws.logits)
         })?;
+        if let (Some(r), Some(p)) = (reference, self.parity.as_mut()) {
+            be.read_f32(&ws.logits, &mut self.logits)?;
+            p.record(&self.logits[..vocab], &r);
+        }
         let tok = lone.dev.take_token(be, vocab)?;
         s.sampler.skip();
         s.computed += 1;

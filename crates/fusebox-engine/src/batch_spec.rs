@@ -14,7 +14,7 @@ use fusebox_core::sample::SamplingParams;
 use fusebox_core::Tensor;
 
 use crate::spec::accept::Acceptor;
-use crate::spec::{Draft, ProposeCtx, Proposer, Round, SpecStats, Speculation, MAX_SPEC_K};
+use crate::spec::{Draft, ProposeCtx, Proposer, Round, SpecOptions, SpecStats, Speculation, MAX_SPEC_K};
 
 /// One sequence's speculation.
 pub(crate) struct SeqSpec<'m> {
@@ -96,6 +96,13 @@ impl<'m> SeqSpec<'m> {
     /// rows`: rows `row0..` of `taps`.
     pub(crate) fn observe(&mut self, taps: &Tensor, row0: usize, first: usize, rows: usize) -> Result<()> {
         self.proposer.observe(taps, row0, first, rows)
+    }
+
+    /// The speculation to use again (the same proposer and `k`), and what
+    /// it did.
+    pub(crate) fn into_parts(self) -> (Speculation<'m>, SpecStats) {
+        let options = SpecOptions { k: self.k, trace: self.stats.trace.is_some() };
+        (Speculation { options, proposer: self.proposer }, self.stats)
     }
 
     /// Tell the proposer the round's outcome (`committed`: the context now,

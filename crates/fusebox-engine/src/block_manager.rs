@@ -144,6 +144,24 @@ impl BlockManager {
         }
     }
 
+    /// Keep only the blocks of `table` that hold its first `positions`
+    /// positions, giving back the rest (last first, so that growing again
+    /// takes the same blocks in the same order).
+    ///
+    /// # Panics
+    /// If a block of `table` is not held (a table of another manager).
+    pub fn shrink(&mut self, table: &mut BlockTable, positions: usize) {
+        let keep = self.blocks_for(positions).min(table.len());
+        for id in table.blocks.drain(keep..).rev() {
+            let r = &mut self.refs[id as usize];
+            assert!(*r > 0, "KV cache: block {id} released but not held");
+            *r -= 1;
+            if *r == 0 {
+                self.free.push_front(id);
+            }
+        }
+    }
+
     /// The cache slot of position `pos` of the sequence that owns `table`.
     ///
     /// # Panics
@@ -194,6 +212,22 @@ mod tests {
         bm.release(&mut a);
         assert!(a.is_empty());
         assert_eq!(bm.free(), bm.total());
+    }
+
+    #[test]
+    fn a_shrunk_table_grows_back_into_the_same_blocks() {
+        let mut bm = BlockManager::new(8, 4).unwrap();
+        let mut a = BlockTable::new();
+        bm.reserve(&mut a, 20).unwrap();
+        assert_eq!(a.ids(), &[0, 1, 2, 3, 4]);
+        bm.shrink(&mut a, 9);
+        assert_eq!((a.ids(), bm.free()), (&[0, 1, 2][..], 5));
+        bm.shrink(&mut a, 12);
+        assert_eq!(a.len(), 3, "shrinking to more than it holds keeps it");
+        bm.reserve(&mut a, 20).unwrap();
+        assert_eq!(a.ids(), &[0, 1, 2, 3, 4]);
+        bm.shrink(&mut a, 0);
+        assert!(a.is_empty() && bm.free() == bm.total());
     }
 
     #[test]

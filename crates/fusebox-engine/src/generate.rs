@@ -152,6 +152,18 @@ pub struct ParityCheck {
 }
 
 impl ParityCheck {
+    /// One decode step's logits, `fused` against the graph path's `reference`.
+    pub(crate) fn record(&mut self, fused: &[f32], reference: &[f32]) {
+        let num: f64 = fused.iter().zip(reference).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
+        let e = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+        if e > self.worst_rms || self.steps == 0 {
+            self.worst_rms = e;
+            self.worst_step = self.steps;
+        }
+        self.steps += 1;
+    }
+
     /// One line for stderr.
     pub fn report(&self) -> String {
         format!(
@@ -321,14 +333,7 @@ impl<'m> Session<'m> {
         let (Some(r), Some(p)) = (reference, self.parity.as_mut()) else { return Ok(()) };
         let mut f = vec![];
         self.be.read_f32(&self.decode_ws.logits, &mut f)?;
-        let num: f64 = f.iter().zip(&r).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-        let den: f64 = r.iter().map(|b| (*b as f64).powi(2)).sum();
-        let e = (num / den.max(f64::MIN_POSITIVE)).sqrt();
-        if e > p.worst_rms || p.steps == 0 {
-            p.worst_rms = e;
-            p.worst_step = p.steps;
-        }
-        p.steps += 1;
+        p.record(&f, &r);
         Ok(())
     }
 

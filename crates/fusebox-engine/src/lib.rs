@@ -7,6 +7,7 @@ pub mod block_manager;
 mod device_sampler;
 pub mod generate;
 pub mod kv_cache;
+mod lone;
 pub mod sampling;
 pub mod sampling_config;
 pub mod spec;

@@ -223,9 +223,9 @@ fn dflash_in_a_batch_drafts_as_it_does_alone() {
     ];
     let (ids, got) = run_ids(&mut engine, reqs);
     assert_eq!(got[1], want.tokens, "the DFlash sequence's tokens differ from its output alone");
-    let batched = engine.take_spec_stats(ids[1]).expect("its speculation");
+    let batched = engine.take_spec(ids[1]).expect("its speculation").1;
     assert_eq!(batched.trace, stats.trace, "the DFlash sequence drafted otherwise in the batch");
-    assert!(engine.take_spec_stats(ids[1]).is_none(), "taken once");
+    assert!(engine.take_spec(ids[1]).is_none(), "taken once");
     let want2 = alone_greedy(&target, &be, &looping(vocab, 3, 20), 40);
     assert_eq!(got[2], want2);
 }
