@@ -311,6 +311,11 @@ impl<'m> BatchEngine<'m> {
         }
     }
 
+    /// Forget the kept cache (a new conversation).
+    pub fn forget_prefix(&mut self) {
+        self.free_kept();
+    }
+
     /// Tokens of `prompt` the next request would reuse from the kept cache
     /// (all but its last token at most: that one runs for the logits).
     pub fn reusable_prefix(&self, prompt: &[u32]) -> usize {

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
-use fusebox_engine::{GenerateOptions, Session};
+use fusebox_engine::{BatchEngine, GenerateOptions};
 use fusebox_models::{Message, Model, StreamDecoder};
 use serde_json::json;
 
@@ -96,7 +96,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let stop_ids = if a.ignore_eos { vec![] } else { model.eos_token_ids() };
     let opts = GenerateOptions { max_new_tokens: a.max_tokens, stop_ids, sampling: sampling.clone() };
-    let mut session = Session::new(&model.decoder, be, ctx)?;
+    let mut engine = BatchEngine::lone(&model.decoder, be, ctx)?;
     let mut spec = a.spec.build(Some(&model), draft.as_ref(), be, ctx)?;
     if !a.json {
         eprintln!(
@@ -110,7 +110,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut stream = StreamDecoder::new();
     let mut stdout = TextOut::stdout();
     let json = a.json;
-    let (out, stats) = session.generate_with(&prompt, &opts, spec.as_mut(), |tok| {
+    let (out, stats) = engine.generate(&prompt, &opts, &mut spec, |tok| {
         if !json {
             if let Some(piece) = stream.push(&model.tokenizer, tok)? {
                 stdout.text(&piece)?;
@@ -119,7 +119,7 @@ pub fn run(a: Args) -> Result<()> {
         Ok(true)
     })?;
     let text = model.tokenizer.decode(&out.tokens, true)?;
-    if let Some(p) = session.parity() {
+    if let Some(p) = engine.parity() {
         eprintln!("{}", p.report());
     }
     if json {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use fusebox_core::fixtures::assets_dir;
-use fusebox_engine::{GenerateOptions, Session, StopReason};
+use fusebox_engine::{BatchEngine, GenerateOptions, StopReason};
 use fusebox_models::{Message, Model, StreamDecoder};
 
 use crate::common::{backend, check_model_path, context_size, max_tokens, ChatArgs, DeviceArg, SamplingArgs, TextOut};
@@ -89,9 +89,10 @@ pub fn run(a: Args) -> Result<()> {
     let sampling = a.sampling.resolve(&model.generation, a.sampling.seed())?;
     let enable_thinking = a.chat.enable_thinking();
     let opts = GenerateOptions { max_new_tokens: a.max_tokens, stop_ids: model.eos_token_ids(), sampling };
-    let mut session = Session::new(&model.decoder, be, ctx)?;
     let draft = a.spec.load_draft(be)?;
     let mut spec = a.spec.build(Some(&model), draft.as_ref(), be, ctx)?;
+    let mut engine = BatchEngine::lone(&model.decoder, be, ctx)?;
+    engine.set_prefix_reuse(true);
     let mut history: Vec<Message> = a.chat.system.iter().map(|s| Message::new("system", s)).collect();
     let interactive = a.prompt.is_none();
     if interactive {
@@ -120,7 +121,7 @@ pub fn run(a: Args) -> Result<()> {
             "/exit" | "/quit" => break,
             "/clear" => {
                 history.retain(|m| m.role == "system");
-                session.reset();
+                engine.forget_prefix();
                 eprintln!("(new conversation)");
                 continue;
             }
@@ -137,12 +138,10 @@ pub fn run(a: Args) -> Result<()> {
             }
             bail!("{msg}; raise --ctx-size");
         }
-        // reuse the cached part of the conversation
-        let keep = session.common_prefix(&ids).min(ids.len() - 1);
-        session.truncate(keep);
+        // the engine reuses the cached part of the conversation
         let mut stream = StreamDecoder::new();
         let mut out = TextOut::stdout();
-        let (res, stats) = session.generate_with(&ids[keep..], &opts, spec.as_mut(), |tok| {
+        let (res, stats) = engine.generate(&ids, &opts, &mut spec, |tok| {
             if let Some(piece) = stream.push(&model.tokenizer, tok)? {
                 out.text(&piece)?;
             }
@@ -153,13 +152,13 @@ pub fn run(a: Args) -> Result<()> {
         }
         out.line("")?;
         let reply = model.tokenizer.decode(&res.tokens, true)?;
-        if let Some(p) = session.parity() {
+        if let Some(p) = engine.parity() {
             eprintln!("{}", p.report());
         }
         history.push(Message::new("assistant", &reply));
         eprintln!(
             "[{} new prompt tokens, {:.1} tok/s | {} tokens, {:.1} tok/s{}]",
-            ids.len() - keep,
+            res.prompt_tokens,
             res.prefill_tok_s(),
             res.tokens.len(),
             res.decode_tok_s(),
