@@ -136,6 +136,8 @@ const WORKSPACES_KEPT: usize = 16;
 /// The graph key of a lone sequence's decode step (with the engine's id and
 /// the workspace's serial).
 const PASS_LONE_DECODE: u64 = 0x4c4f_4e45;
+/// The graph key of a lone sequence's speculative round (likewise).
+const PASS_LONE_ROUND: u64 = 0x524f_554e;
 
 static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
 
@@ -175,6 +177,10 @@ pub struct BatchEngine<'m> {
     /// Target layers every pass captures, for proposers that read them
     /// (one set per engine; empty: none).
     tap_layers: Vec<usize>,
+    /// Each row's argmax of a lone sequence's round, by logit rows (`I32`),
+    /// and read back.
+    argmax: HashMap<usize, Tensor>,
+    argmax_host: Vec<i32>,
     /// Finished sequences' speculation ([`BatchEngine::take_spec`]).
     spec_done: HashMap<SeqId, (Speculation<'m>, SpecStats)>,
     /// Keep the last finished sequence's cache for the next request's
@@ -219,6 +225,8 @@ impl<'m> BatchEngine<'m> {
             spec_totals: (0, 0, 0),
             tap_layers: Vec::new(),
             spec_done: HashMap::new(),
+            argmax: HashMap::new(),
+            argmax_host: Vec::new(),
             reuse_prefix: false,
             kept: None,
             parity: fusebox_core::fusion::parity_check().then(ParityCheck::default),
@@ -657,6 +665,11 @@ impl<'m> BatchEngine<'m> {
         self.passes += 1;
         let paged = ws.is_paged();
         self.paged_passes += paged as u64;
+        if let [(i, n)] = *plan {
+            if !paged && self.running[i].speculates() {
+                return self.lone_round(i, n, serial, (m, nl), events, done);
+            }
+        }
         if let [(i, 1)] = *plan {
             let s = &self.running[i];
             if !paged
@@ -681,7 +694,7 @@ impl<'m> BatchEngine<'m> {
             if s.speculates() {
                 let rows = &self.logits[row * vocab..(row + n) * vocab];
                 row += n;
-                round(s, i, rows, taps, vocab, room, &mut self.spec_totals, events, done)?;
+                round(s, i, (rows, None), taps, vocab, room, &mut self.spec_totals, events, done)?;
                 continue;
             }
             if let (Some((t, r0)), Some(sp)) = (taps, s.spec.as_mut()) {
@@ -706,6 +719,49 @@ impl<'m> BatchEngine<'m> {
             record(s, i, tok, raw, room, events, done);
         }
         Ok(())
+    }
+
+    /// The speculative round of a lone sequence (running `i`, `n` rows: its
+    /// pending token and drafts, its blocks in order) as one repeating pass
+    /// with each row's argmax taken on the backend (a CUDA graph replay once
+    /// warm), as `Session::verify` runs it: the logits come back only when
+    /// the acceptance rule needs them (sampling, a penalty) or the
+    /// observer reads them.
+    fn lone_round(
+        &mut self,
+        i: usize,
+        n: usize,
+        serial: u64,
+        ws_key: (usize, usize),
+        events: &mut Vec<Event>,
+        done: &mut Vec<usize>,
+    ) -> Result<()> {
+        let (model, be, vocab, room) = (self.model, self.be, self.model.cfg.vocab_size, self.room());
+        let nl = ws_key.1;
+        let am = match self.argmax.entry(nl) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(be.zeros(&[nl], fusebox_core::DType::I32)?),
+        };
+        let ws = &mut self.workspaces.get_mut(&ws_key).expect("the pass's workspace").1;
+        let key = splitmix64(splitmix64(self.id ^ splitmix64(serial)) ^ PASS_LONE_ROUND);
+        let cache = &mut self.cache;
+        be.run_graph(key, &mut || {
+            model.forward(be, ws, cache)?;
+            be.argmax(&ws.logits, am)
+        })?;
+        be.read_i32(am, &mut self.argmax_host)?;
+        let s = &mut self.running[i];
+        let sp = s.spec.as_ref().expect("a speculating sequence");
+        let logits = !sp.argmax_only() || s.observer.as_ref().is_some_and(|o| o.needs_logits());
+        let rows: &[f32] = if logits {
+            be.read_f32(&ws.logits, &mut self.logits)?;
+            &self.logits[..n * vocab]
+        } else {
+            &[]
+        };
+        let taps = ws.taps().filter(|_| sp.taps()).map(|t| (t, 0));
+        let argmax = Some(&self.argmax_host[..n]);
+        round(s, i, (rows, argmax), taps, vocab, room, &mut self.spec_totals, events, done)
     }
 
     /// The decode step of a lone sequence (running `i`, one row, its blocks
@@ -773,7 +829,8 @@ impl<'m> BatchEngine<'m> {
 }
 
 /// Sequence `s` (running `i`) after its speculative round's pass: `rows`
-/// are the logits of the pending token and each draft. The accepted drafts
+/// are the logits of the pending token and each draft (empty when only
+/// their argmax came back), with their argmax when the backend took it. The accepted drafts
 /// and the bonus token join it one by one (an event each, up to the first
 /// that ends it), its cache position moves past the pending token and the
 /// accepted drafts, and the proposer hears the outcome.
@@ -781,7 +838,7 @@ impl<'m> BatchEngine<'m> {
 fn round(
     s: &mut Seq,
     i: usize,
-    rows: &[f32],
+    (rows, argmax): (&[f32], Option<&[i32]>),
     taps: Option<(&Tensor, usize)>,
     vocab: usize,
     room: usize,
@@ -790,7 +847,7 @@ fn round(
     done: &mut Vec<usize>,
 ) -> Result<()> {
     let sp = s.spec.as_mut().expect("a speculating sequence");
-    let (a, bonus) = sp.accept(rows, vocab, &s.tokens)?;
+    let (a, bonus) = sp.accept(rows, argmax, vocab, &s.tokens)?;
     let drafted = sp.draft.tokens.len();
     *totals = (totals.0 + 1, totals.1 + drafted, totals.2 + a);
     let emitted: Vec<u32> = sp.draft.tokens[..a].iter().copied().chain([bonus]).collect();
@@ -800,7 +857,8 @@ fn round(
     s.computed += 1 + a;
     let before = done.len();
     for (j, &tok) in emitted.iter().enumerate() {
-        record(s, i, tok, &rows[j * vocab..(j + 1) * vocab], room, events, done);
+        let raw = rows.get(j * vocab..(j + 1) * vocab).unwrap_or(&[]);
+        record(s, i, tok, raw, room, events, done);
         if done.len() > before {
             // ended inside the round: the cache never holds more than the tokens
             s.computed = s.computed.min(s.tokens.len());

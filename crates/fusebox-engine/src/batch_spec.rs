@@ -68,13 +68,24 @@ impl<'m> SeqSpec<'m> {
     }
 
     /// After the pass scored the pending token and the drafts (`logits`:
-    /// their rows, `[1 + drafts, vocab]`): the drafts accepted and the bonus
-    /// token. `context` is the committed context (ending with the pending
+    /// their rows, `[1 + drafts, vocab]`, or empty when [`SeqSpec::argmax_only`]
+    /// and the backend took each row's `argmax`): the drafts accepted and
+    /// the bonus token. `context` is the committed context (ending with the pending
     /// token).
-    pub(crate) fn accept(&mut self, logits: &[f32], vocab: usize, context: &[u32]) -> Result<(usize, u32)> {
+    pub(crate) fn accept(
+        &mut self,
+        logits: &[f32],
+        argmax: Option<&[i32]>,
+        vocab: usize,
+        context: &[u32],
+    ) -> Result<(usize, u32)> {
         self.argmax.clear();
-        if self.acceptor.argmax_only() {
-            self.argmax.extend(logits.chunks_exact(vocab).map(|row| crate::sampling::argmax(row) as i32));
+        match argmax {
+            Some(am) => self.argmax.extend_from_slice(am),
+            None if self.acceptor.argmax_only() => {
+                self.argmax.extend(logits.chunks_exact(vocab).map(|row| crate::sampling::argmax(row) as i32))
+            }
+            None => {}
         }
         let (a, bonus) = self.acceptor.accept(&self.argmax, || Ok(logits), context, &self.draft)?;
         let d = &self.draft.tokens;
@@ -85,6 +96,11 @@ impl<'m> SeqSpec<'m> {
             t.push(Round { proposed: d.clone(), accepted: a });
         }
         Ok((a, bonus))
+    }
+
+    /// Whether the acceptance rule decides from each row's argmax alone.
+    pub(crate) fn argmax_only(&self) -> bool {
+        self.acceptor.argmax_only()
     }
 
     /// Whether the proposer reads target layers ([`SeqSpec::observe`]).

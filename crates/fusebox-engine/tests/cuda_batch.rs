@@ -39,3 +39,15 @@ fn cuda_a_lone_sequence_in_the_engine_decodes_as_a_session() {
         eprintln!("{name}: the engine's lone sequence == a Session on CUDA");
     }
 }
+
+/// `BatchEngine::generate` alone, plain and speculative, replays its
+/// decode and round passes as CUDA graphs with the draw and the argmax on
+/// the GPU, as the `Session` loop does: the same tokens.
+#[test]
+fn cuda_generate_alone_equals_the_session_loop() {
+    let Some(g) = backend_for_tests() else { return };
+    for name in ["tiny-qwen3", "tiny-qwen3-moe", "gguf/tiny-qwen3.gguf", "mlx/tiny-qwen3-4bit-g64"] {
+        common::batch::generate_equals_session(&g, name);
+        eprintln!("{name}: BatchEngine::generate == the Session loop on CUDA");
+    }
+}

@@ -163,3 +163,11 @@ fn nothing_to_generate_runs_nothing() {
     assert!(engine.generate(&[], &greedy(4), &mut None, |_| Ok(true)).is_err());
     assert!(engine.is_idle(), "a refused request leaves nothing behind");
 }
+
+#[test]
+fn generate_alone_equals_the_session_loop_across_formats() {
+    let be = cpu();
+    for name in ["tiny-qwen3", "gguf/tiny-qwen3.gguf", "mlx/tiny-qwen3-4bit-g64"] {
+        common::batch::generate_equals_session(&be, name);
+    }
+}

@@ -124,3 +124,30 @@ pub fn lone_equals_session(be: &dyn Backend, name: &str) {
     }
     assert_eq!(engine.passes().0, 0, "{name}: a lone sequence ran a paged pass");
 }
+
+/// `BatchEngine::generate` alone (what the CLI runs) against the `Session`
+/// loop, plain and speculative (prompt lookup, greedy and seeded): the
+/// same tokens and stops.
+pub fn generate_equals_session(be: &dyn Backend, name: &str) {
+    let model = super::load(name, be);
+    let vocab = model.decoder.cfg.vocab_size;
+    let p = tokens(12, vocab, 7);
+    let prompt = [&p[..], &p[..], &p[..6]].concat();
+    let mut engine = BatchEngine::lone(&model.decoder, be, 256).unwrap();
+    for sampling in [SamplingParams::greedy(), SamplingParams { temperature: 0.3, ..seeded(2) }] {
+        let o = fusebox_engine::GenerateOptions { max_new_tokens: 60, stop_ids: vec![], sampling };
+        let mut s = Session::new(&model.decoder, be, 256).unwrap();
+        let want = s.generate(&prompt, &o, |_| Ok(true)).unwrap();
+        let (got, _) = engine.generate(&prompt, &o, &mut None, |_| Ok(true)).unwrap();
+        assert_eq!((&got.tokens, got.stop), (&want.tokens, want.stop), "{name}: plain");
+        let so = fusebox_engine::SpecOptions { k: 4, trace: true };
+        let mut ng = fusebox_engine::PromptLookup::new(3).unwrap();
+        let mut s = Session::new(&model.decoder, be, 256).unwrap();
+        let (want, ws) = s.generate_speculative(&prompt, &o, &so, &mut ng, |_| Ok(true)).unwrap();
+        let proposer = Box::new(fusebox_engine::PromptLookup::new(3).unwrap());
+        let mut spec = Some(fusebox_engine::Speculation { options: so, proposer });
+        let (got, gs) = engine.generate(&prompt, &o, &mut spec, |_| Ok(true)).unwrap();
+        assert_eq!((&got.tokens, got.stop), (&want.tokens, want.stop), "{name}: speculative");
+        assert_eq!(gs.unwrap().trace, ws.trace, "{name}: rounds");
+    }
+}
