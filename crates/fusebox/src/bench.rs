@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use fusebox_core::fusion::{BackendKind, Site, SITES};
 use fusebox_core::Backend;
-use fusebox_engine::{GenerateOptions, SamplingParams, Session, Speculation};
+use fusebox_engine::{BatchEngine, GenerateOptions, SamplingParams, Session, Speculation};
 use fusebox_models::synthetic::{self, Quant, SyntheticSource};
 use fusebox_models::{Decoder, Message, Model};
 use serde_json::json;
@@ -194,13 +194,7 @@ pub fn run(a: Args) -> Result<()> {
     // room for the generation, and for a verify pass of --verify-curve K + 1 rows
     let ctx = ctx.max(prompt.len() + a.gen).max(prompt.len() + a.verify_curve.map_or(0, |k| k + 2));
     let opts = GenerateOptions { max_new_tokens: a.gen, stop_ids: vec![], sampling: SamplingParams::greedy() };
-    let mut session = Session::new(decoder, be, ctx)?;
-    eprintln!("fusebox: warm-up...");
-    session.generate(
-        &prompt[..prompt.len().min(32)],
-        &GenerateOptions { max_new_tokens: 8, ..opts.clone() },
-        |_| Ok(true),
-    )?;
+    let warm_up = GenerateOptions { max_new_tokens: 8, ..opts.clone() };
     if let Some(n) = a.batch_curve {
         let rows = crate::bench_batch::batch_curve(decoder, be, &prompt, a.gen, n)?;
         let (device, commit) = (be.device_name(), git_commit());
@@ -222,6 +216,10 @@ pub fn run(a: Args) -> Result<()> {
         return write_result(&a.out_dir, &device, &format!("{name}-batch-curve"), &result);
     }
     if let Some(k) = a.verify_curve {
+        // scoring passes on their own: the session's verify, which speculation's rounds run alone
+        let mut session = Session::new(decoder, be, ctx)?;
+        eprintln!("fusebox: warm-up...");
+        session.generate(&prompt[..prompt.len().min(32)], &warm_up, |_| Ok(true))?;
         let rows = crate::bench_spec::verify_curve(&mut session, &prompt, k, a.rounds.max(3))?;
         let device = be.device_name();
         let commit = git_commit();
@@ -258,8 +256,11 @@ pub fn run(a: Args) -> Result<()> {
         }
         Some(_) => Some(a.spec.build(loaded.as_ref(), draft.as_ref(), be, ctx)?.context("--spec is set")?),
     };
-    if let (Some(spec), None) = (spec.as_mut(), &ab) {
-        let r = crate::bench_spec::spec_ab(&mut session, spec, &prompt, &opts, a.rounds)?;
+    let mut engine = BatchEngine::lone(decoder, be, ctx)?;
+    eprintln!("fusebox: warm-up...");
+    engine.generate(&prompt[..prompt.len().min(32)], &warm_up, &mut None, |_| Ok(true))?;
+    if spec.is_some() && ab.is_none() {
+        let r = crate::bench_spec::spec_ab(&mut engine, &mut spec, &prompt, &opts, a.rounds)?;
         let device = be.device_name();
         let commit = git_commit();
         let m = |k: &str| r[k]["median"].as_f64().unwrap_or(0.0);
@@ -296,10 +297,10 @@ pub fn run(a: Args) -> Result<()> {
         let ctx = AbRun { be, opts: &opts, prompt: &prompt, rounds: a.rounds };
         let mut rows = vec![];
         for &site in &sites {
-            rows.push(ctx.run_with(&mut session, spec.as_mut(), &[site], site.name())?);
+            rows.push(ctx.run_with(&mut engine, &mut spec, &[site], site.name())?);
         }
         if sites.len() > 1 {
-            rows.push(ctx.run(&mut session, &sites, "all")?);
+            rows.push(ctx.run(&mut engine, &sites, "all")?);
         }
         let device = be.device_name();
         let commit = git_commit();
@@ -341,8 +342,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let (mut pre, mut dec) = (vec![], vec![]);
     for r in 0..a.reps {
-        session.reset();
-        let out = session.generate(&prompt, &opts, |_| Ok(true))?;
+        let (out, _) = engine.generate(&prompt, &opts, &mut None, |_| Ok(true))?;
         eprintln!("  rep {}: prefill {:.1} tok/s, decode {:.1} tok/s", r + 1, out.prefill_tok_s(), out.decode_tok_s());
         pre.push(out.prefill_tok_s());
         dec.push(out.decode_tok_s());
@@ -431,40 +431,39 @@ pub(crate) struct AbRun<'a> {
 }
 
 impl AbRun<'_> {
-    pub fn run(&self, session: &mut Session, sites: &[Site], label: &str) -> Result<serde_json::Value> {
-        self.run_with(session, None, sites, label)
+    pub fn run(&self, engine: &mut BatchEngine, sites: &[Site], label: &str) -> Result<serde_json::Value> {
+        self.run_with(engine, &mut None, sites, label)
     }
 
     /// [`AbRun::run`], generating with `spec` when given: then only `sites`
     /// switch (the target's own sites keep their decisions: they are not
     /// under test), and each variant's drafting time per round is reported
     /// too (`fused_draft_ms`, `graph_draft_ms`).
-    pub fn run_with(
+    pub fn run_with<'m>(
         &self,
-        session: &mut Session,
-        mut spec: Option<&mut Speculation>,
+        engine: &mut BatchEngine<'m>,
+        spec: &mut Option<Speculation<'m>>,
         sites: &[Site],
         label: &str,
     ) -> Result<serde_json::Value> {
         let speculative = spec.is_some();
-        let mut decode = |session: &mut Session, on: bool| -> Result<(f64, f64)> {
+        let mut decode = |engine: &mut BatchEngine<'m>, on: bool| -> Result<(f64, f64)> {
             for s in SITES {
                 if !speculative || sites.contains(&s) {
                     self.be.set_fused(s, on && sites.contains(&s));
                 }
             }
-            session.reset();
-            let (out, stats) = session.generate_with(self.prompt, self.opts, spec.as_deref_mut(), |_| Ok(true))?;
+            let (out, stats) = engine.generate(self.prompt, self.opts, spec, |_| Ok(true))?;
             let draft_ms = stats.map_or(0.0, |s| 1e3 * s.draft_secs / s.rounds.max(1) as f64);
             Ok((out.decode_tok_s(), draft_ms))
         };
         // warm both variants (kernel compilation, graph capture)
-        decode(session, true)?;
-        decode(session, false)?;
+        decode(engine, true)?;
+        decode(engine, false)?;
         let (mut fused, mut graph, mut ratio, mut fd, mut gd) = (vec![], vec![], vec![], vec![], vec![]);
         for r in 0..self.rounds.max(1) {
-            let (f, fdm) = decode(session, true)?;
-            let (g, gdm) = decode(session, false)?;
+            let (f, fdm) = decode(engine, true)?;
+            let (g, gdm) = decode(engine, false)?;
             let drafts =
                 if speculative { format!(" | drafting {fdm:.3} / {gdm:.3} ms a round") } else { String::new() };
             eprintln!("  {label} round {}: fused {f:.1} tok/s, graph {g:.1} tok/s, ratio {:.3}{drafts}", r + 1, f / g);

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use fusebox_engine::spec::MAX_SPEC_K;
-use fusebox_engine::{GenerateOptions, Session, Speculation};
+use fusebox_engine::{BatchEngine, GenerateOptions, Session, Speculation};
 use serde_json::{json, Value};
 
 use crate::bench::median;
@@ -25,28 +25,25 @@ fn tok_s(out: &fusebox_engine::GenerateOutput) -> f64 {
 
 /// Plain and speculative decoding alternated round by round on the same
 /// prompt: tok/s of each, their ratio, and the acceptance.
-pub fn spec_ab(
-    session: &mut Session,
-    spec: &mut Speculation,
+pub fn spec_ab<'m>(
+    engine: &mut BatchEngine<'m>,
+    spec: &mut Option<Speculation<'m>>,
     prompt: &[u32],
     opts: &GenerateOptions,
     rounds: usize,
 ) -> Result<Value> {
-    let plain_run = |session: &mut Session| -> Result<fusebox_engine::GenerateOutput> {
-        session.reset();
-        session.generate(prompt, opts, |_| Ok(true))
+    let plain_run = |engine: &mut BatchEngine<'m>| -> Result<fusebox_engine::GenerateOutput> {
+        Ok(engine.generate(prompt, opts, &mut None, |_| Ok(true))?.0)
     };
     // warm both (kernel compilation, graph capture)
-    let reference = plain_run(session)?;
-    session.reset();
-    session.generate_with(prompt, opts, Some(spec), |_| Ok(true))?;
+    let reference = plain_run(engine)?;
+    engine.generate(prompt, opts, spec, |_| Ok(true))?;
     let (mut plain, mut specd, mut ratio) = (vec![], vec![], vec![]);
     let mut last = None;
     let mut same = true;
     for r in 0..rounds.max(1) {
-        let p = tok_s(&plain_run(session)?);
-        session.reset();
-        let (out, stats) = session.generate_with(prompt, opts, Some(spec), |_| Ok(true))?;
+        let p = tok_s(&plain_run(engine)?);
+        let (out, stats) = engine.generate(prompt, opts, spec, |_| Ok(true))?;
         let stats = stats.expect("speculation was given");
         let s = tok_s(&out);
         same &= out.tokens == reference.tokens;

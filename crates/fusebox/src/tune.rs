@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use fusebox_core::fusion::{self, BackendKind, Site, SITES};
-use fusebox_engine::{GenerateOptions, SamplingParams, Session};
+use fusebox_engine::{BatchEngine, GenerateOptions, SamplingParams};
 use fusebox_models::synthetic::{self, Quant, SyntheticSource};
 use fusebox_models::{Decoder, Model};
 use serde_json::json;
@@ -144,7 +144,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         let prompt = random_prompt(a.prompt_len, cfg.vocab_size);
         let opts = GenerateOptions { max_new_tokens: a.gen, stop_ids: vec![], sampling: SamplingParams::greedy() };
-        let mut session = Session::new(decoder, be, a.prompt_len + a.gen)?;
+        let mut engine = BatchEngine::lone(decoder, be, a.prompt_len + a.gen)?;
         let ab = AbRun { be, opts: &opts, prompt: &prompt, rounds: a.rounds };
         for (site, m) in results.iter_mut() {
             let dflash = *site == Site::DflashAttn;
@@ -154,10 +154,10 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("fusebox: {spec}: A/B of {}", site.name());
             let r = if dflash {
                 // DFlash generation with a random draft of the published shape
-                let mut s = random_dflash(decoder, quant, DFLASH_LAYERS, be, a.prompt_len + a.gen)?;
-                ab.run_with(&mut session, Some(&mut s), &[*site], site.name())?
+                let s = random_dflash(decoder, quant, DFLASH_LAYERS, be, a.prompt_len + a.gen)?;
+                ab.run_with(&mut engine, &mut Some(s), &[*site], site.name())?
             } else {
-                ab.run(&mut session, &[*site], site.name())?
+                ab.run(&mut engine, &[*site], site.name())?
             };
             let f = |k: &str, s: &str| r[k][s].as_f64().unwrap_or(0.0);
             m.push(Measured {
