@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::mpsc as std_mpsc;
 
 use fusebox_core::Backend;
-use fusebox_engine::{BatchEngine, BatchOptions, Observer, Request, SeqId, StopReason, BLOCK_SIZE};
+use fusebox_engine::{BatchEngine, BatchOptions, Observer, Request, SeqId, Speculation, StopReason, BLOCK_SIZE};
 use fusebox_models::{Model, StreamDecoder, Tokenizer};
 use tokio::sync::mpsc;
 
@@ -26,6 +26,18 @@ use crate::model::{Batching, MakeSpeculation};
 use crate::panic::panic_message;
 use crate::penalties::Counts;
 use crate::worker::{Job, Shared, SHUTTING_DOWN};
+
+/// The sizes of an engine that runs one request at a time with a context
+/// of `ctx` tokens (no paged attention on the backend, `--no-batching`, or
+/// speculation whose proposer requests share).
+pub(crate) fn lone_options(ctx: usize) -> BatchOptions {
+    BatchOptions {
+        blocks: ctx.div_ceil(BLOCK_SIZE),
+        max_batch_tokens: fusebox_engine::generate::PREFILL_CHUNK,
+        max_seqs: 1,
+        max_len: ctx,
+    }
+}
 
 /// The engine's sizes for a context of `ctx` tokens. Without `--kv-blocks`:
 /// blocks for `max_seqs` requests at the full context, or what half the
@@ -117,16 +129,21 @@ pub(crate) struct Spec<'m> {
     pub ctx: usize,
 }
 
-/// Run jobs through `engine` until the queue closes.
+/// Run jobs through `engine` until the queue closes. `spare` is a
+/// speculation made already; finished requests' come back to it, so a
+/// proposer is made only when none is free.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run<'m>(
     model: &'m Model,
     be: &'m dyn Backend,
     opts: BatchOptions,
     mut engine: BatchEngine<'m>,
     spec: Option<Spec<'m>>,
+    spare: Option<Speculation<'m>>,
     jobs: &std_mpsc::Receiver<Job>,
     shared: &'m Shared,
 ) {
+    let mut spare: Vec<Speculation<'m>> = spare.into_iter().collect();
     let mut live: HashMap<SeqId, mpsc::UnboundedSender<Event>> = HashMap::new();
     let mut open = true;
     while open || !engine.is_idle() {
@@ -151,7 +168,7 @@ pub(crate) fn run<'m>(
                 },
             };
             shared.queued.fetch_sub(1, SeqCst);
-            admit(&mut engine, job, (model, be, spec.as_ref()), shared, &mut live);
+            admit(&mut engine, job, (model, be, spec.as_ref(), &mut spare), shared, &mut live);
         }
         // clients that went away, and a shutdown
         let closed = shared.closed.load(SeqCst);
@@ -161,7 +178,9 @@ pub(crate) fn run<'m>(
             }
             let keep = !closed && !tx.is_closed();
             if !keep {
-                engine.cancel(id);
+                // ended as a finish, so that its proposer comes back
+                engine.finish(id);
+                spare.extend(engine.take_spec(id).map(|(s, _)| s));
             }
             keep
         });
@@ -172,6 +191,7 @@ pub(crate) fn run<'m>(
         let failure = match catch_unwind(AssertUnwindSafe(|| engine.step())) {
             Ok(Ok(events)) => {
                 for e in events.iter().filter(|e| e.finished.is_some()) {
+                    spare.extend(engine.take_spec(e.id).map(|(s, _)| s));
                     if let Some(tx) = live.remove(&e.id) {
                         if e.finished == Some(StopReason::Callback) && shared.closed.load(SeqCst) {
                             let _ = tx.send(Event::Error(SHUTTING_DOWN.into()));
@@ -205,7 +225,7 @@ pub(crate) fn run<'m>(
 fn admit<'m>(
     engine: &mut BatchEngine<'m>,
     job: Job,
-    (model, be, spec): (&'m Model, &'m dyn Backend, Option<&Spec<'m>>),
+    (model, be, spec, spare): (&'m Model, &'m dyn Backend, Option<&Spec<'m>>, &mut Vec<Speculation<'m>>),
     shared: &'m Shared,
     live: &mut HashMap<SeqId, mpsc::UnboundedSender<Event>>,
 ) {
@@ -236,7 +256,7 @@ fn admit<'m>(
         completion_tokens: 0,
     };
     let speculation = match spec.filter(|_| req.penalties.is_off()) {
-        Some(s) => match s.make.make(model, s.draft, be, s.ctx) {
+        Some(s) => match spare.pop().map(Ok).unwrap_or_else(|| s.make.make(model, s.draft, be, s.ctx)) {
             Ok(sp) => Some(sp),
             Err(e) => return drop(tx.send(Event::Error(format!("{e:#}")))),
         },

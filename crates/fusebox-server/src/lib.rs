@@ -28,7 +28,6 @@ pub mod penalties;
 pub mod prepare;
 pub mod shutdown;
 pub mod state;
-pub mod stepwise;
 pub mod stop;
 pub mod stream;
 pub mod tokenize;

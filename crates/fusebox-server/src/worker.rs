@@ -1,26 +1,20 @@
-//! The first [`Engine`]: one thread that owns the model, the backend, a
-//! [`Session`] and the speculation (if any), fed by a bounded queue and
-//! running one request at a time on a fresh context.
+//! The [`Engine`] of `fusebox serve`: one thread that owns the model, the
+//! backend and a [`fusebox_engine::BatchEngine`], fed by a bounded queue
+//! ([`crate::batch_worker`] runs the loop).
 //!
-//! A request whose [`Events`] were dropped is stopped at its next token, or
-//! skipped if it is still queued. [`Engine::close`] ends the running request
-//! and every queued one with an error and refuses new ones.
+//! A request whose [`Events`] were dropped is stopped before the next step,
+//! or skipped if it is still queued. [`Engine::close`] ends the running
+//! requests and every queued one with an error and refuses new ones.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::thread;
 
 use anyhow::{anyhow, Result};
-use fusebox_core::Backend;
-use fusebox_engine::{GenerateOptions, Session, Speculation, StopReason};
-use fusebox_models::{Model, StreamDecoder, Tokenizer};
 use tokio::sync::mpsc;
 
-use crate::engine::{Engine, EngineStats, Event, Events, FinishReason, GenRequest, SubmitError, TokenLogprobs, Usage};
-use crate::model::{Loaded, MakeSpeculation, ModelInfo};
-use crate::panic::panic_message;
-use crate::stepwise;
+use crate::engine::{Engine, EngineStats, Event, Events, GenRequest, SubmitError};
+use crate::model::{Loaded, ModelInfo};
 
 /// What a request is told when the server shuts down under it.
 pub const SHUTTING_DOWN: &str = "the server is shutting down";
@@ -46,9 +40,8 @@ pub(crate) struct Shared {
     pub(crate) preemptions: AtomicU64,
 }
 
-/// One thread that owns the model: a batching engine where the backend has
-/// a paged KV cache and there is no speculation ([`crate::batch_worker`]),
-/// else one session running one request at a time.
+/// One thread that owns the model and its engine: batching where it can,
+/// else one request at a time ([`crate::batch_worker`]).
 pub struct Worker {
     queue: std_mpsc::SyncSender<Job>,
     shared: Arc<Shared>,
@@ -111,156 +104,59 @@ impl Engine for Worker {
     }
 }
 
-/// The worker thread once the model is loaded: set up the session (and the
-/// speculation), report the model, then run jobs until the queue closes.
+/// The worker thread once the model is loaded: make the engine (batching
+/// where the backend has paged attention, batching is on and the
+/// speculation's proposer, if any, is cheap to make per request; else one
+/// request at a time), report the model, then run jobs until the queue
+/// closes.
 fn run(loaded: Loaded, jobs: &std_mpsc::Receiver<Job>, ready: std_mpsc::Sender<Result<ModelInfo>>, shared: &Shared) {
     let Loaded { backend, mut model, ctx, spec, batching } = loaded;
     let be = &*backend;
+    let chat_template = model.chat_template.take().map(Arc::new);
     let (draft, make) = match spec {
         Some(s) => (s.draft, Some(s.make)),
         None => (None, None),
     };
+    // a proposer made now checks the settings; one that reads the target's layers (DFlash) owns its
+    // draft's weights, so requests share one, one at a time
+    let probe = match make.as_deref().map(|m| m.make(&model, draft.as_ref(), be, ctx)).transpose() {
+        Ok(p) => p,
+        Err(e) => return drop(ready.send(Err(e))),
+    };
+    let per_request = probe.as_ref().is_none_or(|p| p.proposer.target_layers().is_empty());
+    let speculation = probe.as_ref().map(|s| format!("{} k={}", s.proposer.name(), s.options.k));
+    let batched = per_request && batching.enabled && be.has_paged_attention();
+    let opts = if batched {
+        crate::batch_worker::options(&batching, ctx, &model, be)
+    } else {
+        crate::batch_worker::lone_options(ctx)
+    };
+    let engine = match fusebox_engine::BatchEngine::new(&model.decoder, be, opts) {
+        Ok(e) => e,
+        Err(e) => return drop(ready.send(Err(e))),
+    };
+    let per_block = fusebox_engine::BLOCK_SIZE * model.decoder.cfg.kv_bytes_per_token(be.kv_dtype().size());
+    let bytes = (opts.blocks * per_block) as f64;
+    let size = if bytes >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", bytes / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", bytes / (1u64 << 20) as f64)
+    };
     let info = ModelInfo {
         path: model.path.clone(),
         tokenizer: Arc::new(model.tokenizer.clone()),
-        chat_template: model.chat_template.take().map(Arc::new),
+        chat_template,
         generation: model.generation.clone(),
         eos_token_ids: model.eos_token_ids(),
         ctx,
         vocab_size: model.decoder.cfg.vocab_size,
         device: be.name(),
-        speculation: None,
-        batching: None,
+        speculation,
+        batching: batched
+            .then(|| format!("up to {} requests over {} KV blocks of 16 ({size})", opts.max_seqs, opts.blocks)),
     };
-    // speculation batches too, unless its proposer reads the target's hidden states (DFlash)
-    let probe = match make.as_deref().map(|m| m.make(&model, draft.as_ref(), be, ctx)).transpose() {
-        Ok(p) => p,
-        Err(e) => return drop(ready.send(Err(e))),
-    };
-    let batchable = probe.as_ref().is_none_or(|p| p.proposer.target_layers().is_empty());
-    let speculation = probe.as_ref().map(|s| format!("{} k={}", s.proposer.name(), s.options.k));
-    drop(probe);
-    if batchable && batching.enabled && be.has_paged_attention() {
-        let opts = crate::batch_worker::options(&batching, ctx, &model, be);
-        let engine = match fusebox_engine::BatchEngine::new(&model.decoder, be, opts) {
-            Ok(e) => e,
-            Err(e) => return drop(ready.send(Err(e))),
-        };
-        let per_block = fusebox_engine::BLOCK_SIZE * model.decoder.cfg.kv_bytes_per_token(be.kv_dtype().size());
-        let bytes = (opts.blocks * per_block) as f64;
-        let size = if bytes >= (1u64 << 30) as f64 {
-            format!("{:.1} GiB", bytes / (1u64 << 30) as f64)
-        } else {
-            format!("{:.1} MiB", bytes / (1u64 << 20) as f64)
-        };
-        let info = ModelInfo {
-            batching: Some(format!("up to {} requests over {} KV blocks of 16 ({size})", opts.max_seqs, opts.blocks)),
-            speculation,
-            ..info
-        };
-        let spec = make.as_deref().map(|make| crate::batch_worker::Spec { make, draft: draft.as_ref(), ctx });
-        if ready.send(Ok(info)).is_ok() {
-            crate::batch_worker::run(&model, be, opts, engine, spec, jobs, shared);
-        }
-        return;
-    }
-    let mut gen = match Generator::new(&model, draft.as_ref(), make.as_deref(), be, ctx, shared) {
-        Ok(g) => g,
-        Err(e) => return drop(ready.send(Err(e))),
-    };
-    let info = ModelInfo {
-        speculation: gen.spec.as_ref().map(|s| format!("{} k={}", s.proposer.name(), s.options.k)),
-        ..info
-    };
-    if ready.send(Ok(info)).is_err() {
-        return;
-    }
-    while let Ok(job) = jobs.recv() {
-        if job.tx.is_closed() {
-            shared.queued.fetch_sub(1, SeqCst);
-            continue; // cancelled while it waited
-        }
-        shared.running.fetch_add(1, SeqCst);
-        shared.queued.fetch_sub(1, SeqCst);
-        if shared.closed.load(SeqCst) {
-            let _ = job.tx.send(Event::Error(SHUTTING_DOWN.into()));
-        } else {
-            shared.started.fetch_add(1, SeqCst);
-            match catch_unwind(AssertUnwindSafe(|| gen.run(&job))) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => drop(job.tx.send(Event::Error(format!("{e:#}")))),
-                Err(p) => {
-                    gen.session.reset();
-                    drop(job.tx.send(Event::Error(format!("internal error: {}", panic_message(&*p)))));
-                }
-            }
-        }
-        shared.running.fetch_sub(1, SeqCst);
-    }
-}
-
-/// What the worker generates with.
-struct Generator<'m> {
-    session: Session<'m>,
-    spec: Option<Speculation<'m>>,
-    tokenizer: &'m Tokenizer,
-    shared: &'m Shared,
-}
-
-impl<'m> Generator<'m> {
-    fn new(
-        model: &'m Model,
-        draft: Option<&'m Model>,
-        make: Option<&dyn MakeSpeculation>,
-        be: &'m dyn Backend,
-        ctx: usize,
-        shared: &'m Shared,
-    ) -> Result<Generator<'m>> {
-        let session = Session::new(&model.decoder, be, ctx)?;
-        let spec = make.map(|m| m.make(model, draft, be, ctx)).transpose()?;
-        Ok(Generator { session, spec, tokenizer: &model.tokenizer, shared })
-    }
-
-    /// Generate for one job on a fresh context, sending its events; stop
-    /// when the request is cancelled or the worker closed. Requests that
-    /// need each step's logits run the host-driven loop ([`stepwise`]),
-    /// without speculation; the others the session's own loop.
-    fn run(&mut self, job: &Job) -> Result<()> {
-        let Job { req, tx } = job;
-        let (tokenizer, shared) = (self.tokenizer, self.shared);
-        self.session.reset();
-        let mut stream = StreamDecoder::new();
-        let mut on_token = |id: u32, logprobs: Option<TokenLogprobs>| -> Result<bool> {
-            shared.generated.fetch_add(1, SeqCst);
-            if shared.closed.load(SeqCst) {
-                return Ok(false);
-            }
-            let text = stream.push(tokenizer, id)?.unwrap_or_default();
-            Ok(tx.send(Event::Token { id, text, logprobs }).is_ok())
-        };
-        let out = if stepwise::needed(req) {
-            stepwise::generate(&mut self.session, req, on_token)?
-        } else {
-            let opts = GenerateOptions {
-                max_new_tokens: req.max_tokens,
-                stop_ids: req.stop_ids.clone(),
-                sampling: req.sampling.clone(),
-            };
-            let (out, _) =
-                self.session.generate_with(&req.prompt, &opts, self.spec.as_mut(), |id| on_token(id, None))?;
-            out
-        };
-        if out.stop == StopReason::Callback && shared.closed.load(SeqCst) {
-            let _ = tx.send(Event::Error(SHUTTING_DOWN.into()));
-            return Ok(());
-        }
-        let text = stream.flush(tokenizer)?.unwrap_or_default();
-        let finish_reason = match out.stop {
-            StopReason::Eos | StopReason::Callback => FinishReason::Stop,
-            StopReason::MaxTokens | StopReason::ContextFull => FinishReason::Length,
-        };
-        let usage = Usage::new(out.prompt_tokens, out.tokens.len());
-        let _ = tx.send(Event::Done { finish_reason, usage, text });
-        Ok(())
+    let spec = make.as_deref().map(|make| crate::batch_worker::Spec { make, draft: draft.as_ref(), ctx });
+    if ready.send(Ok(info)).is_ok() {
+        crate::batch_worker::run(&model, be, opts, engine, spec, probe, jobs, shared);
     }
 }

@@ -40,8 +40,34 @@ impl MakeSpeculation for Draft {
     }
 }
 
+/// A DFlash draft for the fixture, counting how many were made.
+struct Dflash(Arc<std::sync::atomic::AtomicUsize>);
+
+impl MakeSpeculation for Dflash {
+    fn make<'m>(
+        &self,
+        target: &'m Model,
+        _: Option<&'m Model>,
+        be: &'m dyn Backend,
+        ctx: usize,
+    ) -> Result<Speculation<'m>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let draft = fusebox_models::dflash::DFlashDraft::load(&fixture("tiny-dflash"), be)?;
+        let d = fusebox_engine::DFlash::new(draft, &target.decoder, be, ctx)?;
+        Ok(Speculation { options: SpecOptions { k: 3, trace: false }, proposer: Box::new(d) })
+    }
+}
+
 /// A server on the fixture, speculating with `make` (and the `draft` fixture).
 fn server(make: Box<dyn MakeSpeculation + Send>, draft: Option<&'static str>) -> (SocketAddr, Option<String>) {
+    server_with(make, draft, true)
+}
+
+fn server_with(
+    make: Box<dyn MakeSpeculation + Send>,
+    draft: Option<&'static str>,
+    batches: bool,
+) -> (SocketAddr, Option<String>) {
     let load = move || {
         let backend = CpuBackend::new(1)?;
         let model = Model::load(&fixture(common::MODEL), &backend)?;
@@ -51,7 +77,7 @@ fn server(make: Box<dyn MakeSpeculation + Send>, draft: Option<&'static str>) ->
         Ok(loaded)
     };
     let (worker, info) = Worker::spawn(load, 16).expect("starting the worker");
-    assert!(info.batching.is_some(), "prompt lookup and draft models speculate in the batched worker");
+    assert_eq!(info.batching.is_some(), batches, "prompt lookup and draft models speculate in the batched worker");
     let spec = info.speculation.clone();
     (common::start_with(Arc::new(worker), info, ServerOptions::default()), spec)
 }
@@ -134,4 +160,16 @@ fn concurrent_speculative_requests_answer_as_plain_ones() {
         threads.into_iter().map(|t| t.join().unwrap()["choices"].clone()).collect::<Vec<_>>()
     };
     assert_eq!(ask(ngram), ask(plain));
+}
+
+/// DFlash (its proposer owns the draft's weights) serves one request at a
+/// time with one proposer, made once, and answers as a plain server does.
+#[test]
+fn dflash_serves_one_request_at_a_time_with_one_proposer() {
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (addr, desc) = server_with(Box::new(Dflash(made.clone())), None, false);
+    assert_eq!(desc.as_deref(), Some("dflash k=3"));
+    let plain = common::start(ServerOptions::default());
+    assert_eq!(answers(addr), answers(plain));
+    assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 1, "one proposer, made at the start and reused");
 }
