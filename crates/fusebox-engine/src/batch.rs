@@ -59,7 +59,7 @@ pub struct Event {
 
 /// A sequence's view of each draw, for callers that need more than the
 /// token (a server's penalties, log-probabilities and streaming).
-pub trait Observer {
+pub trait Observer: Send {
     /// Whether [`Observer::adjust`] changes anything (when not, the logits
     /// are not copied).
     fn adjusts(&self) -> bool {
@@ -141,6 +141,22 @@ const PASS_LONE_ROUND: u64 = 0x524f_554e;
 
 static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
 
+/// A step's host buffers, kept from step to step so that a step allocates
+/// nothing once warm (the plan, the pass's layout, the finished).
+#[derive(Default)]
+struct StepBufs {
+    /// `(sequence, rows)` while planning, then `(index into running, rows)`.
+    plan_ids: Vec<(SeqId, usize)>,
+    plan: Vec<(usize, usize)>,
+    done: Vec<usize>,
+    ids: Vec<u32>,
+    positions: Vec<i32>,
+    seqs: Vec<i32>,
+    slots: Vec<i32>,
+    tables: Vec<i32>,
+    logit_rows: Vec<usize>,
+}
+
 /// The device sampler of a lone decoding sequence, and whose state it holds.
 struct LoneDraw {
     dev: DeviceSampler,
@@ -177,6 +193,7 @@ pub struct BatchEngine<'m> {
     /// Target layers every pass captures, for proposers that read them
     /// (one set per engine; empty: none).
     tap_layers: Vec<usize>,
+    bufs: StepBufs,
     /// Each row's argmax of a lone sequence's round, by logit rows (`I32`),
     /// and read back.
     argmax: HashMap<usize, Tensor>,
@@ -226,6 +243,7 @@ impl<'m> BatchEngine<'m> {
             tap_layers: Vec::new(),
             spec_done: HashMap::new(),
             argmax: HashMap::new(),
+            bufs: StepBufs::default(),
             argmax_host: Vec::new(),
             reuse_prefix: false,
             kept: None,
@@ -361,14 +379,18 @@ impl<'m> BatchEngine<'m> {
         let id = self.next_id;
         self.next_id += 1;
         let reused = self.reusable_prefix(&req.prompt);
+        // room for every token it may draw, so that a decode step does not grow it
+        let mut tokens = req.prompt;
+        tokens.reserve(req.max_new_tokens.min(room + 1 - n));
         let mut table = BlockTable::new();
         if let Some((_, mut kept)) = self.kept.take() {
             self.blocks.shrink(&mut kept, reused);
             table = kept;
         }
+        table.reserve(self.blocks.blocks_for(n + req.max_new_tokens.min(room + 1 - n)));
         self.waiting.push_back(Seq {
             id,
-            tokens: req.prompt,
+            tokens,
             prompt_len: n,
             computed: reused,
             table,
@@ -484,24 +506,43 @@ impl<'m> BatchEngine<'m> {
     /// first), then those still prefilling take what is left of the budget,
     /// then waiting ones are admitted; so a long prompt never holds up the
     /// decodes.
-    fn schedule(&mut self) -> Result<Vec<(usize, usize)>> {
+    fn schedule(&mut self) -> Result<()> {
         let (room, vocab) = (self.room(), self.model.cfg.vocab_size);
         let mut budget = self.opts.max_batch_tokens;
-        let mut plan: Vec<(SeqId, usize)> = Vec::new();
+        let mut plan = std::mem::take(&mut self.bufs.plan_ids);
+        plan.clear();
+        let r = self.plan_into(&mut plan, &mut budget, room, vocab);
+        self.bufs.plan.clear();
+        for &(id, n) in &plan {
+            let i = self.running.iter().position(|s| s.id == id).expect("a planned sequence runs");
+            self.bufs.plan.push((i, n));
+        }
+        self.bufs.plan_ids = plan;
+        r
+    }
+
+    /// [`BatchEngine::schedule`]'s choices, into `plan` as `(sequence, rows)`.
+    fn plan_into(
+        &mut self,
+        plan: &mut Vec<(SeqId, usize)>,
+        budget: &mut usize,
+        room: usize,
+        vocab: usize,
+    ) -> Result<()> {
         for decoding in [true, false] {
             let mut i = 0;
-            while i < self.running.len() && budget > 0 {
+            while i < self.running.len() && *budget > 0 {
                 let s = &self.running[i];
                 if (s.pending() == 1) != decoding || plan.iter().any(|&(id, _)| id == s.id) {
                     i += 1;
                     continue;
                 }
-                let (id, mut chunk) = (s.id, s.pending().min(budget));
+                let (id, mut chunk) = (s.id, s.pending().min(*budget));
                 if s.speculates() {
                     // the pending token and drafts: within the budget, the cache and the tokens still wanted
                     let s = &mut self.running[i];
                     let wanted = s.max_new_tokens - (s.tokens.len() - s.prompt_len);
-                    let limit = (budget - 1).min(room - s.tokens.len()).min(wanted.saturating_sub(1));
+                    let limit = (*budget - 1).min(room - s.tokens.len()).min(wanted.saturating_sub(1));
                     let sp = s.spec.as_mut().expect("speculates");
                     sp.propose(&s.tokens, &s.sampler.params, sp.k(limit), vocab)?;
                     chunk = 1 + sp.draft.tokens.len();
@@ -509,16 +550,16 @@ impl<'m> BatchEngine<'m> {
                 let want = self.running[i].computed + chunk;
                 // (a sequence never outgrows `room`, the whole cache at most: `add` and the draws see to it)
                 debug_assert!(want <= self.room());
-                if let Some(j) = self.make_room(i, want, &plan) {
+                if let Some(j) = self.make_room(i, want, plan) {
                     plan.push((id, chunk));
-                    budget -= chunk;
+                    *budget -= chunk;
                     i = j + 1;
                 } // else it was preempted: the sequence now at i is the next
             }
         }
-        while budget > 0 && self.running.len() < self.opts.max_seqs {
+        while *budget > 0 && self.running.len() < self.opts.max_seqs {
             let Some(s) = self.waiting.front_mut() else { break };
-            let chunk = s.pending().min(budget);
+            let chunk = s.pending().min(*budget);
             if self.blocks.reserve(&mut s.table, s.computed + chunk).is_err() {
                 if self.free_kept() {
                     continue;
@@ -528,12 +569,9 @@ impl<'m> BatchEngine<'m> {
             let s = self.waiting.pop_front().expect("front exists");
             plan.push((s.id, chunk));
             self.running.push(s);
-            budget -= chunk;
+            *budget -= chunk;
         }
-        Ok(plan
-            .into_iter()
-            .map(|(id, n)| (self.running.iter().position(|s| s.id == id).expect("a planned sequence runs"), n))
-            .collect())
+        Ok(())
     }
 
     /// Grow running sequence `i`'s table to `want` positions, preempting
@@ -570,12 +608,36 @@ impl<'m> BatchEngine<'m> {
     /// contract for passes of that many rows), whatever arrives beside it.
     pub fn step(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
-        let plan = self.schedule()?;
+        self.step_into(&mut events)?;
+        Ok(events)
+    }
+
+    /// [`BatchEngine::step`] into `events` (cleared first): a step of one
+    /// lone decoding sequence allocates nothing once warm.
+    pub fn step_into(&mut self, events: &mut Vec<Event>) -> Result<()> {
+        events.clear();
+        self.schedule()?;
+        let plan = std::mem::take(&mut self.bufs.plan);
+        let mut done = std::mem::take(&mut self.bufs.done);
+        done.clear();
+        let r = self.run_plan(&plan, events, &mut done);
+        self.bufs.plan = plan;
+        r?;
+        done.sort_unstable();
+        for &i in done.iter().rev() {
+            let s = self.running.remove(i);
+            self.retire(s);
+        }
+        self.bufs.done = done;
+        Ok(())
+    }
+
+    /// The passes of a step's plan.
+    fn run_plan(&mut self, plan: &[(usize, usize)], events: &mut Vec<Event>, done: &mut Vec<usize>) -> Result<()> {
         let m: usize = plan.iter().map(|&(_, n)| n).sum();
-        let mut done = vec![];
         if m <= ROW_EXACT_MAX {
             if !plan.is_empty() {
-                self.pass(&plan, &mut events, &mut done)?;
+                self.pass(plan, events, done)?;
             }
         } else {
             // decoding sequences (a row, or a speculative round of up to ROW_EXACT_MAX) packed into
@@ -584,23 +646,18 @@ impl<'m> BatchEngine<'m> {
             let mut part: Vec<(usize, usize)> = vec![];
             for &(i, n) in &decodes {
                 if part.iter().map(|&(_, r)| r).sum::<usize>() + n > ROW_EXACT_MAX {
-                    self.pass(&std::mem::take(&mut part), &mut events, &mut done)?;
+                    self.pass(&std::mem::take(&mut part), events, done)?;
                 }
                 part.push((i, n));
             }
             if !part.is_empty() {
-                self.pass(&part, &mut events, &mut done)?;
+                self.pass(&part, events, done)?;
             }
             if !rest.is_empty() {
-                self.pass(&rest, &mut events, &mut done)?;
+                self.pass(&rest, events, done)?;
             }
         }
-        done.sort_unstable();
-        for &i in done.iter().rev() {
-            let s = self.running.remove(i);
-            self.retire(s);
-        }
-        Ok(events)
+        Ok(())
     }
 
     /// One forward pass over `plan`'s rows (`(index into running, rows)`),
@@ -610,9 +667,16 @@ impl<'m> BatchEngine<'m> {
     fn pass(&mut self, plan: &[(usize, usize)], events: &mut Vec<Event>, done: &mut Vec<usize>) -> Result<()> {
         let m: usize = plan.iter().map(|&(_, n)| n).sum();
         let width = plan.iter().map(|&(i, _)| self.running[i].table.len()).max().unwrap_or(1).max(1);
-        let (mut ids, mut positions, mut seqs, mut slots) = (vec![], vec![], vec![], vec![]);
-        let mut tables = vec![0i32; plan.len() * width];
-        let mut logit_rows = vec![];
+        let b = &mut self.bufs;
+        let (ids, positions, seqs, slots) = (&mut b.ids, &mut b.positions, &mut b.seqs, &mut b.slots);
+        let (tables, logit_rows) = (&mut b.tables, &mut b.logit_rows);
+        for v in [&mut *positions, &mut *seqs, &mut *slots] {
+            v.clear();
+        }
+        ids.clear();
+        logit_rows.clear();
+        tables.clear();
+        tables.resize(plan.len() * width, 0);
         for (b, &(i, n)) in plan.iter().enumerate() {
             let s = &self.running[i];
             for t in s.computed..s.computed + n {
@@ -644,15 +708,16 @@ impl<'m> BatchEngine<'m> {
         }
         let (serial, ws) = self.workspaces.get_mut(&(m, nl)).expect("inserted above");
         let serial = *serial;
+        let b = &self.bufs;
         let batch = Batch {
-            ids: &ids,
-            positions: &positions,
-            seqs: &seqs,
-            slots: &slots,
-            tables: &tables,
+            ids: &b.ids,
+            positions: &b.positions,
+            seqs: &b.seqs,
+            slots: &b.slots,
+            tables: &b.tables,
             width,
             block_size: self.blocks.block_size(),
-            logit_rows: &logit_rows,
+            logit_rows: &b.logit_rows,
         };
         ws.set_batch(self.be, &batch)?;
         // a lone sequence's blocks are the cache's first in order (a fresh free list hands them out
@@ -850,13 +915,13 @@ fn round(
     let (a, bonus) = sp.accept(rows, argmax, vocab, &s.tokens)?;
     let drafted = sp.draft.tokens.len();
     *totals = (totals.0 + 1, totals.1 + drafted, totals.2 + a);
-    let emitted: Vec<u32> = sp.draft.tokens[..a].iter().copied().chain([bonus]).collect();
     if let Some((t, r0)) = taps {
         sp.observe(t, r0, s.computed, a + 1)?;
     }
     s.computed += 1 + a;
     let before = done.len();
-    for (j, &tok) in emitted.iter().enumerate() {
+    for j in 0..=a {
+        let tok = if j < a { s.spec.as_ref().expect("a speculating sequence").draft.tokens[j] } else { bonus };
         let raw = rows.get(j * vocab..(j + 1) * vocab).unwrap_or(&[]);
         record(s, i, tok, raw, room, events, done);
         if done.len() > before {

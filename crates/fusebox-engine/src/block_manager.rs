@@ -29,6 +29,12 @@ impl BlockTable {
         BlockTable::default()
     }
 
+    /// Room for `blocks` block ids in all, so that growing to them does not
+    /// allocate.
+    pub fn reserve(&mut self, blocks: usize) {
+        self.blocks.reserve(blocks.saturating_sub(self.blocks.len()));
+    }
+
     /// The block ids, in position order (what the attention op and the KV
     /// write read, one row per sequence).
     pub fn ids(&self) -> &[u32] {

@@ -79,8 +79,10 @@ impl<'m> BatchEngine<'m> {
     ) -> Result<StopReason> {
         let mut t1: Option<Instant> = None;
         let mut stop = None;
+        let mut events = Vec::with_capacity(crate::spec::MAX_SPEC_K + 1);
         while stop.is_none() {
-            for e in self.step()? {
+            self.step_into(&mut events)?;
+            for e in events.iter().cloned() {
                 debug_assert_eq!(e.id, id);
                 if let Some(tok) = e.token {
                     match t1 {

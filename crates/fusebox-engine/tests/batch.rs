@@ -8,8 +8,7 @@ mod common;
 
 use common::batch::{check, request, CROWDED, CROWDED_OPTS, MIXED, MIXED_OPTS};
 use common::{cpu, greedy, load};
-use std::cell::RefCell;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 use fusebox_engine::{BatchEngine, BatchOptions, Observer, Request, Session, StopReason};
 
@@ -51,11 +50,11 @@ fn a_long_prompt_does_not_hold_up_running_decodes() {
 }
 
 /// The raw logits of every draw of one sequence.
-struct Logits(Rc<RefCell<Vec<Vec<f32>>>>);
+struct Logits(Arc<Mutex<Vec<Vec<f32>>>>);
 
 impl Observer for Logits {
     fn drawn(&mut self, raw: &[f32], _token: u32, _finished: Option<StopReason>) -> bool {
-        self.0.borrow_mut().push(raw.to_vec());
+        self.0.lock().unwrap().push(raw.to_vec());
         true
     }
 }
@@ -73,7 +72,7 @@ fn decode_rows_beside_a_long_prompt_are_bitwise_their_one_row_values() {
         let run = |beside: bool| {
             let opts = BatchOptions { blocks: 64, max_batch_tokens: 64, max_seqs: 4, max_len: 256 };
             let mut engine = BatchEngine::new(&model.decoder, &be, opts).unwrap();
-            let log = Rc::new(RefCell::new(vec![]));
+            let log = Arc::new(Mutex::new(vec![]));
             engine.add_observed(req(6, 12, 1), Box::new(Logits(log.clone()))).unwrap();
             engine.step().unwrap();
             if beside {
@@ -82,7 +81,8 @@ fn decode_rows_beside_a_long_prompt_are_bitwise_their_one_row_values() {
             while !engine.is_idle() {
                 engine.step().unwrap();
             }
-            log.take()
+            let v = std::mem::take(&mut *log.lock().unwrap());
+            v
         };
         let (alone, beside) = (run(false), run(true));
         assert_eq!(alone.len(), 12);

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fusebox_core::{cpu::CpuBackend, fixtures::fixture};
 use fusebox_engine::{
-    DFlash, DraftModel, GenerateOptions, PromptLookup, Proposer, SamplingParams, Session, SpecOptions,
+    BatchEngine, DFlash, DraftModel, GenerateOptions, PromptLookup, Proposer, Request, SamplingParams, Session,
+    SpecOptions, Speculation,
 };
 use fusebox_models::dflash::DFlashDraft;
 use fusebox_models::Model;
@@ -165,4 +166,101 @@ fn up_to_three_windows(mut window: impl FnMut() -> usize) -> Vec<usize> {
         }
     }
     counts
+}
+
+/// The engine's steps for one request at a time (what `generate` runs): a
+/// decode step allocates nothing once warm, greedy and sampled.
+#[test]
+fn lone_engine_decode_steps_do_not_allocate() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let be = CpuBackend::new(2).unwrap();
+    let model = Model::load(&fixture("tiny-qwen3"), &be).unwrap();
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.9,
+        min_p: 0.02,
+        repeat_penalty: 1.1,
+        repeat_last_n: 64,
+        seed: 1,
+    };
+    for sampling in [SamplingParams::greedy(), sampled] {
+        let mut engine = BatchEngine::lone(&model.decoder, &be, 512).unwrap();
+        let req = Request { prompt: vec![1, 2, 3, 4], max_new_tokens: 400, stop_ids: vec![], sampling };
+        engine.add(req).unwrap();
+        let mut events = Vec::with_capacity(8);
+        // warm-up: the prompt, then decode steps until every buffer has its working size
+        for _ in 0..40 {
+            engine.step_into(&mut events).unwrap();
+        }
+        let counts = up_to_three_windows(|| {
+            let mut n = 0;
+            fusebox_core::Backend::run(&be, &mut || {
+                let before = ALLOCS.load(Ordering::SeqCst);
+                for _ in 0..40 {
+                    engine.step_into(&mut events)?;
+                }
+                n = ALLOCS.load(Ordering::SeqCst) - before;
+                Ok(())
+            })
+            .unwrap();
+            n
+        });
+        assert_eq!(counts.last(), Some(&0), "allocations in windows of 40 engine decode steps: {counts:?}");
+    }
+}
+
+/// Allocations of one speculative generation of `n` tokens through the
+/// engine, counted inside one `run`.
+fn engine_spec_allocs<'m>(
+    be: &CpuBackend,
+    engine: &mut BatchEngine<'m>,
+    spec: &mut Option<Speculation<'m>>,
+    prompt: &[u32],
+    n: usize,
+) -> usize {
+    let opts = GenerateOptions { max_new_tokens: n, stop_ids: vec![], sampling: SamplingParams::greedy() };
+    let mut count = 0;
+    fusebox_core::Backend::run(be, &mut || {
+        let before = ALLOCS.load(Ordering::SeqCst);
+        let (out, _) = engine.generate(prompt, &opts, spec, |_| Ok(true))?;
+        count = ALLOCS.load(Ordering::SeqCst) - before;
+        assert_eq!(out.tokens.len(), n);
+        Ok(())
+    })
+    .unwrap();
+    count
+}
+
+/// The engine's speculative rounds (propose, score, accept) allocate
+/// nothing once warm: a generation of 200 tokens allocates no more than one
+/// of 60.
+#[test]
+fn engine_speculative_rounds_do_not_allocate() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let be = CpuBackend::new(2).unwrap();
+    let model = Model::load(&fixture("tiny-qwen3"), &be).unwrap();
+    let other = Model::load(&fixture("tiny-llama"), &be).unwrap();
+    let p: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 500).collect();
+    let prompt = [&p[..], &p[..], &p[..6]].concat();
+    for method in ["ngram", "draft", "dflash"] {
+        let proposer: Box<dyn Proposer> = match method {
+            "ngram" => Box::new(PromptLookup::new(3).unwrap()),
+            "draft" => Box::new(DraftModel::new(&model, &other, &be, 512).unwrap()),
+            _ => {
+                let df = DFlashDraft::load(&fixture("tiny-dflash"), &be).unwrap();
+                Box::new(DFlash::new(df, &model.decoder, &be, 512).unwrap())
+            }
+        };
+        let mut spec = Some(Speculation { options: SpecOptions { k: 4, trace: false }, proposer });
+        let mut engine = BatchEngine::lone(&model.decoder, &be, 512).unwrap();
+        engine_spec_allocs(&be, &mut engine, &mut spec, &prompt, 200);
+        engine_spec_allocs(&be, &mut engine, &mut spec, &prompt, 200);
+        let counts = up_to_three_windows(|| {
+            let short = engine_spec_allocs(&be, &mut engine, &mut spec, &prompt, 60);
+            let long = engine_spec_allocs(&be, &mut engine, &mut spec, &prompt, 200);
+            long.saturating_sub(short)
+        });
+        assert_eq!(counts.last(), Some(&0), "{method}: allocations that grow with the rounds: {counts:?}");
+    }
 }

@@ -87,7 +87,7 @@ pub(crate) fn draw(q: &[f32], u: f64) -> u32 {
 }
 
 /// A source of draft tokens.
-pub trait Proposer {
+pub trait Proposer: Send {
     /// The method's name in reports (`ngram`, `draft`).
     fn name(&self) -> &'static str;
 
