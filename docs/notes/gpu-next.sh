@@ -6,25 +6,28 @@
 # Everything goes to one log under $OUT (the device returns at most 8 files).
 set -uo pipefail
 log=${OUT:-/tmp}/gpu-next.log
+b() { bash .gpu/run.sh exec fusebox bench --device cuda "$@" --out-dir "${OUT:-/tmp}" 2>&1; }
 {
   echo "== commit $(cat .gpu/COMMIT 2>/dev/null); $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-  # 1. correctness: every test binary (FUSEBOX_REQUIRE_CUDA=1). Since the last GPU run: the gemv_tc
-  #    default (issue 22); the attention kernels' tile loads (attn_load_tile addresses rows through
-  #    attn_row_off now, the same addresses for a contiguous cache), their paged twins and batching on
-  #    CUDA (issue 23: cuda_attention paged_attention_is_bitwise_contiguous_attention_per_row,
-  #    fusebox-engine cuda_batch)
-  echo "== all tests"; bash .gpu/run.sh 2>&1 | grep -E "^test |test result|panicked|FAILED|skipped" | tail -n 120
-  # 2. batching on CUDA (FUSEBOX_CUDA_BATCHING=1): decode step cost by batch size, through BatchEngine
-  for q in "--quant q4g64"; do
-    echo "== batch curve qwen3-8b $q"
-    FUSEBOX_CUDA_BATCHING=1 bash .gpu/run.sh exec fusebox bench --device cuda --synthetic qwen3-8b $q \
-      --prompt-len 128 --gen 16 --batch-curve 64 --out-dir "${OUT:-/tmp}" 2>&1 | tail -n 15
+  # 1. correctness: every test binary (FUSEBOX_REQUIRE_CUDA=1). New since the last GPU run: the engine
+  #    decodes everything (CLI and server) -- cuda_batch's lone/generate tests check it against the
+  #    Session loop (CUDA graphs of the lone decode step and round); CUDA paged attention
+  #    (cuda_attention paged_attention_is_bitwise_contiguous_attention_per_row, cuda_batch batching);
+  #    the attention tile loads (attn_row_off); the gemv_tc default (cuda_gemv, cuda_verify)
+  echo "== all tests"; bash .gpu/run.sh 2>&1 | grep -E "^test |test result|panicked|FAILED|skipped" | tail -n 150
+  # 2. batch-1 decode through the engine (bench) against the Session's decode step (the verify
+  #    curve's k=0 row) in one process each: issue 23's "within 3%"
+  for m in "--synthetic qwen3-8b --quant q4g64" "--synthetic qwen3-0.6b"; do
+    echo "== engine decode: $m"; b $m --prompt-len 512 --gen 128 --reps 3 | tail -n 4
+    echo "== session decode: $m"; b $m --prompt-len 512 --gen 8 --verify-curve 1 --rounds 20 | tail -n 5
   done
-  # 3. the verify curve, gemv_tc off and on (Qwen3-8B 4-bit after 512 tokens)
+  # 3. batching on CUDA (FUSEBOX_CUDA_BATCHING=1): decode step cost by batch size
+  echo "== batch curve qwen3-8b q4g64"
+  FUSEBOX_CUDA_BATCHING=1 b --synthetic qwen3-8b --quant q4g64 --prompt-len 128 --gen 16 --batch-curve 64 | tail -n 12
+  # 4. the verify curve, gemv_tc off and on (Qwen3-8B 4-bit after 512 tokens)
   for tc in 0 1; do
     echo "== verify curve FUSEBOX_GEMV_TC=$tc"
-    FUSEBOX_GEMV_TC=$tc bash .gpu/run.sh exec fusebox bench --device cuda --synthetic qwen3-8b --quant q4g64 \
-      --prompt-len 512 --gen 32 --reps 1 --verify-curve 16 2>&1 | tail -n 25
+    FUSEBOX_GEMV_TC=$tc b --synthetic qwen3-8b --quant q4g64 --prompt-len 512 --gen 32 --reps 1 --verify-curve 16 | tail -n 22
   done
 } >"$log" 2>&1
-tail -n 60 "$log"
+tail -n 80 "$log"
