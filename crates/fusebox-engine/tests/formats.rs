@@ -3,6 +3,8 @@
 //! logits of the models they were converted from, GGUF block dequantization
 //! vs gguf-py, and the real SmolLM2 GGUF vs transformers.
 
+mod common;
+
 use std::path::Path;
 
 use fusebox_core::fixtures::{asset_or_skip, fixture};
@@ -54,6 +56,9 @@ fn check_model(model_path: &Path, exp_dir: &Path, tol: f32) -> f32 {
     let opts = GenerateOptions { max_new_tokens: want.len(), stop_ids: vec![], sampling: SamplingParams::greedy() };
     let out = s.generate(&ids(&exp["greedy"]["prompt_ids"]), &opts, |_| Ok(true)).unwrap();
     assert_eq!(out.tokens, want, "{}: greedy continuation", model_path.display());
+    // and through the engine, as the CLI and the server generate
+    let out = common::generate(&model.decoder, &be, 128, &ids(&exp["greedy"]["prompt_ids"]), &opts);
+    assert_eq!(out.tokens, want, "{}: greedy continuation through the engine", model_path.display());
     eprintln!("{}: worst relative error {worst:.2e}", model_path.display());
     worst
 }
@@ -167,6 +172,7 @@ fn smollm2_matches_transformers() {
     let out = s.generate(&prompt_ids, &opts, |_| Ok(true)).unwrap();
     assert_eq!(out.tokens, want);
     assert!(model.tokenizer.decode(&out.tokens, true).unwrap().contains("Paris"));
+    assert_eq!(common::generate(&model.decoder, &be, 256, &prompt_ids, &opts).tokens, want, "through the engine");
 }
 
 #[test]

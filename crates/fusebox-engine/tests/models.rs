@@ -2,6 +2,8 @@
 //! position, their greedy continuations, and KV-cache decode vs a full
 //! re-forward.
 
+mod common;
+
 use std::path::PathBuf;
 
 use fusebox_core::{cpu::CpuBackend, fixtures::fixture};
@@ -76,6 +78,8 @@ fn greedy_continuation_matches_transformers() {
         let out = s.generate(&prompt, &opts, |_| Ok(true)).unwrap();
         assert_eq!(out.tokens, want, "{name}: greedy continuation differs");
         assert_eq!(out.stop, StopReason::MaxTokens);
+        let out = common::generate(&model.decoder, &be, 128, &prompt, &opts);
+        assert_eq!((out.tokens, out.stop), (want, StopReason::MaxTokens), "{name}: through the engine");
     }
 }
 

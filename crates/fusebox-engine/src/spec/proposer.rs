@@ -121,3 +121,23 @@ pub trait Proposer: Send {
         Ok(())
     }
 }
+
+/// A borrowed proposer proposes (a caller that keeps its proposer lends it
+/// to a generation).
+impl<P: Proposer + ?Sized> Proposer for &mut P {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn propose(&mut self, ctx: &ProposeCtx<'_>, k: usize, draft: &mut Draft) -> Result<()> {
+        (**self).propose(ctx, k, draft)
+    }
+    fn accepted(&mut self, committed: &[u32], accepted: usize) -> Result<()> {
+        (**self).accepted(committed, accepted)
+    }
+    fn target_layers(&self) -> &[usize] {
+        (**self).target_layers()
+    }
+    fn observe(&mut self, taps: &Tensor, row0: usize, first: usize, rows: usize) -> Result<()> {
+        (**self).observe(taps, row0, first, rows)
+    }
+}

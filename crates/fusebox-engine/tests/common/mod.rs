@@ -6,7 +6,9 @@ pub mod batch;
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::fixtures::fixture;
 use fusebox_core::Backend;
-use fusebox_engine::Session;
+use fusebox_engine::{
+    BatchEngine, GenerateOptions, GenerateOutput, Proposer, Session, SpecOptions, SpecStats, Speculation,
+};
 use fusebox_models::{Decoder, Model};
 
 /// Every tiny fixture model: safetensors, GGUF and MLX-quantized, dense and MoE.
@@ -157,4 +159,46 @@ impl fusebox_engine::Proposer for Oracle<'_> {
         }
         Ok(())
     }
+}
+
+/// `prompt` generated alone with a context of `ctx` tokens, as the CLI
+/// generates (`BatchEngine::lone`).
+pub fn generate(
+    model: &Decoder,
+    be: &dyn Backend,
+    ctx: usize,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> GenerateOutput {
+    let mut engine = BatchEngine::lone(model, be, ctx).unwrap();
+    engine.generate(prompt, opts, &mut None, |_| Ok(true)).unwrap().0
+}
+
+/// [`generate`] speculating with `proposer` (lent for the generation).
+pub fn speculate(
+    model: &Decoder,
+    be: &dyn Backend,
+    ctx: usize,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    options: SpecOptions,
+    proposer: &mut dyn Proposer,
+) -> (GenerateOutput, SpecStats) {
+    try_speculate(model, be, ctx, prompt, opts, options, proposer).unwrap()
+}
+
+/// [`speculate`], its error returned.
+pub fn try_speculate(
+    model: &Decoder,
+    be: &dyn Backend,
+    ctx: usize,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    options: SpecOptions,
+    proposer: &mut dyn Proposer,
+) -> anyhow::Result<(GenerateOutput, SpecStats)> {
+    let mut engine = BatchEngine::lone(model, be, ctx)?;
+    let mut spec = Some(Speculation { options, proposer: Box::new(proposer) });
+    let (out, stats) = engine.generate(prompt, opts, &mut spec, |_| Ok(true))?;
+    Ok((out, stats.expect("speculation was given")))
 }
