@@ -34,7 +34,7 @@ use crate::block_manager::{BlockManager, BlockTable, BLOCK_SIZE};
 use crate::device_sampler::DeviceSampler;
 use crate::generate::{ParityCheck, StopReason};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::spec::{SpecStats, Speculation};
+use crate::spec::{SpecStats, Speculation, MAX_SPEC_K};
 
 /// A sequence's handle, unique in one engine.
 pub type SeqId = u64;
@@ -107,12 +107,26 @@ struct Seq<'m> {
     sampler: Sampler,
     observer: Option<Box<dyn Observer + 'm>>,
     spec: Option<SeqSpec<'m>>,
+    /// The last prompt token was drawn already ([`BatchEngine::add_drawn`]):
+    /// the prompt runs without it, and the sequence decodes from it.
+    hold_last: bool,
 }
 
 impl Seq<'_> {
     /// Tokens known but not yet in the cache.
     fn pending(&self) -> usize {
         self.tokens.len() - self.computed
+    }
+
+    /// Rows the sequence may run next: what is known past its cache, less a
+    /// held last prompt token while the rest runs.
+    fn runnable(&self) -> usize {
+        let p = self.pending();
+        if self.hold_last && p > 1 {
+            p - 1
+        } else {
+            p
+        }
     }
 
     /// Whether this sequence decodes (one token known past its cache) with
@@ -155,6 +169,26 @@ struct StepBufs {
     slots: Vec<i32>,
     tables: Vec<i32>,
     logit_rows: Vec<usize>,
+}
+
+impl StepBufs {
+    /// Buffers that hold the largest step `opts` allows, so that no step
+    /// grows them.
+    fn for_sizes(opts: &BatchOptions) -> StepBufs {
+        let (rows, seqs) = (opts.max_batch_tokens + MAX_SPEC_K + 1, opts.max_seqs);
+        let width = opts.max_len.div_ceil(BLOCK_SIZE) + 1;
+        StepBufs {
+            plan_ids: Vec::with_capacity(seqs),
+            plan: Vec::with_capacity(seqs),
+            done: Vec::with_capacity(seqs),
+            ids: Vec::with_capacity(rows),
+            positions: Vec::with_capacity(rows),
+            seqs: Vec::with_capacity(rows),
+            slots: Vec::with_capacity(rows),
+            tables: Vec::with_capacity(seqs * width),
+            logit_rows: Vec::with_capacity(rows.min(seqs * (MAX_SPEC_K + 1))),
+        }
+    }
 }
 
 /// The device sampler of a lone decoding sequence, and whose state it holds.
@@ -243,7 +277,7 @@ impl<'m> BatchEngine<'m> {
             tap_layers: Vec::new(),
             spec_done: HashMap::new(),
             argmax: HashMap::new(),
-            bufs: StepBufs::default(),
+            bufs: StepBufs::for_sizes(&opts),
             argmax_host: Vec::new(),
             reuse_prefix: false,
             kept: None,
@@ -311,6 +345,27 @@ impl<'m> BatchEngine<'m> {
         let spec = SeqSpec::new(spec, &req.sampling)?;
         let id = self.add_seq(req, observer)?;
         self.waiting.back_mut().expect("just queued").spec = Some(spec);
+        Ok(id)
+    }
+
+    /// [`BatchEngine::add_with`] for a generation that goes on: the
+    /// prompt's last token was drawn already (it counts as generated), so
+    /// nothing is drawn after the rest of the prompt and the sequence
+    /// decodes from that token (with speculation, its first round starts
+    /// there).
+    ///
+    /// # Errors
+    /// As [`BatchEngine::add_with`].
+    pub fn add_drawn(
+        &mut self,
+        req: Request,
+        observer: Option<Box<dyn Observer + 'm>>,
+        spec: Option<Speculation<'m>>,
+    ) -> Result<SeqId> {
+        let id = self.add_with(req, observer, spec)?;
+        let s = self.waiting.back_mut().expect("just queued");
+        s.hold_last = true;
+        s.prompt_len -= 1;
         Ok(id)
     }
 
@@ -399,6 +454,7 @@ impl<'m> BatchEngine<'m> {
             sampler: Sampler::new(req.sampling),
             observer,
             spec: None,
+            hold_last: false,
         });
         Ok(id)
     }
@@ -537,16 +593,8 @@ impl<'m> BatchEngine<'m> {
                     i += 1;
                     continue;
                 }
-                let (id, mut chunk) = (s.id, s.pending().min(*budget));
-                if s.speculates() {
-                    // the pending token and drafts: within the budget, the cache and the tokens still wanted
-                    let s = &mut self.running[i];
-                    let wanted = s.max_new_tokens - (s.tokens.len() - s.prompt_len);
-                    let limit = (*budget - 1).min(room - s.tokens.len()).min(wanted.saturating_sub(1));
-                    let sp = s.spec.as_mut().expect("speculates");
-                    sp.propose(&s.tokens, &s.sampler.params, sp.k(limit), vocab)?;
-                    chunk = 1 + sp.draft.tokens.len();
-                }
+                let id = s.id;
+                let chunk = rows_for(&mut self.running[i], *budget, room, vocab)?;
                 let want = self.running[i].computed + chunk;
                 // (a sequence never outgrows `room`, the whole cache at most: `add` and the draws see to it)
                 debug_assert!(want <= self.room());
@@ -559,7 +607,7 @@ impl<'m> BatchEngine<'m> {
         }
         while *budget > 0 && self.running.len() < self.opts.max_seqs {
             let Some(s) = self.waiting.front_mut() else { break };
-            let chunk = s.pending().min(*budget);
+            let chunk = rows_for(s, *budget, room, vocab)?;
             if self.blocks.reserve(&mut s.table, s.computed + chunk).is_err() {
                 if self.free_kept() {
                     continue;
@@ -891,6 +939,21 @@ impl<'m> BatchEngine<'m> {
         record(s, i, tok, raw, room, events, done);
         Ok(())
     }
+}
+
+/// The rows sequence `s` runs next within `budget`: a prompt chunk, its
+/// pending token, or (speculating) its pending token and the drafts its
+/// proposer makes now, as many as the budget, the cache (`room`) and the
+/// tokens it still wants allow.
+fn rows_for(s: &mut Seq, budget: usize, room: usize, vocab: usize) -> Result<usize> {
+    if !s.speculates() {
+        return Ok(s.runnable().min(budget));
+    }
+    let wanted = s.max_new_tokens - (s.tokens.len() - s.prompt_len);
+    let limit = (budget - 1).min(room - s.tokens.len()).min(wanted.saturating_sub(1));
+    let sp = s.spec.as_mut().expect("speculates");
+    sp.propose(&s.tokens, &s.sampler.params, sp.k(limit), vocab)?;
+    Ok(1 + sp.draft.tokens.len())
 }
 
 /// Sequence `s` (running `i`) after its speculative round's pass: `rows`

@@ -186,11 +186,17 @@ fn lone_engine_decode_steps_do_not_allocate() {
     };
     for sampling in [SamplingParams::greedy(), sampled] {
         let mut engine = BatchEngine::lone(&model.decoder, &be, 512).unwrap();
-        let req = Request { prompt: vec![1, 2, 3, 4], max_new_tokens: 400, stop_ids: vec![], sampling };
-        engine.add(req).unwrap();
+        let req =
+            |n| Request { prompt: vec![1, 2, 3, 4], max_new_tokens: n, stop_ids: vec![], sampling: sampling.clone() };
         let mut events = Vec::with_capacity(8);
-        // warm-up: the prompt, then decode steps until every buffer has its working size
-        for _ in 0..40 {
+        // warm-up: a request longer than the measured one, so that the sampling op's scratch (per
+        // pool thread, sized by the context) has reached its working size on every thread
+        engine.add(req(300)).unwrap();
+        while !engine.is_idle() {
+            engine.step_into(&mut events).unwrap();
+        }
+        engine.add(req(200)).unwrap();
+        for _ in 0..20 {
             engine.step_into(&mut events).unwrap();
         }
         let counts = up_to_three_windows(|| {

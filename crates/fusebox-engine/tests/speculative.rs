@@ -1,7 +1,7 @@
-//! Speculative decoding against plain decoding: greedy output is the same
-//! token for token with every proposer and k, the stop reason and the
-//! context left behind are the same, and at temperature 1 the first
-//! speculative token is distributed as the target's softmax.
+//! Speculative decoding against plain decoding, through the engine as
+//! `generate` runs it: greedy output is the same token for token with every
+//! proposer and k, the stop reason is the same, and at temperature 1 the
+//! first speculative token is distributed as the target's softmax.
 
 mod common;
 
@@ -9,8 +9,8 @@ use common::{cpu, greedy, load, tokens, ALL_MODELS};
 use fusebox_core::Backend;
 use fusebox_engine::spec::{Draft, ProposeCtx, Round};
 use fusebox_engine::{
-    DraftModel, GenerateOptions, GenerateOutput, PromptLookup, Proposer, SamplingParams, Session, SpecOptions,
-    SpecStats,
+    BatchEngine, DraftModel, GenerateOptions, GenerateOutput, PromptLookup, Proposer, Request, SamplingParams,
+    SpecOptions, SpecStats, Speculation,
 };
 use fusebox_models::Model;
 
@@ -22,16 +22,8 @@ fn prompt(vocab: usize) -> Vec<u32> {
     [&p[..], &p[..], &p[..6]].concat()
 }
 
-fn plain(
-    model: &Model,
-    be: &dyn Backend,
-    prompt: &[u32],
-    opts: &GenerateOptions,
-    ctx: usize,
-) -> (GenerateOutput, Vec<u32>) {
-    let mut s = Session::new(&model.decoder, be, ctx).unwrap();
-    let out = s.generate(prompt, opts, |_| Ok(true)).unwrap();
-    (out, s.tokens.clone())
+fn plain(model: &Model, be: &dyn Backend, prompt: &[u32], opts: &GenerateOptions, ctx: usize) -> GenerateOutput {
+    common::generate(&model.decoder, be, ctx, prompt, opts)
 }
 
 fn spec(
@@ -42,11 +34,8 @@ fn spec(
     ctx: usize,
     k: usize,
     p: &mut dyn Proposer,
-) -> (GenerateOutput, SpecStats, Vec<u32>) {
-    let mut s = Session::new(&model.decoder, be, ctx).unwrap();
-    let so = SpecOptions { k, trace: true };
-    let (out, stats) = s.generate_speculative(prompt, opts, &so, p, |_| Ok(true)).unwrap();
-    (out, stats, s.tokens.clone())
+) -> (GenerateOutput, SpecStats) {
+    common::speculate(&model.decoder, be, ctx, prompt, opts, SpecOptions { k, trace: true }, p)
 }
 
 /// The bookkeeping every run must satisfy.
@@ -66,14 +55,13 @@ fn prompt_lookup_greedy_equals_plain_greedy() {
     for name in ALL_MODELS {
         let model = load(name, &be);
         let prompt = prompt(model.config().vocab_size);
-        let (want, want_ctx) = plain(&model, &be, &prompt, &greedy(N), 512);
+        let want = plain(&model, &be, &prompt, &greedy(N), 512);
         for k in [1, 4, 8, 16] {
             let mut p = PromptLookup::new(3).unwrap();
-            let (got, stats, ctx) = spec(&model, &be, &prompt, &greedy(N), 512, k, &mut p);
+            let (got, stats) = spec(&model, &be, &prompt, &greedy(N), 512, k, &mut p);
             let what = format!("{name} ngram k={k}");
             assert_eq!(got.tokens, want.tokens, "{what}: tokens differ");
             assert_eq!(got.stop, want.stop, "{what}");
-            assert_eq!(ctx, want_ctx, "{what}: context left behind");
             check_stats(&stats, &got, k, &what);
             assert!(stats.drafted > 0, "{what}: prompt lookup never drafted");
             eprintln!("{what}: {}", stats.summary());
@@ -86,15 +74,14 @@ fn draft_model_greedy_equals_plain_greedy() {
     let be = cpu();
     let target = load("tiny-qwen3", &be);
     let prompt = prompt(target.config().vocab_size);
-    let (want, want_ctx) = plain(&target, &be, &prompt, &greedy(N), 512);
+    let want = plain(&target, &be, &prompt, &greedy(N), 512);
     for draft_name in ["tiny-qwen3", "tiny-llama", "gguf/tiny-qwen3.gguf", "mlx/tiny-qwen3-moe-4bit-g64"] {
         let draft = load(draft_name, &be);
         for k in [1, 4, 8, 16] {
             let mut p = DraftModel::new(&target, &draft, &be, 512).unwrap();
-            let (got, stats, ctx) = spec(&target, &be, &prompt, &greedy(N), 512, k, &mut p);
+            let (got, stats) = spec(&target, &be, &prompt, &greedy(N), 512, k, &mut p);
             let what = format!("tiny-qwen3 drafted by {draft_name} k={k}");
             assert_eq!(got.tokens, want.tokens, "{what}: tokens differ");
-            assert_eq!(ctx, want_ctx, "{what}: context left behind");
             check_stats(&stats, &got, k, &what);
             if draft_name == "tiny-qwen3" {
                 // the model drafting for itself: everything is accepted
@@ -112,17 +99,16 @@ fn a_draft_that_always_disagrees_still_gives_plain_greedy() {
     let target = load("tiny-qwen3", &be);
     let draft = load("tiny-qwen3", &be);
     let prompt = prompt(target.config().vocab_size);
-    let (want, want_ctx) = plain(&target, &be, &prompt, &greedy(N), 512);
+    let want = plain(&target, &be, &prompt, &greedy(N), 512);
     for k in [1, 4, 8, 16] {
         let mut p = Disagree {
             inner: DraftModel::new(&target, &draft, &be, 512).unwrap(),
             full: [&prompt[..], &want.tokens[..]].concat(),
             vocab: target.config().vocab_size as u32,
         };
-        let (got, stats, ctx) = spec(&target, &be, &prompt, &greedy(N), 512, k, &mut p);
+        let (got, stats) = spec(&target, &be, &prompt, &greedy(N), 512, k, &mut p);
         let what = format!("always-disagreeing draft k={k}");
         assert_eq!(got.tokens, want.tokens, "{what}: tokens differ");
-        assert_eq!(ctx, want_ctx, "{what}");
         assert_eq!(stats.accepted, 0, "{what}: {}", stats.summary());
         // every round drafts (but the last, which has room for the bonus only)
         let trace = stats.trace.as_ref().unwrap();
@@ -158,7 +144,7 @@ fn stops_and_context_end_as_plain_decoding_does() {
     let be = cpu();
     let model = load("tiny-qwen3", &be);
     let prompt = prompt(model.config().vocab_size);
-    let (free, _) = plain(&model, &be, &prompt, &greedy(64), 512);
+    let free = plain(&model, &be, &prompt, &greedy(64), 512);
     // an EOS that appears mid-output, a tight context, max_tokens inside a round
     let eos = free.tokens[20];
     let cases = [
@@ -168,18 +154,17 @@ fn stops_and_context_end_as_plain_decoding_does() {
         (greedy(1), 512),
     ];
     for (opts, ctx) in cases {
-        let (want, want_ctx) = plain(&model, &be, &prompt, &opts, ctx);
+        let want = plain(&model, &be, &prompt, &opts, ctx);
         for k in [1, 4, 16] {
             for draft_self in [false, true] {
                 let draft = load("tiny-qwen3", &be);
                 let mut ng = PromptLookup::new(3).unwrap();
                 let mut dm = DraftModel::new(&model, &draft, &be, ctx).unwrap();
                 let p: &mut dyn Proposer = if draft_self { &mut dm } else { &mut ng };
-                let (got, _, got_ctx) = spec(&model, &be, &prompt, &opts, ctx, k, p);
+                let (got, _) = spec(&model, &be, &prompt, &opts, ctx, k, p);
                 let what = format!("{:?} ctx {ctx} k={k} self-draft {draft_self}", opts.stop_ids);
                 assert_eq!(got.tokens, want.tokens, "{what}");
                 assert_eq!(got.stop, want.stop, "{what}");
-                assert_eq!(got_ctx, want_ctx, "{what}: context left behind");
             }
         }
     }
@@ -189,13 +174,11 @@ fn stops_and_context_end_as_plain_decoding_does() {
 fn speculation_errors_are_clear() {
     let be = cpu();
     let model = load("tiny-qwen3", &be);
-    let mut s = Session::new(&model.decoder, &be, 64).unwrap();
     let mut p = PromptLookup::new(2).unwrap();
     for k in [0, 32] {
-        let e = s
-            .generate_speculative(&[1, 2], &greedy(4), &SpecOptions { k, trace: false }, &mut p, |_| Ok(true))
-            .unwrap_err()
-            .to_string();
+        let so = SpecOptions { k, trace: false };
+        let e =
+            common::try_speculate(&model.decoder, &be, 64, &[1, 2], &greedy(4), so, &mut p).unwrap_err().to_string();
         assert!(e.contains("--spec-k must be between 1 and 31"), "{e}");
     }
     assert!(PromptLookup::new(0).is_err());
@@ -249,7 +232,6 @@ fn sampled_first_token_follows_the_target_distribution() {
     let other = load("tiny-llama", &be);
     let vocab = target.config().vocab_size;
     let prompt = prompt(vocab);
-    let (ctx, pending) = (&prompt[..prompt.len() - 1], prompt[prompt.len() - 1]);
     // the target's distribution after the whole prompt, from a full forward pass
     let logits = fusebox_engine::generate::full_logits(&target.decoder, &be, &prompt).unwrap();
     let last = &logits[(prompt.len() - 1) * vocab..];
@@ -270,9 +252,6 @@ fn sampled_first_token_follows_the_target_distribution() {
         );
         let want: Vec<f64> = want.iter().map(|&p| p as f64).collect();
         for method in ["ngram", "self", "hot", "foreign"] {
-            let mut s = Session::new(&target.decoder, &be, 128).unwrap();
-            s.prefill(ctx).unwrap();
-            let base = s.kv.len;
             let mut ng = PromptLookup::new(3).unwrap();
             let mut own = DraftModel::new(&target, &target, &be, 128).unwrap();
             let mut foreign = DraftModel::new(&target, &other, &be, 128).unwrap();
@@ -283,16 +262,29 @@ fn sampled_first_token_follows_the_target_distribution() {
                 "hot" => &mut hot,
                 _ => &mut foreign,
             };
+            // one engine keeps the context (prefix reuse): each draw runs one round after the
+            // prompt's last token, drawn already
+            let mut engine = BatchEngine::lone(&target.decoder, &be, 128).unwrap();
+            engine.set_prefix_reuse(true);
+            let mut spec = Some(Speculation { options: SpecOptions { k: 4, trace: false }, proposer: Box::new(p) });
             let mut counts = vec![0u64; vocab];
-            let mut accepted = 0;
+            let mut events = vec![];
             for seed in 0..DRAWS {
-                s.truncate(base);
-                let sp = SamplingParams { seed, ..params.clone() };
-                let r = s.speculative_round(pending, 4, &sp, p).unwrap();
-                let first = if r.accepted > 0 { r.proposed[0] } else { r.bonus };
+                let sampling = SamplingParams { seed, ..params.clone() };
+                let req = Request { prompt: prompt.clone(), max_new_tokens: 8, stop_ids: vec![], sampling };
+                let id = engine.add_drawn(req, None, spec.take()).unwrap();
+                // the context runs (once: then it is reused), then the round after `pending`
+                let first = loop {
+                    engine.step_into(&mut events).unwrap();
+                    if let Some(t) = events.first().and_then(|e| e.token) {
+                        break t;
+                    }
+                };
+                assert!(engine.finish(id));
+                spec = engine.take_spec(id).map(|(s, _)| s);
                 counts[first as usize] += 1;
-                accepted += r.accepted;
             }
+            let accepted = engine.spec_totals().2;
             let (chi, crit, buckets) = chi_square(&counts, &want);
             eprintln!(
                 "{method} T={} top_k={}: chi-square {chi:.1} over {buckets} buckets (critical {crit:.1}), {:.2} accepted per round",
@@ -347,10 +339,10 @@ fn smollm2_prompt_lookup_on_an_edit_request_equals_plain_greedy() {
     let be = cpu();
     let model = Model::load(&path, &be).unwrap();
     let prompt = common::chat_prompt(&model, common::EDIT_PROMPT);
-    let (want, _) = plain(&model, &be, &prompt, &greedy(N), 1024);
+    let want = plain(&model, &be, &prompt, &greedy(N), 1024);
     for k in [1, 4, 8, 16] {
         let mut p = PromptLookup::new(3).unwrap();
-        let (got, stats, _) = spec(&model, &be, &prompt, &greedy(N), 1024, k, &mut p);
+        let (got, stats) = spec(&model, &be, &prompt, &greedy(N), 1024, k, &mut p);
         let what = format!("SmolLM2 ngram k={k}");
         assert_eq!(got.tokens, want.tokens, "{what}: tokens differ");
         eprintln!("{what}: {}", stats.summary());
@@ -371,10 +363,10 @@ fn smollm2_q4_1_drafting_for_its_f32_dequantization_equals_plain_greedy() {
     let target = Model::load_with(&path, &be, true).unwrap();
     let draft = Model::load(&path, &be).unwrap();
     let prompt = common::chat_prompt(&target, "Write a short story about a lighthouse keeper and a storm.");
-    let (want, _) = plain(&target, &be, &prompt, &greedy(N), 1024);
+    let want = plain(&target, &be, &prompt, &greedy(N), 1024);
     for k in [1, 4, 8, 16] {
         let mut p = DraftModel::new(&target, &draft, &be, 1024).unwrap();
-        let (got, stats, _) = spec(&target, &be, &prompt, &greedy(N), 1024, k, &mut p);
+        let (got, stats) = spec(&target, &be, &prompt, &greedy(N), 1024, k, &mut p);
         let what = format!("SmolLM2 f32 drafted by Q4_1 k={k}");
         assert_eq!(got.tokens, want.tokens, "{what}: tokens differ");
         eprintln!("{what}: {}", stats.summary());
