@@ -9,7 +9,6 @@
 //! replays, and only the drawn token comes back to the host.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use anyhow::{bail, Result};
 use fusebox_core::dtype::splitmix64;
@@ -19,7 +18,6 @@ use fusebox_models::{Decoder, Logits, Workspace};
 use crate::device_sampler::DeviceSampler;
 use crate::kv_cache::KvCache;
 use crate::sampling::SamplingParams;
-use crate::spec::Proposer;
 
 /// Prompts longer than this are prefilled in chunks of this many tokens,
 /// which bounds the activation memory of a prefill.
@@ -82,32 +80,6 @@ impl GenerateOutput {
         }
     }
 
-    /// Emit `tok`, the next token drawn: a stop token ends generation
-    /// unseen; otherwise it is kept and shown to `on_token`, and generation
-    /// ends when the callback says so, at `max_new_tokens`, or when the
-    /// context has no room to run it (`context_full`).
-    pub(crate) fn emit(
-        &mut self,
-        tok: u32,
-        opts: &GenerateOptions,
-        context_full: bool,
-        on_token: &mut impl FnMut(u32) -> Result<bool>,
-    ) -> Result<Option<StopReason>> {
-        if opts.stop_ids.contains(&tok) {
-            return Ok(Some(StopReason::Eos));
-        }
-        self.tokens.push(tok);
-        Ok(if !on_token(tok)? {
-            Some(StopReason::Callback)
-        } else if self.tokens.len() >= opts.max_new_tokens {
-            Some(StopReason::MaxTokens)
-        } else if context_full {
-            Some(StopReason::ContextFull)
-        } else {
-            None
-        })
-    }
-
     pub fn prefill_tok_s(&self) -> f64 {
         self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
     }
@@ -137,9 +109,6 @@ pub struct Session<'m> {
     parity: Option<ParityCheck>,
     /// Speculative verify passes, by row count (made at first use).
     pub(crate) verify: crate::verify::VerifyPasses,
-    /// Target layers whose outputs prompt and verify passes capture for a
-    /// proposer that reads them (empty: none).
-    pub(crate) tap_layers: Vec<usize>,
 }
 
 /// The fused-path diagnostic: every decode step also runs on the graph path.
@@ -197,7 +166,6 @@ impl<'m> Session<'m> {
             id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
             parity: fusebox_core::fusion::parity_check().then(ParityCheck::default),
             verify: Default::default(),
-            tap_layers: Vec::new(),
         })
     }
 
@@ -249,46 +217,28 @@ impl<'m> Session<'m> {
         splitmix64(splitmix64(self.id ^ splitmix64(kv)) ^ pass)
     }
 
-    /// Capture the outputs of target `layers` in verify passes (and in
-    /// prompt passes that a proposer observes) from now on.
-    pub(crate) fn set_tap_layers(&mut self, layers: &[usize]) {
-        if self.tap_layers != layers {
-            self.tap_layers = layers.to_vec();
-            self.verify.rebuild();
-        }
-    }
-
-    /// A workspace of `m` rows, capturing [`Session::tap_layers`] when `taps`.
-    pub(crate) fn workspace(&self, m: usize, mode: Logits, taps: bool) -> Result<Workspace> {
-        let ws = self.model.workspace(self.be, m, mode)?;
-        if taps && !self.tap_layers.is_empty() {
-            return ws.with_taps(self.be, &self.tap_layers);
-        }
-        Ok(ws)
+    /// A workspace of `m` rows.
+    pub(crate) fn workspace(&self, m: usize, mode: Logits) -> Result<Workspace> {
+        self.model.workspace(self.be, m, mode)
     }
 
     /// Run `ids` after what is already in the context, in chunks of at
     /// most [`PREFILL_CHUNK`]; the workspace of the last chunk holds the
     /// logits after the last token. `observer` sees each chunk's captured
     /// target layers.
-    fn forward_prompt<'p>(&mut self, ids: &[u32], mut observer: Option<&mut (dyn Proposer + 'p)>) -> Result<Workspace> {
+    fn forward_prompt(&mut self, ids: &[u32]) -> Result<Workspace> {
         let chunk = ids.len().min(PREFILL_CHUNK);
-        let taps = observer.is_some();
-        let mut ws = self.workspace(chunk, Logits::Last, taps)?;
+        let mut ws = self.workspace(chunk, Logits::Last)?;
         self.sampler.pending = None;
         for part in ids.chunks(chunk) {
             if part.len() != ws.m {
-                ws = self.workspace(part.len(), Logits::Last, taps)?;
+                ws = self.workspace(part.len(), Logits::Last)?;
             }
-            let first = self.kv.len;
-            ws.set_tokens(self.be, part, first)?;
+            ws.set_tokens(self.be, part, self.kv.len)?;
             let (model, be, kv) = (self.model, self.be, &mut self.kv.layers);
             be.run(&mut || model.forward(be, &mut ws, kv))?;
             self.kv.len += part.len();
             self.tokens.extend_from_slice(part);
-            if let (Some(p), Some(t)) = (observer.as_deref_mut(), ws.taps()) {
-                p.observe(t, 0, first, part.len())?;
-            }
         }
         Ok(ws)
     }
@@ -303,7 +253,7 @@ impl<'m> Session<'m> {
         if ids.len() == 1 {
             return self.step(ids[0]);
         }
-        let ws = self.forward_prompt(ids, None)?;
+        let ws = self.forward_prompt(ids)?;
         self.be.read_f32(&ws.logits, &mut self.logits)?;
         Ok(&mut self.logits)
     }
@@ -416,66 +366,9 @@ impl<'m> Session<'m> {
         if let [id] = prompt {
             self.decode(*id)
         } else {
-            let ws = self.forward_prompt(prompt, None)?;
+            let ws = self.forward_prompt(prompt)?;
             self.sample_from(&ws.logits)
         }
-    }
-
-    /// The start every generation loop shares: check the prompt, set the
-    /// sampler, run the prompt and draw the first new token (none when
-    /// `max_new_tokens` is 0: then only the prompt runs), timing the prefill.
-    /// `observer` (a proposer that reads target layers) sees the prompt's.
-    pub(crate) fn start<'p>(
-        &mut self,
-        prompt: &[u32],
-        opts: &GenerateOptions,
-        observer: Option<&mut (dyn Proposer + 'p)>,
-    ) -> Result<(GenerateOutput, Option<u32>)> {
-        if prompt.is_empty() {
-            bail!("the prompt is empty (no tokens)");
-        }
-        self.check_room(prompt.len())?;
-        self.set_sampling(&opts.sampling)?;
-        let t0 = Instant::now();
-        let mut out = GenerateOutput::new(prompt.len(), opts.max_new_tokens.min(self.capacity()));
-        let first = if let Some(p) = observer {
-            let ws = self.forward_prompt(prompt, Some(p))?;
-            if opts.max_new_tokens == 0 {
-                None
-            } else {
-                Some(self.sample_from(&ws.logits)?)
-            }
-        } else if opts.max_new_tokens == 0 {
-            self.prefill(prompt)?;
-            None
-        } else {
-            Some(self.advance(prompt)?)
-        };
-        out.prefill_secs = t0.elapsed().as_secs_f64();
-        Ok((out, first))
-    }
-
-    /// Generate after `prompt` (appended to the current context). `on_token`
-    /// sees each new token as it is produced and returns `false` to stop.
-    pub fn generate(
-        &mut self,
-        prompt: &[u32],
-        opts: &GenerateOptions,
-        mut on_token: impl FnMut(u32) -> Result<bool>,
-    ) -> Result<GenerateOutput> {
-        let (mut out, first) = self.start(prompt, opts, None)?;
-        let Some(mut tok) = first else { return Ok(out) };
-        let t1 = Instant::now();
-        loop {
-            if let Some(stop) = out.emit(tok, opts, self.kv.remaining() == 0, &mut on_token)? {
-                out.stop = stop;
-                break;
-            }
-            tok = self.decode(tok)?;
-            out.decode_steps += 1;
-        }
-        out.decode_secs = t1.elapsed().as_secs_f64();
-        Ok(out)
     }
 }
 

@@ -44,15 +44,6 @@ pub struct VerifyPasses {
     generation: u64,
 }
 
-impl VerifyPasses {
-    /// Drop every pass (they are made again at first use).
-    pub(crate) fn rebuild(&mut self) {
-        self.passes.clear();
-        self.last_m = 0;
-        self.generation += 1;
-    }
-}
-
 impl Session<'_> {
     /// Run `ids` (the pending token, then drafts) after the context in one
     /// forward pass, keeping every row's logits; the tokens join the context
@@ -69,7 +60,7 @@ impl Session<'_> {
             self.verify.passes.resize_with(m + 1, || None);
         }
         if self.verify.passes[m].is_none() {
-            let ws = self.workspace(m, Logits::All, true)?;
+            let ws = self.workspace(m, Logits::All)?;
             let argmax = self.be.zeros(&[m], DType::I32)?;
             self.verify.passes[m] = Some(VerifyPass { ws, argmax });
         }
@@ -88,12 +79,6 @@ impl Session<'_> {
         self.verify.last_m = m;
         be.read_i32(&pass.argmax, &mut self.verify.argmax)?;
         Ok(&self.verify.argmax)
-    }
-
-    /// The captured target layers of the last verify pass (`[m, layers *
-    /// hidden]`), when [`Session::tap_layers`] names any.
-    pub(crate) fn verify_taps(&self) -> Option<&Tensor> {
-        self.verify.passes.get(self.verify.last_m)?.as_ref()?.ws.taps()
     }
 
     /// The logits of every row of the last verify pass (`[m, vocab]`,

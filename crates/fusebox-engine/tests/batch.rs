@@ -7,10 +7,10 @@
 mod common;
 
 use common::batch::{check, request, CROWDED, CROWDED_OPTS, MIXED, MIXED_OPTS};
-use common::{cpu, greedy, load};
+use common::{cpu, load};
 use std::sync::{Arc, Mutex};
 
-use fusebox_engine::{BatchEngine, BatchOptions, Observer, Request, Session, StopReason};
+use fusebox_engine::{BatchEngine, BatchOptions, Observer, Request, SamplingParams, StopReason};
 
 #[test]
 fn batched_greedy_equals_each_request_alone() {
@@ -118,7 +118,8 @@ fn cancelled_and_rejected_requests_hold_no_blocks() {
     let mut bad = req(4, 4);
     bad.prompt[2] = vocab as u32;
     assert!(msg(bad).contains("vocabulary"));
-    // a sequence that fills its context ends there, as a Session of that context does
+    // a sequence that fills its context ends there: 48 positions, 40 prompt tokens, 8 decoded, and
+    // the last token drawn is emitted too
     let c = engine.add(req(40, 100)).unwrap();
     let (mut last, mut got) = (None, vec![]);
     while !engine.is_idle() {
@@ -129,9 +130,8 @@ fn cancelled_and_rejected_requests_hold_no_blocks() {
         }
     }
     assert_eq!(last, Some(StopReason::ContextFull));
-    let mut s = Session::new(&model.decoder, &be, 48).unwrap();
-    let want = s.generate(&req(40, 100).prompt, &greedy(100), |_| Ok(true)).unwrap();
-    assert_eq!((got, StopReason::ContextFull), (want.tokens, want.stop));
+    let want = common::draws(&model.decoder, &be, 48, &req(40, 100).prompt, &SamplingParams::greedy(), 9);
+    assert_eq!(got, want);
     assert_eq!(engine.blocks_free(), engine.blocks_total());
 }
 
@@ -166,7 +166,7 @@ fn a_lone_sequence_runs_the_contiguous_path() {
 /// one repeating pass), the others on the host: the same stream either way.
 /// A seeded request alone, and the same request while another joins and
 /// leaves mid-way (its draws moving from the device to the host and back),
-/// give the tokens a `Session` gives.
+/// give the tokens a `Session`'s steps give.
 #[test]
 fn seeded_draws_are_the_same_on_the_device_and_the_host() {
     let be = cpu();
@@ -179,10 +179,7 @@ fn seeded_draws_are_the_same_on_the_device_and_the_host() {
         sampling: common::batch::seeded(seed),
     };
     let a = req(7, 40, 5);
-    let mut s = Session::new(&model.decoder, &be, 64).unwrap();
-    let opts =
-        fusebox_engine::GenerateOptions { max_new_tokens: 40, stop_ids: vec![], sampling: common::batch::seeded(5) };
-    let want = s.generate(&a.prompt, &opts, |_| Ok(true)).unwrap().tokens;
+    let want = common::draws(&model.decoder, &be, 64, &a.prompt, &common::batch::seeded(5), 40);
     for beside in [None, Some(3usize)] {
         let opts = BatchOptions { blocks: 32, max_batch_tokens: 16, max_seqs: 2, max_len: 128 };
         let mut engine = BatchEngine::new(&model.decoder, &be, opts).unwrap();

@@ -16,7 +16,7 @@ use fusebox_engine::spec::{Draft, ProposeCtx};
 use fusebox_engine::DFlash;
 use fusebox_engine::{
     BatchEngine, BatchOptions, DraftModel, GenerateOptions, Observer, PromptLookup, Proposer, Request, SamplingParams,
-    SeqId, Session, SpecOptions, Speculation, StopReason,
+    SeqId, SpecOptions, Speculation, StopReason,
 };
 use fusebox_models::dflash::DFlashDraft;
 
@@ -71,9 +71,10 @@ fn run_ids<'m>(
     (ids, out)
 }
 
+/// The request's plain greedy output alone (a `Session`'s steps).
 fn alone(model: &fusebox_models::Model, be: &dyn fusebox_core::Backend, req: &Request) -> Vec<u32> {
-    let mut s = Session::new(&model.decoder, be, req.prompt.len() + req.max_new_tokens + 1).unwrap();
-    s.generate(&req.prompt, &greedy(req.max_new_tokens), |_| Ok(true)).unwrap().tokens
+    let ctx = req.prompt.len() + req.max_new_tokens + 1;
+    common::draws(&model.decoder, be, ctx, &req.prompt, &SamplingParams::greedy(), req.max_new_tokens)
 }
 
 #[test]
@@ -112,22 +113,22 @@ fn speculative_sequences_in_a_batch_give_plain_greedy_output() {
     }
 }
 
-/// A lone speculative sequence with a seed: the engine's rounds draw what
-/// `Session`'s speculative loop draws (the same rows, the same acceptance
-/// stream), alone and with a plain sequence beside it for a while.
+/// A speculative sequence with a seed draws the same in a batch as alone
+/// (`generate` on an engine of one: its rounds there are one repeating pass
+/// with the argmax on the backend): the same rows, the same acceptance
+/// stream, with a plain sequence beside it for a while or not.
 #[test]
-fn seeded_speculation_in_the_engine_matches_the_session_loop() {
+fn seeded_speculation_in_a_batch_draws_as_alone() {
     let be = cpu();
     let model = load("tiny-qwen3", &be);
     let vocab = model.decoder.cfg.vocab_size;
     let prompt = looping(vocab, 8, 10);
-    let mut s = Session::new(&model.decoder, &be, 128).unwrap();
     // cool enough that the tiny random model's choices follow the loop sometimes
     let sampling = SamplingParams { temperature: 0.3, repeat_penalty: 1.05, ..seeded(3) };
     let opts = GenerateOptions { max_new_tokens: 60, stop_ids: vec![], sampling: sampling.clone() };
     let mut p = PromptLookup::new(3).unwrap();
-    let (out, stats) =
-        s.generate_speculative(&prompt, &opts, &SpecOptions { k: 6, trace: false }, &mut p, |_| Ok(true)).unwrap();
+    let so = SpecOptions { k: 6, trace: false };
+    let (out, stats) = common::speculate(&model.decoder, &be, 128, &prompt, &opts, so, &mut p);
     assert!(stats.accepted > 0, "the scenario was meant to accept drafts: {}", stats.summary());
     for beside in [false, true] {
         let opts = BatchOptions { blocks: 16, max_batch_tokens: 32, max_seqs: 2, max_len: 128 };
@@ -194,8 +195,8 @@ fn speculation_the_engine_cannot_run_is_a_clear_error() {
 
 /// DFlash reads the target's layers at its own rows of each batched pass
 /// (prompt chunks and verify rounds): beside plain sequences and another
-/// DFlash sequence it drafts exactly what it drafts alone in the `Session`
-/// loop, round for round.
+/// DFlash sequence it drafts exactly what it drafts alone (`generate` on an
+/// engine of one), round for round, and its output is plain greedy's.
 #[test]
 fn dflash_in_a_batch_drafts_as_it_does_alone() {
     let be = cpu();
@@ -207,11 +208,11 @@ fn dflash_in_a_batch_drafts_as_it_does_alone() {
         Speculation { options: SpecOptions { k, trace: true }, proposer: Box::new(d) as Box<dyn Proposer> }
     };
     let prompt = looping(vocab, 7, 12);
-    let mut s = Session::new(&target.decoder, &be, 256).unwrap();
-    let mut alone = dflash(3);
-    let (want, stats) =
-        s.generate_speculative(&prompt, &greedy(80), &alone.options, &mut *alone.proposer, |_| Ok(true)).unwrap();
+    let mut lone = BatchEngine::lone(&target.decoder, &be, 256).unwrap();
+    let (want, stats) = lone.generate(&prompt, &greedy(80), &mut Some(dflash(3)), |_| Ok(true)).unwrap();
+    let stats = stats.unwrap();
     assert!(stats.drafted > 0);
+    assert_eq!(want.tokens, alone_greedy(&target, &be, &prompt, 80), "DFlash output is plain greedy's");
     let opts = BatchOptions { blocks: 64, max_batch_tokens: 24, max_seqs: 8, max_len: 256 };
     let mut engine = BatchEngine::new(&target.decoder, &be, opts).unwrap();
     let g = SamplingParams::greedy;

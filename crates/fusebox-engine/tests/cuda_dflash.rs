@@ -10,7 +10,7 @@ use fusebox_core::cuda::backend_for_tests;
 use fusebox_core::fixtures::fixture;
 use fusebox_core::fusion::Site;
 use fusebox_core::Backend;
-use fusebox_engine::{DFlash, Session, SpecOptions};
+use fusebox_engine::{DFlash, SpecOptions};
 use fusebox_models::dflash::{DFlashConfig, DFlashDraft};
 use fusebox_models::synthetic::{self, Quant, SyntheticSource};
 use fusebox_models::{Decoder, Logits};
@@ -75,14 +75,12 @@ fn cuda_dflash_greedy_equals_plain_greedy() {
     let Some(gpu) = backend_for_tests() else { return };
     let target = load("tiny-qwen3", &gpu);
     let prompt = tokens(40, target.config().vocab_size, 9);
-    let mut plain = Session::new(&target.decoder, &gpu, 512).unwrap();
-    let want = plain.generate(&prompt, &greedy(200), |_| Ok(true)).unwrap();
+    let want = common::generate(&target.decoder, &gpu, 512, &prompt, &greedy(200));
     for k in [1, 3] {
         let draft = DFlashDraft::load(&fixture("tiny-dflash"), &gpu).unwrap();
         let mut d = DFlash::new(draft, &target.decoder, &gpu, 512).unwrap();
-        let mut s = Session::new(&target.decoder, &gpu, 512).unwrap();
         let so = SpecOptions { k, trace: false };
-        let (got, stats) = s.generate_speculative(&prompt, &greedy(200), &so, &mut d, |_| Ok(true)).unwrap();
+        let (got, stats) = common::speculate(&target.decoder, &gpu, 512, &prompt, &greedy(200), so, &mut d);
         assert_eq!(got.tokens, want.tokens, "k={k}");
         eprintln!("k={k}: {}", stats.summary());
     }
@@ -90,9 +88,8 @@ fn cuda_dflash_greedy_equals_plain_greedy() {
     let truth = [&prompt[..], &want.tokens[..]].concat();
     let draft = DFlashDraft::load(&fixture("tiny-dflash"), &gpu).unwrap();
     let mut o = common::Oracle { inner: DFlash::new(draft, &target.decoder, &gpu, 512).unwrap(), truth };
-    let mut s = Session::new(&target.decoder, &gpu, 512).unwrap();
     let so = SpecOptions { k: 3, trace: false };
-    let (got, stats) = s.generate_speculative(&prompt, &greedy(200), &so, &mut o, |_| Ok(true)).unwrap();
+    let (got, stats) = common::speculate(&target.decoder, &gpu, 512, &prompt, &greedy(200), so, &mut o);
     assert_eq!(got.tokens, want.tokens, "oracle");
     assert!(stats.mean_accepted() > 1.5, "{}", stats.summary());
 }
@@ -128,14 +125,12 @@ fn cuda_dflash_attn_passes_the_parity_gate() {
     gpu.set_fused(Site::DflashAttn, true);
     let target = load("tiny-qwen3", &gpu);
     let prompt = tokens(40, target.config().vocab_size, 9);
-    let mut plain = Session::new(&target.decoder, &gpu, 512).unwrap();
-    let want = plain.generate(&prompt, &greedy(120), |_| Ok(true)).unwrap();
+    let want = common::generate(&target.decoder, &gpu, 512, &prompt, &greedy(120));
     let truth = [&prompt[..], &want.tokens[..]].concat();
     let draft = DFlashDraft::load(&fixture("tiny-dflash"), &gpu).unwrap();
     let mut o = common::Oracle { inner: DFlash::new(draft, &target.decoder, &gpu, 512).unwrap(), truth };
-    let mut s = Session::new(&target.decoder, &gpu, 512).unwrap();
     let so = SpecOptions { k: 3, trace: false };
-    let (got, stats) = s.generate_speculative(&prompt, &greedy(120), &so, &mut o, |_| Ok(true)).unwrap();
+    let (got, stats) = common::speculate(&target.decoder, &gpu, 512, &prompt, &greedy(120), so, &mut o);
     assert_eq!(got.tokens, want.tokens, "dflash_attn fused");
     assert!(stats.mean_accepted() > 1.5, "{}", stats.summary());
     gpu.set_fused(Site::DflashAttn, false);

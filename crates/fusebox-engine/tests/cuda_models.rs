@@ -10,7 +10,7 @@ use fusebox_core::cuda::{backend_for_tests, backend_for_tests_with_graphs};
 use fusebox_core::fixtures::{asset_or_skip, fixture};
 use fusebox_core::Backend;
 use fusebox_engine::generate::full_logits;
-use fusebox_engine::{GenerateOptions, SamplingParams, Session};
+use fusebox_engine::{BatchEngine, GenerateOptions, SamplingParams, Session};
 use fusebox_models::Model;
 
 /// Fixtures checked against the CPU: dense f32/bf16/f16, MoE, MLX affine
@@ -113,10 +113,11 @@ fn fixtures_stay_close_to_the_cpu_with_bf16_kv() {
     assert!(bad.is_empty(), "relative RMS >= 2e-2 vs the CPU: {bad:?}");
 }
 
+/// `n` greedy tokens through the engine, as `generate` runs them.
 fn greedy(be: &dyn Backend, model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut s = Session::new(&model.decoder, be, prompt.len() + n + 1).unwrap();
+    let mut engine = BatchEngine::lone(&model.decoder, be, prompt.len() + n + 1).unwrap();
     let opts = GenerateOptions { max_new_tokens: n, stop_ids: vec![], sampling: SamplingParams::greedy() };
-    s.generate(prompt, &opts, |_| Ok(true)).unwrap().tokens
+    engine.generate(prompt, &opts, &mut None, |_| Ok(true)).unwrap().0.tokens
 }
 
 /// SmolLM2 (real Q4_1/Q8_0 weights): 64 greedy tokens, GPU == CPU. If they

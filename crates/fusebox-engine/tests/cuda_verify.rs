@@ -10,7 +10,7 @@ mod common;
 use common::{assert_verify_rows_equal_steps, load, repeating_prompt, tokens};
 use fusebox_core::cuda::{backend_for_tests, backend_for_tests_with_graphs};
 use fusebox_core::Backend;
-use fusebox_engine::{GenerateOptions, PromptLookup, SamplingParams, Session, SpecOptions};
+use fusebox_engine::{GenerateOptions, PromptLookup, SamplingParams, SpecOptions};
 use fusebox_models::synthetic::{self, Quant, SyntheticSource};
 use fusebox_models::Decoder;
 
@@ -92,14 +92,12 @@ fn cuda_greedy_speculative_equals_greedy() {
     let n = 128;
     let ctx = prompt.len() + n + 32;
     let opts = GenerateOptions { max_new_tokens: n, stop_ids: vec![], sampling: SamplingParams::greedy() };
-    let mut s = Session::new(&model, &gpu, ctx).unwrap();
-    let want = s.generate(&prompt, &opts, |_| Ok(true)).unwrap().tokens;
+    let want = common::generate(&model, &gpu, ctx, &prompt, &opts).tokens;
     assert_eq!(want.len(), n);
     for k in [1, 4, 8, 16] {
-        let mut s = Session::new(&model, &gpu, ctx).unwrap();
         let mut p = PromptLookup::new(3).unwrap();
         let so = SpecOptions { k, trace: false };
-        let (out, stats) = s.generate_speculative(&prompt, &opts, &so, &mut p, |_| Ok(true)).unwrap();
+        let (out, stats) = common::speculate(&model, &gpu, ctx, &prompt, &opts, so, &mut p);
         if out.tokens != want {
             let i = out.tokens.iter().zip(&want).take_while(|(a, b)| a == b).count();
             panic!(
@@ -128,7 +126,7 @@ fn cuda_greedy_speculative_equals_greedy_on_every_fixture() {
         let model = load(name, &gpu);
         let prompt = repeating_prompt(model.config().vocab_size, 7);
         let ctx = prompt.len() + 256 + 32;
-        let want = Session::new(&model.decoder, &gpu, ctx).unwrap().generate(&prompt, &opts, |_| Ok(true)).unwrap();
+        let want = common::generate(&model.decoder, &gpu, ctx, &prompt, &opts);
         for k in [1, 4, 8, 16] {
             let mut ngram = PromptLookup::new(3).unwrap();
             let mut own = fusebox_engine::DraftModel::new(&model, &model, &gpu, ctx).unwrap();
@@ -136,9 +134,8 @@ fn cuda_greedy_speculative_equals_greedy_on_every_fixture() {
             let proposers: [(&str, &mut dyn fusebox_engine::Proposer); 3] =
                 [("ngram", &mut ngram), ("self", &mut own), ("tiny-llama", &mut foreign)];
             for (what, p) in proposers {
-                let mut s = Session::new(&model.decoder, &gpu, ctx).unwrap();
                 let so = SpecOptions { k, trace: false };
-                let (out, stats) = s.generate_speculative(&prompt, &opts, &so, p, |_| Ok(true)).unwrap();
+                let (out, stats) = common::speculate(&model.decoder, &gpu, ctx, &prompt, &opts, so, p);
                 assert_eq!(out.tokens, want.tokens, "{name} drafted by {what}, k={k}: differs from plain greedy");
                 if what == "self" {
                     // (its first proposal comes from a prefill, whose rows may round differently)
@@ -165,15 +162,14 @@ fn cuda_smollm2_speculative_equals_greedy() {
     let prompt = common::chat_prompt(&model, common::EDIT_PROMPT);
     let opts = GenerateOptions { max_new_tokens: 256, stop_ids: vec![], sampling: SamplingParams::greedy() };
     let ctx = prompt.len() + 256 + 32;
-    let want = Session::new(&model.decoder, &gpu, ctx).unwrap().generate(&prompt, &opts, |_| Ok(true)).unwrap();
+    let want = common::generate(&model.decoder, &gpu, ctx, &prompt, &opts);
     for k in [1, 4, 8, 16] {
         let mut ngram = PromptLookup::new(3).unwrap();
         let mut own = fusebox_engine::DraftModel::new(&model, &model, &gpu, ctx).unwrap();
         let proposers: [(&str, &mut dyn fusebox_engine::Proposer); 2] = [("ngram", &mut ngram), ("self", &mut own)];
         for (what, p) in proposers {
-            let mut s = Session::new(&model.decoder, &gpu, ctx).unwrap();
             let so = SpecOptions { k, trace: false };
-            let (out, stats) = s.generate_speculative(&prompt, &opts, &so, p, |_| Ok(true)).unwrap();
+            let (out, stats) = common::speculate(&model.decoder, &gpu, ctx, &prompt, &opts, so, p);
             assert_eq!(out.tokens, want.tokens, "SmolLM2 {what} k={k}: differs from plain greedy");
             eprintln!("SmolLM2 {what} k={k}: {}", stats.summary());
         }

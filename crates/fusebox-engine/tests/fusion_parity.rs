@@ -13,7 +13,7 @@ use fusebox_core::cpu::CpuBackend;
 use fusebox_core::fixtures::{asset_or_skip, fixture};
 use fusebox_core::fusion::{Site, SITES};
 use fusebox_core::Backend;
-use fusebox_engine::{GenerateOptions, SamplingParams, Session};
+use fusebox_engine::{BatchEngine, GenerateOptions, SamplingParams, Session};
 use fusebox_models::Model;
 
 const FIXTURES: [&str; 6] = [
@@ -48,9 +48,9 @@ fn decode_run(be: &dyn Backend, name: &str) -> (Vec<f32>, Vec<u32>) {
     for &t in &ids[6..] {
         logits.extend_from_slice(s.step(t).unwrap());
     }
-    let mut s = Session::new(&m.decoder, be, 64).unwrap();
     let opts = GenerateOptions { max_new_tokens: 24, stop_ids: vec![], sampling: SamplingParams::greedy() };
-    let toks = s.generate(&ids[..6], &opts, |_| Ok(true)).unwrap().tokens;
+    let mut engine = BatchEngine::lone(&m.decoder, be, 64).unwrap();
+    let toks = engine.generate(&ids[..6], &opts, &mut None, |_| Ok(true)).unwrap().0.tokens;
     (logits, toks)
 }
 
@@ -186,8 +186,8 @@ fn smollm2_greedy_runs(path: &std::path::Path, be: &dyn Backend) -> Runs {
     let mut runs = vec![];
     for sites in [&[][..], &SITES[..]] {
         set_sites(be, sites);
-        let mut s = Session::new(&m.decoder, be, 512).unwrap();
-        runs.push(s.generate(&ids, &opts, |_| Ok(true)).unwrap().tokens);
+        let mut engine = BatchEngine::lone(&m.decoder, be, 512).unwrap();
+        runs.push(engine.generate(&ids, &opts, &mut None, |_| Ok(true)).unwrap().0.tokens);
     }
     (m, ids, runs)
 }

@@ -1,9 +1,10 @@
 //! One request at a time through the engine (`BatchEngine::lone` and
-//! `generate`, what the CLI runs) gives what the `Session` loop gives: the
-//! same tokens, stop and step counts, greedy and seeded, with stop tokens,
-//! a callback that stops, a full context and speculation; and a chat's next
-//! turn reuses the cache of the last (prefix reuse), prefilling only what
-//! it adds, with the same output as a fresh start.
+//! `generate`, what the CLI runs): a `Session`'s draws cut by the stop
+//! rules (the same tokens, stop and step counts, greedy and seeded, with
+//! stop tokens, a callback that stops and a full context), speculation
+//! equal to plain greedy; and a chat's next turn reuses the cache of the
+//! last (prefix reuse), prefilling only what it adds, with the same output
+//! as a fresh start.
 
 mod common;
 
@@ -11,8 +12,8 @@ use common::batch::seeded;
 use common::{cpu, greedy, load, tokens};
 use fusebox_core::fixtures::fixture;
 use fusebox_engine::{
-    BatchEngine, DFlash, GenerateOptions, GenerateOutput, PromptLookup, SamplingParams, Session, SpecOptions,
-    Speculation, StopReason,
+    BatchEngine, DFlash, GenerateOptions, GenerateOutput, PromptLookup, SamplingParams, SpecOptions, Speculation,
+    StopReason,
 };
 use fusebox_models::dflash::DFlashDraft;
 use fusebox_models::Model;
@@ -21,6 +22,11 @@ fn opts(n: usize, sampling: SamplingParams, stop_ids: Vec<u32>) -> GenerateOptio
     GenerateOptions { max_new_tokens: n, stop_ids, sampling }
 }
 
+/// What generation must give: a `Session`'s draws after `prompt`
+/// ([`common::draws`]) cut by the stop rules, checked in this order: a stop
+/// token ends it unseen, the callback's `false` after `stop_after` tokens,
+/// `max_new_tokens`, a full context (the last token drawn needs no room).
+/// Decode steps are the draws after the first, a stop token's included.
 fn session(
     model: &Model,
     be: &dyn fusebox_core::Backend,
@@ -29,13 +35,38 @@ fn session(
     o: &GenerateOptions,
     stop_after: usize,
 ) -> GenerateOutput {
-    let mut s = Session::new(&model.decoder, be, ctx).unwrap();
-    let mut n = 0;
-    s.generate(prompt, o, |_| {
-        n += 1;
-        Ok(n < stop_after)
-    })
-    .unwrap()
+    let room = ctx - prompt.len() + 1;
+    let drawn = common::draws(&model.decoder, be, ctx, prompt, &o.sampling, o.max_new_tokens.min(room));
+    let mut out = GenerateOutput {
+        prompt_tokens: prompt.len(),
+        tokens: vec![],
+        stop: StopReason::MaxTokens,
+        prefill_secs: 0.0,
+        decode_secs: 0.0,
+        decode_steps: 0,
+    };
+    for (i, &t) in drawn.iter().enumerate() {
+        out.decode_steps = i;
+        if o.stop_ids.contains(&t) {
+            out.stop = StopReason::Eos;
+            return out;
+        }
+        out.tokens.push(t);
+        let stop = if out.tokens.len() >= stop_after {
+            Some(StopReason::Callback)
+        } else if out.tokens.len() >= o.max_new_tokens {
+            Some(StopReason::MaxTokens)
+        } else if out.tokens.len() >= room {
+            Some(StopReason::ContextFull)
+        } else {
+            None
+        };
+        if let Some(why) = stop {
+            out.stop = why;
+            return out;
+        }
+    }
+    unreachable!("the draws end on a stop")
 }
 
 fn same(got: &GenerateOutput, want: &GenerateOutput, what: &str) {
@@ -83,8 +114,10 @@ fn the_engine_alone_generates_as_a_session() {
     }
 }
 
+/// Speculation alone: greedy output is plain greedy's (prompt lookup,
+/// DFlash), a seed reproduces a sampled run, the proposer comes back.
 #[test]
-fn speculation_alone_in_the_engine_is_the_session_loop() {
+fn speculation_alone_in_the_engine_is_plain_greedy_and_reproducible() {
     let be = cpu();
     let model = load("tiny-qwen3", &be);
     let vocab = model.decoder.cfg.vocab_size;
@@ -100,17 +133,22 @@ fn speculation_alone_in_the_engine_is_the_session_loop() {
         ("ngram seeded", &ngram, SamplingParams { temperature: 0.3, ..seeded(2) }),
         ("dflash greedy", &dflash, SamplingParams::greedy()),
     ] {
+        let greedy = sampling.is_greedy();
         let o = opts(60, sampling, vec![]);
         let so = SpecOptions { k: 3, trace: true };
-        let mut s = Session::new(&model.decoder, &be, 256).unwrap();
-        let mut p = make();
-        let (want, want_stats) = s.generate_speculative(&prompt, &o, &so, &mut *p, |_| Ok(true)).unwrap();
         let mut engine = BatchEngine::lone(&model.decoder, &be, 256).unwrap();
-        let mut spec = Some(Speculation { options: so, proposer: make() });
-        let (got, stats) = engine.generate(&prompt, &o, &mut spec, |_| Ok(true)).unwrap();
-        same(&got, &want, what);
-        assert_eq!(stats.unwrap().trace, want_stats.trace, "{what}: rounds");
-        assert!(spec.is_some(), "{what}: the proposer comes back");
+        let mut runs = vec![];
+        for _ in 0..2 {
+            let mut spec = Some(Speculation { options: so, proposer: make() });
+            let (got, stats) = engine.generate(&prompt, &o, &mut spec, |_| Ok(true)).unwrap();
+            assert!(spec.is_some(), "{what}: the proposer comes back");
+            assert!(stats.as_ref().unwrap().drafted > 0, "{what}: nothing drafted");
+            runs.push(got);
+        }
+        assert_eq!(runs[0].tokens, runs[1].tokens, "{what}: not reproducible");
+        if greedy {
+            same(&runs[0], &session(&model, &be, 256, &prompt, &o, usize::MAX), what);
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use fusebox_core::{cpu::CpuBackend, fixtures::fixture};
 use fusebox_engine::generate::full_logits;
-use fusebox_engine::{GenerateOptions, SamplingParams, Session, StopReason};
+use fusebox_engine::{BatchEngine, GenerateOptions, SamplingParams, Session, StopReason};
 use fusebox_models::safetensors::Checkpoint;
 use fusebox_models::Model;
 use serde_json::Value;
@@ -73,13 +73,10 @@ fn greedy_continuation_matches_transformers() {
         let (exp, _) = expected(name);
         let prompt = ids(&exp["greedy"]["prompt_ids"]);
         let want = ids(&exp["greedy"]["new_tokens"]);
-        let mut s = Session::new(&model.decoder, &be, 128).unwrap();
         let opts = GenerateOptions { max_new_tokens: want.len(), stop_ids: vec![], sampling: SamplingParams::greedy() };
-        let out = s.generate(&prompt, &opts, |_| Ok(true)).unwrap();
+        let out = common::generate(&model.decoder, &be, 128, &prompt, &opts);
         assert_eq!(out.tokens, want, "{name}: greedy continuation differs");
         assert_eq!(out.stop, StopReason::MaxTokens);
-        let out = common::generate(&model.decoder, &be, 128, &prompt, &opts);
-        assert_eq!((out.tokens, out.stop), (want, StopReason::MaxTokens), "{name}: through the engine");
     }
 }
 
@@ -111,15 +108,14 @@ fn kv_cache_decode_equals_full_reforward() {
 fn context_limit_stops_generation() {
     let be = backend();
     let model = load("tiny-qwen3", &be);
-    let mut s = Session::new(&model.decoder, &be, 12).unwrap();
     let opts = GenerateOptions { max_new_tokens: 100, stop_ids: vec![], sampling: SamplingParams::greedy() };
-    let out = s.generate(&[1, 2, 3, 4, 5], &opts, |_| Ok(true)).unwrap();
+    let out = common::generate(&model.decoder, &be, 12, &[1, 2, 3, 4, 5], &opts);
     assert_eq!(out.stop, StopReason::ContextFull);
     // 12 positions: 5 prompt tokens, 7 decoded, and the last sampled token is emitted too
     assert_eq!(out.tokens.len(), 8);
-    let mut s = Session::new(&model.decoder, &be, 4).unwrap();
-    let err = s.generate(&[1, 2, 3, 4, 5], &opts, |_| Ok(true)).unwrap_err();
-    assert!(format!("{err}").contains("do not fit in the context"), "{err}");
+    let mut engine = BatchEngine::lone(&model.decoder, &be, 4).unwrap();
+    let err = engine.generate(&[1, 2, 3, 4, 5], &opts, &mut None, |_| Ok(true)).unwrap_err();
+    assert!(format!("{err}").contains("does not fit the context of 4 tokens"), "{err}");
 }
 
 #[test]
@@ -129,10 +125,9 @@ fn eos_stops_generation() {
     let (exp, _) = expected("tiny-qwen3");
     let prompt = ids(&exp["greedy"]["prompt_ids"]);
     let want = ids(&exp["greedy"]["new_tokens"]);
-    let mut s = Session::new(&model.decoder, &be, 128).unwrap();
     // make the 4th greedy token a stop token
     let opts = GenerateOptions { max_new_tokens: 32, stop_ids: vec![want[3]], sampling: SamplingParams::greedy() };
-    let out = s.generate(&prompt, &opts, |_| Ok(true)).unwrap();
+    let out = common::generate(&model.decoder, &be, 128, &prompt, &opts);
     assert_eq!(out.stop, StopReason::Eos);
     assert_eq!(out.tokens, want[..want.iter().position(|&t| t == want[3]).unwrap()]);
 }

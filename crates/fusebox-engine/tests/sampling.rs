@@ -6,7 +6,7 @@
 use fusebox_core::cuda::backend_for_tests;
 use fusebox_core::{cpu::CpuBackend, fixtures::fixture, Backend};
 use fusebox_engine::sampling::argmax;
-use fusebox_engine::{GenerateOptions, Sampler, SamplingParams, Session};
+use fusebox_engine::{BatchEngine, GenerateOptions, Sampler, SamplingParams, Session};
 use fusebox_models::Model;
 
 fn logits(seed: u64, n: usize) -> Vec<f32> {
@@ -142,10 +142,10 @@ fn seeded_generation_is_reproducible_on_a_model() {
     let be = CpuBackend::new(0).unwrap();
     let model = Model::load(&fixture("tiny-qwen3"), &be).unwrap();
     let run = |seed| {
-        let mut s = Session::new(&model.decoder, &be, 128).unwrap();
+        let mut engine = BatchEngine::lone(&model.decoder, &be, 128).unwrap();
         let opts =
             GenerateOptions { max_new_tokens: 24, stop_ids: vec![], sampling: SamplingParams { seed, ..warm() } };
-        s.generate(&[429, 344, 198], &opts, |_| Ok(true)).unwrap().tokens
+        engine.generate(&[429, 344, 198], &opts, &mut None, |_| Ok(true)).unwrap().0.tokens
     };
     assert_eq!(run(3), run(3));
     assert_ne!(run(3), run(4));
@@ -167,9 +167,9 @@ fn host_generate(s: &mut Session, prompt: &[u32], p: &SamplingParams, n: usize) 
     }
 }
 
-/// Two generations in one session (the second continues the first's
-/// context), with several settings, against [`host_generate`] on a twin
-/// session.
+/// Generations through the engine (as `generate` runs them; each continues
+/// the last one's context, reused), with several settings, against
+/// [`host_generate`] on a session that holds the same context.
 fn generation_matches_the_host_sampler(be: &dyn Backend, name: &str) {
     let model = Model::load(&fixture(name), be).unwrap();
     let settings = [
@@ -180,20 +180,36 @@ fn generation_matches_the_host_sampler(be: &dyn Backend, name: &str) {
         SamplingParams { repeat_penalty: 1.3, ..SamplingParams::greedy() },
     ];
     for p in settings {
-        let (mut a, mut b) =
-            (Session::new(&model.decoder, be, 96).unwrap(), Session::new(&model.decoder, be, 96).unwrap());
+        let mut a = BatchEngine::lone(&model.decoder, be, 96).unwrap();
+        a.set_prefix_reuse(true);
+        let mut b = Session::new(&model.decoder, be, 96).unwrap();
         let opts = GenerateOptions { max_new_tokens: 20, stop_ids: vec![], sampling: p.clone() };
+        let mut context: Vec<u32> = vec![];
         for prompt in [&[429u32, 344, 198, 429][..], &[17][..], &[5, 6, 7][..]] {
-            let got = a.generate(prompt, &opts, |_| Ok(true)).unwrap().tokens;
+            context.extend_from_slice(prompt);
+            let got = a.generate(&context, &opts, &mut None, |_| Ok(true)).unwrap().0.tokens;
             let want = host_generate(&mut b, prompt, &p, 20);
             assert_eq!(got, want, "{name} on {}: {p:?}", be.name());
-            assert_eq!(a.tokens, b.tokens);
+            // the last token drawn is not run
+            context.extend_from_slice(&got[..got.len() - 1]);
+            assert_eq!(context, b.tokens);
         }
     }
 }
 
-/// The device history follows the context through every path: generate,
-/// decode of a token other than the one drawn, truncate, step, reset.
+/// A session's draws: `advance(prompt)` then `decode` until `n` tokens.
+fn session_draws(s: &mut Session, prompt: &[u32], p: &SamplingParams, n: usize) -> Vec<u32> {
+    s.set_sampling(p).unwrap();
+    let mut out = vec![s.advance(prompt).unwrap()];
+    while out.len() < n {
+        out.push(s.decode(*out.last().unwrap()).unwrap());
+    }
+    out
+}
+
+/// The device history follows the context through every path: prompt and
+/// decodes, decode of a token other than the one drawn, truncate, step,
+/// reset.
 fn device_history_tracks_the_context(be: &dyn Backend) {
     let model = Model::load(&fixture("tiny-qwen3"), be).unwrap();
     let mut s = Session::new(&model.decoder, be, 64).unwrap();
@@ -203,8 +219,7 @@ fn device_history_tracks_the_context(be: &dyn Backend) {
         want.push(pending as i32);
         assert_eq!((h, n), (want, draws));
     };
-    let opts = GenerateOptions { max_new_tokens: 5, stop_ids: vec![], sampling: warm() };
-    let out = s.generate(&[3, 4, 5], &opts, |_| Ok(true)).unwrap().tokens;
+    let out = session_draws(&mut s, &[3, 4, 5], &warm(), 5);
     check(&s, out[4], 5);
     // a token other than the one drawn: the history is rewritten
     let t = s.decode(11).unwrap();
@@ -226,7 +241,7 @@ fn device_history_tracks_the_context(be: &dyn Backend) {
     assert_eq!(s.tokens, [t]);
     check(&s, u, 2);
     // a one-token prompt goes through decode
-    let out = s.generate(&[8], &opts, |_| Ok(true)).unwrap().tokens;
+    let out = session_draws(&mut s, &[8], &warm(), 5);
     check(&s, out[4], 5);
 }
 
@@ -252,10 +267,10 @@ fn gpu_generation_samples_as_the_host_does() {
     device_history_tracks_the_context(&g);
     let model = Model::load(&fixture("tiny-qwen3"), &g).unwrap();
     let run = |seed| {
-        let mut s = Session::new(&model.decoder, &g, 128).unwrap();
+        let mut engine = BatchEngine::lone(&model.decoder, &g, 128).unwrap();
         let opts =
             GenerateOptions { max_new_tokens: 40, stop_ids: vec![], sampling: SamplingParams { seed, ..warm() } };
-        s.generate(&[429, 344, 198], &opts, |_| Ok(true)).unwrap().tokens
+        engine.generate(&[429, 344, 198], &opts, &mut None, |_| Ok(true)).unwrap().0.tokens
     };
     assert_eq!(run(3), run(3));
     assert_ne!(run(3), run(4));

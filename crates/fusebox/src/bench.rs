@@ -219,7 +219,10 @@ pub fn run(a: Args) -> Result<()> {
         // scoring passes on their own: the session's verify, which speculation's rounds run alone
         let mut session = Session::new(decoder, be, ctx)?;
         eprintln!("fusebox: warm-up...");
-        session.generate(&prompt[..prompt.len().min(32)], &warm_up, |_| Ok(true))?;
+        session.prefill(&prompt[..prompt.len().min(32)])?;
+        for t in 0..8 {
+            session.step(t)?;
+        }
         let rows = crate::bench_spec::verify_curve(&mut session, &prompt, k, a.rounds.max(3))?;
         let device = be.device_name();
         let commit = git_commit();

@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 
 use fusebox_core::Backend;
-use fusebox_engine::{BatchEngine, BatchOptions, Request, SamplingParams, SeqId, Session, StopReason};
+use fusebox_engine::{BatchEngine, BatchOptions, Request, SamplingParams, SeqId, StopReason};
 use fusebox_models::Model;
 
-use super::{greedy, tokens};
+use super::tokens;
 
 /// One request of a scenario: joins before step `join`, prompt length,
 /// tokens to generate, prompt seed.
@@ -22,10 +22,10 @@ pub fn request(model: &Model, &(_, len, n, seed): &Plan) -> Request {
     }
 }
 
-/// The request's greedy output run alone.
+/// The request's greedy output run alone (a `Session`'s low-level steps).
 pub fn alone(model: &Model, be: &dyn Backend, req: &Request) -> Vec<u32> {
-    let mut s = Session::new(&model.decoder, be, req.prompt.len() + req.max_new_tokens + 1).unwrap();
-    s.generate(&req.prompt, &greedy(req.max_new_tokens), |_| Ok(true)).unwrap().tokens
+    let ctx = req.prompt.len() + req.max_new_tokens + 1;
+    super::draws(&model.decoder, be, ctx, &req.prompt, &SamplingParams::greedy(), req.max_new_tokens)
 }
 
 /// Run the scenario to the end: each request's tokens, in plan order.
@@ -98,8 +98,8 @@ pub fn seeded(seed: u64) -> SamplingParams {
 
 /// Requests one after another through an engine of one sequence (greedy and
 /// seeded, so the lone decode pass is replayed across sequences with
-/// another's parameters and history) give what a `Session` gives, token for
-/// token; the engine never runs a paged pass.
+/// another's parameters and history) give what a `Session`'s steps give,
+/// token for token; the engine never runs a paged pass.
 pub fn lone_equals_session(be: &dyn Backend, name: &str) {
     let model = super::load(name, be);
     let vocab = model.decoder.cfg.vocab_size;
@@ -112,9 +112,7 @@ pub fn lone_equals_session(be: &dyn Backend, name: &str) {
             stop_ids: vec![],
             sampling: sampling.clone(),
         };
-        let mut s = Session::new(&model.decoder, be, 128).unwrap();
-        let opts = fusebox_engine::GenerateOptions { max_new_tokens: 30, stop_ids: vec![], sampling };
-        let want = s.generate(&req.prompt, &opts, |_| Ok(true)).unwrap().tokens;
+        let want = super::draws(&model.decoder, be, 128, &req.prompt, &sampling, 30);
         let id = engine.add(req).unwrap();
         let mut got = vec![];
         while !engine.is_idle() {
@@ -125,9 +123,9 @@ pub fn lone_equals_session(be: &dyn Backend, name: &str) {
     assert_eq!(engine.passes().0, 0, "{name}: a lone sequence ran a paged pass");
 }
 
-/// `BatchEngine::generate` alone (what the CLI runs) against the `Session`
-/// loop, plain and speculative (prompt lookup, greedy and seeded): the
-/// same tokens and stops.
+/// `BatchEngine::generate` alone (what the CLI runs) against a `Session`'s
+/// steps, plain and speculative (prompt lookup): the same tokens, greedy
+/// and seeded (speculation seeded: reproducible, and drafts accepted).
 pub fn generate_equals_session(be: &dyn Backend, name: &str) {
     let model = super::load(name, be);
     let vocab = model.decoder.cfg.vocab_size;
@@ -135,19 +133,24 @@ pub fn generate_equals_session(be: &dyn Backend, name: &str) {
     let prompt = [&p[..], &p[..], &p[..6]].concat();
     let mut engine = BatchEngine::lone(&model.decoder, be, 256).unwrap();
     for sampling in [SamplingParams::greedy(), SamplingParams { temperature: 0.3, ..seeded(2) }] {
+        let want = super::draws(&model.decoder, be, 256, &prompt, &sampling, 60);
+        let greedy = sampling.is_greedy();
         let o = fusebox_engine::GenerateOptions { max_new_tokens: 60, stop_ids: vec![], sampling };
-        let mut s = Session::new(&model.decoder, be, 256).unwrap();
-        let want = s.generate(&prompt, &o, |_| Ok(true)).unwrap();
         let (got, _) = engine.generate(&prompt, &o, &mut None, |_| Ok(true)).unwrap();
-        assert_eq!((&got.tokens, got.stop), (&want.tokens, want.stop), "{name}: plain");
+        assert_eq!((&got.tokens, got.stop), (&want, StopReason::MaxTokens), "{name}: plain");
         let so = fusebox_engine::SpecOptions { k: 4, trace: true };
-        let mut ng = fusebox_engine::PromptLookup::new(3).unwrap();
-        let mut s = Session::new(&model.decoder, be, 256).unwrap();
-        let (want, ws) = s.generate_speculative(&prompt, &o, &so, &mut ng, |_| Ok(true)).unwrap();
-        let proposer = Box::new(fusebox_engine::PromptLookup::new(3).unwrap());
-        let mut spec = Some(fusebox_engine::Speculation { options: so, proposer });
-        let (got, gs) = engine.generate(&prompt, &o, &mut spec, |_| Ok(true)).unwrap();
-        assert_eq!((&got.tokens, got.stop), (&want.tokens, want.stop), "{name}: speculative");
-        assert_eq!(gs.unwrap().trace, ws.trace, "{name}: rounds");
+        let mut runs = vec![];
+        for _ in 0..2 {
+            let proposer = Box::new(fusebox_engine::PromptLookup::new(3).unwrap());
+            let mut spec = Some(fusebox_engine::Speculation { options: so, proposer });
+            let (got, stats) = engine.generate(&prompt, &o, &mut spec, |_| Ok(true)).unwrap();
+            assert_eq!(got.tokens.len(), 60, "{name}: speculative");
+            runs.push((got.tokens, stats.unwrap().trace));
+        }
+        assert_eq!(runs[0], runs[1], "{name}: speculation with a seed reproduces");
+        if greedy {
+            assert_eq!(runs[0].0, want, "{name}: greedy speculation is plain greedy");
+            assert!(runs[0].1.as_ref().unwrap().iter().any(|r| r.accepted > 0), "{name}: no draft accepted");
+        }
     }
 }

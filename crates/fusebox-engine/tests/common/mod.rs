@@ -161,6 +161,26 @@ impl fusebox_engine::Proposer for Oracle<'_> {
     }
 }
 
+/// The reference for plain generation: `n` tokens drawn after `prompt`
+/// with a [`Session`]'s low-level steps (`advance`, then `decode`: the
+/// device sampler), no stop rules.
+pub fn draws(
+    model: &Decoder,
+    be: &dyn Backend,
+    ctx: usize,
+    prompt: &[u32],
+    p: &fusebox_engine::SamplingParams,
+    n: usize,
+) -> Vec<u32> {
+    let mut s = Session::new(model, be, ctx).unwrap();
+    s.set_sampling(p).unwrap();
+    let mut out = vec![s.advance(prompt).unwrap()];
+    while out.len() < n {
+        out.push(s.decode(*out.last().unwrap()).unwrap());
+    }
+    out
+}
+
 /// `prompt` generated alone with a context of `ctx` tokens, as the CLI
 /// generates (`BatchEngine::lone`).
 pub fn generate(

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use fusebox_core::cpu::CpuBackend;
 use fusebox_core::fixtures::fixture;
-use fusebox_engine::{GenerateOptions, SamplingParams, Session};
+use fusebox_engine::{SamplingParams, Session};
 use fusebox_models::Model;
 use fusebox_server::{
     AppState, Engine, EngineStats, Events, GenRequest, Loaded, ModelInfo, ServerOptions, SubmitError, Worker,
@@ -156,11 +156,21 @@ pub fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {
 pub fn engine_greedy(prompt: &[u32], n: usize) -> Vec<u32> {
     let be = CpuBackend::new(1).unwrap();
     let model = Model::load(&fixture(MODEL), &be).unwrap();
-    let opts =
-        GenerateOptions { max_new_tokens: n, stop_ids: model.eos_token_ids(), sampling: SamplingParams::greedy() };
+    // a session's own steps, independent of the engine the server runs
+    let eos = model.eos_token_ids();
     let mut session = Session::new(&model.decoder, &be, CTX).unwrap();
-    let out = session.generate(prompt, &opts, |_| Ok(true)).unwrap();
-    out.tokens
+    session.set_sampling(&SamplingParams::greedy()).unwrap();
+    let mut out = vec![];
+    let mut t = session.advance(prompt).unwrap();
+    while !eos.contains(&t) && out.len() < n {
+        out.push(t);
+        if out.len() < n && prompt.len() + out.len() < CTX {
+            t = session.decode(t).unwrap();
+        } else {
+            break;
+        }
+    }
+    out
 }
 
 /// The fixture's tokenizer and chat template, on the CPU.
