@@ -105,8 +105,7 @@ impl Engine for Worker {
 }
 
 /// The worker thread once the model is loaded: make the engine (batching
-/// where the backend has paged attention, batching is on and the
-/// speculation's proposer, if any, is cheap to make per request; else one
+/// where the backend has paged attention and batching is on, else one
 /// request at a time), report the model, then run jobs until the queue
 /// closes.
 fn run(loaded: Loaded, jobs: &std_mpsc::Receiver<Job>, ready: std_mpsc::Sender<Result<ModelInfo>>, shared: &Shared) {
@@ -117,15 +116,13 @@ fn run(loaded: Loaded, jobs: &std_mpsc::Receiver<Job>, ready: std_mpsc::Sender<R
         Some(s) => (s.draft, Some(s.make)),
         None => (None, None),
     };
-    // a proposer made now checks the settings; one that reads the target's layers (DFlash) owns its
-    // draft's weights, so requests share one, one at a time
+    // a proposer made now checks the settings (and serves the first request)
     let probe = match make.as_deref().map(|m| m.make(&model, draft.as_ref(), be, ctx)).transpose() {
         Ok(p) => p,
         Err(e) => return drop(ready.send(Err(e))),
     };
-    let per_request = probe.as_ref().is_none_or(|p| p.proposer.target_layers().is_empty());
     let speculation = probe.as_ref().map(|s| format!("{} k={}", s.proposer.name(), s.options.k));
-    let batched = per_request && batching.enabled && be.has_paged_attention();
+    let batched = batching.enabled && be.has_paged_attention();
     let opts = if batched {
         crate::batch_worker::options(&batching, ctx, &model, be)
     } else {

@@ -60,14 +60,6 @@ impl MakeSpeculation for Dflash {
 
 /// A server on the fixture, speculating with `make` (and the `draft` fixture).
 fn server(make: Box<dyn MakeSpeculation + Send>, draft: Option<&'static str>) -> (SocketAddr, Option<String>) {
-    server_with(make, draft, true)
-}
-
-fn server_with(
-    make: Box<dyn MakeSpeculation + Send>,
-    draft: Option<&'static str>,
-    batches: bool,
-) -> (SocketAddr, Option<String>) {
     let load = move || {
         let backend = CpuBackend::new(1)?;
         let model = Model::load(&fixture(common::MODEL), &backend)?;
@@ -77,7 +69,7 @@ fn server_with(
         Ok(loaded)
     };
     let (worker, info) = Worker::spawn(load, 16).expect("starting the worker");
-    assert_eq!(info.batching.is_some(), batches, "prompt lookup and draft models speculate in the batched worker");
+    assert!(info.batching.is_some(), "speculation runs in the batched worker");
     let spec = info.speculation.clone();
     (common::start_with(Arc::new(worker), info, ServerOptions::default()), spec)
 }
@@ -143,33 +135,38 @@ fn logprobs_and_penalties_under_speculation_answer_as_plain_ones() {
     assert_eq!(answers(ngram), answers(plain));
 }
 
+/// Six greedy completions with different prompts, sent at once.
+fn ask_concurrently(addr: SocketAddr) -> Vec<Value> {
+    let body = |i: usize| {
+        let words = ["Hello", "world", "again", "Hello world"];
+        let prompt = vec![words[i % 4]; 3 + i].join(" ");
+        json!({"prompt": prompt, "max_tokens": 20 + 3 * i, "temperature": 0})
+    };
+    let threads: Vec<_> =
+        (0..6).map(|i| std::thread::spawn(move || post(addr, "/v1/completions", &body(i)).json())).collect();
+    threads.into_iter().map(|t| t.join().unwrap()["choices"].clone()).collect()
+}
+
 /// Speculating requests batched together (different prompts, at once)
 /// answer as each does on a plain server.
 #[test]
 fn concurrent_speculative_requests_answer_as_plain_ones() {
     let plain = common::start(ServerOptions::default());
     let (ngram, _) = server(Box::new(Ngram), None);
-    let body = |i: usize| {
-        let words = ["Hello", "world", "again", "Hello world"];
-        let prompt = vec![words[i % 4]; 3 + i].join(" ");
-        json!({"prompt": prompt, "max_tokens": 20 + 3 * i, "temperature": 0})
-    };
-    let ask = |addr: SocketAddr| {
-        let threads: Vec<_> =
-            (0..6).map(|i| std::thread::spawn(move || post(addr, "/v1/completions", &body(i)).json())).collect();
-        threads.into_iter().map(|t| t.join().unwrap()["choices"].clone()).collect::<Vec<_>>()
-    };
-    assert_eq!(ask(ngram), ask(plain));
+    assert_eq!(ask_concurrently(ngram), ask_concurrently(plain));
 }
 
-/// DFlash (its proposer owns the draft's weights) serves one request at a
-/// time with one proposer, made once, and answers as a plain server does.
+/// DFlash speculates in the batch too (each request its own proposer, made
+/// only when no finished request's is free) and answers as a plain server
+/// does, one request after another and several at once.
 #[test]
-fn dflash_serves_one_request_at_a_time_with_one_proposer() {
+fn dflash_batches_and_reuses_its_proposers() {
     let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (addr, desc) = server_with(Box::new(Dflash(made.clone())), None, false);
+    let (addr, desc) = server(Box::new(Dflash(made.clone())), None);
     assert_eq!(desc.as_deref(), Some("dflash k=3"));
     let plain = common::start(ServerOptions::default());
     assert_eq!(answers(addr), answers(plain));
     assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 1, "one proposer, made at the start and reused");
+    assert_eq!(ask_concurrently(addr), ask_concurrently(plain));
+    assert!(made.load(std::sync::atomic::Ordering::SeqCst) > 1, "concurrent requests each had a proposer");
 }

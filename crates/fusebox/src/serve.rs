@@ -8,7 +8,7 @@ use fusebox_models::Model;
 use fusebox_server::{Batching, Loaded, MakeSpeculation, ServerOptions, SpecSetup};
 
 use crate::common::{context_size, ModelArgs};
-use crate::spec::SpecArgs;
+use crate::spec::{SpecArgs, SpecMethod};
 
 /// `fusebox serve` (its help text is on `Command::Serve` in main.rs).
 #[derive(ClapArgs, Debug)]
@@ -95,15 +95,27 @@ pub fn run(a: Args) -> Result<()> {
         }
         if speculative {
             let draft = spec.load_draft(&*loaded.backend)?;
-            loaded.spec = Some(SpecSetup { draft, make: Box::new(spec) });
+            // a DFlash draft's weights are loaded once; each request's proposer shares them
+            let dflash = match spec.method()? {
+                Some(SpecMethod::Dflash) => Some(spec.load_dflash(&loaded.model, &*loaded.backend)?),
+                _ => None,
+            };
+            loaded.spec = Some(SpecSetup { draft, make: Box::new(ServeSpec { args: spec, dflash }) });
         }
         Ok(loaded)
     };
     fusebox_server::run(load, a.max_queue, &a.host, a.port, ServerOptions { api_key: a.api_key })
 }
 
-/// The worker speculates as `--spec` and its flags say.
-impl MakeSpeculation for SpecArgs {
+/// `--spec` and its flags, with a DFlash draft's weights loaded once.
+struct ServeSpec {
+    args: SpecArgs,
+    dflash: Option<std::sync::Arc<fusebox_models::dflash::DFlashDraft>>,
+}
+
+/// The worker speculates as `--spec` and its flags say, a proposer per
+/// request.
+impl MakeSpeculation for ServeSpec {
     fn make<'m>(
         &self,
         target: &'m Model,
@@ -111,6 +123,9 @@ impl MakeSpeculation for SpecArgs {
         be: &'m dyn Backend,
         ctx: usize,
     ) -> Result<Speculation<'m>> {
-        self.build(Some(target), draft, be, ctx)?.context("no --spec method")
+        match &self.dflash {
+            Some(d) => self.args.dflash(d.clone(), target, be, ctx),
+            None => self.args.build(Some(target), draft, be, ctx)?.context("no --spec method"),
+        }
     }
 }

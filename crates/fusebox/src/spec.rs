@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use fusebox_core::Backend;
@@ -139,17 +141,35 @@ impl SpecArgs {
             }
             SpecMethod::Dflash => {
                 let t = target.context("--spec dflash needs a target model (-m PATH)")?;
-                let p = self.draft.as_ref().context("--spec dflash needs --draft DIR")?;
-                let d =
-                    DFlashDraft::load(p, be).with_context(|| format!("loading the DFlash draft {}", p.display()))?;
-                d.cfg
-                    .check_target(t.config())
-                    .with_context(|| format!("the DFlash draft {} does not fit {}", p.display(), t.path.display()))?;
-                let d = DFlash::new(d, &t.decoder, be, ctx)?;
-                ((d.block_size() - 1).min(MAX_SPEC_K), Box::new(d))
+                return self.dflash(self.load_dflash(t, be)?, t, be, ctx).map(Some);
             }
         };
         Ok(Some(Speculation { options: SpecOptions { k: self.spec_k.unwrap_or(k), trace: self.spec_trace }, proposer }))
+    }
+
+    /// Load the `--draft` DFlash draft for `target`, checking that it fits.
+    pub fn load_dflash(&self, target: &Model, be: &dyn Backend) -> Result<Arc<DFlashDraft>> {
+        let p = self.draft.as_ref().context("--spec dflash needs --draft DIR")?;
+        let d = DFlashDraft::load(p, be).with_context(|| format!("loading the DFlash draft {}", p.display()))?;
+        d.cfg
+            .check_target(target.config())
+            .with_context(|| format!("the DFlash draft {} does not fit {}", p.display(), target.path.display()))?;
+        Ok(Arc::new(d))
+    }
+
+    /// DFlash speculation for `target` with `draft`'s weights (shared with
+    /// every other proposer made from them): a whole block a round unless
+    /// `--spec-k` says otherwise.
+    pub fn dflash<'m>(
+        &self,
+        draft: Arc<DFlashDraft>,
+        target: &'m Model,
+        be: &'m dyn Backend,
+        ctx: usize,
+    ) -> Result<Speculation<'m>> {
+        let d = DFlash::new(draft, &target.decoder, be, ctx)?;
+        let k = self.spec_k.unwrap_or((d.block_size() - 1).min(MAX_SPEC_K));
+        Ok(Speculation { options: SpecOptions { k, trace: self.spec_trace }, proposer: Box::new(d) })
     }
 }
 

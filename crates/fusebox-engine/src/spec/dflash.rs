@@ -11,6 +11,7 @@
 
 use anyhow::{ensure, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use fusebox_core::dtype::{random_bits, splitmix64};
 use fusebox_core::sample::{probabilities, Scratch};
@@ -27,7 +28,9 @@ const STREAM: u64 = 0x4446_4c41_5348_5351;
 const CONTEXT_CHUNK: usize = 32;
 
 pub struct DFlash<'m> {
-    draft: DFlashDraft,
+    /// The draft's weights, shared by every proposer made from them (one
+    /// per request in a batch).
+    draft: Arc<DFlashDraft>,
     target: &'m Decoder,
     be: &'m dyn Backend,
     kv: Vec<LayerKv>,
@@ -52,8 +55,15 @@ static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
 impl<'m> DFlash<'m> {
     /// A DFlash proposer drafting for `target` on `be`, for contexts of up
-    /// to `capacity` tokens; the draft must fit the target.
-    pub fn new(draft: DFlashDraft, target: &'m Decoder, be: &'m dyn Backend, capacity: usize) -> Result<DFlash<'m>> {
+    /// to `capacity` tokens; the draft must fit the target. Proposers made
+    /// from one `Arc` share its weights (each has its own cache).
+    pub fn new(
+        draft: impl Into<Arc<DFlashDraft>>,
+        target: &'m Decoder,
+        be: &'m dyn Backend,
+        capacity: usize,
+    ) -> Result<DFlash<'m>> {
+        let draft = draft.into();
         draft.cfg.check_target(&target.cfg)?;
         let bs = draft.cfg.block_size;
         Ok(DFlash {
