@@ -277,4 +277,7 @@ fn publish(engine: &BatchEngine, shared: &Shared) {
     shared.kv_blocks_total.store(engine.blocks_total(), SeqCst);
     shared.kv_blocks_free.store(engine.blocks_free(), SeqCst);
     shared.preemptions.store(engine.preemptions(), SeqCst);
+    let (_, drafted, accepted) = engine.spec_totals();
+    shared.spec_drafted.store(drafted as u64, SeqCst);
+    shared.spec_accepted.store(accepted as u64, SeqCst);
 }

@@ -131,13 +131,16 @@ pub struct EngineStats {
     /// Tokens generated since the engine started, for every request
     /// (cancelled ones included).
     pub generated_tokens: u64,
-    /// A batching engine's KV cache: blocks in all and free (0 and 0 for
-    /// one request at a time on a contiguous cache).
+    /// The engine's KV cache: blocks in all and free.
     pub kv_blocks_total: usize,
     pub kv_blocks_free: usize,
     /// Requests a batching engine preempted (their blocks freed, their
     /// tokens recomputed later), since it started.
     pub preemptions: u64,
+    /// Speculative decoding since the engine started: draft tokens scored,
+    /// and those accepted.
+    pub spec_draft_tokens: u64,
+    pub spec_accepted_tokens: u64,
 }
 
 /// Something that generates tokens for requests.

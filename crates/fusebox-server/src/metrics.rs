@@ -62,6 +62,8 @@ pub struct Metrics {
     kv_blocks_free: Gauge,
     batch_size: Gauge,
     preemptions: Counter,
+    spec_draft_tokens: Counter,
+    spec_accepted_tokens: Counter,
     ttft: Histogram,
     itl: Histogram,
 }
@@ -92,11 +94,7 @@ impl Metrics {
         let running = Gauge::default();
         registry.register("running_requests", "Requests the engine is generating", running.clone());
         let kv_blocks_total = Gauge::default();
-        registry.register(
-            "kv_blocks_total",
-            "KV cache blocks of 16 positions (0 when one request runs at a time on a contiguous cache)",
-            kv_blocks_total.clone(),
-        );
+        registry.register("kv_blocks_total", "KV cache blocks of 16 positions", kv_blocks_total.clone());
         let kv_blocks_free = Gauge::default();
         registry.register("kv_blocks_free", "KV cache blocks no request holds", kv_blocks_free.clone());
         let batch_size = Gauge::default();
@@ -106,6 +104,18 @@ impl Metrics {
             "preemptions",
             "Requests preempted for KV cache room (blocks freed, tokens recomputed later)",
             preemptions.clone(),
+        );
+        let spec_draft_tokens = Counter::default();
+        registry.register(
+            "spec_decode_draft_tokens",
+            "Draft tokens that speculative decoding scored",
+            spec_draft_tokens.clone(),
+        );
+        let spec_accepted_tokens = Counter::default();
+        registry.register(
+            "spec_decode_accepted_tokens",
+            "Draft tokens that speculative decoding accepted",
+            spec_accepted_tokens.clone(),
         );
         let ttft = Histogram::new(TTFT_BUCKETS);
         registry.register(
@@ -127,6 +137,8 @@ impl Metrics {
             kv_blocks_free,
             batch_size,
             preemptions,
+            spec_draft_tokens,
+            spec_accepted_tokens,
             ttft,
             itl,
         }
@@ -162,6 +174,8 @@ impl Metrics {
         self.kv_blocks_free.set(stats.kv_blocks_free as i64);
         self.batch_size.set(stats.running as i64);
         self.preemptions.inc_by(stats.preemptions.saturating_sub(self.preemptions.get()));
+        self.spec_draft_tokens.inc_by(stats.spec_draft_tokens.saturating_sub(self.spec_draft_tokens.get()));
+        self.spec_accepted_tokens.inc_by(stats.spec_accepted_tokens.saturating_sub(self.spec_accepted_tokens.get()));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry) {
             let _ = writeln!(out, "# encoding the metrics failed: {e}");

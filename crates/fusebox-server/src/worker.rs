@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) kv_blocks_total: AtomicUsize,
     pub(crate) kv_blocks_free: AtomicUsize,
     pub(crate) preemptions: AtomicU64,
+    pub(crate) spec_drafted: AtomicU64,
+    pub(crate) spec_accepted: AtomicU64,
 }
 
 /// One thread that owns the model and its engine: batching where it can,
@@ -96,6 +98,8 @@ impl Engine for Worker {
             kv_blocks_total: s.kv_blocks_total.load(SeqCst),
             kv_blocks_free: s.kv_blocks_free.load(SeqCst),
             preemptions: s.preemptions.load(SeqCst),
+            spec_draft_tokens: s.spec_drafted.load(SeqCst),
+            spec_accepted_tokens: s.spec_accepted.load(SeqCst),
         }
     }
 

@@ -100,6 +100,15 @@ fn speculative_greedy_answers_equal_plain_ones() {
     let (ngram, desc) = server(Box::new(Ngram), None);
     assert_eq!(desc.as_deref(), Some("ngram k=4"));
     assert_eq!(answers(ngram), plain);
+    // /metrics counts the drafts scored and accepted
+    let text = common::get(ngram, "/metrics").body;
+    let sample = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (drafted, accepted) =
+        (sample("fusebox_spec_decode_draft_tokens_total "), sample("fusebox_spec_decode_accepted_tokens_total "));
+    assert!(accepted > 0.0 && accepted <= drafted, "drafted {drafted}, accepted {accepted}");
     let (draft, desc) = server(Box::new(Draft), Some("tiny-llama"));
     assert_eq!(desc.as_deref(), Some("draft k=3"));
     assert_eq!(answers(draft), plain);
