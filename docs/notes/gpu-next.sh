@@ -24,7 +24,12 @@ b() { bash .gpu/run.sh exec fusebox bench --device cuda "$@" --out-dir "${OUT:-/
   # 3. batching on CUDA (FUSEBOX_CUDA_BATCHING=1): decode step cost by batch size
   echo "== batch curve qwen3-8b q4g64"
   FUSEBOX_CUDA_BATCHING=1 b --synthetic qwen3-8b --quant q4g64 --prompt-len 128 --gen 16 --batch-curve 64 | tail -n 12
-  # 4. the verify curve, gemv_tc off and on (Qwen3-8B 4-bit after 512 tokens)
+  # 4. issue 23's serving record: the engine under load (concurrency 1 / 8 / 32 / 64, 512 + 128)
+  for q in "--quant q4g64" "--quant bf16"; do
+    echo "== serve qwen3-8b $q"
+    FUSEBOX_CUDA_BATCHING=1 b --synthetic qwen3-8b $q --prompt-len 512 --gen 128 --serve 1,8,32,64 | tail -n 9
+  done
+  # 5. the verify curve, gemv_tc off and on (Qwen3-8B 4-bit after 512 tokens)
   for tc in 0 1; do
     echo "== verify curve FUSEBOX_GEMV_TC=$tc"
     FUSEBOX_GEMV_TC=$tc b --synthetic qwen3-8b --quant q4g64 --prompt-len 512 --gen 32 --reps 1 --verify-curve 16 | tail -n 22

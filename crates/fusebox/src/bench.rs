@@ -88,6 +88,16 @@ pub struct Args {
     /// time, the aggregate tok/s and the step's cost against one sequence's.
     #[arg(long, value_name = "N", conflicts_with_all = ["verify_curve", "ab"])]
     pub batch_curve: Option<usize>,
+    /// Serving under load through the server's engine, in process: for
+    /// each concurrency C (comma-separated, e.g. 1,8,32,64), C requests of
+    /// the prompt and --gen tokens in flight at once, 2 C in all; reports
+    /// output tok/s, time to first token and inter-token latency (p50/p99).
+    #[arg(long, value_name = "C,...", value_delimiter = ',', conflicts_with_all = ["verify_curve", "ab", "batch_curve"])]
+    pub serve: Vec<usize>,
+    /// Tokens one engine step may run under --serve (the server's
+    /// --max-batch-tokens).
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_batch_tokens: usize,
     /// Rounds of an --ab or --spec run (each round decodes once each way).
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub rounds: usize,
@@ -148,9 +158,16 @@ pub fn run(a: Args) -> Result<()> {
             "--ab dflash_attn measures DFlash drafting: add --spec dflash (--draft DIR, or a random draft with --synthetic)"
         );
     }
-    if spec_method.is_some() && ((a.ab.is_some() && !dflash_ab) || a.verify_curve.is_some() || a.batch_curve.is_some())
+    if a.serve.contains(&0) {
+        bail!("--serve C1,C2,...: every concurrency at least 1");
+    }
+    if spec_method.is_some()
+        && ((a.ab.is_some() && !dflash_ab)
+            || a.verify_curve.is_some()
+            || a.batch_curve.is_some()
+            || !a.serve.is_empty())
     {
-        bail!("--spec, --ab, --verify-curve and --batch-curve are separate measurements: give one (--spec dflash --ab dflash_attn is one)");
+        bail!("--spec, --ab, --verify-curve, --batch-curve and --serve are separate measurements: give one (--spec dflash --ab dflash_attn is one)");
     }
     let be = backend(a.device, a.threads)?;
     let be = &*be;
@@ -214,6 +231,37 @@ pub fn run(a: Args) -> Result<()> {
             "weight_bytes_per_token": weight_bytes, "copy_bandwidth_bytes_s": bw, "roofline_tok_s": roofline,
         });
         return write_result(&a.out_dir, &device, &format!("{name}-batch-curve"), &result);
+    }
+    if !a.serve.is_empty() {
+        let rows = crate::bench_serve::serve_curve(decoder, be, &prompt, a.gen, &a.serve, a.max_batch_tokens)?;
+        let (device, commit) = (be.device_name(), git_commit());
+        println!("model           {name}");
+        println!("device          {device}");
+        println!("commit          {commit}");
+        println!("| concurrency | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | % of roofline per request |");
+        println!("|---|---|---|---|---|");
+        for r in &rows {
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+            let per_request = if f("itl_p50_ms") > 0.0 { 1e3 / f("itl_p50_ms") / roofline } else { 0.0 };
+            println!(
+                "| {} | {:.1} | {:.1} / {:.1} | {:.2} / {:.2} | {:.0}% |",
+                r["concurrency"],
+                f("output_tok_s"),
+                f("ttft_p50_ms"),
+                f("ttft_p99_ms"),
+                f("itl_p50_ms"),
+                f("itl_p99_ms"),
+                100.0 * per_request
+            );
+        }
+        let result = json!({
+            "model": name, "device": device, "backend": be.name(), "commit": commit, "serve": rows,
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "utc": fusebox_core::clock::Utc::now().stamp(), "prompt_len": prompt.len(), "gen": a.gen,
+            "max_batch_tokens": a.max_batch_tokens,
+            "weight_bytes_per_token": weight_bytes, "copy_bandwidth_bytes_s": bw, "roofline_tok_s": roofline,
+        });
+        return write_result(&a.out_dir, &device, &format!("{name}-serve"), &result);
     }
     if let Some(k) = a.verify_curve {
         // scoring passes on their own: the session's verify, which speculation's rounds run alone

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_batch;
+mod bench_serve;
 mod bench_spec;
 mod common;
 mod generate;

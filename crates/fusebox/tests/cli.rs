@@ -691,3 +691,28 @@ fn bench_batch_curve_times_each_batch_size_and_writes_json() {
     let o = fusebox(&[&args[..], &["--verify-curve", "2"]].concat());
     assert!(!o.status.success() && stderr(&o).contains("--verify-curve"), "{}", stderr(&o));
 }
+
+#[test]
+fn bench_serve_reports_each_concurrency_and_writes_json() {
+    let tiny = fixture("tiny-qwen3");
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let m = tiny.to_str().unwrap();
+    let args = ["bench", "-m", m, "--device", "cpu", "--prompt-len", "12", "--gen", "5", "--serve", "1,3"];
+    let o = fusebox(&[&args[..], &["--out-dir", dir]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("| concurrency | output tok/s | TTFT p50 / p99 ms |"), "{text}");
+    let files = walk(out.path());
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
+    let rows = j["serve"].as_array().unwrap();
+    assert_eq!(rows.iter().map(|r| r["concurrency"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3]);
+    // 2 C requests (at least 4) of 5 tokens each
+    assert_eq!(rows[1]["requests"].as_u64(), Some(6));
+    assert_eq!(rows[1]["output_tokens"].as_u64(), Some(30));
+    assert!(rows[1]["ttft_p50_ms"].as_f64().unwrap() > 0.0 && rows[1]["output_tok_s"].as_f64().unwrap() > 0.0);
+    let o = fusebox(&[&args[..], &["--batch-curve", "2"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("--batch-curve"), "{}", stderr(&o));
+    let o = fusebox(&["bench", "-m", m, "--device", "cpu", "--serve", "0"]);
+    assert_clean_error(&o, &["concurrency at least 1"]);
+}
