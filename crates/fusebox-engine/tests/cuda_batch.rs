@@ -1,5 +1,5 @@
 //! Continuous batching on the GPU (bf16, the tiny fixtures): the scenarios
-//! of `batch.rs` through [`fusebox_engine::BatchEngine`] on CUDA's paged
+//! of `tests/batch.rs` through [`fusebox_engine::BatchEngine`] on CUDA's paged
 //! attention, every request's greedy output equal to the request run alone
 //! on CUDA, every KV block free at the end. Skips without a GPU; fails when
 //! `FUSEBOX_REQUIRE_CUDA=1` and no GPU is usable. (The server batches on

@@ -20,12 +20,14 @@
 //! as it would be alone, so a request's output does not depend on what else
 //! runs beside it (the tests check greedy output against [`crate::Session`]).
 
+mod draws;
+mod lone_pass;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, ensure, Result};
 use fusebox_core::backend::ROW_EXACT_MAX;
-use fusebox_core::dtype::splitmix64;
 use fusebox_core::{Backend, LayerKv, Tensor};
 use fusebox_models::{Batch, Decoder, Logits, Workspace};
 
@@ -35,6 +37,7 @@ use crate::device_sampler::DeviceSampler;
 use crate::generate::{ParityCheck, StopReason};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::spec::{SpecStats, Speculation, MAX_SPEC_K};
+use draws::{record, round, rows_for};
 
 /// A sequence's handle, unique in one engine.
 pub type SeqId = u64;
@@ -146,12 +149,6 @@ impl Seq<'_> {
 
 /// Workspaces kept for reuse, by (rows, logit rows); dropped when more.
 const WORKSPACES_KEPT: usize = 16;
-
-/// The graph key of a lone sequence's decode step (with the engine's id and
-/// the workspace's serial).
-const PASS_LONE_DECODE: u64 = 0x4c4f_4e45;
-/// The graph key of a lone sequence's speculative round (likewise).
-const PASS_LONE_ROUND: u64 = 0x524f_554e;
 
 static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
 
@@ -832,194 +829,5 @@ impl<'m> BatchEngine<'m> {
             record(s, i, tok, raw, room, events, done);
         }
         Ok(())
-    }
-
-    /// The speculative round of a lone sequence (running `i`, `n` rows: its
-    /// pending token and drafts, its blocks in order) as one repeating pass
-    /// with each row's argmax taken on the backend (a CUDA graph replay once
-    /// warm), as `Session::verify` runs it: the logits come back only when
-    /// the acceptance rule needs them (sampling, a penalty) or the
-    /// observer reads them.
-    fn lone_round(
-        &mut self,
-        i: usize,
-        n: usize,
-        serial: u64,
-        ws_key: (usize, usize),
-        events: &mut Vec<Event>,
-        done: &mut Vec<usize>,
-    ) -> Result<()> {
-        let (model, be, vocab, room) = (self.model, self.be, self.model.cfg.vocab_size, self.room());
-        let nl = ws_key.1;
-        let am = match self.argmax.entry(nl) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(be.zeros(&[nl], fusebox_core::DType::I32)?),
-        };
-        let ws = &mut self.workspaces.get_mut(&ws_key).expect("the pass's workspace").1;
-        let key = splitmix64(splitmix64(self.id ^ splitmix64(serial)) ^ PASS_LONE_ROUND);
-        let cache = &mut self.cache;
-        be.run_graph(key, &mut || {
-            model.forward(be, ws, cache)?;
-            be.argmax(&ws.logits, am)
-        })?;
-        be.read_i32(am, &mut self.argmax_host)?;
-        let s = &mut self.running[i];
-        let sp = s.spec.as_ref().expect("a speculating sequence");
-        let logits = !sp.argmax_only() || s.observer.as_ref().is_some_and(|o| o.needs_logits());
-        let rows: &[f32] = if logits {
-            be.read_f32(&ws.logits, &mut self.logits)?;
-            &self.logits[..n * vocab]
-        } else {
-            &[]
-        };
-        let taps = ws.taps().filter(|_| sp.taps()).map(|t| (t, 0));
-        let argmax = Some(&self.argmax_host[..n]);
-        round(s, i, (rows, argmax), taps, vocab, room, &mut self.spec_totals, events, done)
-    }
-
-    /// The decode step of a lone sequence (running `i`, one row, its blocks
-    /// in order) as one repeating pass, the forward and the draw on the
-    /// backend (a CUDA graph replay once warm), as a `Session` decodes:
-    /// only the token comes back, and the logits when its observer reads
-    /// them. The draw is the one the host sampler would make (the same
-    /// stream and history).
-    fn lone_decode(&mut self, i: usize, serial: u64, events: &mut Vec<Event>, done: &mut Vec<usize>) -> Result<()> {
-        let (model, be, vocab, room) = (self.model, self.be, self.model.cfg.vocab_size, self.room());
-        let s = &mut self.running[i];
-        let lone = match &mut self.lone {
-            Some(l) => l,
-            none => {
-                none.insert(LoneDraw { dev: DeviceSampler::new(be, self.opts.max_len + 1)?, owner: s.id, synced: None })
-            }
-        };
-        if lone.owner != s.id || lone.synced.is_none() {
-            lone.dev.set_params(be, &s.sampler.params, s.sampler.draws())?;
-            lone.owner = s.id;
-            lone.synced = None;
-        }
-        if lone.synced != Some((s.id, s.tokens.len())) {
-            lone.dev.draws = s.sampler.draws();
-            lone.dev.write_history(be, &s.tokens, None)?;
-        }
-        let ws = &mut self.workspaces.get_mut(&(1, 1)).expect("the pass's workspace").1;
-        let key = splitmix64(splitmix64(self.id ^ splitmix64(serial)) ^ PASS_LONE_DECODE);
-        let (cache, dev) = (&mut self.cache, &mut lone.dev);
-        // the parity check's reference: the step on the graph path (it writes the KV row the real step
-        // then writes again)
-        let reference = match self.parity {
-            Some(_) => {
-                be.force_graph_path(true);
-                let r = be.run(&mut || model.forward(be, ws, cache));
-                be.force_graph_path(false);
-                r?;
-                let mut v = vec![];
-                be.read_f32(&ws.logits, &mut v)?;
-                Some(v)
-            }
-            None => None,
-        };
-        be.run_graph(key, &mut || {
-            model.forward(be, ws, cache)?;
-            dev.sample(be, &ws.logits)
-        })?;
-        if let (Some(r), Some(p)) = (reference, self.parity.as_mut()) {
-            be.read_f32(&ws.logits, &mut self.logits)?;
-            p.record(&self.logits[..vocab], &r);
-        }
-        let tok = lone.dev.take_token(be, vocab)?;
-        s.sampler.skip();
-        s.computed += 1;
-        lone.synced = Some((s.id, s.tokens.len() + 1));
-        let raw: &[f32] = if s.observer.as_ref().is_some_and(|o| o.needs_logits()) {
-            be.read_f32(&ws.logits, &mut self.logits)?;
-            &self.logits[..vocab]
-        } else {
-            &[]
-        };
-        record(s, i, tok, raw, room, events, done);
-        Ok(())
-    }
-}
-
-/// The rows sequence `s` runs next within `budget`: a prompt chunk, its
-/// pending token, or (speculating) its pending token and the drafts its
-/// proposer makes now, as many as the budget, the cache (`room`) and the
-/// tokens it still wants allow.
-fn rows_for(s: &mut Seq, budget: usize, room: usize, vocab: usize) -> Result<usize> {
-    if !s.speculates() {
-        return Ok(s.runnable().min(budget));
-    }
-    let wanted = s.max_new_tokens - (s.tokens.len() - s.prompt_len);
-    let limit = (budget - 1).min(room - s.tokens.len()).min(wanted.saturating_sub(1));
-    let sp = s.spec.as_mut().expect("speculates");
-    sp.propose(&s.tokens, &s.sampler.params, sp.k(limit), vocab)?;
-    Ok(1 + sp.draft.tokens.len())
-}
-
-/// Sequence `s` (running `i`) after its speculative round's pass: `rows`
-/// are the logits of the pending token and each draft (empty when only
-/// their argmax came back), with their argmax when the backend took it. The accepted drafts
-/// and the bonus token join it one by one (an event each, up to the first
-/// that ends it), its cache position moves past the pending token and the
-/// accepted drafts, and the proposer hears the outcome.
-#[allow(clippy::too_many_arguments)]
-fn round(
-    s: &mut Seq,
-    i: usize,
-    (rows, argmax): (&[f32], Option<&[i32]>),
-    taps: Option<(&Tensor, usize)>,
-    vocab: usize,
-    room: usize,
-    totals: &mut (usize, usize, usize),
-    events: &mut Vec<Event>,
-    done: &mut Vec<usize>,
-) -> Result<()> {
-    let sp = s.spec.as_mut().expect("a speculating sequence");
-    let (a, bonus) = sp.accept(rows, argmax, vocab, &s.tokens)?;
-    let drafted = sp.draft.tokens.len();
-    *totals = (totals.0 + 1, totals.1 + drafted, totals.2 + a);
-    if let Some((t, r0)) = taps {
-        sp.observe(t, r0, s.computed, a + 1)?;
-    }
-    s.computed += 1 + a;
-    let before = done.len();
-    for j in 0..=a {
-        let tok = if j < a { s.spec.as_ref().expect("a speculating sequence").draft.tokens[j] } else { bonus };
-        let raw = rows.get(j * vocab..(j + 1) * vocab).unwrap_or(&[]);
-        record(s, i, tok, raw, room, events, done);
-        if done.len() > before {
-            // ended inside the round: the cache never holds more than the tokens
-            s.computed = s.computed.min(s.tokens.len());
-            return Ok(());
-        }
-    }
-    let sp = s.spec.as_mut().expect("a speculating sequence");
-    sp.accepted(&s.tokens, a)
-}
-
-/// After sequence `s` (running `i`) drew `tok` from `raw`: the token joins
-/// it, the end is decided (a stop token, its budget, a full cache, or its
-/// observer gone) and the step's event recorded.
-fn record(s: &mut Seq, i: usize, tok: u32, raw: &[f32], room: usize, events: &mut Vec<Event>, done: &mut Vec<usize>) {
-    s.tokens.push(tok);
-    let generated = s.tokens.len() - s.prompt_len;
-    let mut finished = if s.stop_ids.contains(&tok) {
-        Some(StopReason::Eos)
-    } else if generated >= s.max_new_tokens {
-        Some(StopReason::MaxTokens)
-    } else if s.tokens.len() > room {
-        // the cache is full: the last token drawn needs no room (as a Session)
-        Some(StopReason::ContextFull)
-    } else {
-        None
-    };
-    if let Some(o) = s.observer.as_mut() {
-        if !o.drawn(raw, tok, finished) && finished.is_none() {
-            finished = Some(StopReason::Callback);
-        }
-    }
-    events.push(Event { id: s.id, token: Some(tok), finished });
-    if finished.is_some() {
-        done.push(i);
     }
 }
