@@ -20,13 +20,7 @@ impl<'m> BatchEngine<'m> {
     /// An engine for one request at a time with a context of `ctx` tokens.
     pub fn lone(model: &'m Decoder, be: &'m dyn Backend, ctx: usize) -> Result<BatchEngine<'m>> {
         ensure!(ctx > 0, "the context holds no tokens");
-        let opts = BatchOptions {
-            blocks: ctx.div_ceil(BLOCK_SIZE),
-            max_batch_tokens: PREFILL_CHUNK,
-            max_seqs: 1,
-            max_len: ctx,
-        };
-        BatchEngine::new(model, be, opts)
+        BatchEngine::new(model, be, BatchOptions::lone(ctx))
     }
 
     /// Generate after `prompt`, alone (the engine must be idle), with
@@ -111,5 +105,14 @@ impl<'m> BatchEngine<'m> {
         }
         out.decode_secs = t1.map_or(0.0, |t| t.elapsed().as_secs_f64());
         Ok(stop.expect("the loop ends on a stop"))
+    }
+}
+
+impl BatchOptions {
+    /// The sizes of an engine for one request at a time with a context of
+    /// `ctx` tokens: its cache, prompts prefilled in chunks of
+    /// [`PREFILL_CHUNK`].
+    pub fn lone(ctx: usize) -> BatchOptions {
+        BatchOptions { blocks: ctx.div_ceil(BLOCK_SIZE), max_batch_tokens: PREFILL_CHUNK, max_seqs: 1, max_len: ctx }
     }
 }

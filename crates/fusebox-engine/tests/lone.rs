@@ -27,7 +27,7 @@ fn opts(n: usize, sampling: SamplingParams, stop_ids: Vec<u32>) -> GenerateOptio
 /// token ends it unseen, the callback's `false` after `stop_after` tokens,
 /// `max_new_tokens`, a full context (the last token drawn needs no room).
 /// Decode steps are the draws after the first, a stop token's included.
-fn session(
+fn expected(
     model: &Model,
     be: &dyn fusebox_core::Backend,
     ctx: usize,
@@ -83,7 +83,7 @@ fn the_engine_alone_generates_as_a_session() {
         let model = load(name, &be);
         let vocab = model.decoder.cfg.vocab_size;
         let prompt = tokens(11, vocab, 3);
-        let plain = session(&model, &be, 256, &prompt, &greedy(40), usize::MAX);
+        let plain = expected(&model, &be, 256, &prompt, &greedy(40), usize::MAX);
         // a stop token the greedy output meets
         let stop = plain.tokens[12];
         let cases = [
@@ -95,7 +95,7 @@ fn the_engine_alone_generates_as_a_session() {
         ];
         let mut engine = BatchEngine::lone(&model.decoder, &be, 256).unwrap();
         for (what, ctx, o, stop_after, why) in cases {
-            let want = session(&model, &be, ctx, &prompt, &o, stop_after);
+            let want = expected(&model, &be, ctx, &prompt, &o, stop_after);
             assert_eq!(want.stop, why, "{name} {what}: the case was meant to end so");
             let mut e = if ctx == 256 { None } else { Some(BatchEngine::lone(&model.decoder, &be, ctx).unwrap()) };
             let engine = e.as_mut().unwrap_or(&mut engine);
@@ -147,7 +147,7 @@ fn speculation_alone_in_the_engine_is_plain_greedy_and_reproducible() {
         }
         assert_eq!(runs[0].tokens, runs[1].tokens, "{what}: not reproducible");
         if greedy {
-            same(&runs[0], &session(&model, &be, 256, &prompt, &o, usize::MAX), what);
+            same(&runs[0], &expected(&model, &be, 256, &prompt, &o, usize::MAX), what);
         }
     }
 }
@@ -172,7 +172,7 @@ fn a_next_turn_reuses_the_last_context() {
         let mut context = tokens(20, vocab, 11);
         for turn in 0..3 {
             let (got, _) = engine.generate(&context, &greedy(25), &mut spec, |_| Ok(true)).unwrap();
-            let want = session(&model, &be, 256, &context, &greedy(25), usize::MAX);
+            let want = expected(&model, &be, 256, &context, &greedy(25), usize::MAX);
             assert_eq!(got.tokens, want.tokens, "turn {turn} (dflash: {with_dflash})");
             let reused = if turn == 0 { 0 } else { context.len() - 7 - 1 };
             assert!(
@@ -187,7 +187,7 @@ fn a_next_turn_reuses_the_last_context() {
         let other = tokens(15, vocab, 99);
         let (got, _) = engine.generate(&other, &greedy(10), &mut spec, |_| Ok(true)).unwrap();
         assert_eq!(got.prompt_tokens, 15);
-        assert_eq!(got.tokens, session(&model, &be, 256, &other, &greedy(10), usize::MAX).tokens);
+        assert_eq!(got.tokens, expected(&model, &be, 256, &other, &greedy(10), usize::MAX).tokens);
     }
 }
 

@@ -72,15 +72,7 @@ fn decode_steps_do_not_allocate() {
         // the sampled decode step (the forward pass and the sampling op) too
         s.reset();
         s.prefill(&[1, 2, 3, 4]).unwrap();
-        let p = SamplingParams {
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.9,
-            min_p: 0.02,
-            repeat_penalty: 1.1,
-            repeat_last_n: 64,
-            seed: 1,
-        };
+        let p = sampled();
         s.set_sampling(&p).unwrap();
         let mut t = 5;
         for _ in 0..20 {
@@ -100,6 +92,19 @@ fn decode_steps_do_not_allocate() {
             n
         });
         assert_eq!(counts.last(), Some(&0), "{name}: allocations in windows of 40 sampled decode steps: {counts:?}");
+    }
+}
+
+/// Sampling with every filter and the repetition penalty on.
+fn sampled() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.9,
+        min_p: 0.02,
+        repeat_penalty: 1.1,
+        repeat_last_n: 64,
+        seed: 1,
     }
 }
 
@@ -125,16 +130,8 @@ fn lone_engine_decode_steps_do_not_allocate() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let be = CpuBackend::new(2).unwrap();
     let model = Model::load(&fixture("tiny-qwen3"), &be).unwrap();
-    let sampled = SamplingParams {
-        temperature: 0.8,
-        top_k: 40,
-        top_p: 0.9,
-        min_p: 0.02,
-        repeat_penalty: 1.1,
-        repeat_last_n: 64,
-        seed: 1,
-    };
-    for sampling in [SamplingParams::greedy(), sampled] {
+
+    for sampling in [SamplingParams::greedy(), sampled()] {
         let mut engine = BatchEngine::lone(&model.decoder, &be, 512).unwrap();
         let req =
             |n| Request { prompt: vec![1, 2, 3, 4], max_new_tokens: n, stop_ids: vec![], sampling: sampling.clone() };

@@ -27,18 +27,6 @@ use crate::panic::panic_message;
 use crate::penalties::Counts;
 use crate::worker::{Job, Shared, SHUTTING_DOWN};
 
-/// The sizes of an engine that runs one request at a time with a context
-/// of `ctx` tokens (no paged attention on the backend, `--no-batching`, or
-/// speculation whose proposer requests share).
-pub(crate) fn lone_options(ctx: usize) -> BatchOptions {
-    BatchOptions {
-        blocks: ctx.div_ceil(BLOCK_SIZE),
-        max_batch_tokens: fusebox_engine::generate::PREFILL_CHUNK,
-        max_seqs: 1,
-        max_len: ctx,
-    }
-}
-
 /// The engine's sizes for a context of `ctx` tokens. Without `--kv-blocks`:
 /// blocks for `max_seqs` requests at the full context, or what half the
 /// backend's free memory holds if less, and at least one full context.

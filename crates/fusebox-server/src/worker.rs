@@ -130,7 +130,7 @@ fn run(loaded: Loaded, jobs: &std_mpsc::Receiver<Job>, ready: std_mpsc::Sender<R
     let opts = if batched {
         crate::batch_worker::options(&batching, ctx, &model, be)
     } else {
-        crate::batch_worker::lone_options(ctx)
+        fusebox_engine::BatchOptions::lone(ctx)
     };
     let engine = match fusebox_engine::BatchEngine::new(&model.decoder, be, opts) {
         Ok(e) => e,

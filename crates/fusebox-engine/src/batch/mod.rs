@@ -459,29 +459,26 @@ impl<'m> BatchEngine<'m> {
     /// Drop a sequence, waiting or running; its blocks are free again.
     /// Returns whether it was there.
     pub fn cancel(&mut self, id: SeqId) -> bool {
-        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            self.running.remove(i)
-        } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
-            self.waiting.remove(i).expect("index from position")
-        } else {
-            return false;
-        };
-        let mut table = seq.table;
-        self.blocks.release(&mut table);
+        let Some(mut seq) = self.take(id) else { return false };
+        self.blocks.release(&mut seq.table);
         true
+    }
+
+    /// Sequence `id` out of the batch or the queue.
+    fn take(&mut self, id: SeqId) -> Option<Seq<'m>> {
+        if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            Some(self.running.remove(i))
+        } else {
+            let i = self.waiting.iter().position(|s| s.id == id)?;
+            self.waiting.remove(i)
+        }
     }
 
     /// End a sequence now, running or waiting, as if it had finished: its
     /// cache kept for the next prompt's prefix when that is on, its
     /// speculation kept to take. Returns whether it was there.
     pub fn finish(&mut self, id: SeqId) -> bool {
-        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            self.running.remove(i)
-        } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
-            self.waiting.remove(i).expect("index from position")
-        } else {
-            return false;
-        };
+        let Some(seq) = self.take(id) else { return false };
         self.retire(seq);
         true
     }
